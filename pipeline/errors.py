@@ -1,0 +1,38 @@
+"""Errors a user can act on.
+
+Every expected failure (bad input folder, unknown backbone, missing weights, a cache that does not match) raises a
+subclass of :class:`HeadbenchError` whose message is one actionable line. The command-line face prints that line to
+stderr and exits with status 1; anything else is a bug and keeps its traceback.
+"""
+
+
+class HeadbenchError(Exception):
+    """Base class for failures caused by the user's input or environment, not by a bug."""
+
+
+class DatasetError(HeadbenchError):
+    """The image folder cannot be used as a labelled dataset."""
+
+
+class BackboneError(HeadbenchError):
+    """Unknown backbone or an invalid option for it."""
+
+
+class WeightsError(HeadbenchError):
+    """Backbone weights cannot be found, downloaded or loaded."""
+
+
+class CacheError(HeadbenchError):
+    """A feature cache is missing, unreadable, incomplete or does not match what was asked for."""
+
+
+class ImageDecodeError(HeadbenchError):
+    """One image cannot be decoded (recorded per image, fatal only with ``--strict``)."""
+
+
+class FitError(HeadbenchError):
+    """The fit stage cannot run on what it was given."""
+
+
+class RunError(HeadbenchError):
+    """A run folder (results of ``fit``) is missing or unreadable."""

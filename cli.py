@@ -37,5 +37,60 @@ def main() -> None:
 # ---- commands (each one calls a single pipeline function) ----------------------------------------------------
 
 
+@app.command()
+def backbones() -> None:
+    """List the registered backbones with their input size, preprocessing and feature shapes."""
+    from pipeline.backbones import REGISTRY
+
+    for spec in REGISTRY.values():
+        side = spec.default_map_side()
+        alphas = f"  alpha {{{', '.join(f'{a:g}' for a in spec.alphas)}}}" if spec.alphas else ""
+        typer.echo(
+            f"{spec.name:<20} {spec.default_input_size}px  pooled {spec.feature_dim:<5} maps {side}x{side}x"
+            f"{spec.feature_dim:<5} {spec.preprocess}{alphas}\n{'':<21}{spec.summary}"
+        )
+
+
+@app.command()
+def extract(
+    data: Path = typer.Argument(..., help="Image folder: DATA/<class>/* or DATA/{train,val,test}/<class>/*."),
+    backbone: List[str] = typer.Option(["mobilenet_v2"], "--backbone", "-b",
+                                       help="Registered backbone (repeatable; see `backbones`)."),
+    weights: str = typer.Option("imagenet", help="'imagenet' (Keras cache, else download), a .weights.h5/.h5/"
+                                                 ".keras file, or 'none' for random weights."),
+    cache_dir: Path = typer.Option(Path("cache"), help="Where feature caches are written."),
+    input_size: Optional[int] = typer.Option(None, help="Square input side (default: the backbone's own)."),
+    alpha: Optional[float] = typer.Option(None, help="Width multiplier (MobileNet v1/v2)."),
+    resize: str = typer.Option("squash", help="squash (stretch) | crop (centre crop) | pad (letterbox)."),
+    maps: bool = typer.Option(False, "--maps", help="Also store the last spatial feature maps."),
+    max_pool: bool = typer.Option(False, "--max-pool", help="Also store global max pooled vectors."),
+    maps_dtype: str = typer.Option("float16", help="Storage type of maps: float16 or float32."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads (default: CPU count)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be decoded."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
+    from pipeline.extract import extract_dataset
+    from pipeline.data import discover
+
+    ds = discover(data)
+    ignored = ", ".join(f"{n} {why}" for why, n in ds.ignored.items() if n)
+    typer.echo(f"{ds.root}: {len(ds.items)} images in {len(ds.classes)} classes"
+               f"{' (split folders: ' + ', '.join(sorted({i.split for i in ds.items})) + ')' if ds.has_splits else ''}"
+               f"{'; ignored ' + ignored if ignored else ''}")
+    for name in backbone:
+        res = extract_dataset(ds, backbone=name, weights=weights, cache_dir=cache_dir, input_size=input_size,
+                              alpha=alpha, resize=resize, maps=maps, max_pool=max_pool, maps_dtype=maps_dtype,
+                              batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
+                              command=" ".join(["python cli.py", *sys.argv[1:]]), log=typer.echo)
+        if res.failures:
+            typer.echo(f"{len(res.failures)} image(s) could not be decoded (recorded in the cache):", err=True)
+            for p, why in res.failures[:20]:
+                typer.echo(f"  {p}: {why}", err=True)
+            if len(res.failures) > 20:
+                typer.echo(f"  ... and {len(res.failures) - 20} more", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,513 @@
+"""Backbone registry: which frozen CNNs headbench can run, and how each one must be fed.
+
+One :class:`BackboneSpec` per backbone binds everything that must travel together: the Keras application that
+builds it, its own ``preprocess_input`` (and the equivalent per-pixel affine map that is built into the feature
+model, so pixels in ``[0, 255]`` go in and no caller can feed the wrong preprocessing), its default input size,
+its pooled feature dimension and where its ImageNet weights come from.
+
+:func:`get_spec` is the one lookup; an unknown name raises :class:`~pipeline.errors.BackboneError` listing the
+registered ones. :func:`build_feature_model` is the one factory. Keras is imported lazily so that listing the
+registry is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.errors import BackboneError, WeightsError
+
+_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+def _mobilenet_file(alpha: float, size: int) -> tuple[str, str, str | None]:
+    text = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}[alpha]
+    rows = size if size in (128, 160, 192, 224) else 224
+    name = f"mobilenet_{text}_{rows}_tf_no_top.h5"
+    return name, _KERAS_APPS + "mobilenet/" + name, None
+
+
+def _mobilenet_v2_file(alpha: float, size: int) -> tuple[str, str, str | None]:
+    rows = size if size in (96, 128, 160, 192, 224) else 224
+    name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
+    return name, _KERAS_APPS + "mobilenet_v2/" + name, None
+
+
+def _fixed_file(name: str, url: str, md5: str) -> Callable[[float, int], tuple[str, str, str | None]]:
+    return lambda alpha, size: (name, url, md5)
+
+
+def _mobilenet_v3_file(kind: str) -> Callable[[float, int], tuple[str, str, str | None]]:
+    hashes = {"small": "d3e8ec802a04aa4fc771ee12a9a9b836", "large": "07fb09a5933dd0c8eaafa16978110389"}
+    name = f"weights_mobilenet_v3_{kind}_224_1.0_float_no_top_v2.h5"
+    return _fixed_file(name, _KERAS_APPS + "mobilenet_v3/" + name, hashes[kind])
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything that defines one registered backbone.
+
+    Attributes
+    ----------
+    name : str
+        Registry name used on the command line.
+    builder : str
+        Dotted path of the Keras application constructor (``keras.applications.MobileNetV2``).
+    preprocess : str
+        Dotted path of the matching ``preprocess_input``; recorded in every cache.
+    preprocess_mode : str
+        ``"tf"`` (x / 127.5 - 1), ``"caffe"`` (RGB->BGR, minus ImageNet means), ``"torch"`` (x / 255, minus mean,
+        over std) or ``"in-model"`` (the network rescales by itself; pixels in [0, 255] go in).
+    default_input_size : int
+        Square input side the ImageNet weights were trained at.
+    feature_dim : int
+        Pooled feature length at width multiplier 1.0.
+    min_input_size : int
+        Smallest input side the architecture accepts.
+    alphas : tuple of float
+        Width multipliers with ImageNet weights (empty: no ``alpha`` argument).
+    imagenet_file : callable
+        ``(alpha, input_size) -> (file name, URL, md5 or None)`` of the no-top ImageNet weights, as Keras names
+        and caches them under ``$KERAS_HOME/models``.
+    summary : str
+        One line for ``python cli.py backbones``.
+    """
+
+    name: str
+    builder: str
+    preprocess: str
+    preprocess_mode: str
+    default_input_size: int
+    feature_dim: int
+    min_input_size: int
+    imagenet_file: Callable[[float, int], tuple[str, str, str | None]]
+    summary: str
+    alphas: tuple[float, ...] = field(default=())
+
+    def default_map_side(self, input_size: int | None = None) -> int:
+        """Side of the spatial feature map for ``input_size`` (InceptionV3 at 299 gives 8)."""
+        size = input_size or self.default_input_size
+        if self.name == "inception_v3":  # valid-padded stem and reductions
+            return ((size - 299) // 32) + 8 if size >= 299 else max(1, (size - 75) // 32 + 1)
+        return int(np.ceil(size / 32))
+
+    def feature_dim_for(self, alpha: float | None) -> int:
+        """Pooled feature length at width multiplier ``alpha``."""
+        a = 1.0 if alpha is None else alpha
+        if self.name == "mobilenet":
+            return int(self.feature_dim * a)
+        if self.name == "mobilenet_v2":
+            return self.feature_dim if a <= 1.0 else int(self.feature_dim * a)
+        return self.feature_dim
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            name="mobilenet",
+            builder="keras.applications.MobileNet",
+            preprocess="keras.applications.mobilenet.preprocess_input",
+            preprocess_mode="tf",
+            default_input_size=224,
+            feature_dim=1024,
+            min_input_size=32,
+            alphas=(1.0, 0.75, 0.5, 0.25),
+            imagenet_file=_mobilenet_file,
+            summary="MobileNet v1 (Howard et al. 2017); light and fast on CPU",
+        ),
+        BackboneSpec(
+            name="mobilenet_v2",
+            builder="keras.applications.MobileNetV2",
+            preprocess="keras.applications.mobilenet_v2.preprocess_input",
+            preprocess_mode="tf",
+            default_input_size=224,
+            feature_dim=1280,
+            min_input_size=32,
+            alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4),
+            imagenet_file=_mobilenet_v2_file,
+            summary="MobileNetV2 (Sandler et al. 2018); the usual fast transfer-learning default",
+        ),
+        BackboneSpec(
+            name="inception_v3",
+            builder="keras.applications.InceptionV3",
+            preprocess="keras.applications.inception_v3.preprocess_input",
+            preprocess_mode="tf",
+            default_input_size=299,
+            feature_dim=2048,
+            min_input_size=75,
+            imagenet_file=_fixed_file(
+                "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                _KERAS_APPS + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "bcbd6486424b2319ff4ef7d526e38f63",
+            ),
+            summary="InceptionV3 (Szegedy et al. 2015); 8x8x2048 maps at 299, ~15x the compute of MobileNetV2",
+        ),
+        BackboneSpec(
+            name="resnet50",
+            builder="keras.applications.ResNet50",
+            preprocess="keras.applications.resnet50.preprocess_input",
+            preprocess_mode="caffe",
+            default_input_size=224,
+            feature_dim=2048,
+            min_input_size=32,
+            imagenet_file=_fixed_file(
+                "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                _KERAS_APPS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "4d473c1dd8becc155b73f8504c6f6626",
+            ),
+            summary="ResNet50 (He et al. 2015); caffe-style BGR mean subtraction",
+        ),
+        BackboneSpec(
+            name="efficientnet_b0",
+            builder="keras.applications.EfficientNetB0",
+            preprocess="keras.applications.efficientnet.preprocess_input",
+            preprocess_mode="in-model",
+            default_input_size=224,
+            feature_dim=1280,
+            min_input_size=32,
+            imagenet_file=_fixed_file(
+                "efficientnetb0_notop.h5",
+                "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+                "50bc09e76180e00e4465e1a485ddc09d",
+            ),
+            summary="EfficientNetB0 (Tan & Le 2019); rescales inside the network",
+        ),
+        BackboneSpec(
+            name="mobilenet_v3_small",
+            builder="keras.applications.MobileNetV3Small",
+            preprocess="keras.applications.mobilenet_v3.preprocess_input",
+            preprocess_mode="in-model",
+            default_input_size=224,
+            feature_dim=576,
+            min_input_size=32,
+            imagenet_file=_mobilenet_v3_file("small"),
+            summary="MobileNetV3-Small (Howard et al. 2019); rescales inside the network",
+        ),
+        BackboneSpec(
+            name="mobilenet_v3_large",
+            builder="keras.applications.MobileNetV3Large",
+            preprocess="keras.applications.mobilenet_v3.preprocess_input",
+            preprocess_mode="in-model",
+            default_input_size=224,
+            feature_dim=960,
+            min_input_size=32,
+            imagenet_file=_mobilenet_v3_file("large"),
+            summary="MobileNetV3-Large (Howard et al. 2019); rescales inside the network",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Look up a registered backbone.
+
+    Raises
+    ------
+    BackboneError
+        If ``name`` is not registered; the message lists what is.
+    """
+    key = name.strip().lower().replace("-", "_")
+    if key not in REGISTRY:
+        raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(REGISTRY)}")
+    return REGISTRY[key]
+
+
+def backbone_label(name: str, alpha: float | None, input_size: int) -> str:
+    """Short, file-name-safe label of a configured backbone, e.g. ``mobilenet_v2-a1.0-224``."""
+    a = f"-a{alpha:g}" if alpha is not None else ""
+    if alpha is not None and float(alpha).is_integer():
+        a = f"-a{alpha:.1f}"
+    return f"{name}{a}-{input_size}"
+
+
+def check_options(spec: BackboneSpec, input_size: int | None, alpha: float | None) -> tuple[int, float | None]:
+    """Validate and fill in ``input_size`` and ``alpha`` for ``spec``.
+
+    Returns
+    -------
+    (int, float or None)
+        The input size and width multiplier to use (``alpha`` is None for backbones without one).
+    """
+    size = input_size or spec.default_input_size
+    if size < spec.min_input_size:
+        raise BackboneError(f"{spec.name} needs --input-size >= {spec.min_input_size}, got {size}")
+    if not spec.alphas:
+        if alpha not in (None, 1.0):
+            raise BackboneError(f"{spec.name} has no width multiplier; drop --alpha")
+        return size, None
+    a = 1.0 if alpha is None else float(alpha)
+    if a not in spec.alphas:
+        allowed = ", ".join(f"{x:g}" for x in spec.alphas)
+        raise BackboneError(f"{spec.name} supports --alpha in {{{allowed}}}, got {a:g}")
+    return size, a
+
+
+# ---- weights --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a backbone's weights came from.
+
+    Attributes
+    ----------
+    source : str
+        ``"imagenet"``, ``"file"`` or ``"none"`` (random initialisation).
+    path : str
+        Local file the weights were read from ("" for random).
+    sha256 : str
+        SHA-256 of that file ("" for random).
+    """
+
+    source: str
+    path: str
+    sha256: str
+
+    @property
+    def tag(self) -> str:
+        """Short tag used in cache file names: ``imagenet``, ``random`` or ``w`` + 8 hex of the file hash."""
+        if self.source == "none":
+            return "random"
+        if self.source == "imagenet":
+            return "imagenet"
+        return "w" + self.sha256[:8]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def keras_models_dir() -> Path:
+    """Where Keras caches downloaded weights: ``$KERAS_HOME/models`` (default ``~/.keras/models``)."""
+    base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(base) / "models"
+
+
+def resolve_weights(
+    spec: BackboneSpec,
+    weights: str,
+    input_size: int,
+    alpha: float | None,
+    announce: Callable[[str], None] = print,
+) -> WeightsInfo:
+    """Turn the ``--weights`` value into a local file (or random init), downloading only when told to.
+
+    Parameters
+    ----------
+    weights : str
+        ``"imagenet"`` (Keras cache, else download, announced), ``"none"``/``"random"``, or a path to a
+        ``.weights.h5`` / ``.h5`` / ``.keras`` file.
+    announce : callable
+        Receives one line before any download starts (downloads are never hidden).
+
+    Raises
+    ------
+    WeightsError
+        When the file does not exist, has an unsupported type, or ImageNet weights are neither cached nor
+        downloadable; the message says how to fix it.
+    """
+    w = weights.strip()
+    if w.lower() in ("none", "random"):
+        return WeightsInfo("none", "", "")
+    if w.lower() == "imagenet":
+        fname, url, md5 = spec.imagenet_file(alpha if alpha is not None else 1.0, input_size)
+        local = keras_models_dir() / fname
+        if not local.exists():
+            announce(f"downloading ImageNet weights for {spec.name}: {url} -> {local}")
+            try:
+                import keras
+
+                got = keras.utils.get_file(fname, origin=url, cache_subdir="models", file_hash=md5)
+            except Exception as exc:  # network errors surface as bare Exception from Keras
+                reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                raise WeightsError(
+                    f"cannot get ImageNet weights for {spec.name} ({reason}); either pass --weights PATH to a "
+                    f"local weights file (.weights.h5/.h5/.keras), or put {fname} in {local.parent} "
+                    f"(downloadable from {url}), or use --weights none for random features"
+                ) from None
+            local = Path(got)
+        return WeightsInfo("imagenet", str(local), sha256_file(local))
+    path = Path(w).expanduser()
+    if not path.exists():
+        raise WeightsError(f"weights file {w} does not exist; pass an existing .weights.h5/.h5/.keras file, "
+                           f"'imagenet' or 'none'")
+    if path.is_dir() or not (path.name.endswith(".h5") or path.suffix == ".keras"):
+        raise WeightsError(f"weights file {w} is not a .weights.h5, .h5 or .keras file")
+    return WeightsInfo("file", str(path.resolve()), sha256_file(path))
+
+
+# ---- model ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuiltBackbone:
+    """A frozen feature model ready to run.
+
+    ``model`` takes a batch of RGB pixels in ``[0, 255]`` (uint8 or float) of shape ``(n, s, s, 3)``; its
+    preprocessing is built in. Outputs are named ``avg`` (always), ``max`` and ``maps`` (when asked for).
+    """
+
+    spec: BackboneSpec
+    model: Any
+    input_size: int
+    alpha: float | None
+    weights: WeightsInfo
+    outputs: tuple[str, ...]
+    map_shape: tuple[int, int, int]
+    feature_dim: int
+
+    @property
+    def label(self) -> str:
+        """File-name-safe label, e.g. ``mobilenet_v2-a1.0-224``."""
+        return backbone_label(self.spec.name, self.alpha, self.input_size)
+
+
+def _resolve(dotted: str) -> Any:
+    module, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def preprocess_layers(spec: BackboneSpec) -> list:
+    """Keras layers that do exactly what ``spec``'s ``preprocess_input`` does, for pixels in [0, 255].
+
+    Built from standard layers only (Rescaling, a fixed 1x1 convolution for the BGR flip), so a saved feature or
+    exported model loads in plain Keras without custom objects.
+    """
+    import keras
+
+    if spec.preprocess_mode == "tf":
+        return [keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess_tf")]
+    if spec.preprocess_mode == "in-model":
+        return [keras.layers.Rescaling(1.0, name="to_float")]
+    if spec.preprocess_mode == "caffe":
+        mean_bgr = np.array([103.939, 116.779, 123.68], dtype="float32")
+        kernel = np.zeros((1, 1, 3, 3), dtype="float32")
+        for out in range(3):
+            kernel[0, 0, 2 - out, out] = 1.0
+        conv = keras.layers.Conv2D(3, 1, use_bias=True, trainable=False, name="preprocess_caffe")
+        conv.build((None, None, None, 3))
+        conv.set_weights([kernel, -mean_bgr])
+        return [keras.layers.Rescaling(1.0, name="to_float"), conv]
+    raise BackboneError(f"no preprocessing layers for mode {spec.preprocess_mode!r}")
+
+
+def build_feature_model(
+    name: str,
+    weights: str | WeightsInfo = "imagenet",
+    input_size: int | None = None,
+    alpha: float | None = None,
+    maps: bool = False,
+    max_pool: bool = False,
+    announce: Callable[[str], None] = print,
+    seed: int = 0,
+) -> BuiltBackbone:
+    """Build the frozen feature model of a registered backbone.
+
+    Parameters
+    ----------
+    name : str
+        Registered backbone name (see :data:`REGISTRY`).
+    weights : str or WeightsInfo
+        ``"imagenet"``, ``"none"`` or a path (see :func:`resolve_weights`), or already resolved weights.
+    input_size : int, optional
+        Square input side; default the backbone's own.
+    alpha : float, optional
+        Width multiplier (MobileNet v1/v2 only).
+    maps : bool
+        Also output the last spatial feature map.
+    max_pool : bool
+        Also output global max pooling.
+    seed : int
+        Seed of the random initialisation when ``weights="none"`` (so random features are reproducible).
+
+    Returns
+    -------
+    BuiltBackbone
+    """
+    spec = get_spec(name)
+    size, a = check_options(spec, input_size, alpha)
+    info = weights if isinstance(weights, WeightsInfo) else resolve_weights(spec, weights, size, a, announce=announce)
+    import keras
+
+    if info.source == "none":
+        keras.utils.set_random_seed(seed)
+    kwargs: dict[str, Any] = {"include_top": False, "input_shape": (size, size, 3), "weights": None}
+    if a is not None:
+        kwargs["alpha"] = a
+    try:
+        base = _resolve(spec.builder)(**kwargs)
+    except ValueError as exc:
+        raise BackboneError(f"{spec.name} cannot be built at input size {size}: {exc}") from None
+    if info.path:
+        try:
+            base.load_weights(info.path)
+        except Exception as exc:
+            raise WeightsError(
+                f"weights file {info.path} does not fit {backbone_label(spec.name, a, size)} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                f"is it a file for this backbone and width multiplier?"
+            ) from None
+    base.trainable = False
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = inputs
+    for layer in preprocess_layers(spec):
+        x = layer(x)
+    fmap = base(x, training=False)
+    outs = {"avg": keras.layers.GlobalAveragePooling2D(name="avg")(fmap)}
+    if max_pool:
+        outs["max"] = keras.layers.GlobalMaxPooling2D(name="max")(fmap)
+    if maps:
+        outs["maps"] = fmap
+    model = keras.Model(inputs, outs, name=f"{spec.name}_features")
+    map_shape = tuple(int(d) for d in fmap.shape[1:])
+    return BuiltBackbone(
+        spec=spec,
+        model=model,
+        input_size=size,
+        alpha=a,
+        weights=info,
+        outputs=tuple(outs),
+        map_shape=map_shape,  # type: ignore[arg-type]
+        feature_dim=int(map_shape[-1]),
+    )
+
+
+def make_runner(built: BuiltBackbone) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A fast inference callable ``pixels (n, s, s, 3) -> {output name: np.ndarray}``.
+
+    On the TensorFlow backend this is a compiled ``tf.function`` over ``model(x, training=False)`` with a
+    batch-polymorphic signature (1.4-1.6x faster than ``model.predict`` on CPU and no retracing on the last,
+    smaller batch); on other backends it falls back to ``model.predict_on_batch``.
+    """
+    import keras
+
+    model = built.model
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        sig = [tf.TensorSpec((None, built.input_size, built.input_size, 3), tf.uint8)]
+        fn = tf.function(lambda x: model(x, training=False), input_signature=sig, reduce_retracing=True)
+
+        def run(pixels: np.ndarray) -> dict[str, np.ndarray]:
+            out = fn(tf.convert_to_tensor(pixels, dtype=tf.uint8))
+            return {k: v.numpy() for k, v in out.items()}
+
+        return run
+
+    def run_generic(pixels: np.ndarray) -> dict[str, np.ndarray]:
+        out = model.predict_on_batch(pixels.astype("float32"))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    return run_generic

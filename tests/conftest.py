@@ -1,0 +1,78 @@
+"""Shared fixtures: locating ../shared, tiny generated datasets, and session-wide real caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+V2_WEIGHTS = "weights/coralq_mobilenet_v2_1.0_224_no_top.weights.h5"
+V1_WEIGHTS = "weights/coralq_mobilenet_1_0_224_tf_no_top.weights.h5"
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ../shared folder with real weights and images (CI has it); skip when absent."""
+    if not (SHARED / "README.md").exists():
+        pytest.skip(f"{SHARED} is absent: real weights and image folders are needed for this test")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("caches")
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_v2_cache(shared_dir, cache_root) -> Path:
+    """hymenoptera (398 photos, train/val folders) cached with the shared ImageNet MobileNetV2 weights."""
+    from pipeline.extract import extract_dataset
+
+    res = extract_dataset(shared_dir / "data/hymenoptera", backbone="mobilenet_v2",
+                          weights=str(shared_dir / V2_WEIGHTS), cache_dir=cache_root / "hymenoptera", log=_quiet)
+    return res.path
+
+
+@pytest.fixture(scope="session")
+def flowers5_caches(shared_dir, cache_root) -> dict[str, Path]:
+    """flowers5 (4317 photos, no split folders) cached with the shared MobileNet v1 and MobileNetV2 weights."""
+    from pipeline.extract import extract_dataset
+
+    out = {}
+    for name, w in (("mobilenet", V1_WEIGHTS), ("mobilenet_v2", V2_WEIGHTS)):
+        res = extract_dataset(shared_dir / "data/flowers5", backbone=name, weights=str(shared_dir / w),
+                              cache_dir=cache_root / "flowers5", log=_quiet)
+        out[name] = res.path
+    return out
+
+
+def write_image(path: Path, rgb: np.ndarray, fmt: str | None = None, **kw) -> Path:
+    """Save an array as an image file (format from the suffix unless given)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path, format=fmt, **kw)
+    return path
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    """A generated class-per-folder set: 2 classes x 6 JPEGs of different sizes and colours."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiny"
+    for c, base in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        for i in range(6):
+            h, w = 40 + 7 * i, 60 - 3 * i
+            img = np.clip(np.array(base) + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+            write_image(root / c / f"img_{i:02d}.jpg", img)
+    return root

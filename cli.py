@@ -6,6 +6,7 @@ Expected failures print one line to stderr and exit with status 1.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,6 +14,10 @@ from typing import List, Optional
 import typer
 
 from pipeline.errors import HeadbenchError
+
+# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) drowns the tool's own lines; users can still
+# set TF_CPP_MIN_LOG_LEVEL=0 to see it. The device in use is reported by the extract command itself.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 app = typer.Typer(
     add_completion=False,
@@ -69,6 +74,8 @@ def extract(
     workers: Optional[int] = typer.Option(None, help="Decoding threads (default: CPU count)."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be decoded."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    checkpoint_every: int = typer.Option(256, help="Commit finished rows to disk every N images (a crash loses "
+                                                   "at most that much work)."),
 ) -> None:
     """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
     from pipeline.extract import extract_dataset
@@ -83,7 +90,8 @@ def extract(
         res = extract_dataset(ds, backbone=name, weights=weights, cache_dir=cache_dir, input_size=input_size,
                               alpha=alpha, resize=resize, maps=maps, max_pool=max_pool, maps_dtype=maps_dtype,
                               batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
-                              command=" ".join(["python cli.py", *sys.argv[1:]]), log=typer.echo)
+                              command=" ".join(["python cli.py", *sys.argv[1:]]), log=typer.echo,
+                              checkpoint_every=checkpoint_every)
         if res.failures:
             typer.echo(f"{len(res.failures)} image(s) could not be decoded (recorded in the cache):", err=True)
             for p, why in res.failures[:20]:

@@ -168,8 +168,9 @@ class PartWriter:
     shapes : dict
         Feature kind -> per-row shape.
     flush_rows, flush_seconds : int, float
-        A part is written when this many rows are buffered or this long has passed since the last part; a kill
-        loses at most that much work.
+        :meth:`maybe_flush` writes a part when this many rows are buffered or this long has passed since the last
+        part; a kill loses at most that much work. The caller calls it between batches, so parts hold whole
+        batches and a resumed run feeds the model exactly the batches an uninterrupted run would.
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
@@ -192,6 +193,9 @@ class PartWriter:
         self.rows.append(**row)
         for k, shape in self.shapes.items():
             self.feats[k].append(feats[k] if feats is not None else np.full(shape, np.nan, np.float32))
+
+    def maybe_flush(self) -> None:
+        """Write a part if enough rows or time have accumulated."""
         if len(self.rows) >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
             self.flush()
 

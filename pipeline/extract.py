@@ -168,8 +168,8 @@ def extract_dataset(
     quiet: bool = True,
     command: str = "",
     log: Callable[[str], None] = print,
-    flush_rows: int = 256,
-    flush_seconds: float = 20.0,
+    checkpoint_every: int = 256,
+    checkpoint_seconds: float = 20.0,
 ) -> ExtractResult:
     """Extract features of every image under ``root`` with one backbone into the cache (incremental, resumable).
 
@@ -203,6 +203,9 @@ def extract_dataset(
         The command line, recorded in the cache.
     log : callable
         Receives one-line messages.
+    checkpoint_every, checkpoint_seconds : int, float
+        Finished rows are committed to disk every this many images or seconds (whichever comes first); a crash
+        loses at most that much work.
 
     Returns
     -------
@@ -276,7 +279,7 @@ def extract_dataset(
             configure_threads()
             built = build_feature_model(spec.name, winfo, size, a, maps=maps, max_pool=max_pool, announce=log)
             failures = _run(built, ds, todo, path, meta, kinds, batch_size, workers, strict, quiet, log,
-                            flush_rows, flush_seconds)
+                            checkpoint_every, checkpoint_seconds)
         seconds = time.perf_counter() - t0
         prior = float(existing.meta.get("extract_seconds", 0.0)) if existing.meta else 0.0
         meta["extract_seconds"] = prior + existing.part_seconds + seconds
@@ -318,6 +321,7 @@ def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, m
                 else:
                     writer.add(row, {name: out[name][k] for name in kinds})
                     k += 1
+            writer.maybe_flush()
             done += len(batch)
             progress.advance(len(batch), done)
     finally:

@@ -1,0 +1,225 @@
+"""Extraction stage on tiny generated datasets: cache contents, failures, incremental reruns, cache checks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import write_image
+from pipeline import cache
+from pipeline.errors import BackboneError, CacheError, DatasetError, WeightsError
+from pipeline.extract import extract_dataset
+
+FAST = dict(backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35, batch_size=4)
+
+
+def _run(root, tmp_path, log=None, **kw):
+    msgs: list[str] = []
+    opts = FAST | kw
+    res = extract_dataset(root, cache_dir=tmp_path / "cache", log=(log or msgs.append), **opts)
+    return res, msgs
+
+
+def _features_by_path(path: Path, kind: str = "avg") -> dict[str, np.ndarray]:
+    fs = cache.read_features(path, kind)
+    return dict(zip(fs.paths, fs.features))
+
+
+def test_cache_holds_every_row_with_provenance(tiny_dataset, tmp_path):
+    res, msgs = _run(tiny_dataset, tmp_path, command="python cli.py extract tiny")
+    assert res.n_total == 12 and res.n_extracted == 12 and res.n_failed == 0
+    assert any("RANDOM weights" in m for m in msgs)
+    fs = cache.read_features(res.path)
+    assert fs.features.shape == (12, 1280) and fs.features.dtype == np.float32
+    assert np.isfinite(fs.features).all()
+    assert fs.class_names == ["blue", "red"]
+    assert fs.paths == sorted(fs.paths)
+    assert [fs.class_names[y] for y in fs.labels] == [p.split("/")[0] for p in fs.paths]
+    m = fs.meta
+    assert m["schema_version"] == 1 and m["complete"] is True
+    assert m["backbone"] == "mobilenet_v2" and m["input_size"] == 64 and m["alpha"] == 0.35
+    assert m["preprocess"] == "keras.applications.mobilenet_v2.preprocess_input"
+    assert m["weights_source"] == "none" and m["weights_sha256"] == ""
+    assert m["resize"] == "squash" and m["command"] == "python cli.py extract tiny"
+    assert {"tensorflow", "keras", "numpy"} <= set(m["versions"])
+    assert not cache.parts_dir(res.path).exists()
+    rows = cache.read_rows(res.path)
+    assert all(len(h) == 64 for h in rows.sha256) and all(s > 0 for s in rows.size)
+
+
+def test_random_weights_are_reproducible(tiny_dataset, tmp_path):
+    a, _ = _run(tiny_dataset, tmp_path / "a")
+    b, _ = _run(tiny_dataset, tmp_path / "b")
+    fa, fb = _features_by_path(a.path), _features_by_path(b.path)
+    assert all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_undecodable_files_are_recorded_not_dropped(tiny_dataset, tmp_path):
+    (tiny_dataset / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = (tiny_dataset / "red" / "img_00.jpg").read_bytes()
+    (tiny_dataset / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (tiny_dataset / "blue" / "empty.png").write_bytes(b"")
+    res, msgs = _run(tiny_dataset, tmp_path)
+    assert res.n_total == 15 and res.n_failed == 3
+    failed = dict(res.failures)
+    assert set(failed) == {"red/broken.jpg", "blue/truncated.jpg", "blue/empty.png"}
+    assert all(reason for reason in failed.values())
+    fs = cache.read_features(res.path)
+    assert len(fs.paths) == 12 and dict(fs.failed) == failed
+    with h5py.File(res.path) as f:  # failed rows are stored, with NaN features and the reason
+        ok = f["rows/ok"][()]
+        assert ok.sum() == 12 and np.isnan(f["features/avg"][()][~ok]).all()
+
+
+def test_strict_stops_at_first_bad_image_and_keeps_finished_rows(tiny_dataset, tmp_path):
+    (tiny_dataset / "red" / "zz_broken.jpg").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="zz_broken.jpg"):
+        _run(tiny_dataset, tmp_path, strict=True)
+    path = next((tmp_path / "cache").glob("*.h5.parts"))
+    assert list(path.glob("part-*.h5")), "finished rows before the bad image must be kept"
+    assert not list((tmp_path / "cache").glob("*.h5")), "nothing may look complete"
+    res, msgs = _run(tiny_dataset, tmp_path)
+    assert res.n_failed == 1 and res.n_reused > 0 and res.n_extracted == res.n_total - res.n_reused
+
+
+def test_rerun_is_incremental(tiny_dataset, tmp_path):
+    first, _ = _run(tiny_dataset, tmp_path)
+    before = _features_by_path(first.path)
+    again, msgs = _run(tiny_dataset, tmp_path)
+    assert again.up_to_date and again.n_extracted == 0 and "up to date" in msgs[-1]
+
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        write_image(tiny_dataset / "red" / f"new_{i}.png", rng.integers(0, 255, (50, 50, 3), dtype=np.uint8))
+    (tiny_dataset / "blue" / "img_03.jpg").unlink()
+    changed = tiny_dataset / "blue" / "img_04.jpg"
+    write_image(changed, np.zeros((30, 30, 3), np.uint8))
+    res, msgs = _run(tiny_dataset, tmp_path)
+    assert (res.n_extracted, res.n_dropped, res.n_reused) == (6, 1, 10)
+    assert any("extracting 6" in m for m in msgs)
+    after = _features_by_path(res.path)
+    assert "blue/img_03.jpg" not in after and len(after) == 16
+    for k in before:
+        if k not in ("blue/img_03.jpg", "blue/img_04.jpg"):
+            assert np.array_equal(before[k], after[k]), k
+    assert not np.array_equal(before["blue/img_04.jpg"], after["blue/img_04.jpg"])
+
+
+def test_new_class_relabels_without_reextracting(tiny_dataset, tmp_path):
+    _run(tiny_dataset, tmp_path)
+    for i in range(3):
+        write_image(tiny_dataset / "green" / f"g{i}.jpg", np.full((40, 40, 3), (20, 200, 20), np.uint8))
+    res, _ = _run(tiny_dataset, tmp_path)
+    assert res.n_extracted == 3
+    fs = cache.read_features(res.path)
+    assert fs.class_names == ["blue", "green", "red"]
+    assert [fs.class_names[y] for y in fs.labels] == [p.split("/")[0] for p in fs.paths]
+
+
+def test_interrupted_run_resumes_from_parts(tiny_dataset, tmp_path, monkeypatch):
+    import pipeline.extract as ex
+
+    calls = {"n": 0}
+    real = ex.make_runner
+
+    def flaky_runner(built):
+        run = real(built)
+
+        def wrapped(px):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return run(px)
+
+        return wrapped
+
+    monkeypatch.setattr(ex, "make_runner", flaky_runner)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_dataset, tmp_path, checkpoint_every=4)
+    assert not list((tmp_path / "cache").glob("*.h5")), "an interrupted run must not leave a complete-looking file"
+    monkeypatch.setattr(ex, "make_runner", real)
+    res, msgs = _run(tiny_dataset, tmp_path)
+    assert res.n_reused == 8 and res.n_extracted == 4
+    assert any("8 from an interrupted run" in m for m in msgs)
+    clean, _ = _run(tiny_dataset, tmp_path / "clean")
+    a, b = _features_by_path(res.path), _features_by_path(clean.path)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_maps_and_max_pool_are_stored(tiny_dataset, tmp_path):
+    res, _ = _run(tiny_dataset, tmp_path, maps=True, max_pool=True)
+    maps = cache.read_features(res.path, "maps")
+    assert maps.features.shape == (12, 2, 2, 1280) and maps.features.dtype == np.float16
+    mx = cache.read_features(res.path, "max").features
+    avg = cache.read_features(res.path, "avg").features
+    np.testing.assert_allclose(maps.features.astype(np.float32).mean(axis=(1, 2)), avg, atol=2e-2, rtol=1e-2)
+    assert (mx >= avg - 1e-5).all()
+
+
+def test_read_checks_what_the_caller_expects(tiny_dataset, tmp_path):
+    res, _ = _run(tiny_dataset, tmp_path)
+    with pytest.raises(CacheError, match=r"input_size=64 \(expected 224\).*python cli.py extract"):
+        cache.read_features(res.path, expect={"input_size": 224})
+    with pytest.raises(CacheError, match="not 'maps'.*--maps"):
+        cache.read_features(res.path, "maps")
+    with h5py.File(res.path, "r+") as f:  # a cache whose recorded preprocessing is not its backbone's
+        f.attrs["preprocess"] = "keras.applications.resnet50.preprocess_input"
+    with pytest.raises(CacheError, match="preprocess="):
+        cache.read_features(res.path)
+
+
+def test_wrong_or_broken_cache_files_are_clear_errors(tmp_path):
+    with pytest.raises(CacheError, match="does not exist"):
+        cache.read_features(tmp_path / "nope.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(CacheError, match="not a readable HDF5"):
+        cache.read_features(junk)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["something"] = 1
+    with pytest.raises(CacheError, match="not a headbench feature cache"):
+        cache.read_features(other)
+    newer = tmp_path / "newer.h5"
+    with h5py.File(newer, "w") as f:
+        f.attrs["format"] = cache.FORMAT_NAME
+        f.attrs["schema_version"] = 99
+    with pytest.raises(CacheError, match="schema version 99"):
+        cache.read_features(newer)
+
+
+def test_bad_options_are_clear_errors(tiny_dataset, tmp_path):
+    with pytest.raises(BackboneError, match="registered: mobilenet, mobilenet_v2, inception_v3"):
+        _run(tiny_dataset, tmp_path, backbone="vgg99")
+    with pytest.raises(BackboneError, match="alpha"):
+        _run(tiny_dataset, tmp_path, alpha=0.6)
+    with pytest.raises(BackboneError, match="resize"):
+        _run(tiny_dataset, tmp_path, resize="zoom")
+    with pytest.raises(WeightsError, match="does not exist"):
+        _run(tiny_dataset, tmp_path, weights=str(tmp_path / "missing.weights.h5"))
+    txt = tmp_path / "w.txt"
+    txt.write_text("x")
+    with pytest.raises(WeightsError, match="not a .weights.h5"):
+        _run(tiny_dataset, tmp_path, weights=str(txt))
+
+
+def test_old_v1_cache_file_still_reads():
+    """A v1 file kept as test data (tests/data) must stay readable by every later version."""
+    path = Path(__file__).parent / "data" / "cache_v1_tiny.h5"
+    fs = cache.read_features(path)
+    assert fs.meta["schema_version"] == 1
+    assert fs.features.shape[0] == len(fs.paths) == len(fs.labels) > 0
+    assert fs.class_names == ["blue", "red"] and len(fs.failed) == 1
+
+
+def test_copying_a_dataset_keeps_rows_keyed_by_relative_path(tiny_dataset, tmp_path):
+    res, _ = _run(tiny_dataset, tmp_path)
+    moved = tmp_path / "elsewhere" / "tiny"
+    shutil.copytree(tiny_dataset, moved)
+    res2, _ = _run(moved, tmp_path / "c2")
+    a, b = _features_by_path(res.path), _features_by_path(res2.path)
+    assert a.keys() == b.keys()

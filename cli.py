@@ -100,5 +100,16 @@ def extract(
                 typer.echo(f"  ... and {len(res.failures) - 20} more", err=True)
 
 
+@app.command()
+def report(
+    runs: List[Path] = typer.Argument(..., help="Run folder(s) written by `fit`; several are compared on one page."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: reports/<run>.html)."),
+) -> None:
+    """Write one self-contained HTML page comparing the heads (and backbones) of one or several fit runs."""
+    from pipeline.report import write_report
+
+    typer.echo(str(write_report(runs, out)))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,749 @@
+"""Turn one or several run folders (``results.json`` written by ``fit``) into one self-contained HTML page.
+
+The page shows which head (and backbone) to pick and why: provenance of every feature cache, a sortable leaderboard
+of all fitted heads, what the feature cache saved in time, per-head confusion matrices, per-class scores, curves,
+and the most confident mistakes of the best head as small thumbnails.
+
+This module computes no metric: every number comes from ``results.json`` (schema v1, see
+``docs/results-format.md``). What it does is I/O and rendering: reading the JSON, loading and downscaling the
+mistaken images (Pillow), drawing the curves (matplotlib, Agg, inline SVG) and filling a jinja2 template
+(``pipeline/templates/report.html.j2``) with autoescaping on. The result opens offline anywhere: CSS, the small
+sorting script, plots and thumbnails are all inline, and nothing refers to a network address.
+
+Every number printed for a result is wrapped as ``<span class="num" data-run=R data-path=JSON data-fmt=F>``: the
+JSON path into that run's ``results.json`` and the format spec it was printed with, so that a test (or a reader
+with the JSON beside the page) can check each one.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jinja2
+from markupsafe import Markup
+
+from pipeline.errors import RunError
+
+SCHEMA_VERSION = 1
+"""The ``results.json`` schema version this module reads."""
+
+THUMB_PX = 96
+"""Longest side, in pixels, of an embedded mistake thumbnail."""
+
+THUMB_QUALITY = 78
+"""JPEG quality of embedded thumbnails."""
+
+MAX_NAME_CHARS = 80
+"""Longest default report file name (without ``.html``) before several run names are shortened."""
+
+MAIN_METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced acc."),
+    ("macro_f1", "Macro F1"),
+    ("log_loss", "Log loss"),
+    ("roc_auc", "ROC AUC"),
+    ("top5_accuracy", "Top-5 acc."),
+)
+"""Scalar metrics shown, in this order, with their column labels; absent ones are left out."""
+
+LOWER_IS_BETTER = frozenset({"log_loss"})
+
+METRIC_FMT = ".3f"
+SECONDS_FMT = ".2f"
+MS_FMT = ".1f"
+COUNT_FMT = "d"
+RATIO_FMT = ".2f"
+
+IMBALANCE_WARN = 1.5
+"""Largest/smallest class count from which the page warns that accuracy alone can mislead."""
+
+_REQUIRED_TOP = ("schema_version", "dataset", "protocol", "caches", "results", "best")
+_REQUIRED_RESULT = ("key", "cache_index", "head", "metrics")
+_TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder as read from disk.
+
+    Attributes
+    ----------
+    path : Path
+        The run folder.
+    results : dict
+        The parsed ``results.json``.
+    """
+
+    path: Path
+    results: dict
+
+    @property
+    def name(self) -> str:
+        """The run folder's name (e.g. ``flowers5_20250101-120000``)."""
+        return self.path.name
+
+
+def load_run(run_dir: Path | str) -> Run:
+    """Read and check the ``results.json`` of one run folder.
+
+    Parameters
+    ----------
+    run_dir : Path or str
+        A folder written by ``fit`` (or the ``results.json`` inside it).
+
+    Returns
+    -------
+    Run
+        The folder and its parsed results.
+
+    Raises
+    ------
+    RunError
+        When the folder or its ``results.json`` is missing, is not valid JSON, has another schema version, or
+        lacks a field the report needs.
+    """
+    path = Path(run_dir).expanduser()
+    if path.is_file() and path.name == "results.json":
+        path = path.parent
+    if not path.is_dir():
+        raise RunError(f"run folder {path} does not exist: pass a folder written by `python cli.py fit`")
+    file = path / "results.json"
+    if not file.is_file():
+        raise RunError(f"{file} is missing: {path} is not a finished fit run, rerun `python cli.py fit`")
+    try:
+        results = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{file} cannot be read as JSON ({exc}): rerun `python cli.py fit` to rewrite it") from exc
+    if not isinstance(results, dict):
+        raise RunError(f"{file} holds no JSON object: rerun `python cli.py fit` to rewrite it")
+    version = results.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RunError(
+            f"{file} has schema_version {version!r}, this headbench reads {SCHEMA_VERSION}: "
+            "rerun `python cli.py fit` with this version"
+        )
+    missing = [k for k in _REQUIRED_TOP if k not in results]
+    if missing:
+        raise RunError(f"{file} lacks {', '.join(missing)}: rerun `python cli.py fit` to rewrite it")
+    if not isinstance(results["results"], list) or not results["results"]:
+        raise RunError(f"{file} lists no fitted head: rerun `python cli.py fit` with at least one head")
+    for i, res in enumerate(results["results"]):
+        lacking = [k for k in _REQUIRED_RESULT if not isinstance(res, dict) or k not in res]
+        if lacking:
+            raise RunError(f"{file}: results[{i}] lacks {', '.join(lacking)}: rerun `python cli.py fit`")
+        if not 0 <= int(res["cache_index"]) < len(results["caches"]):
+            raise RunError(f"{file}: results[{i}] points to cache {res['cache_index']}, which is not listed")
+    return Run(path=path, results=results)
+
+
+def default_report_path(run_dirs: Sequence[Path | str], out_dir: Path | str = "reports") -> Path:
+    """Where :func:`write_report` writes when no output is given.
+
+    Parameters
+    ----------
+    run_dirs : sequence of Path or str
+        The run folders of the report.
+    out_dir : Path or str, default "reports"
+        Folder of the report.
+
+    Returns
+    -------
+    Path
+        ``<out_dir>/<run name>.html``; several runs join their names with ``+``, shortened to the first name,
+        the number of others and a hash of all when longer than :data:`MAX_NAME_CHARS`.
+    """
+    names = [Path(d).expanduser().resolve().name or "run" for d in run_dirs]
+    name = "+".join(names)
+    if len(name) > MAX_NAME_CHARS:
+        digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
+        name = f"{names[0][:40]}+{len(names) - 1}more-{digest}"
+    return Path(out_dir) / f"{name}.html"
+
+
+def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = None) -> Path:
+    """Render one self-contained HTML report of one or several run folders.
+
+    Parameters
+    ----------
+    run_dirs : sequence of Path or str
+        Run folders written by ``fit``; several are compared on one page, grouped by run and backbone.
+    out_html : Path or str, optional
+        Output file; default :func:`default_report_path` (``reports/<run name>.html``).
+
+    Returns
+    -------
+    Path
+        The written HTML file.
+
+    Raises
+    ------
+    RunError
+        When no run folder is given or one cannot be read (see :func:`load_run`), or the output cannot be written.
+    """
+    run_dirs = list(run_dirs)
+    if not run_dirs:
+        raise RunError("no run folder given: pass one or more folders written by `python cli.py fit`")
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out_html) if out_html is not None else default_report_path([r.path for r in runs])
+    html = render_report(runs)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise RunError(f"cannot write the report to {out} ({exc.strerror}): pass another --out") from exc
+    return out
+
+
+# ---- numbers as printed ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Num:
+    """A value from ``results.json`` as printed on the page, tagged with where it came from.
+
+    Attributes
+    ----------
+    value : Any
+        The value (``None`` when the field is absent; printed as an em dash).
+    path : tuple
+        JSON path of the value in its run's ``results.json``.
+    fmt : str
+        Format spec it is printed with (``format(value, fmt)``).
+    run : int
+        Index of the run (order of the run folders given).
+    """
+
+    value: Any
+    path: tuple = ()
+    fmt: str = METRIC_FMT
+    run: int = 0
+
+    @property
+    def text(self) -> str:
+        """The printed text."""
+        if self.value is None:
+            return "\u2014"
+        try:
+            return format(self.value, self.fmt)
+        except (TypeError, ValueError):
+            return str(self.value)
+
+    @property
+    def sort(self) -> str:
+        """A sort key for the table script: the raw number, or the text."""
+        if isinstance(self.value, (int, float)) and not isinstance(self.value, bool):
+            return repr(float(self.value))
+        return "" if self.value is None else str(self.value)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __html__(self) -> str:
+        if self.value is None or not self.path:
+            return str(Markup('<span class="num na">{}</span>').format(self.text))
+        return str(
+            Markup('<span class="num" data-run="{}" data-path="{}" data-fmt="{}">{}</span>').format(
+                self.run, json.dumps(list(self.path)), self.fmt, self.text
+            )
+        )
+
+
+def _get(obj: Any, path: Iterable[Any]) -> Any:
+    """Value at ``path`` in nested dicts/lists, ``None`` when any step is absent."""
+    for step in path:
+        if isinstance(obj, dict):
+            obj = obj.get(step)
+        elif isinstance(obj, list) and isinstance(step, int) and -len(obj) <= step < len(obj):
+            obj = obj[step]
+        else:
+            return None
+        if obj is None:
+            return None
+    return obj
+
+
+def _param_fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    return "g"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+# ---- images and plots ------------------------------------------------------------------------------------------
+
+
+def _thumbnail(root: str | None, rel: str, cache: dict[str, str | None]) -> str | None:
+    """A small JPEG data URI of ``root/rel``, or ``None`` when the file cannot be read any more."""
+    if not root or not rel:
+        return None
+    path = Path(root) / rel
+    key = str(path)
+    if key in cache:
+        return cache[key]
+    from PIL import Image, ImageOps
+
+    uri: str | None = None
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            if img.mode in ("RGBA", "LA", "P", "PA"):
+                img = img.convert("RGBA")
+                flat = Image.new("RGB", img.size, (255, 255, 255))
+                flat.paste(img, mask=img.getchannel("A"))
+                img = flat
+            else:
+                img = img.convert("RGB")
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=THUMB_QUALITY, optimize=True)
+        uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    except Exception:  # noqa: BLE001 - any unreadable file gets the placeholder, never a broken page
+        uri = None
+    cache[key] = uri
+    return uri
+
+
+_SVG_PREAMBLE = re.compile(r"^.*?(?=<svg\b)", re.S)
+_SVG_DROP = (
+    re.compile(r"<metadata>.*?</metadata>", re.S),
+    re.compile(r'\s+xmlns(:\w+)?="[^"]*"'),
+    re.compile(r'\s+id="(?:[A-Za-z]+|matplotlib\.axis)_\d+"'),
+)
+_SVG_FONT = re.compile(r"font-family:[^;\"]*")
+
+
+def _svg(fig: Any, label: str) -> Markup:
+    """Inline SVG markup of a matplotlib figure, made compact and safe to place several times in one page."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None},
+                bbox_inches="tight", pad_inches=0.04)
+    text = _SVG_PREAMBLE.sub("", buf.getvalue(), count=1)
+    for pattern in _SVG_DROP:
+        text = pattern.sub("", text)
+    text = _SVG_FONT.sub("font-family: inherit", text)
+    text = re.sub(r"\s*\n\s*", " ", text).strip()
+    text = text.replace("<svg ", f'<svg role="img" aria-label="{Markup.escape(label)}" ', 1)
+    return Markup(text)
+
+
+def _rc(salt: str) -> dict[str, Any]:
+    return {
+        "svg.fonttype": "none",
+        "svg.hashsalt": salt,
+        "font.size": 8,
+        "axes.titlesize": 9,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.grid": True,
+        "grid.color": "#e5e7eb",
+        "grid.linewidth": 0.6,
+        "axes.edgecolor": "#9ca3af",
+        "axes.linewidth": 0.6,
+        "xtick.color": "#4b5563",
+        "ytick.color": "#4b5563",
+        "legend.frameon": False,
+        "legend.fontsize": 7,
+        "path.simplify_threshold": 0.5,
+    }
+
+
+_COLORS = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c")
+
+
+def _plot_curves(result: dict, splits: Sequence[str], salt: str) -> Markup | None:
+    """ROC and precision-recall curves of a binary head, one line per final split."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    have = [s for s in splits if _get(result, ("metrics", s, "roc", "fpr")) or _get(result, ("metrics", s, "pr"))]
+    if not have:
+        return None
+    with matplotlib.rc_context(_rc(salt)):
+        fig = Figure(figsize=(6.0, 2.5))
+        roc_ax, pr_ax = fig.subplots(1, 2)
+        for i, split in enumerate(have):
+            m = result["metrics"][split]
+            colour = _COLORS[i % len(_COLORS)]
+            roc = m.get("roc") or {}
+            if roc.get("fpr") and roc.get("tpr"):
+                auc = m.get("roc_auc")
+                tag = f"{split} (AUC {format(auc, METRIC_FMT)})" if isinstance(auc, (int, float)) else split
+                roc_ax.plot(roc["fpr"], roc["tpr"], color=colour, lw=1.3, label=tag, drawstyle="default")
+            pr = m.get("pr") or {}
+            if pr.get("recall") and pr.get("precision"):
+                pr_ax.plot(pr["recall"], pr["precision"], color=colour, lw=1.3, label=split)
+        roc_ax.plot([0, 1], [0, 1], color="#9ca3af", lw=0.8, ls="--")
+        roc_ax.set(title="ROC", xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
+                   ylim=(0, 1.02))
+        pr_ax.set(title="Precision-recall", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+        for ax in (roc_ax, pr_ax):
+            ax.set_aspect("auto")
+            if ax.lines:
+                ax.legend(loc="lower right" if ax is roc_ax else "lower left")
+        fig.tight_layout(w_pad=2.0)
+        return _svg(fig, "ROC and precision-recall curves")
+
+
+def _plot_history(history: dict, salt: str) -> Markup | None:
+    """Training and validation loss/accuracy per epoch of the dense head."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    panels = [(name, [k for k in (name, f"val_{name}") if history.get(k)]) for name in ("loss", "accuracy")]
+    panels = [(name, keys) for name, keys in panels if keys]
+    if not panels:
+        return None
+    with matplotlib.rc_context(_rc(salt)):
+        fig = Figure(figsize=(3.0 * len(panels), 2.3))
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (name, keys) in zip(axes, panels):
+            for i, k in enumerate(keys):
+                ys = history[k]
+                ax.plot(range(1, len(ys) + 1), ys, color=_COLORS[i], lw=1.3,
+                        label="validation" if k.startswith("val_") else "training")
+            ax.set(title=name, xlabel="epoch")
+            ax.legend()
+        fig.tight_layout(w_pad=2.0)
+        return _svg(fig, "Training and validation curves")
+
+
+def _plot_times(rows: Sequence[tuple[str, float, bool]], salt: str) -> Markup | None:
+    """Horizontal bars (log scale) of one extraction per backbone against each head's fit time."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    rows = [(label, float(sec), ext) for label, sec, ext in rows if isinstance(sec, (int, float)) and sec > 0]
+    if not rows:
+        return None
+    with matplotlib.rc_context(_rc(salt) | {"axes.grid.axis": "x"}):
+        fig = Figure(figsize=(6.4, 0.6 + 0.24 * len(rows)))
+        ax = fig.subplots()
+        ys = list(range(len(rows)))[::-1]
+        ax.barh(ys, [r[1] for r in rows], color=["#1f2937" if r[2] else "#60a5fa" for r in rows], height=0.7)
+        ax.set_yticks(ys, [r[0] for r in rows])
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (log scale)")
+        for y, (_, sec, _) in zip(ys, rows):
+            ax.annotate(f"{sec:.2f} s", (sec, y), xytext=(3, 0), textcoords="offset points", va="center",
+                        fontsize=7, color="#374151")
+        ax.set_xlim(right=max(r[1] for r in rows) * 6)
+        ax.tick_params(axis="y", length=0)
+        fig.tight_layout()
+        return _svg(fig, "Extraction time against fit time per head")
+
+
+# ---- view model ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Column:
+    """One leaderboard column: a metric on a split."""
+
+    split: str
+    metric: str
+    label: str
+
+
+@dataclass
+class ResultView:
+    """What the template shows of one fitted head."""
+
+    run: int
+    index: int
+    anchor: str
+    key: str
+    head: str
+    backbone: str
+    cache_index: int
+    is_best: bool
+    params: list[tuple[str, Num]]
+    selection_split: str
+    sel_mean: Num
+    sel_std: Num
+    cells: dict[tuple[str, str], Num]
+    fit: Num
+    predict: Num
+    splits: list[dict] = field(default_factory=list)
+    search: list[dict] = field(default_factory=list)
+    curves: Markup | None = None
+    history: Markup | None = None
+    mistakes: list[dict] = field(default_factory=list)
+    model_file: str = ""
+    predictions_file: str = ""
+
+
+def _split_view(run: int, idx: int, res: dict, split: str, class_names: list[str]) -> dict:
+    """Metrics table, confusion matrix and per-class rows of one head on one split."""
+    base = ("results", idx, "metrics", split)
+    m = res["metrics"].get(split) or {}
+    scalars = [(label, Num(m.get(k), base + (k,), METRIC_FMT, run)) for k, label in MAIN_METRICS if k in m]
+    cm = m.get("confusion_matrix") or []
+    names = list(class_names) if len(class_names) == len(cm) else [str(i) for i in range(len(cm))]
+    matrix = []
+    for i, row in enumerate(cm):
+        total = sum(v for v in row if isinstance(v, (int, float)))
+        cells = []
+        for j, v in enumerate(row):
+            share = (v / total) if total else 0.0
+            cells.append({
+                "count": Num(v, base + ("confusion_matrix", i, j), COUNT_FMT, run),
+                "share": f"{share:.2f}",
+                "alpha": f"{0.08 + 0.82 * share:.2f}" if v else "0",
+                "diag": i == j,
+            })
+        matrix.append({"name": names[i], "cells": cells})
+    per_class = []
+    for cls, d in (m.get("per_class") or {}).items():
+        p = base + ("per_class", cls)
+        per_class.append({
+            "name": cls,
+            "precision": Num(d.get("precision"), p + ("precision",), METRIC_FMT, run),
+            "recall": Num(d.get("recall"), p + ("recall",), METRIC_FMT, run),
+            "f1": Num(d.get("f1"), p + ("f1",), METRIC_FMT, run),
+            "support": Num(d.get("support"), p + ("support",), COUNT_FMT, run),
+        })
+    return {"split": split, "n": Num(m.get("n"), base + ("n",), COUNT_FMT, run), "scalars": scalars,
+            "names": names, "matrix": matrix, "per_class": per_class}
+
+
+def _selection(res: dict) -> tuple[int | None, dict | None]:
+    """The search entry of the chosen hyperparameters (by equality), else the one with the best mean."""
+    search = res.get("search") or []
+    for j, entry in enumerate(search):
+        if isinstance(entry, dict) and entry.get("params") == res.get("params"):
+            return j, entry
+    scored = [(j, e) for j, e in enumerate(search) if isinstance(e, dict) and isinstance(e.get("mean"), (int, float))]
+    if scored:
+        return max(scored, key=lambda je: je[1]["mean"])
+    return None, None
+
+
+def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | None]) -> dict:
+    """Everything the template shows of one run."""
+    r = run.results
+    ds = r.get("dataset") or {}
+    protocol = r.get("protocol") or {}
+    class_names = list(ds.get("class_names") or [])
+    best = r.get("best") or {}
+    best_key = best.get("key")
+    final_splits = [s for s in (protocol.get("final_splits") or []) if isinstance(s, str)]
+    if best.get("split") and best["split"] not in final_splits:
+        final_splits.insert(0, best["split"])
+
+    counts = ds.get("counts") or {}
+    count_splits = [s for s in ("train", "val", "test") if s in counts] + [
+        s for s in counts if s not in ("train", "val", "test")]
+    count_rows = []
+    for cls in class_names or sorted({c for s in counts.values() for c in s}):
+        cells = [Num(_get(counts, (s, cls)), ("dataset", "counts", s, cls), COUNT_FMT, ri) for s in count_splits]
+        count_rows.append({"name": cls, "cells": cells,
+                           "total": sum(c.value for c in cells if isinstance(c.value, int))})
+    split_totals = [sum(v for v in (counts.get(s) or {}).values() if isinstance(v, int)) for s in count_splits]
+
+    caches = []
+    for ci, c in enumerate(r.get("caches") or []):
+        base = ("caches", ci)
+        caches.append({
+            "index": ci, "c": c,
+            "input_size": Num(c.get("input_size"), base + ("input_size",), COUNT_FMT, ri),
+            "n_rows": Num(c.get("n_rows"), base + ("n_rows",), COUNT_FMT, ri),
+            "extract": Num(c.get("extract_seconds"), base + ("extract_seconds",), SECONDS_FMT, ri),
+            "shape": "\u00d7".join(str(v) for v in (c.get("feature_shape") or [])),
+            "versions": c.get("versions") or {},
+        })
+
+    results: list[ResultView] = []
+    for idx, res in enumerate(r["results"]):
+        base = ("results", idx)
+        j, entry = _selection(res)
+        sel_mean = Num(entry.get("mean") if entry else None, base + ("search", j, "mean"), METRIC_FMT, ri)
+        sel_std = Num(entry.get("std") if entry else None, base + ("search", j, "std"), METRIC_FMT, ri)
+        cells = {}
+        for col in columns:
+            value = _get(res, ("metrics", col.split, col.metric))
+            cells[(col.split, col.metric)] = Num(value, base + ("metrics", col.split, col.metric), METRIC_FMT, ri)
+        params = [(k, Num(v, base + ("params", k), _param_fmt(v), ri)) for k, v in (res.get("params") or {}).items()]
+        cache = (r.get("caches") or [{}])[int(res["cache_index"])]
+        key = str(res["key"])
+        is_best = key == best_key
+        view = ResultView(
+            run=ri, index=idx, anchor=f"r{ri}-{_slug(key)}", key=key, head=str(res["head"]),
+            backbone=str(res.get("backbone_label") or cache.get("backbone_label") or cache.get("backbone", "")),
+            cache_index=int(res["cache_index"]), is_best=is_best, params=params,
+            selection_split=str(res.get("selection_split") or protocol.get("selection") or ""),
+            sel_mean=sel_mean, sel_std=sel_std, cells=cells,
+            fit=Num(res.get("fit_seconds"), base + ("fit_seconds",), SECONDS_FMT, ri),
+            predict=Num(res.get("predict_ms_per_1000"), base + ("predict_ms_per_1000",), MS_FMT, ri),
+            model_file=str(res.get("model_file") or ""), predictions_file=str(res.get("predictions_file") or ""),
+        )
+        view.splits = [_split_view(ri, idx, res, s, class_names) for s in final_splits if s in res["metrics"]]
+        for k, e in enumerate(res.get("search") or []):
+            if not isinstance(e, dict):
+                continue
+            sp = base + ("search", k)
+            view.search.append({
+                "chosen": k == j,
+                "params": [(pk, Num(pv, sp + ("params", pk), _param_fmt(pv), ri))
+                           for pk, pv in (e.get("params") or {}).items()],
+                "mean": Num(e.get("mean"), sp + ("mean",), METRIC_FMT, ri),
+                "std": Num(e.get("std"), sp + ("std",), METRIC_FMT, ri),
+                "n_scores": len(e.get("scores") or []),
+            })
+        if len(class_names) == 2 or any(_get(res, ("metrics", s, "roc")) for s in final_splits):
+            view.curves = _plot_curves(res, final_splits, salt=f"{view.anchor}-curves")
+        if isinstance(res.get("history"), dict):
+            view.history = _plot_history(res["history"], salt=f"{view.anchor}-history")
+        for k, mk in enumerate(res.get("mistakes") or []):
+            if not isinstance(mk, dict):
+                continue
+            rel = str(mk.get("path") or "")
+            view.mistakes.append({
+                "path": rel, "split": mk.get("split", ""), "true": mk.get("true", ""), "pred": mk.get("pred", ""),
+                "prob": Num(mk.get("prob"), base + ("mistakes", k, "prob"), METRIC_FMT, ri),
+                "src": _thumbnail(ds.get("root"), rel, thumbs) if is_best else None,
+            })
+        results.append(view)
+
+    # leaderboard order: by backbone (cache order), then by selection score, best first
+    def order(v: ResultView) -> tuple:
+        mean = v.sel_mean.value if isinstance(v.sel_mean.value, (int, float)) else float("-inf")
+        return (v.cache_index, -mean, v.index)
+
+    ordered = sorted(results, key=order)
+    best_view = next((v for v in results if v.is_best), None)
+
+    timing = []
+    time_rows: list[tuple[str, float, bool]] = []
+    for cache in caches:
+        heads = [v for v in ordered if v.cache_index == cache["index"]]
+        extract = cache["extract"].value
+        fits = [v.fit.value for v in heads if isinstance(v.fit.value, (int, float))]
+        label = cache["c"].get("backbone_label") or cache["c"].get("backbone") or f"cache {cache['index']}"
+        time_rows.append((f"extract {label}", extract, True))
+        time_rows.extend((f"{v.head} ({label})" if len(caches) > 1 else v.head, v.fit.value, False) for v in heads)
+        if isinstance(extract, (int, float)) and heads:
+            with_cache = extract + sum(fits)
+            without = extract * len(heads) + sum(fits)
+            timing.append({"label": label, "extract": cache["extract"], "n": len(heads),
+                           "fit_total": f"{sum(fits):.2f}", "with_cache": f"{with_cache:.2f}",
+                           "without": f"{without:.2f}",
+                           "factor": f"{without / with_cache:.1f}" if with_cache > 0 else "\u2014"})
+    ratio = ds.get("imbalance_ratio")
+    return {
+        "index": ri, "name": run.name, "path": str(run.path), "r": r, "ds": ds, "protocol": protocol,
+        "class_names": class_names, "count_splits": count_splits, "count_rows": count_rows,
+        "split_totals": split_totals, "failed": [f for f in (ds.get("failed") or []) if isinstance(f, dict)],
+        "imbalance": Num(ratio, ("dataset", "imbalance_ratio"), RATIO_FMT, ri),
+        "imbalance_warn": isinstance(ratio, (int, float)) and ratio >= IMBALANCE_WARN,
+        "caches": caches, "results": ordered, "best": best_view,
+        "best_value": Num(best.get("value"), ("best", "value"), METRIC_FMT, ri),
+        "best_split": best.get("split", ""), "best_metric": best.get("metric", "accuracy"),
+        "final_splits": final_splits, "timing": timing,
+        "time_plot": _plot_times(time_rows, salt=f"r{ri}-times"),
+        "versions": r.get("versions") or {},
+    }
+
+
+def _columns(runs: Sequence[Run]) -> list[Column]:
+    """Leaderboard metric columns: every main metric on each run's reporting split, accuracy on other final ones."""
+    columns: list[Column] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(split: str, metric: str, label: str) -> None:
+        if (split, metric) not in seen:
+            seen.add((split, metric))
+            columns.append(Column(split, metric, label))
+
+    for run in runs:
+        r = run.results
+        primary = (r.get("best") or {}).get("split") or ((r.get("protocol") or {}).get("final_splits") or [""])[0]
+        present = {k for res in r["results"] for k in ((res.get("metrics") or {}).get(primary) or {})}
+        for metric, label in MAIN_METRICS:
+            if metric in present:
+                add(primary, metric, label)
+    for run in runs:
+        for split in (run.results.get("protocol") or {}).get("final_splits") or []:
+            if any(_get(res, ("metrics", split, "accuracy")) is not None for res in run.results["results"]):
+                add(split, "accuracy", "Accuracy")
+    return columns
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2"), default_for_string=True,
+                                            default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["pretty"] = lambda v: json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+    return env
+
+
+def _version() -> str:
+    """headbench's version (package attribute, else the installed distribution's)."""
+    try:
+        from pipeline import __version__
+
+        return str(__version__)
+    except ImportError:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("headbench")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def render_report(runs: Sequence[Run]) -> str:
+    """Render the HTML page of already loaded runs.
+
+    Parameters
+    ----------
+    runs : sequence of Run
+        Runs from :func:`load_run`, in the order they are shown.
+
+    Returns
+    -------
+    str
+        The complete, self-contained HTML document.
+    """
+    columns = _columns(runs)
+    thumbs: dict[str, str | None] = {}
+    views = [_run_view(i, run, columns, thumbs) for i, run in enumerate(runs)]
+    datasets = sorted({str((run.results.get("dataset") or {}).get("name", "")) for run in runs})
+    backbones: list[str] = []
+    for v in views:
+        for c in v["caches"]:
+            label = c["c"].get("backbone_label") or c["c"].get("backbone") or ""
+            if label not in backbones:
+                backbones.append(label)
+    template = _environment().get_template("report.html.j2")
+    return template.render(
+        runs=views,
+        columns=columns,
+        multi=len(views) > 1,
+        datasets=datasets,
+        backbones=backbones,
+        n_results=sum(len(v["results"]) for v in views),
+        written=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        version=_version(),
+        lower_is_better=LOWER_IS_BETTER,
+        thumb_px=THUMB_PX,
+    )

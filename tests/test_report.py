@@ -1,0 +1,521 @@
+"""Tests of the HTML report (pipeline/report.py): rendering from results.json, strict HTML5 parsing, numbers equal
+to results.json as printed, self-containment, sizes, errors, the CLI command, and a real render in headless
+Chromium driven over the DevTools protocol.
+
+Synthetic run folders (results.json schema v1 plus a few tiny generated images) are made by :func:`make_run`;
+a real fit run is rendered when the fit stage and the shared data are available.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import html5lib
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import RunError
+from pipeline.report import load_run, render_report, write_report, default_report_path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+URL_RE = re.compile(r"""(?:src|href|action|poster|srcset)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//""",
+                    re.I)
+
+
+# ---- synthetic run folders -------------------------------------------------------------------------------------
+
+
+def _image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[...] = colour
+    arr[::4, :, :] = 255 - np.array(colour, np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def _metrics(rng: np.random.Generator, classes: list[str], n: int, binary: bool) -> dict[str, Any]:
+    k = len(classes)
+    cm = rng.integers(0, 4, size=(k, k))
+    np.fill_diagonal(cm, rng.integers(n // k - 3, n // k + 1, size=k))
+    per_class = {c: {"precision": float(rng.uniform(0.6, 1)), "recall": float(rng.uniform(0.6, 1)),
+                     "f1": float(rng.uniform(0.6, 1)), "support": int(cm[i].sum())} for i, c in enumerate(classes)}
+    m: dict[str, Any] = {"n": int(cm.sum()), "accuracy": float(rng.uniform(0.7, 0.99)),
+                         "balanced_accuracy": float(rng.uniform(0.7, 0.99)), "macro_f1": float(rng.uniform(0.7, 0.99)),
+                         "log_loss": float(rng.uniform(0.05, 0.9)), "confusion_matrix": cm.tolist(),
+                         "per_class": per_class}
+    if binary:
+        fpr = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, 40)), [1.0]])
+        tpr = np.clip(np.sqrt(fpr) + rng.uniform(0, 0.05, fpr.size), 0, 1)
+        rec = np.linspace(1, 0, 42)
+        m.update(roc_auc=float(rng.uniform(0.8, 0.99)), roc={"fpr": fpr.tolist(), "tpr": np.maximum.accumulate(tpr).tolist()},
+                 pr={"precision": np.clip(1 - 0.3 * rec ** 2, 0, 1).tolist(), "recall": rec.tolist()})
+    if k >= 5:
+        m["top5_accuracy"] = 1.0
+    return m
+
+
+def make_run(base: Path, name: str = "synthetic_20250101-120000", *, classes: tuple[str, ...] = ("ants", "bees"),
+             heads: tuple[str, ...] = ("logreg", "linear_svm", "knn", "dense"),
+             backbones: tuple[str, ...] = ("mobilenet_v2-a1.0-224",), final_splits: tuple[str, ...] = ("val",),
+             selection: str = "cv", n_images: int = 4, n_mistakes: int = 5, missing_thumbnail: bool = True,
+             seed: int = 0, dataset_name: str = "synthetic", thumb_size: tuple[int, int] = (40, 30)) -> Path:
+    """Write a synthetic run folder (results.json v1 and the images its mistakes point to) and return it."""
+    rng = np.random.default_rng(seed)
+    classes = list(classes)
+    binary = len(classes) == 2
+    data_root = base / f"data_{name}"
+    palette = [(200, 40, 40), (40, 160, 60), (40, 60, 200), (220, 180, 30), (150, 50, 170), (20, 20, 20)]
+    splits = ["train", *final_splits] if selection == "cv" else ["train", "val", *[s for s in final_splits if s != "val"]]
+    paths = []
+    for si, split in enumerate(splits):
+        for ci, cls in enumerate(classes):
+            for j in range(n_images):
+                rel = f"{split}/{cls}/img_{j:03d}.png"
+                _image(data_root / rel, palette[(ci + si) % len(palette)], thumb_size)
+                paths.append((rel, split, cls))
+    counts = {s: {c: int(rng.integers(30, 120)) for c in classes} for s in splits}
+    counts_all = [sum(counts[s][c] for s in splits) for c in classes]
+    run = base / name
+    (run / "heads").mkdir(parents=True)
+    caches = []
+    for bi, label in enumerate(backbones):
+        caches.append({
+            "path": f"cache/{dataset_name}__{label}__avg.h5", "sha256": f"{bi:02d}" + "ab" * 31,
+            "backbone": label.split("-")[0], "backbone_label": label, "input_size": 224,
+            "preprocess": "x / 127.5 - 1", "resize": "squash", "weights_source": "file coralq_weights.h5",
+            "weights_sha256": "cd" * 32, "feature": "avg", "feature_shape": [1280], "n_rows": sum(counts_all),
+            "extract_seconds": float(rng.uniform(20, 60)), "versions": {"tensorflow": "2.21.0", "keras": "3.15.0"},
+            "command": f"python cli.py extract {data_root} --backbone {label.split('-')[0]}",
+            "created": "2025-01-01T11:00:00+00:00"})
+    results = []
+    for bi, label in enumerate(backbones):
+        for head in heads:
+            key = f"{label}__{head}"
+            params = {"C": float(rng.choice([0.01, 0.1, 1.0, 10.0]))} if head != "dense" else {
+                "hidden": 256, "dropout": 0.3, "optimizer": "adam"}
+            search = [{"params": dict(params, C=c) if "C" in params else params, "mean": float(rng.uniform(0.7, 0.98)),
+                       "std": float(rng.uniform(0, 0.05)), "scores": rng.uniform(0.7, 1, 5).tolist()}
+                      for c in ([0.01, 0.1, 1.0, 10.0] if "C" in params else [None])]
+            if "C" in params:
+                search = [dict(s, params={"C": c}) for s, c in zip(search, [0.01, 0.1, 1.0, 10.0])]
+            metrics = {s: _metrics(rng, classes, 40 * len(classes), binary) for s in final_splits}
+            mistakes = []
+            for k in range(n_mistakes):
+                rel, split, cls = paths[(k * 3 + bi) % len(paths)]
+                wrong = classes[(classes.index(cls) + 1) % len(classes)]
+                mistakes.append({"path": rel, "split": final_splits[0], "true": cls, "pred": wrong,
+                                 "prob": float(0.99 - 0.05 * k - rng.uniform(0, 0.01))})
+            if missing_thumbnail and mistakes:
+                mistakes[-1]["path"] = "val/gone/deleted_since.jpg"
+            results.append({
+                "key": key, "cache_index": bi, "backbone_label": label, "head": head, "params": params,
+                "selection_split": selection, "search": search, "fit_seconds": float(rng.uniform(0.05, 9)),
+                "predict_ms_per_1000": float(rng.uniform(0.1, 30)), "metrics": metrics,
+                "history": {"loss": np.linspace(1, 0.2, 12).tolist(), "val_loss": np.linspace(1.1, 0.35, 12).tolist(),
+                            "accuracy": np.linspace(0.5, 0.97, 12).tolist(),
+                            "val_accuracy": np.linspace(0.5, 0.92, 12).tolist()} if head == "dense" else None,
+                "mistakes": mistakes,
+                "model_file": f"heads/{key}.{'keras' if head == 'dense' else 'joblib'}",
+                "predictions_file": f"predictions/{key}.csv"})
+    best_i = 1 if len(results) > 1 else 0
+    best = results[best_i]
+    out = {
+        "schema_version": 1, "created": "2025-01-01T12:00:00+00:00",
+        "command": f"python cli.py fit {dataset_name} --heads {','.join(heads)}", "seed": 0,
+        "versions": {"headbench": "0.1.0", "scikit-learn": "1.9.0", "numpy": "2.3.0"},
+        "dataset": {"name": dataset_name, "root": str(data_root), "class_names": classes, "counts": counts,
+                    "split_source": "folders", "split_rule": "train/ and val/ folders as given",
+                    "failed": [{"path": "train/ants/imageNotFound.gif", "reason": "cannot identify image file"},
+                               {"path": "train/bees/<odd> & name.tif", "reason": "truncated file"}],
+                    "imbalance_ratio": max(counts_all) / min(counts_all)},
+        "protocol": {"selection": selection, "cv_folds": 5 if selection == "cv" else None,
+                     "final_splits": list(final_splits),
+                     "description": "hyperparameters chosen by 5-fold CV on train; scores on the final split"},
+        "caches": caches, "results": results,
+        "best": {"key": best["key"], "split": final_splits[0], "metric": "accuracy",
+                 "value": best["metrics"][final_splits[0]]["accuracy"]},
+    }
+    (run / "results.json").write_text(json.dumps(out, indent=1))
+    return run
+
+
+# ---- helpers on rendered pages ---------------------------------------------------------------------------------
+
+
+def _parse_strict(html: str) -> Any:
+    parser = html5lib.HTMLParser(strict=True, namespaceHTMLElements=False)
+    return parser.parse(html)
+
+
+def _resolve(obj: Any, path: list) -> Any:
+    for step in path:
+        obj = obj[step]
+    return obj
+
+
+def _text(el: Any) -> str:
+    return "".join(el.itertext()).strip()
+
+
+def _check_numbers(doc: Any, results: list[dict]) -> int:
+    """Every tagged number on the page equals its results.json value formatted as shown; returns the count."""
+    n = 0
+    for el in doc.iter():
+        if not isinstance(el.tag, str) or el.get("data-path") is None:
+            continue
+        value = _resolve(results[int(el.get("data-run"))], json.loads(el.get("data-path")))
+        assert _text(el) == format(value, el.get("data-fmt")), (el.get("data-path"), _text(el), value)
+        n += 1
+    return n
+
+
+def _best_containers(doc: Any) -> list[Any]:
+    return [el for el in doc.iter() if isinstance(el.tag, str) and el.get("data-best") == "true"]
+
+
+# ---- fixtures -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def binary_run(tmp_path: Path) -> Path:
+    return make_run(tmp_path)
+
+
+@pytest.fixture()
+def multiclass_run(tmp_path: Path) -> Path:
+    return make_run(tmp_path, "flowers_20250102-090000", classes=("daisy", "dandelion", "rose", "sunflower", "tulip"),
+                    backbones=("mobilenet_v2-a1.0-224", "mobilenet-a1.0-224"), final_splits=("val", "test"),
+                    selection="val", heads=("logreg", "linear_svm", "knn", "random_forest", "dense"),
+                    n_mistakes=12, dataset_name="flowers5")
+
+
+# ---- tests ----------------------------------------------------------------------------------------------------
+
+
+def test_binary_report_parses_strictly_and_shows_results_json_numbers(binary_run: Path, tmp_path: Path) -> None:
+    out = write_report([binary_run], tmp_path / "r.html")
+    html = out.read_text(encoding="utf-8")
+    doc = _parse_strict(html)
+    results = json.loads((binary_run / "results.json").read_text())
+    # one leaderboard row per fitted head, the best one marked
+    rows = doc.findall(".//table[@id='board']/tbody/tr")
+    assert len(rows) == len(results["results"])
+    best_rows = [r for r in rows if r.get("data-best") == "true"]
+    assert [r.get("data-key") for r in best_rows] == [results["best"]["key"]]
+    assert "best" in best_rows[0].get("class")
+    # every tagged number equals results.json after the displayed rounding, and the best head shows its metrics
+    assert _check_numbers(doc, [results]) > 50
+    best = next(r for r in results["results"] if r["key"] == results["best"]["key"])
+    shown = {json.dumps(json.loads(el.get("data-path"))) for c in _best_containers(doc) for el in c.iter()
+             if isinstance(el.tag, str) and el.get("data-path")}
+    bi = results["results"].index(best)
+    for metric in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "roc_auc"):
+        assert json.dumps(["results", bi, "metrics", "val", metric]) in shown, metric
+    assert json.dumps(["results", bi, "fit_seconds"]) in shown
+    assert json.dumps(["results", bi, "metrics", "val", "confusion_matrix", 1, 1]) in shown
+    assert json.dumps(["results", bi, "metrics", "val", "per_class", "bees", "f1"]) in shown
+    assert json.dumps(["best", "value"]) in shown
+    # in the best head's containers no number is printed outside a tagged element (apart from derived shares)
+    for c in _best_containers(doc):
+        for el in c.iter():
+            if isinstance(el.tag, str) and el.get("data-path") is None and el.tag in ("td",) and el.find("span") is None:
+                assert not re.fullmatch(r"\d+\.\d{3}", _text(el)), _text(el)
+    # binary: ROC/PR curves drawn; no history (no dense head?) -> the dense head has its curves
+    assert html.count('aria-label="ROC and precision-recall curves"') == len(results["results"])
+    assert html.count('aria-label="Training and validation curves"') == 1
+    # self-contained: no network address anywhere a browser would fetch from, not even a namespace URL
+    assert not URL_RE.search(html)
+    assert "http://" not in html and "https://" not in html
+    assert "<link" not in html and "@import" not in html
+    # thumbnails of the best head embedded, the missing one replaced by a placeholder
+    imgs = doc.findall(".//img")
+    assert len(imgs) == len(best["mistakes"]) - 1
+    assert all(i.get("src").startswith("data:image/jpeg;base64,") for i in imgs)
+    assert doc.find(".//*[@data-missing='val/gone/deleted_since.jpg']") is not None
+    # failed images listed with reasons, escaped; imbalance called out
+    assert "imageNotFound.gif" in html and "cannot identify image file" in html
+    assert "&lt;odd&gt; &amp; name.tif" in html
+    assert doc.find(".//*[@data-imbalance]") is not None
+
+
+def test_multiclass_two_backbones_two_final_splits(multiclass_run: Path, tmp_path: Path) -> None:
+    out = write_report([multiclass_run], tmp_path / "m.html")
+    html = out.read_text(encoding="utf-8")
+    doc = _parse_strict(html)
+    results = json.loads((multiclass_run / "results.json").read_text())
+    assert len(doc.findall(".//table[@id='board']/tbody/tr")) == 10
+    assert _check_numbers(doc, [results]) > 200
+    heads = doc.findall(".//section[@id='heads']/details")
+    assert len(heads) == 10
+    # both final splits shown for each head, 5x5 confusion matrices, top-5 column, no ROC for 5 classes
+    assert len(doc.findall(".//details[@data-best='true']//div[@class='split']")) == 2
+    assert len(doc.findall(".//details[@data-best='true']//table[@class='cm']/tbody/tr")) == 10
+    assert "Top-5 acc." in html and "ROC AUC" not in html
+    assert html.count('aria-label="Training and validation curves"') == 2
+    assert html.count('aria-label="ROC and precision-recall curves"') == 0
+    assert html.count("<img ") == 11  # 12 mistakes of the best head, one image gone
+    headers = [_text(th) for th in doc.findall(".//table[@id='board']/thead/tr/th")]
+    assert "Accuracyval" in headers and "Accuracytest" in headers
+    assert len(html.encode()) < 5_000_000
+
+
+def test_several_runs_one_page_and_default_name(binary_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = make_run(tmp_path, "synthetic_20250103-080000", backbones=("mobilenet-a1.0-224",), seed=3)
+    monkeypatch.chdir(tmp_path)
+    out = write_report([binary_run, other])
+    assert out == Path("reports") / "synthetic_20250101-120000+synthetic_20250103-080000.html"
+    html = out.read_text(encoding="utf-8")
+    doc = _parse_strict(html)
+    runs = [json.loads((d / "results.json").read_text()) for d in (binary_run, other)]
+    rows = doc.findall(".//table[@id='board']/tbody/tr")
+    assert len(rows) == 8
+    assert {r.get("data-run") for r in rows} == {"0", "1"}
+    assert len([r for r in rows if r.get("data-best")]) == 2
+    assert _check_numbers(doc, runs) > 100
+    # long names are shortened
+    long = default_report_path([tmp_path / ("x" * 60), tmp_path / ("y" * 60), tmp_path / "z"])
+    assert len(long.name) < 100 and long.name.startswith("x" * 40 + "+2more-")
+
+
+def test_flowers5_scale_report_stays_small(tmp_path: Path) -> None:
+    # 5 classes, 2 backbones x 6 heads, 12 mistakes each, thumbnails from 128 px images
+    run = make_run(tmp_path, "flowers5_big", classes=("daisy", "dandelion", "rose", "sunflower", "tulip"),
+                   backbones=("mobilenet_v2-a1.0-224", "mobilenet-a1.0-224"), final_splits=("val", "test"),
+                   selection="cv", heads=("logreg", "linear_svm", "knn", "random_forest", "ridge", "dense"),
+                   n_mistakes=12, n_images=12, thumb_size=(128, 128))
+    out = write_report([run], tmp_path / "big.html")
+    assert out.stat().st_size < 5_000_000
+    assert out.stat().st_size < 1_500_000  # far below the limit: compact SVG, 96 px JPEG thumbnails
+
+
+def test_escaping_of_hostile_names(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "hostile", classes=('<script>alert("x")</script>', "b&b"), heads=("logreg", "knn"))
+    data = json.loads((run / "results.json").read_text())
+    data["results"][0]["head"] = "<img src=x onerror=alert(1)>"
+    (run / "results.json").write_text(json.dumps(data))
+    html = render_report([load_run(run)])
+    _parse_strict(html)
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html or "&lt;script&gt;alert(&quot;x&quot;)" in html
+
+
+def test_run_errors_are_one_actionable_line(tmp_path: Path, binary_run: Path) -> None:
+    with pytest.raises(RunError, match="does not exist"):
+        write_report([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="results.json is missing"):
+        load_run(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    with pytest.raises(RunError, match="cannot be read as JSON"):
+        load_run(bad)
+    data = json.loads((binary_run / "results.json").read_text())
+    (bad / "results.json").write_text(json.dumps(dict(data, schema_version=2)))
+    with pytest.raises(RunError, match="schema_version 2"):
+        load_run(bad)
+    (bad / "results.json").write_text(json.dumps({k: v for k, v in data.items() if k != "caches"}))
+    with pytest.raises(RunError, match="lacks caches"):
+        load_run(bad)
+    (bad / "results.json").write_text(json.dumps(dict(data, results=[])))
+    with pytest.raises(RunError, match="no fitted head"):
+        load_run(bad)
+    with pytest.raises(RunError, match="no run folder"):
+        write_report([])
+    for exc in (RunError,):
+        try:
+            load_run(tmp_path / "nope")
+        except exc as e:
+            assert "\n" not in str(e)
+    assert load_run(binary_run / "results.json").path == binary_run
+
+
+def test_cli_report_command(binary_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "cli.html"
+    proc = subprocess.run([str(Path(os.sys.executable)), "cli.py", "report", str(binary_run), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(str(out))
+    assert out.is_file()
+    proc = subprocess.run([str(Path(os.sys.executable)), "cli.py", "report", str(tmp_path / "nope")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: run folder") and proc.stderr.count("\n") == 1
+
+
+# ---- headless Chromium over the DevTools protocol (pipe transport, no extra package) ----------------------------
+
+
+class Chromium:
+    """Minimal DevTools-protocol client over ``--remote-debugging-pipe`` (fd 3 in, fd 4 out, NUL-framed JSON)."""
+
+    FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
+             "--remote-debugging-pipe")
+
+    def __init__(self, binary: str, width: int = 1280, height: int = 900) -> None:
+        self.profile = tempfile.mkdtemp(prefix="headbench-chromium-")
+        cmd_r, self._cmd_w = os.pipe()
+        self._out_r, out_w = os.pipe()
+
+        def child_fds() -> None:  # runs in the child before exec: the pipe ends become fds 3 and 4
+            a, b = os.dup(cmd_r), os.dup(out_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [binary, *self.FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"],
+            close_fds=False, preexec_fn=child_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        os.close(cmd_r)
+        os.close(out_w)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict] = []
+        self.session: str | None = None
+
+    def send(self, method: str, params: dict | None = None, timeout: float = 30) -> dict:
+        self._id += 1
+        msg: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
+        if self.session and not method.startswith(("Target.", "Browser.")):
+            msg["sessionId"] = self.session
+        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        reply = self.wait(lambda m: m.get("id") == self._id, timeout)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
+
+    def wait(self, pred: Any, timeout: float = 30) -> dict:
+        end = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                msg = json.loads(raw)
+                if pred(msg):
+                    return msg
+                self.events.append(msg)
+            ready, _, _ = select.select([self._out_r], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                raise TimeoutError("no answer from chromium")
+            chunk = os.read(self._out_r, 1 << 20)
+            if not chunk:
+                raise EOFError("chromium closed the DevTools pipe")
+            self._buf += chunk
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Runtime", "Log", "Page", "Network"):
+            self.send(f"{domain}.enable")
+        self.send("Page.navigate", {"url": url})
+        self.wait(lambda m: m.get("method") == "Page.loadEventFired", 60)
+
+    def evaluate(self, expression: str) -> Any:
+        res = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in res:
+            raise RuntimeError(res["exceptionDetails"])
+        return res["result"].get("value")
+
+    def screenshot(self, path: Path, full_page: bool = True) -> None:
+        params: dict[str, Any] = {"format": "png"}
+        if full_page:
+            size = self.send("Page.getLayoutMetrics")["cssContentSize"]
+            params.update(captureBeyondViewport=True,
+                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", params, timeout=60)["data"]))
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=10)
+        except Exception:  # noqa: BLE001 - the browser may already be gone
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self._cmd_w)
+        os.close(self._out_r)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def problems(self) -> dict[str, list]:
+        """Console errors, uncaught exceptions, error log entries and requests to anything but file:/data:."""
+        out: dict[str, list] = {"console": [], "exceptions": [], "log": [], "requests": []}
+        for e in self.events:
+            method, p = e.get("method"), e.get("params", {})
+            if method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert", "warning"):
+                out["console"].append(p.get("args"))
+            elif method == "Runtime.exceptionThrown":
+                out["exceptions"].append(p.get("exceptionDetails"))
+            elif method == "Log.entryAdded" and p.get("entry", {}).get("level") in ("error", "warning"):
+                out["log"].append(p["entry"].get("text"))
+            elif method == "Network.requestWillBeSent":
+                url = p.get("request", {}).get("url", "")
+                if not url.startswith(("file:", "data:", "about:")):
+                    out["requests"].append(url)
+        return out
+
+
+def render_in_chromium(html_file: Path, screenshot: Path, width: int = 1280, height: int = 900,
+                       full_page: bool = True) -> dict[str, Any]:
+    """Open a report in headless Chromium; return what the checks need and save a screenshot."""
+    assert CHROMIUM is not None
+    browser = Chromium(CHROMIUM, width, height)
+    try:
+        browser.open(html_file.resolve().as_uri())
+        facts = browser.evaluate("""(() => {
+            const imgs = Array.from(document.images);
+            return {rows: document.querySelectorAll('#board tbody tr').length,
+                    best: Array.from(document.querySelectorAll('#board tbody tr[data-best]')).map(r => r.dataset.key),
+                    images: imgs.length, broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt),
+                    svgs: document.querySelectorAll('svg').length,
+                    title: document.title};
+        })()""")
+        # sorting works: click "Fit" header, fit seconds come out ascending
+        facts["sorted_fit"] = browser.evaluate("""(() => {
+            const ths = Array.from(document.querySelectorAll('#board thead th'));
+            const i = ths.findIndex(t => t.textContent.startsWith('Fit'));
+            ths[i].click();
+            return Array.from(document.querySelectorAll('#board tbody tr')).map(r => parseFloat(r.cells[i].dataset.v));
+        })()""")
+        browser.evaluate("document.querySelectorAll('#board thead th')[0].click(); window.scrollTo(0, 0)")
+        browser.evaluate("""(() => { const ths = Array.from(document.querySelectorAll('#board thead th'));
+            const i = ths.findIndex(t => t.textContent.startsWith('Selection')); ths[i].click(); })()""")
+        time.sleep(0.2)
+        browser.screenshot(screenshot, full_page)
+        facts["problems"] = browser.problems()
+        return facts
+    finally:
+        browser.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (tests/setup_browser.sh installs Debian's)")
+def test_report_in_headless_chromium(multiclass_run: Path, tmp_path: Path) -> None:
+    out = write_report([multiclass_run], tmp_path / "browser.html")
+    results = json.loads((multiclass_run / "results.json").read_text())
+    html = out.read_text(encoding="utf-8")
+    assert not URL_RE.search(html)
+    facts = render_in_chromium(out, ARTIFACTS / "report_synthetic.png")
+    assert facts["problems"] == {"console": [], "exceptions": [], "log": [], "requests": []}
+    assert facts["rows"] == len(results["results"])
+    assert facts["best"] == [results["best"]["key"]]
+    assert facts["images"] == 11 and facts["broken"] == []
+    assert facts["svgs"] >= 3
+    assert facts["sorted_fit"] == sorted(facts["sorted_fit"])
+    assert (ARTIFACTS / "report_synthetic.png").stat().st_size > 10_000

@@ -282,8 +282,8 @@ def extract_dataset(
                             checkpoint_every, checkpoint_seconds)
         seconds = time.perf_counter() - t0
         prior = float(existing.meta.get("extract_seconds", 0.0)) if existing.meta else 0.0
-        meta["extract_seconds"] = prior + existing.part_seconds + seconds
         rescanned = cache.scan_existing(path, meta)
+        meta["extract_seconds"] = prior + rescanned.part_seconds
         shapes = cache.source_shapes(path, rescanned, kinds)
         cache.assemble(path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes)
         rows = cache.read_rows(path)
@@ -303,12 +303,11 @@ def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, m
     progress = _Progress(len(todo), f"{built.label}", enabled=not quiet and sys.stderr.isatty())
     failures: list[tuple[str, str]] = []
     done = 0
+    last = time.perf_counter()
     try:
         for batch in read_batches(ds.root, todo, built.input_size, meta["resize"], batch_size, workers):
             good = [b for b in batch if b[1] is not None]
-            t = time.perf_counter()
             out = run(np.stack([b[1] for b in good])) if good else {}
-            writer.seconds += time.perf_counter() - t
             k = 0
             for it, px, digest, err in batch:
                 row = {"path": it.relpath, "label": it.label, "split": it.split, "size": it.size,
@@ -321,6 +320,9 @@ def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, m
                 else:
                     writer.add(row, {name: out[name][k] for name in kinds})
                     k += 1
+            now = time.perf_counter()
+            writer.seconds += now - last  # wall time of this batch: decoding wait + model
+            last = now
             writer.maybe_flush()
             done += len(batch)
             progress.advance(len(batch), done)

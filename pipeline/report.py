@@ -742,6 +742,7 @@ def render_report(runs: Sequence[Run]) -> str:
         datasets=datasets,
         backbones=backbones,
         n_results=sum(len(v["results"]) for v in views),
+        selection_splits=sorted({r.selection_split for v in views for r in v["results"]}),
         written=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         version=_version(),
         lower_is_better=LOWER_IS_BETTER,

@@ -430,12 +430,13 @@ class Chromium:
             raise RuntimeError(res["exceptionDetails"])
         return res["result"].get("value")
 
-    def screenshot(self, path: Path, full_page: bool = True) -> None:
+    def screenshot(self, path: Path, full_page: bool = True, max_height: int | None = None) -> None:
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             size = self.send("Page.getLayoutMetrics")["cssContentSize"]
+            height = min(size["height"], max_height or size["height"])
             params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+                          clip={"x": 0, "y": 0, "width": size["width"], "height": height, "scale": 1})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", params, timeout=60)["data"]))
 
@@ -472,7 +473,7 @@ class Chromium:
 
 
 def render_in_chromium(html_file: Path, screenshot: Path, width: int = 1280, height: int = 900,
-                       full_page: bool = True) -> dict[str, Any]:
+                       full_page: bool = True, max_height: int | None = None) -> dict[str, Any]:
     """Open a report in headless Chromium; return what the checks need and save a screenshot."""
     assert CHROMIUM is not None
     browser = Chromium(CHROMIUM, width, height)
@@ -486,6 +487,7 @@ def render_in_chromium(html_file: Path, screenshot: Path, width: int = 1280, hei
                     svgs: document.querySelectorAll('svg').length,
                     title: document.title};
         })()""")
+        browser.screenshot(screenshot, full_page, max_height)
         # sorting works: click "Fit" header, fit seconds come out ascending
         facts["sorted_fit"] = browser.evaluate("""(() => {
             const ths = Array.from(document.querySelectorAll('#board thead th'));
@@ -493,11 +495,6 @@ def render_in_chromium(html_file: Path, screenshot: Path, width: int = 1280, hei
             ths[i].click();
             return Array.from(document.querySelectorAll('#board tbody tr')).map(r => parseFloat(r.cells[i].dataset.v));
         })()""")
-        browser.evaluate("document.querySelectorAll('#board thead th')[0].click(); window.scrollTo(0, 0)")
-        browser.evaluate("""(() => { const ths = Array.from(document.querySelectorAll('#board thead th'));
-            const i = ths.findIndex(t => t.textContent.startsWith('Selection')); ths[i].click(); })()""")
-        time.sleep(0.2)
-        browser.screenshot(screenshot, full_page)
         facts["problems"] = browser.problems()
         return facts
     finally:

@@ -136,13 +136,20 @@ def load_run(run_dir: Path | str) -> Run:
     missing = [k for k in _REQUIRED_TOP if k not in results]
     if missing:
         raise RunError(f"{file} lacks {', '.join(missing)}: rerun `python cli.py fit` to rewrite it")
+    wrong = [k for k in ("dataset", "protocol", "best") if not isinstance(results[k], dict)]
+    if not isinstance(results["caches"], list) or not all(isinstance(c, dict) for c in results["caches"]):
+        wrong.append("caches")
+    if wrong:
+        raise RunError(f"{file}: {', '.join(wrong)} not in the results format: rerun `python cli.py fit`")
     if not isinstance(results["results"], list) or not results["results"]:
         raise RunError(f"{file} lists no fitted head: rerun `python cli.py fit` with at least one head")
     for i, res in enumerate(results["results"]):
         lacking = [k for k in _REQUIRED_RESULT if not isinstance(res, dict) or k not in res]
         if lacking:
             raise RunError(f"{file}: results[{i}] lacks {', '.join(lacking)}: rerun `python cli.py fit`")
-        if not 0 <= int(res["cache_index"]) < len(results["caches"]):
+        if not isinstance(res["metrics"], dict) or not isinstance(res["cache_index"], int):
+            raise RunError(f"{file}: results[{i}] is not in the results format: rerun `python cli.py fit`")
+        if not 0 <= res["cache_index"] < len(results["caches"]):
             raise RunError(f"{file}: results[{i}] points to cache {res['cache_index']}, which is not listed")
     return Run(path=path, results=results)
 
@@ -279,6 +286,12 @@ def _param_fmt(value: Any) -> str:
     return "g"
 
 
+def _fields(obj: Any, keys: Iterable[str]) -> dict[str, Any]:
+    """The named fields of a dict for display: absent or null ones as empty strings."""
+    obj = obj if isinstance(obj, dict) else {}
+    return {k: "" if obj.get(k) is None else obj[k] for k in keys}
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
@@ -344,6 +357,7 @@ def _svg(fig: Any, label: str) -> Markup:
 def _rc(salt: str) -> dict[str, Any]:
     return {
         "svg.fonttype": "none",
+        "text.parse_math": False,
         "svg.hashsalt": salt,
         "font.size": 8,
         "axes.titlesize": 9,
@@ -381,9 +395,7 @@ def _plot_curves(result: dict, splits: Sequence[str], salt: str) -> Markup | Non
             colour = _COLORS[i % len(_COLORS)]
             roc = m.get("roc") or {}
             if roc.get("fpr") and roc.get("tpr"):
-                auc = m.get("roc_auc")
-                tag = f"{split} (AUC {format(auc, METRIC_FMT)})" if isinstance(auc, (int, float)) else split
-                roc_ax.plot(roc["fpr"], roc["tpr"], color=colour, lw=1.3, label=tag, drawstyle="default")
+                roc_ax.plot(roc["fpr"], roc["tpr"], color=colour, lw=1.3, label=split)
             pr = m.get("pr") or {}
             if pr.get("recall") and pr.get("precision"):
                 pr_ax.plot(pr["recall"], pr["precision"], color=colour, lw=1.3, label=split)
@@ -536,8 +548,8 @@ def _selection(res: dict) -> tuple[int | None, dict | None]:
 def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | None]) -> dict:
     """Everything the template shows of one run."""
     r = run.results
-    ds = r.get("dataset") or {}
-    protocol = r.get("protocol") or {}
+    ds = r.get("dataset") if isinstance(r.get("dataset"), dict) else {}
+    protocol = r.get("protocol") if isinstance(r.get("protocol"), dict) else {}
     class_names = list(ds.get("class_names") or [])
     best = r.get("best") or {}
     best_key = best.get("key")
@@ -559,7 +571,9 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
     for ci, c in enumerate(r.get("caches") or []):
         base = ("caches", ci)
         caches.append({
-            "index": ci, "c": c,
+            "index": ci,
+            "c": _fields(c, ("backbone_label", "backbone", "weights_source", "weights_sha256", "preprocess", "resize",
+                             "feature", "path", "sha256", "created", "command")),
             "input_size": Num(c.get("input_size"), base + ("input_size",), COUNT_FMT, ri),
             "n_rows": Num(c.get("n_rows"), base + ("n_rows",), COUNT_FMT, ri),
             "extract": Num(c.get("extract_seconds"), base + ("extract_seconds",), SECONDS_FMT, ri),
@@ -633,7 +647,7 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         heads = [v for v in ordered if v.cache_index == cache["index"]]
         extract = cache["extract"].value
         fits = [v.fit.value for v in heads if isinstance(v.fit.value, (int, float))]
-        label = cache["c"].get("backbone_label") or cache["c"].get("backbone") or f"cache {cache['index']}"
+        label = cache["c"]["backbone_label"] or cache["c"]["backbone"] or f"cache {cache['index']}"
         time_rows.append((f"extract {label}", extract, True))
         time_rows.extend((f"{v.head} ({label})" if len(caches) > 1 else v.head, v.fit.value, False) for v in heads)
         if isinstance(extract, (int, float)) and heads:
@@ -645,7 +659,10 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
                            "factor": f"{without / with_cache:.1f}" if with_cache > 0 else "\u2014"})
     ratio = ds.get("imbalance_ratio")
     return {
-        "index": ri, "name": run.name, "path": str(run.path), "r": r, "ds": ds, "protocol": protocol,
+        "index": ri, "name": run.name, "path": str(run.path),
+        "r": _fields(r, ("seed", "created", "command")), "best_key": "" if best_key is None else str(best_key),
+        "ds": _fields(ds, ("name", "root", "split_rule", "split_source")),
+        "protocol": _fields(protocol, ("description", "selection", "cv_folds")),
         "class_names": class_names, "count_splits": count_splits, "count_rows": count_rows,
         "split_totals": split_totals, "failed": [f for f in (ds.get("failed") or []) if isinstance(f, dict)],
         "imbalance": Num(ratio, ("dataset", "imbalance_ratio"), RATIO_FMT, ri),
@@ -731,7 +748,7 @@ def render_report(runs: Sequence[Run]) -> str:
     backbones: list[str] = []
     for v in views:
         for c in v["caches"]:
-            label = c["c"].get("backbone_label") or c["c"].get("backbone") or ""
+            label = c["c"]["backbone_label"] or c["c"]["backbone"]
             if label not in backbones:
                 backbones.append(label)
     template = _environment().get_template("report.html.j2")

@@ -438,6 +438,7 @@ def _plot_times(rows: Sequence[tuple[str, float, bool]], salt: str) -> Markup | 
     """Horizontal bars (log scale) of one extraction per backbone against each head's fit time."""
     import matplotlib
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     rows = [(label, float(sec), ext) for label, sec, ext in rows if isinstance(sec, (int, float)) and sec > 0]
     if not rows:
@@ -449,12 +450,15 @@ def _plot_times(rows: Sequence[tuple[str, float, bool]], salt: str) -> Markup | 
         ax.barh(ys, [r[1] for r in rows], color=["#1f2937" if r[2] else "#60a5fa" for r in rows], height=0.7)
         ax.set_yticks(ys, [r[0] for r in rows])
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("seconds (log scale)")
         for y, (_, sec, _) in zip(ys, rows):
             ax.annotate(f"{sec:.2f} s", (sec, y), xytext=(3, 0), textcoords="offset points", va="center",
                         fontsize=7, color="#374151")
         ax.set_xlim(right=max(r[1] for r in rows) * 6)
         ax.tick_params(axis="y", length=0)
+        ax.set_axisbelow(True)
         fig.tight_layout()
         return _svg(fig, "Extraction time against fit time per head")
 

@@ -577,7 +577,8 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         caches.append({
             "index": ci,
             "c": _fields(c, ("backbone_label", "backbone", "weights_source", "weights_sha256", "preprocess", "resize",
-                             "feature", "path", "sha256", "created", "command")),
+                             "feature", "path", "sha256", "created", "command", "weights_path")),
+            "weights_file": Path(str(c.get("weights_path") or "")).name,
             "input_size": Num(c.get("input_size"), base + ("input_size",), COUNT_FMT, ri),
             "n_rows": Num(c.get("n_rows"), base + ("n_rows",), COUNT_FMT, ri),
             "extract": Num(c.get("extract_seconds"), base + ("extract_seconds",), SECONDS_FMT, ri),

@@ -10,17 +10,21 @@ What counts as an image
 -----------------------
 Formats are decided by content, never trusted from the extension. A file is a *candidate* when its name has an
 image extension (jpg, jpeg, jpe, jfif, png, bmp, gif, webp, tif, tiff, any case) or its first bytes are a JPEG,
-PNG, GIF, BMP, WebP or TIFF signature. Candidates that then fail to decode are recorded as failures with the reason
-(never silently dropped). Hidden files and folders (name starting with ``.``) and files that are neither are ignored
-and counted in :attr:`Dataset.ignored`.
+PNG, GIF, BMP (``BM`` plus a valid header size, since text can start with ``BM``), WebP or (Big)TIFF signature.
+Candidates that then fail to decode are recorded as failures with the reason (never silently dropped). Hidden files
+and folders (name starting with ``.``), files that are neither, and loose files next to the class folders are
+ignored and counted in :attr:`Dataset.ignored`. Symbolic links are followed, but a folder already scanned (a link
+loop, or a link into another class) is skipped and counted, so no file is listed twice.
 
 Pixel rule (:func:`load_image`)
 -------------------------------
 1. The first frame of animated or multi-frame files is used.
-2. EXIF orientation is applied.
-3. Colour to 8-bit RGB: palette and greyscale are expanded; 16-bit integer images are scaled by 1/257 (65535 ->
-   255); float images in [0, 1] are scaled by 255, otherwise clipped to [0, 255]; CMYK, YCbCr and LAB go through
-   Pillow's conversion; any alpha channel (RGBA, LA, palette transparency) is composited over **white**, because
+2. EXIF orientation is applied (an EXIF block that cannot be read is ignored: the pixels are kept as stored).
+3. Colour to 8-bit RGB: palette and greyscale are expanded; 16-bit greyscale (``I;16``) is scaled by 1/257 (65535 ->
+   255) by its bit depth, so a dark 16-bit image stays dark; 32-bit integer images are scaled the same way only
+   when a value exceeds 255 (they have no fixed range); float images in [0, 1] are scaled by 255, otherwise clipped
+   to [0, 255]; CMYK, YCbCr and LAB go through Pillow's conversion; any alpha (RGBA, LA, premultiplied, palette
+   transparency, or a PNG ``tRNS`` colour in a greyscale or RGB image) is composited over **white**, because
    transparent pixels carry arbitrary colour values (often black) that are not part of the picture, and transparent
    photos and logos are made to be seen on a light page.
 4. Resize to ``size x size`` with antialiased bilinear filtering, by the resize rule:
@@ -28,8 +32,9 @@ Pixel rule (:func:`load_image`)
    ``crop`` scales the shorter side to ``size`` and takes the centre square;
    ``pad`` scales the longer side to ``size`` and letterboxes with the ImageNet mean colour (124, 116, 104),
    which is close to zero after every registered backbone's preprocessing.
-JPEGs much larger than the target are decoded at a reduced scale (libjpeg DCT scaling via Pillow's ``draft``), which
-is 1.4-2x faster and still at least ``size`` pixels on each side before the final resize.
+JPEGs (and MPO, the multi-picture JPEG of many phones) much larger than the target are decoded at a reduced scale
+(libjpeg DCT scaling via Pillow's ``draft``), which is 1.4-2x faster and still at least ``size`` pixels on each side
+before the final resize.
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import DatasetError, ImageDecodeError
 
@@ -58,17 +64,25 @@ _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
-    (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
 )
+# Size of the DIB header that follows BMP's 14-byte file header: "BM" alone is too weak a signature (text files
+# such as "BMW notes..." start with it).
+_BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+SNIFF_BYTES = 32
+_PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF", "webp": "WEBP"}
 
 
 def sniff(head: bytes) -> str | None:
-    """Image format from a file's first bytes, or None if it is not a recognised image signature."""
+    """Image format from a file's first bytes (pass at least 18), or None if it is not a recognised signature."""
     for sig, fmt in _SIGNATURES:
         if head.startswith(sig):
             return fmt
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
+        return "bmp"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
     return None
@@ -114,7 +128,8 @@ class Dataset:
     items : list of ImageItem
         Candidate images sorted by relative path.
     ignored : Counter
-        Counts of skipped files by reason (``hidden``, ``not an image``).
+        Counts of skipped entries by reason (``hidden``, ``not an image``, ``loose file``, ``unreadable``,
+        ``folder seen before (link)``).
     ignored_examples : list of str
         A few ignored paths, for messages.
     has_splits : bool
@@ -147,15 +162,26 @@ def _looks_like_image(path: Path) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            return sniff(f.read(16)) is not None
+            return sniff(f.read(SNIFF_BYTES)) is not None
     except OSError:
         return False
 
 
-def _scan_class(root: Path, class_dir: Path, ds_ignored: Counter, examples: list[str]) -> list[tuple[str, int, int]]:
-    """Candidate images under one class folder (recursive): (relpath, size, mtime_ns)."""
+def _scan_class(root: Path, class_dir: Path, ds_ignored: Counter, examples: list[str],
+                seen_dirs: set[str]) -> list[tuple[str, int, int]]:
+    """Candidate images under one class folder (recursive): (relpath, size, mtime_ns).
+
+    Symbolic links are followed, but a folder already scanned (a link loop, or a link to another class's folder)
+    is skipped and counted, so no image is listed twice or under two labels.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            ds_ignored["folder seen before (link)"] += 1
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
         hidden_dirs = [d for d in dirnames if _is_hidden(d)]
         ds_ignored["hidden"] += len(hidden_dirs)
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
@@ -219,7 +245,7 @@ def discover(root: str | os.PathLike) -> Dataset:
     r = r.resolve()
     ignored: Counter = Counter()
     examples: list[str] = []
-    top = _subdirs(r, ignored, examples, r)
+    top = _subdirs(r, ignored, examples, r)  # counts the root's hidden and loose files, once
     split_dirs = [d for d in top if d.name.lower() in SPLIT_ALIASES]
     has_splits = bool(split_dirs) and len(split_dirs) == len(top)
     if split_dirs and not has_splits:
@@ -238,8 +264,9 @@ def discover(root: str | os.PathLike) -> Dataset:
     classes: list[str] | None = None
     first_split = ""
     rows: list[tuple[str, str, str, int, int]] = []
+    seen_dirs: set[str] = {os.path.realpath(r)} | {os.path.realpath(g) for _, g in groups}
     for split, gdir in groups:
-        class_dirs = _subdirs(gdir, ignored, examples, r)
+        class_dirs = _subdirs(gdir, ignored, examples, r) if split else top
         where = f"{gdir}" if split else f"{root}"
         if not class_dirs:
             raise DatasetError(f"no class folders in {where}; expected one sub-folder per class")
@@ -261,7 +288,9 @@ def discover(root: str | os.PathLike) -> Dataset:
                 f"every split needs the same class folders"
             )
         for d in class_dirs:
-            found = _scan_class(r, d, ignored, examples)
+            if os.path.realpath(d) in seen_dirs:
+                raise DatasetError(f"class folder {d} links to a folder already used; give each class its own images")
+            found = _scan_class(r, d, ignored, examples, seen_dirs)
             if not found:
                 raise DatasetError(f"class folder {d} has no images; add images or remove the folder")
             rows.extend((rel, d.name, split, size, mt) for rel, size, mt in found)
@@ -280,16 +309,23 @@ def discover(root: str | os.PathLike) -> Dataset:
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB by the documented rule (alpha over white)."""
     mode = im.mode
-    if mode == "RGB":
+    transparent_value = mode in ("L", "RGB") and "transparency" in im.info  # PNG tRNS: one colour is transparent
+    if mode == "RGB" and not transparent_value:
         return im
     if mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
         mode = im.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("L", "RGB") and "transparency" in im.info):
+    if mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these only to their straight-alpha twin
+        im = im.convert("LA" if mode == "La" else "RGBA")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA") or transparent_value:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode.startswith("I"):  # 16/32-bit integer greyscale
+    if mode.startswith("I;16"):  # 16-bit greyscale: scaled by its bit depth, never by its content
+        arr = np.asarray(im, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode.startswith("I"):  # 32-bit integer greyscale: no fixed range, so 16-bit scaling only when it exceeds 8
         arr = np.asarray(im, dtype=np.float64)
         if arr.max(initial=0) > 255:
             arr = arr / 257.0
@@ -332,15 +368,20 @@ def decode(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
         raise ValueError(f"unknown resize rule {resize!r}; known: {', '.join(RESIZE_RULES)}")
     if not data:
         raise ImageDecodeError("empty file")
+    opened_as = ""  # the format Pillow's reader took it for, when it got that far
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's EXIF/palette chatter; real failures raise below
             with Image.open(io.BytesIO(data)) as im:
-                if im.format == "JPEG":
+                opened_as = (im.format or "").lower()
+                if im.format in ("JPEG", "MPO"):  # MPO: phone JPEGs with extra pictures appended
                     im.draft("RGB", (size, size))
                 im.seek(0)
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:  # noqa: BLE001 - an unreadable EXIF block: keep the pixels as stored
+                    pass
                 rgb = _to_rgb(im)
                 out = _resize(rgb, size, resize)
                 return np.asarray(out, dtype=np.uint8).copy()
@@ -349,10 +390,33 @@ def decode(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"too large to decode safely ({exc})") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for bad files
-        fmt = sniff(data[:16])
-        what = f"{fmt} data" if fmt else "not a recognised image format"
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        fmt = sniff(data[:SNIFF_BYTES])
+        what = f"{fmt or opened_as} data" if fmt or opened_as else "not a recognised image format"
+        if isinstance(exc, UnidentifiedImageError):
+            msg = _open_failure(data, fmt) if fmt else "no image reader accepts it"
+        else:
+            msg = _reason(exc)
         raise ImageDecodeError(f"cannot decode ({what}): {msg}"[:300]) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """First line of an exception's message, without object reprs such as ``<_io.BytesIO object at 0x..>``."""
+    text = str(exc).splitlines()[0].strip() if str(exc).strip() else ""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text).strip()
+    return text or type(exc).__name__
+
+
+def _open_failure(data: bytes, fmt: str) -> str:
+    """Why the reader for a sniffed format rejected the bytes (``Image.open`` only says "cannot identify")."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.init()
+            factory = Image.OPEN[_PIL_FORMATS[fmt]][0]
+            factory(io.BytesIO(data)).close()
+    except Exception as exc:  # noqa: BLE001 - only its message is wanted
+        return f"corrupt or unsupported {fmt} variant ({_reason(exc)})"
+    return f"corrupt or unsupported {fmt} variant"
 
 
 def read_image(path: str | os.PathLike, size: int, resize: str = "squash") -> tuple[np.ndarray, str]:

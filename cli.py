@@ -111,5 +111,43 @@ def report(
     typer.echo(str(write_report(runs, out)))
 
 
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="Run folder written by `fit`."),
+    images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    head: Optional[str] = typer.Option(None, help="Head name or result key (default: the run's best)."),
+    out: Optional[Path] = typer.Option(None, help="Write predictions to a .csv or .json file."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights file if the recorded one moved "
+                                                     "(must have the same SHA-256)."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+) -> None:
+    """Label new images with a fitted head (same backbone, weights, preprocessing and resize rule as its cache)."""
+    from pipeline.predict import predict_images, write_predictions
+
+    rh, rows = predict_images(run, images, head=head, weights=weights, batch_size=batch_size, log=typer.echo)
+    if out is not None:
+        typer.echo(f"wrote {write_predictions(rows, rh.class_names, out)} ({len(rows)} images, head {rh.key})")
+    else:
+        for r in rows:
+            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}" if "label" in r
+                       else f"{r['path']}\tERROR\t{r['error']}")
+    bad = sum(1 for r in rows if "error" in r)
+    if bad:
+        typer.echo(f"{bad} image(s) could not be decoded", err=True)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder written by `fit`."),
+    out: Path = typer.Option(..., help="Output .keras file (a sidecar .json records classes and input rules)."),
+    head: str = typer.Option("dense", help="Keras head to export (dense)."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights file if the recorded one moved."),
+) -> None:
+    """Save backbone + dense head as one .keras model that plain Keras loads."""
+    from pipeline.predict import export_model
+
+    typer.echo(f"wrote {export_model(run, out, head=head, weights=weights)}")
+
+
 if __name__ == "__main__":
     main()

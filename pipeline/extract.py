@@ -34,7 +34,7 @@ from pipeline.data import RESIZE_RULES, Dataset, ImageItem, discover, read_image
 from pipeline.errors import BackboneError, DatasetError, ImageDecodeError
 
 DEFAULT_RESIZE = "squash"
-PIXEL_RULE = "headbench-pixels-1"  # bump when pipeline.data's decoding rule changes: old caches are then rebuilt
+PIXEL_RULE = "headbench-pixels-2"  # bump when pipeline.data's decoding rule changes: old caches are then rebuilt
 
 
 @dataclass

@@ -131,7 +131,7 @@ def test_interrupted_run_resumes_from_parts(tiny_dataset, tmp_path, monkeypatch)
 
         def wrapped(px):
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 4:  # call 1 is the warm-up batch; interrupt after two real batches (8 rows)
                 raise KeyboardInterrupt
             return run(px)
 

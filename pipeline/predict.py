@@ -1,0 +1,266 @@
+"""Predict with a fitted head on new images, and export backbone + dense head as one Keras model.
+
+Predictions go through exactly what made the training features: the backbone, width multiplier, input size,
+weights file (checked by SHA-256), resize rule and decoding rule recorded in the run's feature cache, then the
+saved head (a scikit-learn pipeline via joblib, or the dense head's ``.keras`` model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from pipeline import cache
+from pipeline.data import IMAGE_EXTENSIONS, read_image, sniff
+from pipeline.errors import RunError, WeightsError
+
+
+@dataclass
+class RunHead:
+    """One fitted head of a run folder and the extraction settings its features came from."""
+
+    run_dir: Path
+    result: dict[str, Any]
+    cache_entry: dict[str, Any]
+    extraction: dict[str, Any]  # backbone, alpha, input_size, resize, weights_source, weights_path, weights_sha256
+    class_names: list[str]
+
+    @property
+    def key(self) -> str:
+        return str(self.result["key"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.run_dir / self.result["model_file"]
+
+    @property
+    def feature(self) -> str:
+        return str(self.cache_entry.get("feature", "avg"))
+
+
+def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``results.json`` of a run folder, or RunError with what to do."""
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        raise RunError(f"{run_dir} is not a run folder (no results.json); pass the folder that `fit` wrote")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunError(f"cannot read {path}: {exc}") from None
+
+
+def select_head(run_dir: str | os.PathLike, head: str | None = None) -> RunHead:
+    """Pick a result of a run: by key (``mobilenet_v2-a1.0-224__logreg``), by head name, or the run's best.
+
+    Raises
+    ------
+    RunError
+        Unknown or ambiguous head (the message lists the run's keys).
+    """
+    run = Path(run_dir)
+    res = load_results(run)
+    results = res.get("results", [])
+    if not results:
+        raise RunError(f"{run}/results.json has no fitted heads")
+    keys = [r["key"] for r in results]
+    if head is None:
+        best = res.get("best", {}).get("key")
+        chosen = [r for r in results if r["key"] == best] or results[:1]
+    else:
+        chosen = [r for r in results if r["key"] == head] or [r for r in results if r["head"] == head]
+        if not chosen:
+            raise RunError(f"no head {head!r} in {run}; available: {', '.join(keys)}")
+        if len(chosen) > 1:
+            raise RunError(f"head {head!r} is ambiguous in {run} (several backbones); use one of: "
+                           f"{', '.join(r['key'] for r in chosen)}")
+    result = chosen[0]
+    entry = res["caches"][result["cache_index"]]
+    extraction = {k: entry.get(k) for k in ("backbone", "alpha", "input_size", "resize", "weights_source",
+                                            "weights_path", "weights_sha256")}
+    if any(extraction[k] is None for k in ("backbone", "alpha", "weights_path")) and Path(entry["path"]).exists():
+        meta = cache.read_meta(entry["path"])  # older results.json: take the missing settings from the cache
+        extraction = {k: (extraction[k] if extraction[k] is not None else meta.get(k)) for k in extraction}
+    missing = [k for k in ("backbone", "input_size", "resize", "weights_source") if extraction.get(k) is None]
+    if missing:
+        raise RunError(f"{run}/results.json does not record {', '.join(missing)} for {result['key']} and its cache "
+                       f"{entry['path']} is gone; predict needs them")
+    return RunHead(run, result, entry, extraction, list(res["dataset"]["class_names"]))
+
+
+def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
+    """The weights to rebuild the backbone with: the recorded file (or override), checked against its SHA-256."""
+    ex = rh.extraction
+    if ex["weights_source"] == "none":
+        return "none"
+    if ex["weights_source"] == "imagenet" and override is None:
+        return "imagenet"
+    path = override or ex.get("weights_path") or ""
+    if not path or not Path(path).exists():
+        raise WeightsError(f"the weights file of {rh.key} ({path or 'unrecorded'}) is not there; pass "
+                           f"--weights PATH to the same file (SHA-256 {ex['weights_sha256'][:16]}...)")
+    from pipeline.backbones import sha256_file
+
+    digest = sha256_file(path)
+    if ex.get("weights_sha256") and digest != ex["weights_sha256"]:
+        raise WeightsError(f"weights file {path} has SHA-256 {digest[:16]}..., but {rh.key} was fitted on features "
+                           f"from {ex['weights_sha256'][:16]}...; pass the same weights file")
+    return str(path)
+
+
+def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files among ``inputs``: files as given, folders searched recursively (hidden entries skipped)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise RunError(f"{p} does not exist")
+        if p.is_file():
+            out.append(p)
+            continue
+        for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                f = Path(dirpath) / fn
+                if fn.startswith("."):
+                    continue
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    out.append(f)
+                else:
+                    with open(f, "rb") as fh:
+                        if sniff(fh.read(16)) is not None:
+                            out.append(f)
+    if not out:
+        raise RunError("no image files found in the given paths")
+    return out
+
+
+def _load_head(rh: RunHead) -> Callable[[np.ndarray], np.ndarray]:
+    path = rh.model_path
+    if not path.exists():
+        raise RunError(f"saved head {path} is missing from the run folder")
+    if path.suffix == ".keras":
+        import keras
+
+        model = keras.models.load_model(path)
+        return lambda x: np.asarray(model.predict(x, verbose=0, batch_size=256))
+    import joblib
+
+    est = joblib.load(path)
+    return lambda x: np.asarray(est.predict_proba(x))
+
+
+def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], head: str | None = None,
+                   weights: str | None = None, batch_size: int = 32,
+                   log: Callable[[str], None] = print) -> tuple[RunHead, list[dict[str, Any]]]:
+    """Predict class probabilities for image files with a run's head.
+
+    Parameters
+    ----------
+    run_dir : path
+        Folder written by ``fit``.
+    inputs : paths
+        Image files and/or folders (searched recursively).
+    head : str, optional
+        Result key or head name; default the run's best.
+    weights : str, optional
+        Backbone weights file, when the recorded one has moved (must have the recorded SHA-256).
+
+    Returns
+    -------
+    (RunHead, list of dict)
+        One dict per image: ``path``, ``label`` (or None), ``probability`` and ``probs`` by class, or ``error``.
+    """
+    from pipeline.backbones import build_feature_model, make_runner
+
+    rh = select_head(run_dir, head)
+    files = collect_images(inputs)
+    ex = rh.extraction
+    built = build_feature_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]),
+                                ex["alpha"], maps=rh.feature == "maps", max_pool=rh.feature == "max", announce=log)
+    run = make_runner(built)
+    head_fn = _load_head(rh)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        pixels, ok_rows = [], []
+        for f in chunk:
+            row: dict[str, Any] = {"path": str(f)}
+            try:
+                px, _ = read_image(f, built.input_size, ex["resize"])
+                pixels.append(px)
+                ok_rows.append(row)
+            except Exception as exc:  # ImageDecodeError carries the reason; keep going with the others
+                row["error"] = str(exc)
+            rows.append(row)
+        if pixels:
+            feats = run(np.stack(pixels))[rh.feature]
+            probs = head_fn(feats.astype(np.float32))
+            for row, p in zip(ok_rows, probs):
+                k = int(np.argmax(p))
+                row["label"] = rh.class_names[k]
+                row["probability"] = float(p[k])
+                row["probs"] = {c: float(v) for c, v in zip(rh.class_names, p)}
+    return rh, rows
+
+
+def write_predictions(rows: list[dict[str, Any]], class_names: list[str], out: str | os.PathLike) -> Path:
+    """Write predictions as CSV (``.csv``) or JSON (``.json``)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    elif path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "probability", *[f"p_{c}" for c in class_names], "error"])
+            for r in rows:
+                probs = r.get("probs", {})
+                w.writerow([r["path"], r.get("label", ""), r.get("probability", ""),
+                            *[probs.get(c, "") for c in class_names], r.get("error", "")])
+    else:
+        raise RunError(f"--out must end in .csv or .json, got {path.name}")
+    return path
+
+
+def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str | None = "dense",
+                 weights: str | None = None) -> Path:
+    """Save backbone + dense head as one ``.keras`` model that plain Keras loads.
+
+    The model takes ``(n, s, s, 3)`` RGB pixels in [0, 255] already resized by the run's resize rule and returns
+    class probabilities; a ``<out>.json`` beside it records class names, input size, resize rule and provenance.
+    """
+    import keras
+
+    from pipeline.backbones import build_feature_model
+
+    rh = select_head(run_dir, head)
+    if rh.model_path.suffix != ".keras":
+        raise RunError(f"{rh.key} is a scikit-learn head; only Keras (dense) heads export to one .keras model")
+    if rh.feature == "maps":
+        raise RunError("exporting heads fitted on spatial maps is not supported; fit the dense head on avg features")
+    ex = rh.extraction
+    built = build_feature_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]),
+                                ex["alpha"], max_pool=rh.feature == "max", announce=lambda m: None)
+    head_model = keras.models.load_model(rh.model_path)
+    pixels = keras.Input((built.input_size, built.input_size, 3), name="pixels")
+    feats = built.model(pixels)[rh.feature]
+    probs = head_model(feats)
+    model = keras.Model(pixels, probs, name=f"{built.label}_{rh.result['head']}")
+    path = Path(out)
+    if path.suffix != ".keras":
+        raise RunError(f"--out must end in .keras, got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    side = {"class_names": rh.class_names, "input_size": built.input_size, "resize": ex["resize"],
+            "input": "RGB pixels in [0, 255], shape (n, size, size, 3), resized by the resize rule",
+            "backbone": ex["backbone"], "alpha": ex["alpha"], "weights_sha256": ex["weights_sha256"],
+            "head": rh.key, "run": str(Path(run_dir).resolve())}
+    path.with_suffix(".json").write_text(json.dumps(side, indent=1))
+    return path

@@ -184,7 +184,8 @@ def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = N
     Parameters
     ----------
     run_dirs : sequence of Path or str
-        Run folders written by ``fit``; several are compared on one page, grouped by run and backbone.
+        Run folders written by ``fit``; several are compared on one page, grouped by run and backbone. A single
+        folder may be passed as it is.
     out_html : Path or str, optional
         Output file; default :func:`default_report_path` (``reports/<run name>.html``).
 
@@ -198,7 +199,7 @@ def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = N
     RunError
         When no run folder is given or one cannot be read (see :func:`load_run`), or the output cannot be written.
     """
-    run_dirs = list(run_dirs)
+    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     if not run_dirs:
         raise RunError("no run folder given: pass one or more folders written by `python cli.py fit`")
     runs = [load_run(d) for d in run_dirs]

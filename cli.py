@@ -66,7 +66,7 @@ def extract(
     cache_dir: Path = typer.Option(Path("cache"), help="Where feature caches are written."),
     input_size: Optional[int] = typer.Option(None, help="Square input side (default: the backbone's own)."),
     alpha: Optional[float] = typer.Option(None, help="Width multiplier (MobileNet v1/v2)."),
-    resize: str = typer.Option("squash", help="squash (stretch) | crop (centre crop) | pad (letterbox)."),
+    resize: str = typer.Option("crop", help="crop (centre crop, default) | squash (stretch) | pad (letterbox)."),
     maps: bool = typer.Option(False, "--maps", help="Also store the last spatial feature maps."),
     max_pool: bool = typer.Option(False, "--max-pool", help="Also store global max pooled vectors."),
     maps_dtype: str = typer.Option("float16", help="Storage type of maps: float16 or float32."),

@@ -29,7 +29,8 @@ Pixel rule (:func:`load_image`)
    photos and logos are made to be seen on a light page.
 4. Resize to ``size x size`` with antialiased bilinear filtering, by the resize rule:
    ``squash`` stretches the whole image (what ``keras.utils.image_dataset_from_directory`` does);
-   ``crop`` scales the shorter side to ``size`` and takes the centre square;
+   ``crop`` (the default, see :data:`DEFAULT_RESIZE`) scales the shorter side to ``size`` and takes the centre
+   square;
    ``pad`` scales the longer side to ``size`` and letterboxes with the ImageNet mean colour (124, 116, 104),
    which is close to zero after every registered backbone's preprocessing.
 JPEGs (and MPO, the multi-picture JPEG of many phones) much larger than the target are decoded at a reduced scale
@@ -58,6 +59,11 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
 RESIZE_RULES = ("squash", "crop", "pad")
+DEFAULT_RESIZE = "crop"
+"""Default resize rule. ``crop`` feeds objects at their natural aspect ratio, as ImageNet backbones were trained and
+evaluated (shorter side resized, centre crop), and keeps the full resolution of the short side; it scored best
+with a linear probe on mixed-aspect photos (bench/resize.py, docs/benchmarks.md), squash within noise, pad last
+(pad spends pixels on borders). Use ``squash`` when objects reach the image edges (documents, panoramas)."""
 PAD_COLOUR = (124, 116, 104)
 _SIGNATURES = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -356,7 +362,7 @@ def _resize(im: Image.Image, size: int, rule: str) -> Image.Image:
     raise ValueError(f"unknown resize rule {rule!r}; known: {', '.join(RESIZE_RULES)}")
 
 
-def decode(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
+def decode(data: bytes, size: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """Decode image bytes to ``(size, size, 3)`` uint8 RGB by the module's pixel rule.
 
     Raises
@@ -419,7 +425,7 @@ def _open_failure(data: bytes, fmt: str) -> str:
     return f"corrupt or unsupported {fmt} variant"
 
 
-def read_image(path: str | os.PathLike, size: int, resize: str = "squash") -> tuple[np.ndarray, str]:
+def read_image(path: str | os.PathLike, size: int, resize: str = DEFAULT_RESIZE) -> tuple[np.ndarray, str]:
     """Read a file, hash its bytes and decode it.
 
     Returns
@@ -447,6 +453,6 @@ def read_image(path: str | os.PathLike, size: int, resize: str = "squash") -> tu
         raise
 
 
-def load_image(path: str | os.PathLike, size: int, resize: str = "squash") -> np.ndarray:
+def load_image(path: str | os.PathLike, size: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """Load one image file as ``(size, size, 3)`` uint8 RGB by the module's pixel rule."""
     return read_image(path, size, resize)[0]

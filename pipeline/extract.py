@@ -30,10 +30,9 @@ from pipeline import __version__, cache
 from pipeline.backbones import (
     BuiltBackbone, backbone_label, build_feature_model, check_options, get_spec, make_runner, resolve_weights,
 )
-from pipeline.data import RESIZE_RULES, Dataset, ImageItem, discover, read_image
+from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES, Dataset, ImageItem, discover, read_image
 from pipeline.errors import BackboneError, DatasetError, ImageDecodeError
 
-DEFAULT_RESIZE = "squash"
 PIXEL_RULE = "headbench-pixels-2"  # bump when pipeline.data's decoding rule changes: old caches are then rebuilt
 
 

@@ -44,7 +44,7 @@ def test_cache_holds_every_row_with_provenance(tiny_dataset, tmp_path):
     assert m["backbone"] == "mobilenet_v2" and m["input_size"] == 64 and m["alpha"] == 0.35
     assert m["preprocess"] == "keras.applications.mobilenet_v2.preprocess_input"
     assert m["weights_source"] == "none" and m["weights_sha256"] == ""
-    assert m["resize"] == "squash" and m["command"] == "python cli.py extract tiny"
+    assert m["resize"] == "crop" and m["command"] == "python cli.py extract tiny"
     assert {"tensorflow", "keras", "numpy"} <= set(m["versions"])
     assert not cache.parts_dir(res.path).exists()
     rows = cache.read_rows(res.path)

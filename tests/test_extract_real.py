@@ -59,7 +59,7 @@ def test_cached_features_equal_keras_preprocess_input_plus_model(family, weights
     wpath = str(shared_dir / weights)
     res = extract_dataset(root, backbone=family, weights=wpath, cache_dir=tmp_path / "c", log=lambda m: None)
     fs = cache.read_features(res.path)
-    pixels = np.stack([load_image(root / p, 224, "squash") for p in fs.paths]).astype("float32")
+    pixels = np.stack([load_image(root / p, 224, fs.meta["resize"]) for p in fs.paths]).astype("float32")
     app = {"mobilenet_v2": keras.applications.MobileNetV2, "mobilenet": keras.applications.MobileNet}[family]
     module = getattr(keras.applications, family)
     ref_model = app(include_top=False, weights=wpath, input_shape=(224, 224, 3), pooling="avg")
@@ -88,7 +88,7 @@ def test_inception_v3_maps_at_299(shared_dir, tmp_path):
     ref = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(299, 299, 3),
                                          pooling="avg")
     ref.set_weights(built.model.get_layer("inception_v3").get_weights())
-    pixels = np.stack([load_image(root / p, 299, "squash") for p in maps.paths]).astype("float32")
+    pixels = np.stack([load_image(root / p, 299, maps.meta["resize"]) for p in maps.paths]).astype("float32")
     expect = ref.predict(keras.applications.inception_v3.preprocess_input(pixels), verbose=0)
     avg = cache.read_features(res.path, "avg").features
     assert np.abs(expect - avg).max() <= 1e-4

@@ -549,3 +549,13 @@ def test_report_in_headless_chromium(multiclass_run: Path, tmp_path: Path) -> No
     assert facts["svgs"] >= 3
     assert facts["sorted_fit"] == sorted(facts["sorted_fit"])
     assert (ARTIFACTS / "report_synthetic.png").stat().st_size > 10_000
+
+
+if __name__ == "__main__":  # screenshot of a real report for the docs: python tests/test_report.py REPORT.html OUT.png
+    import sys
+
+    if len(sys.argv) not in (3, 4) or CHROMIUM is None:
+        sys.exit("usage: python tests/test_report.py REPORT.html OUT.png [MAX_HEIGHT_PX]  (needs chromium)")
+    found = render_in_chromium(Path(sys.argv[1]), Path(sys.argv[2]),
+                               max_height=int(sys.argv[3]) if len(sys.argv) == 4 else None)
+    print(json.dumps({k: v for k, v in found.items() if k != "sorted_fit"}, indent=1))

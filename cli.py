@@ -43,6 +43,39 @@ def main() -> None:
 
 
 @app.command()
+def fit(
+    cache_dir: Path = typer.Option(Path("cache"), help="Folder of feature caches (written by `extract`)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset to fit when the folder holds several."),
+    backbone: Optional[List[str]] = typer.Option(None, "--backbone", "-b",
+                                                 help="Only caches of this backbone (name or label; repeatable). "
+                                                      "Default: every cache of the dataset, compared in one run."),
+    head: Optional[List[str]] = typer.Option(None, "--head",
+                                             help="Head to fit (repeatable): dense, logreg, linear_svm, svm, knn, "
+                                                  "centroid, or all (the default)."),
+    features: str = typer.Option("avg", help="Cached features: avg | max | maps (spatial maps, flattened)."),
+    class_weight: str = typer.Option("none", help="none | balanced (weights classes by inverse frequency)."),
+    seed: int = typer.Option(0, help="Seed of the automatic split, the folds and every head."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: reports/runs/<dataset>_<timestamp>)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Also write report.html in the run folder."),
+) -> None:
+    """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
+    from rich.console import Console
+
+    from pipeline.fitrun import run_fit
+
+    run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=head, features=features,
+                  class_weight=class_weight, seed=seed, out=out, report=report,
+                  command=" ".join(["python cli.py", *sys.argv[1:]]), log=lambda m: typer.echo(m, err=True))
+    console = Console(width=max(120, Console().width))
+    console.print(run.leaderboard())
+    typer.echo(f"run folder: {run.run_dir}")
+    if run.report_path is not None:
+        typer.echo(f"report: {run.report_path}")
+    elif run.report_note:
+        typer.echo(run.report_note, err=True)
+
+
+@app.command()
 def backbones() -> None:
     """List the registered backbones with their input size, preprocessing and feature shapes."""
     from pipeline.backbones import REGISTRY

@@ -182,5 +182,21 @@ def export(
     typer.echo(f"wrote {export_model(run, out, head=head, weights=weights)}")
 
 
+@app.command()
+def demo(
+    cache_dir: Path = typer.Option(Path("cache"), help="Where the sample's feature cache goes."),
+) -> None:
+    """Run the whole product on the built-in sample (real faces / non-faces shipped by scikit-image)."""
+    from rich.console import Console
+
+    from pipeline.demo import run_demo
+
+    out = run_demo(workdir=cache_dir / "demo-data", cache_dir=cache_dir, log=typer.echo)
+    Console(width=max(120, Console().width)).print(out["fit"].leaderboard())
+    typer.echo(f"run folder: {out['run']}")
+    if out["report"] is not None:
+        typer.echo(f"report: {out['report']}")
+
+
 if __name__ == "__main__":
     main()

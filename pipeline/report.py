@@ -281,6 +281,20 @@ def _get(obj: Any, path: Iterable[Any]) -> Any:
     return obj
 
 
+def _num(value: Any) -> float:
+    """A number for ordering; absent or non-numeric values order last."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float("-inf")
+
+
+def _param(value: Any, path: tuple, run: int) -> Num | str:
+    """A hyperparameter value as shown: numbers and strings tagged with their path, null as ``none``."""
+    if value is None:
+        return "none"
+    return Num(value, path, _param_fmt(value), run)
+
+
 def _param_fmt(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return ""
@@ -539,11 +553,17 @@ def _split_view(run: int, idx: int, res: dict, split: str, class_names: list[str
 
 
 def _selection(res: dict) -> tuple[int | None, dict | None]:
-    """The search entry of the chosen hyperparameters (by equality), else the one with the best mean."""
+    """The search entry of the chosen hyperparameters, else the one with the best mean.
+
+    A search entry names only the hyperparameters that were searched, so it matches when each of its values equals
+    the chosen one; among several matches the most specific (most keys), then the best mean, wins.
+    """
     search = res.get("search") or []
-    for j, entry in enumerate(search):
-        if isinstance(entry, dict) and entry.get("params") == res.get("params"):
-            return j, entry
+    chosen = res.get("params") if isinstance(res.get("params"), dict) else {}
+    matches = [(j, e) for j, e in enumerate(search) if isinstance(e, dict) and isinstance(e.get("params"), dict)
+               and all(k in chosen and chosen[k] == v for k, v in e["params"].items())]
+    if matches:
+        return max(matches, key=lambda je: (len(je[1]["params"]), _num(je[1].get("mean")), -je[0]))
     scored = [(j, e) for j, e in enumerate(search) if isinstance(e, dict) and isinstance(e.get("mean"), (int, float))]
     if scored:
         return max(scored, key=lambda je: je[1]["mean"])
@@ -580,6 +600,7 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
             "c": _fields(c, ("backbone_label", "backbone", "weights_source", "weights_sha256", "preprocess", "resize",
                              "feature", "path", "sha256", "created", "command", "weights_path")),
             "weights_file": Path(str(c.get("weights_path") or "")).name,
+            "cache_file": Path(str(c.get("path") or "")).name,
             "input_size": Num(c.get("input_size"), base + ("input_size",), COUNT_FMT, ri),
             "n_rows": Num(c.get("n_rows"), base + ("n_rows",), COUNT_FMT, ri),
             "extract": Num(c.get("extract_seconds"), base + ("extract_seconds",), SECONDS_FMT, ri),
@@ -593,11 +614,13 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         j, entry = _selection(res)
         sel_mean = Num(entry.get("mean") if entry else None, base + ("search", j, "mean"), METRIC_FMT, ri)
         sel_std = Num(entry.get("std") if entry else None, base + ("search", j, "std"), METRIC_FMT, ri)
+        if not entry or len(entry.get("scores") or []) < 2:
+            sel_std = Num(None)  # one score (a validation split): no spread to show
         cells = {}
         for col in columns:
             value = _get(res, ("metrics", col.split, col.metric))
             cells[(col.split, col.metric)] = Num(value, base + ("metrics", col.split, col.metric), METRIC_FMT, ri)
-        params = [(k, Num(v, base + ("params", k), _param_fmt(v), ri)) for k, v in (res.get("params") or {}).items()]
+        params = [(k, _param(v, base + ("params", k), ri)) for k, v in (res.get("params") or {}).items()]
         cache = (r.get("caches") or [{}])[int(res["cache_index"])]
         key = str(res["key"])
         is_best = key == best_key
@@ -618,10 +641,9 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
             sp = base + ("search", k)
             view.search.append({
                 "chosen": k == j,
-                "params": [(pk, Num(pv, sp + ("params", pk), _param_fmt(pv), ri))
-                           for pk, pv in (e.get("params") or {}).items()],
+                "params": [(pk, _param(pv, sp + ("params", pk), ri)) for pk, pv in (e.get("params") or {}).items()],
                 "mean": Num(e.get("mean"), sp + ("mean",), METRIC_FMT, ri),
-                "std": Num(e.get("std"), sp + ("std",), METRIC_FMT, ri),
+                "std": Num(e.get("std"), sp + ("std",), METRIC_FMT, ri) if len(e.get("scores") or []) > 1 else Num(None),
                 "n_scores": len(e.get("scores") or []),
             })
         if len(class_names) == 2 or any(_get(res, ("metrics", s, "roc")) for s in final_splits):
@@ -766,6 +788,7 @@ def render_report(runs: Sequence[Run]) -> str:
         backbones=backbones,
         n_results=sum(len(v["results"]) for v in views),
         selection_splits=sorted({r.selection_split for v in views for r in v["results"]}),
+        has_spread=any(r.sel_std.value is not None for v in views for r in v["results"]),
         written=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         version=_version(),
         lower_is_better=LOWER_IS_BETTER,

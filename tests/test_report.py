@@ -389,6 +389,31 @@ def test_cli_report_command(binary_run: Path, tmp_path: Path) -> None:
     assert proc.stderr.startswith("error: run folder") and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
+def test_real_fit_run_on_hymenoptera(hymenoptera_v2_cache: Path, tmp_path: Path) -> None:
+    """The fit stage's own run folder (real MobileNetV2 features, every head) renders and checks out."""
+    from pipeline.fitrun import run_fit
+
+    run = run_fit(caches=[hymenoptera_v2_cache], out=tmp_path / "hymenoptera_run", report=False, seed=0)
+    out = write_report([run.run_dir], tmp_path / "hymenoptera.html")
+    html = out.read_text(encoding="utf-8")
+    doc = _parse_strict(html)
+    results = json.loads((run.run_dir / "results.json").read_text())
+    assert len(doc.findall(".//table[@id='board']/tbody/tr")) == len(results["results"]) >= 5
+    assert _check_numbers(doc, [results]) > 100
+    for c in _best_containers(doc):
+        assert not re.search(r"\d\.\d\d", _untagged_text(c))
+    best = next(r for r in results["results"] if r["key"] == results["best"]["key"])
+    assert html.count("<img ") == len(best["mistakes"]) > 0  # real photos, all still on disk
+    assert html.count('aria-label="Training and validation curves"') == 1  # the dense head
+    assert not URL_RE.search(html) and "http://" not in html and "https://" not in html
+    assert len(html.encode()) < 1_000_000
+    if CHROMIUM is not None:
+        facts = render_in_chromium(out, ARTIFACTS / "report_hymenoptera.png")
+        assert facts["problems"] == {"console": [], "exceptions": [], "log": [], "requests": []}
+        assert facts["rows"] == len(results["results"]) and facts["broken"] == []
+
+
 # ---- headless Chromium over the DevTools protocol (pipe transport, no extra package) ----------------------------
 
 

@@ -62,7 +62,7 @@ MS_FMT = ".1f"
 COUNT_FMT = "d"
 RATIO_FMT = ".2f"
 
-IMBALANCE_WARN = 1.5
+IMBALANCE_WARN = 1.3
 """Largest/smallest class count from which the page warns that accuracy alone can mislead."""
 
 _REQUIRED_TOP = ("schema_version", "dataset", "protocol", "caches", "results", "best")

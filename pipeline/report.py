@@ -403,7 +403,7 @@ def _plot_curves(result: dict, splits: Sequence[str], salt: str) -> Markup | Non
     if not have:
         return None
     with matplotlib.rc_context(_rc(salt)):
-        fig = Figure(figsize=(6.0, 2.5))
+        fig = Figure(figsize=(5.0, 2.3))
         roc_ax, pr_ax = fig.subplots(1, 2)
         for i, split in enumerate(have):
             m = result["metrics"][split]
@@ -431,12 +431,14 @@ def _plot_history(history: dict, salt: str) -> Markup | None:
     import matplotlib
     from matplotlib.figure import Figure
 
+    from matplotlib.ticker import MaxNLocator
+
     panels = [(name, [k for k in (name, f"val_{name}") if history.get(k)]) for name in ("loss", "accuracy")]
     panels = [(name, keys) for name, keys in panels if keys]
     if not panels:
         return None
     with matplotlib.rc_context(_rc(salt)):
-        fig = Figure(figsize=(3.0 * len(panels), 2.3))
+        fig = Figure(figsize=(2.5 * len(panels), 2.3))
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (name, keys) in zip(axes, panels):
             for i, k in enumerate(keys):
@@ -444,6 +446,7 @@ def _plot_history(history: dict, salt: str) -> Markup | None:
                 ax.plot(range(1, len(ys) + 1), ys, color=_COLORS[i], lw=1.3,
                         label="validation" if k.startswith("val_") else "training")
             ax.set(title=name, xlabel="epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend()
         fig.tight_layout(w_pad=2.0)
         return _svg(fig, "Training and validation curves")

@@ -305,14 +305,16 @@ def extract_dataset(
             f"{f' ({resumed} from an interrupted run)' if resumed else ''}, extracting {len(todo)}"
             f"{f', dropping {n_dropped} removed' if n_dropped else ''}")
 
-        failures: list[tuple[str, str]] = []
         t0 = time.perf_counter()
         if todo:
             configure_threads()
             built = build_feature_model(spec.name, winfo, size, a, maps=maps, max_pool=max_pool, announce=log)
+            gpu = gpu_available()
+            log(f"device: {'GPU' if gpu else f'CPU ({os.cpu_count()} cores)'}, batch {batch_size}, "
+                f"{workers} decoding thread(s)")
             if decode_niceness is None:
-                decode_niceness = 0 if gpu_available() else DECODE_NICENESS
-            failures = _run(built, ds, todo, path, meta, kinds, batch_size, workers, strict, quiet, log,
+                decode_niceness = 0 if gpu else DECODE_NICENESS
+            _run(built, ds, todo, path, meta, kinds, batch_size, workers, strict, quiet, log,
                             checkpoint_every, checkpoint_seconds, decode_niceness)
         seconds = time.perf_counter() - t0
         prior = float(existing.meta.get("extract_seconds", 0.0)) if existing.meta else 0.0
@@ -331,12 +333,11 @@ def extract_dataset(
 def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, meta: dict[str, Any],
          kinds: list[str], batch_size: int, workers: int, strict: bool, quiet: bool,
          log: Callable[[str], None], flush_rows: int, flush_seconds: float,
-         decode_niceness: int) -> list[tuple[str, str]]:
+         decode_niceness: int) -> None:
     run = make_runner(built)
     shapes = {"avg": (built.feature_dim,), "max": (built.feature_dim,), "maps": built.map_shape}
     writer = cache.PartWriter(path, meta, {k: shapes[k] for k in kinds}, flush_rows, flush_seconds)
     progress = _Progress(len(todo), f"{built.label}", enabled=not quiet and sys.stderr.isatty())
-    failures: list[tuple[str, str]] = []
     done = 0
     # One warm-up batch traces the compiled function and lets oneDNN pick its kernels for this batch shape, so
     # that start-up cost is not charged to the first images (nor to extract_seconds).
@@ -352,7 +353,6 @@ def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, m
                 row = {"path": it.relpath, "label": it.label, "split": it.split, "size": it.size,
                        "mtime_ns": it.mtime_ns, "sha256": digest, "ok": px is not None, "error": err}
                 if px is None:
-                    failures.append((it.relpath, err))
                     if strict:
                         raise DatasetError(f"{it.relpath}: {err} (--strict); finished rows are kept, rerun to resume")
                     writer.add(row, None)
@@ -368,4 +368,3 @@ def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, m
     finally:
         writer.flush()
         progress.close()
-    return failures

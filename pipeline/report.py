@@ -296,6 +296,7 @@ def _param(value: Any, path: tuple, run: int) -> Num | str:
 
 
 def _param_fmt(value: Any) -> str:
+    """Format spec of a hyperparameter value: ``g`` for numbers, plain ``str`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return ""
     return "g"
@@ -308,6 +309,7 @@ def _fields(obj: Any, keys: Iterable[str]) -> dict[str, Any]:
 
 
 def _slug(text: str) -> str:
+    """An HTML id fragment made of safe characters."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
 
@@ -370,6 +372,7 @@ def _svg(fig: Any, label: str) -> Markup:
 
 
 def _rc(salt: str) -> dict[str, Any]:
+    """matplotlib settings of every plot: text kept as SVG text, per-figure id salt, quiet styling."""
     return {
         "svg.fonttype": "none",
         "text.parse_math": False,
@@ -732,6 +735,7 @@ def _columns(runs: Sequence[Run]) -> list[Column]:
 
 
 def _environment() -> jinja2.Environment:
+    """The jinja2 environment of the report templates (autoescape on, undefined names are errors)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2"), default_for_string=True,

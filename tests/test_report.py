@@ -480,7 +480,8 @@ class Chromium:
         for domain in ("Runtime", "Log", "Page", "Network"):
             self.send(f"{domain}.enable")
         self.send("Page.navigate", {"url": url})
-        self.wait(lambda m: m.get("method") == "Page.loadEventFired", 60)
+        if not any(e.get("method") == "Page.loadEventFired" for e in self.events):  # it may beat the reply
+            self.wait(lambda m: m.get("method") == "Page.loadEventFired", 60)
 
     def evaluate(self, expression: str) -> Any:
         res = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})

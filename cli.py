@@ -7,6 +7,7 @@ Expected failures print one line to stderr and exit with status 1.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -27,8 +28,13 @@ app = typer.Typer(
 )
 
 
+def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning expected errors into one line on stderr."""
+    signal.signal(signal.SIGTERM, _terminate)  # a polite kill stops like Ctrl-C: finished work is committed
     try:
         app()
     except HeadbenchError as exc:

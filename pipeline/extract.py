@@ -177,6 +177,7 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
 
 def extract_dataset(
@@ -365,6 +366,12 @@ def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, m
             writer.maybe_flush()
             done += len(batch)
             progress.advance(len(batch), done)
+    except KeyboardInterrupt:
+        writer.flush()
+        progress.close()
+        log(f"interrupted after {done} of {len(todo)} images; finished rows are kept in {writer.dir.name}/: "
+            f"rerun the same command to resume")
+        raise
     finally:
         writer.flush()
         progress.close()

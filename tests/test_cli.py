@@ -1,0 +1,87 @@
+"""The command-line face: expected failures are one line on stderr and exit status 1, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from pipeline.backbones import get_spec, keras_models_dir, resolve_weights
+from pipeline.errors import WeightsError
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300, env=(os.environ | env) if env else None)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_backbones_lists_the_registry():
+    proc = _cli("backbones")
+    assert proc.returncode == 0
+    for name in ("mobilenet ", "mobilenet_v2", "inception_v3", "efficientnet_b0", "resnet50"):
+        assert name in proc.stdout
+    assert "8x8x2048" in proc.stdout  # InceptionV3 at 299
+
+
+@pytest.mark.parametrize("setup, args, expect", [
+    (None, ["extract", "/nonexistent/folder"], "does not exist"),
+    ("empty", ["extract", "{tmp}"], "no class folders"),
+    ("one_class", ["extract", "{tmp}"], "only one class"),
+    ("tiny", ["extract", "{tmp}", "--backbone", "vgg99", "--weights", "none"], "registered: mobilenet"),
+    ("tiny", ["extract", "{tmp}", "--weights", "{tmp}/missing.h5"], "does not exist"),
+    (None, ["fit", "--cache-dir", "/nonexistent/cache"], ""),
+    (None, ["report", "/nonexistent/run"], ""),
+    (None, ["predict", "/nonexistent/run", "x.jpg"], ""),
+])
+def test_expected_failures_are_one_line(tmp_path, tiny_dataset, setup, args, expect):
+    root = {"empty": tmp_path / "empty", "one_class": tmp_path / "one", "tiny": tiny_dataset}.get(setup, tmp_path)
+    if setup == "empty":
+        root.mkdir()
+    if setup == "one_class":
+        (root / "cats").mkdir(parents=True)
+        (tiny_dataset / "red" / "img_00.jpg").rename(root / "cats" / "a.jpg")
+    line = _one_error_line(_cli(*[a.format(tmp=root) for a in args]))
+    assert expect in line
+
+
+def test_imagenet_unavailable_says_how_to_fix(monkeypatch, tmp_path):
+    import keras
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+
+    def offline(*a, **k):
+        raise Exception("URL fetch failure on https://example.invalid: None -- [Errno -3] name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    announced: list[str] = []
+    with pytest.raises(WeightsError) as err:
+        resolve_weights(get_spec("mobilenet_v2"), "imagenet", 224, 1.0, announce=announced.append)
+    msg = str(err.value)
+    assert "\n" not in msg and "--weights PATH" in msg and str(tmp_path / "kh" / "models") in msg
+    assert any(line.startswith("downloading ImageNet weights") for line in announced)  # never a hidden download
+
+
+def test_imagenet_found_in_keras_cache_is_used_without_download(monkeypatch, tmp_path):
+    import keras
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    spec = get_spec("inception_v3")
+    fname = spec.imagenet_file(1.0, 299)[0]
+    (keras_models_dir() / fname).parent.mkdir(parents=True)
+    (keras_models_dir() / fname).write_bytes(b"pretend weights")
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("must not download"))
+    info = resolve_weights(spec, "imagenet", 299, None, announce=lambda m: pytest.fail("nothing to announce"))
+    assert info.source == "imagenet" and Path(info.path).name == fname and len(info.sha256) == 64

@@ -373,10 +373,10 @@ def leaderboard_table(results: dict[str, Any]):
     title = (f"{results['dataset']['name']}: heads by {sel_name} accuracy (selection); "
              f"final numbers on {split}")
     table = Table(title=title, title_justify="left")
-    for col, just in (("", "left"), ("head", "left"), ("backbone", "left"), (f"sel. acc ({sel})", "right"),
-                      ("split", "left"), ("accuracy", "right"), ("balanced acc", "right"), ("macro-F1", "right"),
+    for col, just in (("", "left"), ("head", "left"), ("backbone", "left"), (f"{sel} acc", "right"),
+                      ("split", "left"), ("accuracy", "right"), ("bal. acc", "right"), ("macro-F1", "right"),
                       ("log-loss", "right"), ("fit s", "right"), ("ms/1k", "right")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=True)
     best_key = results["best"]["key"]
     for e in entries:
         m = e["metrics"][split]

@@ -28,7 +28,11 @@ Registered heads (``python cli.py fit --head NAME``, repeatable, or ``--head all
 ``knn``
     Standardisation + k nearest neighbours by cosine distance, distance-weighted votes, k swept.
 ``centroid``
-    Standardisation + nearest class centroid (no hyperparameter; a cheap baseline).
+    Standardisation + nearest class centroid (no hyperparameter; a cheap baseline). Its probabilities, and so the
+    predicted class (the most probable one, everywhere in this project), follow the nearest-centroid discriminant
+    of scikit-learn's ``NearestCentroid(priors="empirical").predict_proba``: squared distances in
+    within-class-standardised units plus twice the log class prior. Its own ``predict`` agrees, except when every
+    class has exactly as many training images (scikit-learn then falls back to plain distances).
 
 Standardisation (and every other fitted transform) lives inside each head's pipeline, so cross-validation never
 leaks a statistic from the rows it scores. Saved scikit-learn heads contain scikit-learn and NumPy objects only
@@ -451,7 +455,7 @@ def _build_knn(ctx: HeadContext, params: dict[str, Any], search: bool) -> Pipeli
 
 
 def _build_centroid(ctx: HeadContext, params: dict[str, Any], search: bool) -> Pipeline:
-    return Pipeline([("scale", StandardScaler()), ("clf", NearestCentroid())])
+    return Pipeline([("scale", StandardScaler()), ("clf", NearestCentroid(priors="empirical"))])
 
 
 def _knn_grid(ctx: HeadContext) -> list[dict[str, Any]]:

@@ -1,0 +1,188 @@
+"""Heads: the registry, the scikit-learn estimator contract (the dense head passes sklearn's own checks),
+determinism, saved files that load without this project, and searches that score exactly what they claim."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import make_classification
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from pipeline.errors import FitError
+from pipeline.evaluate import search
+from pipeline.heads import HEADS, DenseHead, HeadContext, get_head, resolve_heads
+
+# Small and eager so that sklearn's ~50 checks (each fitting several times) take seconds; the contract they check
+# does not depend on how Keras executes. check_classifiers_train needs > 0.83 training accuracy in 3 epochs.
+CHECK_PARAMS = dict(hidden=8, epochs=3, learning_rate=0.03, batch_size=128, validation_fraction=0.0,
+                    run_eagerly=True)
+
+# Checks that cannot apply to this head, with the reason (none so far: every applicable check passes). sklearn
+# itself skips the array-API and pandas checks when those optional packages are absent.
+EXPECTED_FAILED_CHECKS: dict[str, str] = {}
+
+
+def _data(n: int = 240, d: int = 12, k: int = 3, seed: int = 0, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    X, y = make_classification(n, d, n_informative=6, n_redundant=2, n_classes=k, random_state=seed, weights=weights)
+    names = np.array(["alpha", "beta", "gamma", "delta", "eps"])[:k]
+    return X.astype(np.float32), names[y]
+
+
+def _ctx(X: np.ndarray, y: np.ndarray, **kw) -> HeadContext:
+    _, counts = np.unique(y, return_counts=True)
+    return HeadContext(n_features=X.shape[1], n_classes=len(counts), n_rows=len(y), min_class_rows=int(counts.min()),
+                       input_shape=tuple(X.shape[1:]), **kw)
+
+
+@parametrize_with_checks([DenseHead(**CHECK_PARAMS)], expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS)
+def test_dense_head_passes_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+# ---- registry ----------------------------------------------------------------------------------------------------
+
+
+def test_registry_has_the_promised_heads():
+    assert {"dense", "logreg", "linear_svm", "svm", "knn", "centroid"} <= set(HEADS)
+    assert resolve_heads(["all"]) == list(HEADS)
+    assert resolve_heads(None) == list(HEADS)
+    assert resolve_heads(["svm", "logreg", "svm"]) == ["logreg", "svm"]  # registry order, once each
+    assert resolve_heads(["knn,dense"]) == ["dense", "knn"]
+
+
+def test_unknown_head_error_lists_known_heads():
+    with pytest.raises(FitError) as e:
+        resolve_heads(["logreg", "random_forest"])
+    msg = str(e.value)
+    assert "random_forest" in msg and all(name in msg for name in HEADS) and "\n" not in msg
+    with pytest.raises(FitError):
+        get_head("nope")
+
+
+# ---- scikit-learn heads ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n, s in HEADS.items() if s.kind == "sklearn"])
+def test_sklearn_head_contract_and_standalone_file(name, tmp_path, monkeypatch):
+    X, y = _data(weights=[0.45, 0.35, 0.2])  # unequal classes, as in real data (see the centroid note in heads.py)
+    spec = HEADS[name]
+    ctx = _ctx(X, y)
+    grid = spec.grid(ctx)
+    assert grid, name
+    est = spec.build(ctx, grid[0], False)
+    twin = clone(est)
+    assert twin.get_params().keys() == est.get_params().keys()
+    assert est.fit(X, y) is est
+    proba = est.predict_proba(X)
+    assert proba.shape == (len(y), 3) and np.allclose(proba.sum(axis=1), 1.0)
+    assert list(est.classes_) == ["alpha", "beta", "gamma"]
+    assert set(est.predict(X)) <= set(y)
+    # predict is the most probable class (the protocol relies on it)
+    assert (est.classes_[proba.argmax(axis=1)] == est.predict(X)).mean() > 0.98
+    # the saved pipeline references scikit-learn / NumPy only: loadable without this project
+    path = tmp_path / f"{name}.joblib"
+    joblib.dump(est, path)
+    for mod in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
+        monkeypatch.setitem(sys.modules, mod, None)  # any reference to this project would now fail to import
+    again = joblib.load(path)
+    assert np.array_equal(again.predict_proba(X), proba)
+
+
+def test_scaling_lives_inside_every_sklearn_head():
+    X, y = _data()
+    ctx = _ctx(X, y)
+    for name, spec in HEADS.items():
+        if spec.kind == "sklearn":
+            est = spec.build(ctx, spec.grid(ctx)[0], False)
+            assert "scale" in est.named_steps, name
+
+
+def test_svm_uses_pca_only_on_large_wide_inputs():
+    small = HeadContext(n_features=1280, n_classes=5, n_rows=300, min_class_rows=50)
+    large = HeadContext(n_features=1280, n_classes=5, n_rows=3000, min_class_rows=500)
+    narrow = HeadContext(n_features=64, n_classes=5, n_rows=3000, min_class_rows=500)
+    p = HEADS["svm"].grid(large)[0]
+    assert "pca" not in HEADS["svm"].build(small, p, False).named_steps
+    assert "pca" in HEADS["svm"].build(large, p, False).named_steps
+    assert "pca" not in HEADS["svm"].build(narrow, p, False).named_steps
+
+
+def test_class_weight_reaches_heads_that_use_it():
+    X, y = _data()
+    ctx = _ctx(X, y, class_weight="balanced")
+    for name in ("logreg", "linear_svm", "svm"):
+        est = HEADS[name].build(ctx, HEADS[name].grid(ctx)[0], True)
+        assert est.named_steps["clf"].class_weight == "balanced", name
+    assert HEADS["dense"].build(ctx, {}, True).class_weight == "balanced"
+
+
+@pytest.mark.parametrize("name", ["svm", "logreg"])
+def test_fast_search_paths_score_what_a_plain_search_scores(name):
+    """The precomputed-kernel (svm) and warm-start (logreg) sweeps give the plain per-candidate fit's scores."""
+    X, y = _data(300, 20)
+    spec = HEADS[name]
+    ctx = _ctx(X, y)
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(y))
+    folds = [(idx[:200], idx[200:]), (idx[100:], idx[:100])]
+    fast = search(spec, ctx, X, y, folds)
+    plain = search(dataclasses.replace(spec, search_path="plain"), ctx, X, y, folds)
+    for a, b in zip(fast, plain):
+        assert a.params == b.params
+        tol = 1e-9 if name == "svm" else 0.02  # warm starts stop at the same tolerance, not the same bits
+        assert np.allclose(a.scores, b.scores, atol=tol), (a.params, a.scores, b.scores)
+
+
+# ---- the dense head (graph mode, as used) -------------------------------------------------------------------------
+
+
+def test_dense_head_is_deterministic_and_seeded():
+    X, y = _data(200, 10)
+    a = DenseHead(hidden=16, epochs=6, random_state=3).fit(X, y).predict_proba(X)
+    b = DenseHead(hidden=16, epochs=6, random_state=3).fit(X, y).predict_proba(X)
+    c = DenseHead(hidden=16, epochs=6, random_state=4).fit(X, y).predict_proba(X)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_dense_head_early_stopping_history_and_saved_model(tmp_path):
+    import keras
+
+    X, y = _data(300, 10)
+    head = DenseHead(hidden=16, epochs=200, patience=3, learning_rate=0.01, random_state=0).fit(X, y)
+    h = head.history_
+    assert set(h) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert len(h["loss"]) == len(h["val_loss"]) == head.n_epochs_ < 200  # stopped early
+    assert head.best_epoch_ == int(np.argmin(h["val_loss"])) + 1
+    path = head.save(tmp_path / "dense.keras")
+    model = keras.models.load_model(path)  # plain Keras: standardisation is inside, softmax over classes_
+    p = model.predict(X, verbose=0)
+    assert np.allclose(p, head.predict_proba(X), atol=1e-5)
+    assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_dense_head_takes_spatial_maps_by_flattening(tmp_path):
+    import keras
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 40)
+    X = rng.normal(size=(80, 3, 3, 4)).astype(np.float16)
+    X[y == "b", 1, 1, :] += 2.0  # the class lives in one spatial position
+    head = DenseHead(hidden=8, epochs=30, learning_rate=0.01, validation_fraction=0.0).fit(X, y)
+    assert head.input_shape_ == (3, 3, 4)
+    assert (head.predict(X) == y).mean() > 0.9
+    assert any(isinstance(layer, keras.layers.Flatten) for layer in head.model_.layers)
+    with pytest.raises(ValueError):
+        head.predict_proba(X.reshape(80, -1))
+
+
+def test_dense_head_balanced_class_weight_runs():
+    X, y = _data(200, 8, k=2)
+    y = np.where(np.arange(len(y)) < 170, "alpha", "beta")
+    head = DenseHead(hidden=8, epochs=4, class_weight="balanced").fit(X, y)
+    assert head.predict_proba(X).shape == (200, 2)

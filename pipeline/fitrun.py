@@ -108,17 +108,16 @@ def _select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequen
     return found
 
 
-def _check_one_dataset(paths: list[Path], metas: list[dict[str, Any]], dataset_given: bool) -> None:
-    datasets: dict[tuple[str, str], list[str]] = {}
-    for p, m in zip(paths, metas):
-        datasets.setdefault((str(m.get("dataset_name")), str(m.get("dataset_root"))), []).append(p.name)
+def _check_one_dataset(metas: list[dict[str, Any]], searched: bool) -> None:
+    """Refuse caches of several datasets (a dataset is its name and its folder)."""
+    datasets = sorted({(str(m.get("dataset_name")), str(m.get("dataset_root"))) for m in metas})
     if len(datasets) > 1:
         names = sorted({name for name, _ in datasets})
-        listing = "; ".join(f"{name} ({root})" for name, root in sorted(datasets))
-        if len(names) > 1 and not dataset_given:
+        if searched and len(names) > 1:
             raise FitError(f"the caches hold several datasets: {', '.join(names)}; pick one with --dataset NAME")
+        listing = "; ".join(f"{name} ({root})" for name, root in datasets)
         raise FitError(f"caches of different datasets mixed: {listing}; fit one dataset at a time "
-                       f"(use --dataset, or separate cache folders)")
+                       f"(pass caches of one dataset, or keep datasets in separate cache folders)")
 
 
 def _align(sets: list[Any]) -> tuple[list[str], list[np.ndarray]]:
@@ -248,7 +247,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
 
     paths = [Path(p) for p in caches] if caches else _select_caches(cache_dir, dataset, backbones)
     metas = [read_meta(p) for p in paths]
-    _check_one_dataset(paths, metas, dataset_given=dataset is not None)
+    _check_one_dataset(metas, searched=not caches)
     sets = [read_features(p, kind=features) for p in paths]
     class_names = list(sets[0].class_names)
     for fs in sets[1:]:

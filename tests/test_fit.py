@@ -1,0 +1,332 @@
+"""The fit stage end to end: caches in, run folder out.
+
+Fast tests use synthetic feature sets in place of cache files (the cache reader is swapped for an in-memory one);
+the real-data tests use the session caches of ../shared (hymenoptera and flowers5 with the shared MobileNet
+weights) and fit each configuration once per module.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+
+import pipeline.cache as cache_mod
+from pipeline.cache import FeatureSet
+from pipeline.errors import CacheError, FitError
+from pipeline.fitrun import leaderboard_table, run_fit
+from pipeline.heads import HEADS
+
+CLASSES = ["ant", "bee", "wasp"]
+TOP_KEYS = {"schema_version", "created", "command", "seed", "versions", "dataset", "protocol", "caches", "results",
+            "best"}
+RESULT_KEYS = {"key", "cache_index", "backbone_label", "head", "params", "selection_split", "search", "fit_seconds",
+               "predict_ms_per_1000", "metrics", "history", "mistakes", "model_file", "predictions_file"}
+METRIC_KEYS = {"n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "confusion_matrix", "per_class"}
+
+
+def _quiet(_m: str) -> None:
+    pass
+
+
+# ---- synthetic caches -------------------------------------------------------------------------------------------
+
+
+def _feature_set(path: Path, backbone: str, dataset: str = "toy", n: int = 210, shape: tuple = (16,),
+                 seed: int = 0, splits: np.ndarray | None = None, classes: list[str] = CLASSES) -> FeatureSet:
+    d = int(np.prod(shape))
+    X, y = make_classification(n, d, n_informative=min(8, d), n_redundant=0, n_classes=len(classes),
+                               class_sep=1.5, random_state=7, weights=[0.4, 0.35, 0.25][:len(classes)])
+    X = X + np.random.default_rng(seed).normal(scale=0.5 + seed, size=X.shape)  # backbones differ in quality
+    paths = [f"{classes[c]}/img_{i:04d}.jpg" for i, c in enumerate(y)]
+    meta = {"backbone": backbone, "backbone_label": f"{backbone}-a1.0-224", "dataset_name": dataset,
+            "dataset_root": f"/data/{dataset}", "input_size": 224, "preprocess": "scale_-1_1", "resize": "crop",
+            "weights_source": "synthetic", "weights_sha256": "0" * 64, "n_rows": n + 1, "extract_seconds": 1.5,
+            "versions": {"keras": "3"}, "command": "synthetic", "created": "2026-01-01T00:00:00"}
+    return FeatureSet(path=str(path), features=X.reshape(n, *shape).astype(np.float32), labels=y.astype(np.int64),
+                      class_names=list(classes), paths=paths,
+                      splits=np.array([""] * n) if splits is None else splits,
+                      failed=[("bee/broken.jpg", "cannot identify image file")], meta=meta,
+                      file_sha256=f"{seed:064d}")
+
+
+@pytest.fixture
+def quick_dense(monkeypatch):
+    """The dense head with 5 epochs: these tests are about the run folder, not about training."""
+    import dataclasses
+
+    from pipeline.heads import DenseHead
+
+    spec = dataclasses.replace(HEADS["dense"], build=lambda ctx, p, s: DenseHead(
+        hidden=16, epochs=5, class_weight=ctx.class_weight, random_state=ctx.seed, run_eagerly=True))
+    monkeypatch.setitem(HEADS, "dense", spec)
+
+
+@pytest.fixture
+def fake_caches(monkeypatch, tmp_path):
+    """Register synthetic FeatureSets as if they were cache files in tmp_path/cache."""
+    store: dict[str, FeatureSet] = {}
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+
+    def add(name: str, **kw) -> Path:
+        path = cache_dir / f"{name}.h5"
+        path.write_bytes(b"")
+        store[str(path)] = _feature_set(path, **kw)
+        return path
+
+    def find_caches(d, dataset=None, backbone=None):
+        return [Path(p) for p, fs in sorted(store.items()) if Path(p).parent == Path(d)
+                and dataset in (None, fs.meta["dataset_name"])
+                and backbone in (None, fs.meta["backbone"], fs.meta["backbone_label"])]
+
+    monkeypatch.setattr(cache_mod, "find_caches", find_caches)
+    monkeypatch.setattr(cache_mod, "read_meta", lambda p: store[str(p)].meta)
+    monkeypatch.setattr(cache_mod, "read_features", lambda p, kind="avg", expect=None: store[str(p)])
+    add.dir = cache_dir
+    return add
+
+
+def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, quick_dense, tmp_path):
+    import joblib
+    import keras
+
+    fake_caches("toy_good", backbone="mobilenet", seed=0)
+    fake_caches("toy_poor", backbone="mobilenet_v2", seed=2)
+    out = tmp_path / "run"
+    run = run_fit(fake_caches.dir, heads=["logreg", "knn", "dense"], out=out, report=False, command="test",
+                  log=_quiet)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc == run.results and set(doc) == TOP_KEYS and doc["schema_version"] == 1
+    ds = doc["dataset"]
+    assert ds["split_source"] == "hash" and ds["class_names"] == CLASSES and set(ds["counts"]) == {"train", "test"}
+    assert ds["failed"] == [{"path": "bee/broken.jpg", "reason": "cannot identify image file"}]
+    assert ds["imbalance_ratio"] > 1
+    assert doc["protocol"]["selection"] == "cv" and doc["protocol"]["final_splits"] == ["test"]
+    assert [c["backbone"] for c in doc["caches"]] == ["mobilenet", "mobilenet_v2"]
+    assert doc["caches"][0]["feature"] == "avg" and doc["caches"][0]["feature_shape"] == [16]
+    assert len(doc["results"]) == 6
+    for r in doc["results"]:
+        assert set(r) == RESULT_KEYS, set(r) ^ RESULT_KEYS
+        assert r["key"] == f"{r['backbone_label']}__{r['head']}"
+        assert set(r["metrics"]) == {"test"} and METRIC_KEYS <= set(r["metrics"]["test"])
+        assert r["selection_split"] == "cv" and all(len(c["scores"]) == 5 for c in r["search"])
+        assert (r["history"] is not None) == (r["head"] == "dense")
+        assert (out / r["model_file"]).is_file() and (out / r["predictions_file"]).is_file()
+        with open(out / r["predictions_file"]) as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == r["metrics"]["test"]["n"] and set(rows[0]) == {"path", "split", "true", "pred",
+                                                                           "p_ant", "p_bee", "p_wasp"}
+    # best = highest selection score, its value read on the final split
+    def sel(r):
+        return max(c["mean"] for c in r["search"])
+    best = max(doc["results"], key=sel)
+    assert doc["best"] == {"key": best["key"], "split": "test", "metric": "accuracy",
+                           "value": best["metrics"]["test"]["accuracy"]}
+    # heads load without this project's code: joblib pipeline predicts class names, .keras is plain Keras
+    X = _feature_set(tmp_path / "x", "mobilenet").features[:5]
+    logreg = joblib.load(out / "heads" / "mobilenet-a1.0-224__logreg.joblib")
+    assert set(logreg.predict(X)) <= set(CLASSES)
+    model = keras.models.load_model(out / "heads" / "mobilenet-a1.0-224__dense.keras")
+    assert model.predict(X, verbose=0).shape == (5, 3)
+    # the leaderboard renders every result, best first and marked
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(leaderboard_table(doc))
+    text = console.export_text()
+    assert text.index("* best") < text.index("knn") and text.count("mobilenet") >= 6
+
+
+def test_maps_go_flat_to_sklearn_heads_and_whole_to_dense(fake_caches, quick_dense, tmp_path):
+    fake_caches("maps", backbone="mobilenet", shape=(2, 2, 4), n=150)
+    run = run_fit(fake_caches.dir, heads=["dense", "centroid"], features="maps", class_weight="balanced",
+                  out=tmp_path / "run", report=False, log=_quiet)
+    doc = run.results
+    assert doc["caches"][0]["feature"] == "maps" and doc["caches"][0]["feature_shape"] == [2, 2, 4]
+    dense = next(r for r in doc["results"] if r["head"] == "dense")
+    assert dense["params"]["class_weight"] == "balanced"
+    import keras
+
+    model = keras.models.load_model(tmp_path / "run" / dense["model_file"])
+    assert tuple(model.input_shape[1:]) == (2, 2, 4)
+
+
+def test_val_folders_select_on_val_and_report_val_and_test(fake_caches, tmp_path):
+    splits = np.array(["train", "train", "val", "test"] * 50)
+    fake_caches("split", backbone="mobilenet", n=200, splits=splits)
+    doc = run_fit(fake_caches.dir, heads=["logreg"], out=tmp_path / "run", report=False, log=_quiet).results
+    assert doc["dataset"]["split_source"] == "folders" and doc["protocol"]["selection"] == "val"
+    assert doc["protocol"]["final_splits"] == ["val", "test"] and doc["protocol"]["cv_folds"] is None
+    r = doc["results"][0]
+    assert set(r["metrics"]) == {"val", "test"} and all(len(c["scores"]) == 1 for c in r["search"])
+    assert doc["best"]["split"] == "test"
+    assert {m["split"] for m in r["mistakes"]} <= {"test"}
+
+
+def test_no_caches_is_a_cache_error(tmp_path):
+    with pytest.raises(CacheError, match="no complete feature caches.*extract"):
+        run_fit(tmp_path, out=tmp_path / "run", report=False)
+
+
+def test_several_datasets_need_dataset(fake_caches, tmp_path):
+    fake_caches("a", backbone="mobilenet", dataset="flowers")
+    fake_caches("b", backbone="mobilenet", dataset="birds")
+    with pytest.raises(FitError) as e:
+        run_fit(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1", report=False)
+    assert "birds, flowers" in str(e.value) and "--dataset" in str(e.value) and "\n" not in str(e.value)
+    doc = run_fit(fake_caches.dir, dataset="birds", heads=["centroid"], out=tmp_path / "r2", report=False).results
+    assert doc["dataset"]["name"] == "birds" and len(doc["caches"]) == 1
+
+
+def test_mixed_datasets_and_mismatched_classes_are_refused(fake_caches, tmp_path):
+    a = fake_caches("a", backbone="mobilenet", dataset="flowers")
+    b = fake_caches("b", backbone="mobilenet_v2", dataset="birds")
+    with pytest.raises(FitError, match="different datasets mixed"):
+        run_fit(caches=[a, b], heads=["centroid"], out=tmp_path / "r1", report=False)
+    c = fake_caches("c", backbone="mobilenet_v2", dataset="flowers", classes=["ant", "bee"])
+    with pytest.raises(FitError, match="disagree on the classes"):
+        run_fit(caches=[a, c], heads=["centroid"], out=tmp_path / "r2", report=False)
+
+
+def test_bad_options_fail_before_any_work(fake_caches, tmp_path):
+    fake_caches("a", backbone="mobilenet")
+    with pytest.raises(FitError, match="unknown head 'forest'; known heads: " + ", ".join(HEADS)):
+        run_fit(fake_caches.dir, heads=["forest"], report=False)
+    with pytest.raises(FitError, match="--features"):
+        run_fit(fake_caches.dir, features="median", report=False)
+    with pytest.raises(FitError, match="--class-weight"):
+        run_fit(fake_caches.dir, class_weight="auto", report=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "results.json").write_text("{}")
+    with pytest.raises(FitError, match="not empty"):
+        run_fit(fake_caches.dir, heads=["centroid"], out=busy, report=False)
+
+
+def test_one_class_in_train_is_a_fit_error(fake_caches, tmp_path):
+    path = fake_caches("one", backbone="mobilenet", n=60, splits=np.array(["train"] * 40 + ["val"] * 20))
+    fs = cache_mod.read_features(path)
+    fs.labels[:40] = 0
+    with pytest.raises(FitError, match="one class only"):
+        run_fit(fake_caches.dir, heads=["centroid"], out=tmp_path / "r", report=False)
+
+
+def test_cli_fit_error_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    res = CliRunner().invoke(cli.app, ["fit", "--cache-dir", str(tmp_path), "--head", "nope"])
+    assert res.exit_code != 0 and isinstance(res.exception, FitError)
+    assert "known heads" in str(res.exception)
+
+
+# ---- real data ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hym_cli(hymenoptera_v2_cache, tmp_path_factory):
+    """`python cli.py fit --head all` on the hymenoptera cache (train/val folders), once for the module."""
+    from typer.testing import CliRunner
+
+    import cli
+
+    out = tmp_path_factory.mktemp("fit") / "hym_all"
+    res = CliRunner().invoke(cli.app, ["fit", "--cache-dir", str(Path(hymenoptera_v2_cache).parent),
+                                       "--head", "all", "--out", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    return res, out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_hymenoptera_fit_all_heads_best_val_accuracy(hym_cli):
+    res, out, doc = hym_cli
+    assert len({r["head"] for r in doc["results"]}) >= 5
+    assert doc["protocol"]["selection"] == "val" and doc["protocol"]["final_splits"] == ["val"]
+    assert doc["dataset"]["split_source"] == "folders"
+    assert doc["best"]["split"] == "val" and doc["best"]["value"] >= 0.93
+    assert doc["caches"][0]["sha256"] and len(doc["caches"][0]["weights_sha256"]) == 64
+    assert {"numpy", "scikit-learn", "keras"} <= set(doc["versions"])
+
+
+@pytest.mark.slow
+def test_hymenoptera_leaderboard_and_report_print(hym_cli):
+    res, out, doc = hym_cli
+    text = res.stdout
+    assert "hymenoptera" in text and "* best" in text
+    for r in doc["results"]:
+        assert r["head"] in text
+    assert f"run folder: {out}" in text
+    assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in text
+
+
+@pytest.mark.slow
+def test_two_identical_fit_runs_give_identical_metrics(hymenoptera_v2_cache, tmp_path):
+    docs = []
+    for i in range(2):
+        run = run_fit(caches=[hymenoptera_v2_cache], heads=["dense", "logreg", "svm", "knn"],
+                      out=tmp_path / f"run{i}", report=False, log=_quiet)
+        docs.append(run.results)
+    for a, b in zip(docs[0]["results"], docs[1]["results"]):
+        assert a["key"] == b["key"]
+        assert a["metrics"] == b["metrics"] and a["search"] == b["search"] and a["params"] == b["params"]
+        assert a["history"] == b["history"] and a["mistakes"] == b["mistakes"]
+        pa = (tmp_path / "run0" / a["predictions_file"]).read_text()
+        assert pa == (tmp_path / "run1" / b["predictions_file"]).read_text()
+
+
+@pytest.fixture(scope="module")
+def flowers_run(flowers5_caches, tmp_path_factory):
+    """One fit over the MobileNet and MobileNetV2 caches of flowers5 (no split folders), all heads."""
+    out = tmp_path_factory.mktemp("fit") / "flowers5"
+    lines: list[str] = []
+    run = run_fit(caches=[flowers5_caches["mobilenet"], flowers5_caches["mobilenet_v2"]], heads=["all"], out=out,
+                  report=False, log=lines.append)
+    return run.results, lines
+
+
+def _best_by_backbone(doc: dict) -> dict[str, dict]:
+    """Per backbone, the head with the highest selection (cross-validation) score."""
+    best: dict[str, dict] = {}
+    for r in doc["results"]:
+        b = doc["caches"][r["cache_index"]]["backbone"]
+        score = max(c["mean"] for c in r["search"])
+        if b not in best or score > max(c["mean"] for c in best[b]["search"]):
+            best[b] = r
+    return best
+
+
+@pytest.mark.slow
+def test_flowers5_automatic_split_is_used_and_reported(flowers_run):
+    doc, _ = flowers_run
+    ds = doc["dataset"]
+    assert ds["split_source"] == "hash" and "sha1" in ds["split_rule"] and "stable" in ds["split_rule"]
+    assert set(ds["counts"]) == {"train", "test"}
+    n_train = sum(ds["counts"]["train"].values())
+    n_test = sum(ds["counts"]["test"].values())
+    assert n_train + n_test == 4317 - len(ds["failed"]) and 0.27 < n_test / (n_train + n_test) < 0.33
+    for cls in ds["class_names"]:
+        assert 0.24 < ds["counts"]["test"][cls] / (ds["counts"]["test"][cls] + ds["counts"]["train"][cls]) < 0.36
+    assert doc["protocol"]["selection"] == "cv" and doc["protocol"]["final_splits"] == ["test"]
+    for r in doc["results"]:
+        assert set(r["metrics"]) == {"test"} and r["selection_split"] == "cv"
+        assert "top5_accuracy" in r["metrics"]["test"]
+
+
+@pytest.mark.slow
+def test_flowers5_best_heads_and_backbone_comparison(flowers_run):
+    doc, lines = flowers_run
+    assert len(doc["results"]) == 2 * len(HEADS) and len(lines) == len(doc["results"])
+    best = _best_by_backbone(doc)
+    v1 = best["mobilenet"]["metrics"]["test"]["accuracy"]
+    v2 = best["mobilenet_v2"]["metrics"]["test"]["accuracy"]
+    assert v2 >= 0.72, best["mobilenet_v2"]["key"]
+    assert v1 >= 0.75, best["mobilenet"]["key"]
+    assert v1 > v2
+    top = next(r for r in doc["results"] if r["key"] == doc["best"]["key"])
+    assert doc["caches"][top["cache_index"]]["backbone"] == "mobilenet"

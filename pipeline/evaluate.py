@@ -267,13 +267,16 @@ class Candidate:
 
     @property
     def mean(self) -> float:
+        """Mean accuracy over folds (the selection score)."""
         return float(np.mean(self.scores)) if self.scores else float("nan")
 
     @property
     def std(self) -> float:
+        """Standard deviation of the fold accuracies (0 with a single val score)."""
         return float(np.std(self.scores)) if self.scores else float("nan")
 
     def to_json(self) -> dict[str, Any]:
+        """The ``search`` entry of results.json."""
         return {"params": _jsonable(self.params), "mean": self.mean, "std": self.std,
                 "scores": [float(s) for s in self.scores]}
 

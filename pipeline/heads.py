@@ -252,14 +252,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         -------
         proba : ndarray of shape (n_samples, n_classes)
         """
-        import keras
-
         check_is_fitted(self, "model_")
         X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32)
         if tuple(X.shape[1:]) != self.input_shape_:
             raise ValueError(f"X rows have shape {tuple(X.shape[1:])}, the head was fitted on {self.input_shape_}")
-        out = [keras.ops.convert_to_numpy(self.model_(X[i:i + 4096], training=False))
-               for i in range(0, len(X), 4096)]
+        out = [_to_numpy(self.model_(X[i:i + 4096], training=False)) for i in range(0, len(X), 4096)]
         proba = np.concatenate(out, axis=0) if out else np.zeros((0, len(self.classes_)), np.float32)
         proba = proba.astype(np.float64)
         return proba / proba.sum(axis=1, keepdims=True)
@@ -309,13 +306,22 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 self.model_ = keras.models.load_model(p)
 
 
+def _to_numpy(tensor: Any) -> np.ndarray:
+    """A backend tensor as NumPy (``.numpy()`` where the backend has it, which avoids a NumPy 2 copy warning)."""
+    if hasattr(tensor, "numpy"):
+        return np.asarray(tensor.numpy())
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(tensor))
+
+
 def _held_out_callback(x_val: np.ndarray, y_val: np.ndarray):
     """Keras callback adding ``val_loss`` and ``val_accuracy`` of held-out rows to each epoch's logs."""
     import keras
 
     class HeldOut(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            p = keras.ops.convert_to_numpy(self.model(x_val, training=False)).astype(np.float64)
+            p = _to_numpy(self.model(x_val, training=False)).astype(np.float64)
             p_true = np.clip(p[np.arange(len(y_val)), y_val], 1e-7, 1.0)
             if logs is not None:
                 logs["val_loss"] = float(-np.mean(np.log(p_true)))

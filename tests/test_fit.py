@@ -56,13 +56,13 @@ def _feature_set(path: Path, backbone: str, dataset: str = "toy", n: int = 210, 
 
 @pytest.fixture
 def quick_dense(monkeypatch):
-    """The dense head with 5 epochs: these tests are about the run folder, not about training."""
+    """A 3-epoch, one-batch-per-epoch dense head: these tests are about the run folder, not about training."""
     import dataclasses
 
     from pipeline.heads import DenseHead
 
     spec = dataclasses.replace(HEADS["dense"], build=lambda ctx, p, s: DenseHead(
-        hidden=16, epochs=5, class_weight=ctx.class_weight, random_state=ctx.seed, run_eagerly=True))
+        hidden=16, epochs=3, batch_size=256, class_weight=ctx.class_weight, random_state=ctx.seed, run_eagerly=True))
     monkeypatch.setitem(HEADS, "dense", spec)
 
 
@@ -181,6 +181,16 @@ def test_several_datasets_need_dataset(fake_caches, tmp_path):
     assert "birds, flowers" in str(e.value) and "--dataset" in str(e.value) and "\n" not in str(e.value)
     doc = run_fit(fake_caches.dir, dataset="birds", heads=["centroid"], out=tmp_path / "r2", report=False).results
     assert doc["dataset"]["name"] == "birds" and len(doc["caches"]) == 1
+
+
+def test_backbone_option_filters_caches(fake_caches, tmp_path):
+    fake_caches("a", backbone="mobilenet")
+    fake_caches("b", backbone="mobilenet_v2")
+    doc = run_fit(fake_caches.dir, backbones=["mobilenet_v2-a1.0-224"], heads=["centroid"], out=tmp_path / "r",
+                  report=False).results
+    assert [c["backbone"] for c in doc["caches"]] == ["mobilenet_v2"]
+    with pytest.raises(CacheError, match="backbone inception_v3"):
+        run_fit(fake_caches.dir, backbones=["inception_v3"], heads=["centroid"], out=tmp_path / "r2", report=False)
 
 
 def test_mixed_datasets_and_mismatched_classes_are_refused(fake_caches, tmp_path):

@@ -62,7 +62,7 @@ def fit(
     class_weight: str = typer.Option("none", help="none | balanced (weights classes by inverse frequency)."),
     seed: int = typer.Option(0, help="Seed of the automatic split, the folds and every head."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: reports/runs/<dataset>_<timestamp>)."),
-    report: bool = typer.Option(True, "--report/--no-report", help="Also write report.html in the run folder."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Also write the HTML report (reports/<run name>.html)."),
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from rich.console import Console
@@ -77,8 +77,6 @@ def fit(
     typer.echo(f"run folder: {run.run_dir}")
     if run.report_path is not None:
         typer.echo(f"report: {run.report_path}")
-    elif run.report_note:
-        typer.echo(run.report_note, err=True)
 
 
 @app.command()

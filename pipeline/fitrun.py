@@ -10,7 +10,6 @@ Run folder (default ``reports/runs/<dataset>_<YYYYmmdd-HHMMSS>/``)::
     heads/<key>.joblib           scikit-learn Pipeline (joblib.load; predict() returns class names)
     heads/<key>.keras            dense head: plain Keras model, raw features in, softmax over class_names out
     predictions/<key>.csv        path,split,true,pred,p_<class>... for every row of the final splits
-    report.html                  with --report, when pipeline.report is available
 
 where ``<key>`` is ``<backbone label slug>__<head>`` (e.g. ``mobilenet_v2-a1.0-224__logreg``).
 """
@@ -55,14 +54,11 @@ class FitRun:
         The content of ``results.json``.
     report_path : Path or None
         The HTML report, when one was written.
-    report_note : str or None
-        Why no report was written, when one was asked for.
     """
 
     run_dir: Path
     results: dict[str, Any]
     report_path: Path | None = None
-    report_note: str | None = None
 
     def leaderboard(self):
         """The leaderboard as a ``rich.table.Table`` (see :func:`leaderboard_table`)."""
@@ -149,7 +145,9 @@ def _cache_entry(fs: Any, feature: str, shape: tuple[int, ...]) -> dict[str, Any
         "path": str(Path(fs.path).resolve()), "sha256": fs.file_sha256, "backbone": str(m.get("backbone")),
         "backbone_label": str(m.get("backbone_label")), "input_size": int(m.get("input_size", 0)),
         "preprocess": str(m.get("preprocess")), "resize": str(m.get("resize")),
-        "weights_source": str(m.get("weights_source")), "weights_sha256": str(m.get("weights_sha256")),
+        "alpha": m.get("alpha"), "pixel_rule": str(m.get("pixel_rule", "")),
+        "weights_source": str(m.get("weights_source")), "weights_path": str(m.get("weights_path", "")),
+        "weights_sha256": str(m.get("weights_sha256")),
         "feature": feature, "feature_shape": [int(s) for s in shape], "n_rows": int(m.get("n_rows", 0)),
         "extract_seconds": float(m.get("extract_seconds", 0.0) or 0.0), "versions": dict(m.get("versions", {})),
         "command": str(m.get("command", "")), "created": str(m.get("created", "")),
@@ -216,7 +214,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     out : path, optional
         Run folder (must not exist or be empty); default ``reports/runs/<dataset>_<timestamp>``.
     report : bool
-        Also write ``report.html`` in the run folder with :func:`pipeline.report.write_report`.
+        Also write the HTML report, ``reports/<run folder name>.html``, with :func:`pipeline.report.write_report`.
     command : str
         The command line, recorded as provenance.
     log : callable, optional
@@ -333,12 +331,9 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
 
     run = FitRun(run_dir=run_dir, results=doc)
     if report:
-        try:
-            from pipeline.report import write_report
-        except ImportError:
-            run.report_note = "no HTML report: pipeline.report is not available in this installation"
-        else:
-            run.report_path = write_report([run_dir], run_dir / "report.html")
+        from pipeline.report import write_report
+
+        run.report_path = write_report([run_dir])  # reports/<run name>.html, as `python cli.py report RUN` does
     return run
 
 

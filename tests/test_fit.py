@@ -272,7 +272,8 @@ def test_hymenoptera_leaderboard_and_report_print(hym_cli):
     for r in doc["results"]:
         assert r["head"] in text
     assert f"run folder: {out}" in text
-    assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in text
+    html = Path("reports") / f"{out.name}.html"  # fit writes reports/<run name>.html, like the report command
+    assert f"report: {html}" in text and html.is_file()
 
 
 @pytest.mark.slow

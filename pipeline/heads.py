@@ -9,9 +9,13 @@ Registered heads (``python cli.py fit --head NAME``, repeatable, or ``--head all
 ``dense``
     A small Keras network (:class:`DenseHead`): Normalization -> Dense(hidden, relu) -> Dropout -> softmax, Adam,
     early stopping on the loss of a held-out, stratified, seeded part of the training rows, best weights restored.
-    On spatial maps it flattens them first (``Flatten -> Normalization -> ...``, as the classic transfer-learning
-    tutorials do): global pooling of the maps would only reproduce the ``avg``/``max`` features that every cache
-    already holds, so flattening is the one way maps add information (where each activation is).
+    On spatial maps it standardises each channel (statistics over images and positions) and then flattens them
+    (``Normalization -> Flatten -> ...``, as the classic transfer-learning tutorials flatten): global pooling of
+    the maps would only reproduce the ``avg``/``max`` features that every cache already holds, so flattening is the
+    one way maps add information (where each activation is). Standardising every position-channel on its own would
+    blow up activations that are rare at one position (measured: 0.75 instead of 0.95 validation accuracy on
+    hymenoptera), and Adam's per-weight steps move a unit's input in proportion to its fan-in, so with more than
+    4,096 inputs the learning rate is 1e-4 instead of 1e-3.
 ``logreg``
     Standardisation + multinomial logistic regression (lbfgs), C swept over a log grid: the linear-probe protocol.
 ``linear_svm``
@@ -74,10 +78,10 @@ PCA_MIN_ROWS = 1000
 
 
 class DenseHead(ClassifierMixin, BaseEstimator):
-    """Small Keras classifier: [Flatten] -> Normalization -> Dense(relu) -> Dropout -> Dense(softmax).
+    """Small Keras classifier: Normalization -> [Flatten] -> Dense(relu) -> Dropout -> Dense(softmax).
 
-    The Normalization layer is adapted on the rows the network trains on, so the fitted Keras model (``model_``)
-    is self-contained on raw features. Training is seeded with :func:`keras.utils.set_random_seed`, which also
+    The Normalization layer (per feature; per channel for ``(h, w, c)`` maps, which are then flattened) is adapted
+    on the rows the network trains on, so the fitted Keras model (``model_``) is self-contained on raw features. Training is seeded with :func:`keras.utils.set_random_seed`, which also
     seeds Python's, NumPy's and TensorFlow's global generators: two fits with the same ``random_state`` on the
     same data give identical probabilities (on CPU).
 
@@ -169,12 +173,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         import keras
 
         inputs = keras.Input(shape=input_shape, name="features")
-        x = inputs
+        norm = keras.layers.Normalization(axis=-1, name="standardise")  # last axis: features, or map channels
+        norm.adapt(x_adapt)
+        x = norm(inputs)
         if len(input_shape) > 1:
             x = keras.layers.Flatten(name="flatten")(x)
-        norm = keras.layers.Normalization(axis=-1, name="standardise")
-        norm.adapt(x_adapt.reshape(len(x_adapt), -1))
-        x = norm(x)
         x = keras.layers.Dense(int(self.hidden), activation="relu", name="hidden")(x)
         x = keras.layers.Dropout(float(self.dropout), seed=int(self.random_state), name="dropout")(x)
         outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
@@ -416,8 +419,15 @@ def _cw(ctx: HeadContext) -> str | None:
     return "balanced" if ctx.class_weight == "balanced" else None
 
 
+DENSE_WIDE_INPUTS = 4096
+
+
+def _dense_lr(ctx: HeadContext) -> float:
+    return 1e-3 if ctx.n_features <= DENSE_WIDE_INPUTS else 1e-4
+
+
 def _build_dense(ctx: HeadContext, params: dict[str, Any], search: bool) -> DenseHead:
-    return DenseHead(class_weight=_cw(ctx), random_state=ctx.seed, **params)
+    return DenseHead(class_weight=_cw(ctx), random_state=ctx.seed, learning_rate=_dense_lr(ctx), **params)
 
 
 def _build_logreg(ctx: HeadContext, params: dict[str, Any], search: bool) -> Pipeline:
@@ -480,7 +490,7 @@ HEADS: dict[str, HeadSpec] = {
     "dense": HeadSpec(
         name="dense", kind="keras", takes_maps=True, build=_build_dense, grid=lambda ctx: [{}],
         summary="Keras Normalization -> Dense(256, relu) -> Dropout(0.5) -> softmax, early stopping (maps: flatten)",
-        fixed=lambda ctx: {"hidden": 256, "dropout": 0.5, "learning_rate": 1e-3, "batch_size": 64,
+        fixed=lambda ctx: {"hidden": 256, "dropout": 0.5, "learning_rate": _dense_lr(ctx), "batch_size": 64,
                            "patience": 5, "validation_fraction": 0.1, "class_weight": _cw(ctx)},
     ),
     "logreg": HeadSpec(

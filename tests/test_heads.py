@@ -177,6 +177,8 @@ def test_dense_head_takes_spatial_maps_by_flattening(tmp_path):
     assert head.input_shape_ == (3, 3, 4)
     assert (head.predict(X) == y).mean() > 0.9
     assert any(isinstance(layer, keras.layers.Flatten) for layer in head.model_.layers)
+    norm = next(layer for layer in head.model_.layers if isinstance(layer, keras.layers.Normalization))
+    assert np.size(norm.mean) == 4  # one mean per channel, shared by all positions
     with pytest.raises(ValueError):
         head.predict_proba(X.reshape(80, -1))
 

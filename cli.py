@@ -72,8 +72,11 @@ def fit(
     run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=head, features=features,
                   class_weight=class_weight, seed=seed, out=out, report=report,
                   command=" ".join(["python cli.py", *sys.argv[1:]]), log=lambda m: typer.echo(m, err=True))
-    console = Console(width=max(120, Console().width))
-    console.print(run.leaderboard())
+    table = run.leaderboard()
+    console = Console()
+    need = console.measure(table, options=console.options.update_width(10_000)).maximum
+    console = Console(width=max(console.width, need))  # never crop the table
+    console.print(table)
     typer.echo(f"run folder: {run.run_dir}")
     if run.report_path is not None:
         typer.echo(f"report: {run.report_path}")

@@ -366,15 +366,18 @@ def leaderboard_table(results: dict[str, Any]):
     entries = sorted(results["results"], key=lambda e: -_selection_score(e))
     title = (f"{results['dataset']['name']}: heads by {sel_name} accuracy (selection); "
              f"final numbers on {split}")
-    table = Table(title=title, title_justify="left")
-    for col, just in (("", "left"), ("head", "left"), ("backbone", "left"), (f"{sel} acc", "right"),
-                      ("split", "left"), ("accuracy", "right"), ("bal. acc", "right"), ("macro-F1", "right"),
-                      ("log-loss", "right"), ("fit s", "right"), ("ms/1k", "right")):
-        table.add_column(col, justify=just, no_wrap=True)
+    table = Table(title=title, title_justify="left", caption="* best: highest selection score; fit s: final refit; "
+                  "ms/1k: predict_proba time per 1,000 images", caption_justify="left")
+    widest = max(len(e["backbone_label"]) for e in entries)
+    for col, just, width in (("", "left", 1), ("head", "left", 10), ("backbone", "left", widest),
+                             (f"{sel} acc", "right", 6), ("split", "left", 5), ("accuracy", "right", 8),
+                             ("bal. acc", "right", 8), ("macro-F1", "right", 8), ("log-loss", "right", 8),
+                             ("fit s", "right", 5), ("ms/1k", "right", 6)):
+        table.add_column(col, justify=just, no_wrap=True, min_width=width)
     best_key = results["best"]["key"]
     for e in entries:
         m = e["metrics"][split]
-        mark = "* best" if e["key"] == best_key else ""
+        mark = "*" if e["key"] == best_key else ""
         table.add_row(mark, e["head"], e["backbone_label"], f"{_selection_score(e):.3f}", split,
                       f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}",
                       f"{m['log_loss']:.3f}", f"{e['fit_seconds']:.2f}", f"{e['predict_ms_per_1000']:.1f}",

@@ -139,7 +139,8 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
     console = Console(width=200, record=True)
     console.print(leaderboard_table(doc))
     text = console.export_text()
-    assert text.index("* best") < text.index("knn") and text.count("mobilenet") >= 6
+    lines = [ln for ln in text.splitlines() if "mobilenet" in ln]
+    assert len(lines) == 6 and best["head"] in lines[0] and "*" in lines[0] and "*" not in "".join(lines[1:])
 
 
 def test_maps_go_flat_to_sklearn_heads_and_whole_to_dense(fake_caches, quick_dense, tmp_path):
@@ -268,7 +269,7 @@ def test_hymenoptera_fit_all_heads_best_val_accuracy(hym_cli):
 def test_hymenoptera_leaderboard_and_report_print(hym_cli):
     res, out, doc = hym_cli
     text = res.stdout
-    assert "hymenoptera" in text and "* best" in text
+    assert "hymenoptera" in text and "* best" in text and "logreg" in text and "linear_svm" in text
     for r in doc["results"]:
         assert r["head"] in text
     assert f"run folder: {out}" in text

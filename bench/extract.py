@@ -66,14 +66,13 @@ def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
     return {"n": len(px), "seconds": time.perf_counter() - t}
 
 
-def phase_pipeline(root: Path, backbone: str, batch: int, workers: int | None = None,
-                   niceness: int | None = None) -> dict:
+def phase_pipeline(root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
     from pipeline import cache
     from pipeline.extract import extract_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         res = extract_dataset(root, backbone=backbone, weights="none", cache_dir=tmp, batch_size=batch,
-                              workers=workers, decode_niceness=niceness, log=lambda m: None)
+                              workers=workers, log=lambda m: None)
         meta = cache.read_meta(res.path)
         return {"n": res.n_total, "seconds": float(meta["extract_seconds"]), "wall_with_build": res.seconds}
 
@@ -99,12 +98,10 @@ def phase_keras(root: Path, backbone: str, batch: int) -> dict:
 PHASES = {"ceiling": phase_ceiling, "pipeline": phase_pipeline, "keras": phase_keras}
 
 
-def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | None = None,
-              niceness: int | None = None) -> dict:
+def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
     """Run one phase in a fresh interpreter; returns its timing and peak RSS (MiB)."""
     cmd = [sys.executable, __file__, "--phase", name, "--data", str(root), "--backbones", backbone,
-           "--batch-size", str(batch)] + (["--workers", str(workers)] if workers else []) + \
-        (["--niceness", str(niceness)] if niceness is not None else [])
+           "--batch-size", str(batch)] + (["--workers", str(workers)] if workers else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"phase {name} failed:\n{out.stderr[-3000:]}")
@@ -118,13 +115,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="decoding threads of the pipeline (default: its own)")
-    ap.add_argument("--niceness", type=int, default=None,
-                    help="CPU priority offset of the decoding threads (default: the pipeline's own)")
     ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.phase:
-        extra = {"workers": args.workers, "niceness": args.niceness} if args.phase == "pipeline" else {}
+        extra = {"workers": args.workers} if args.phase == "pipeline" else {}
         res = PHASES[args.phase](args.data, args.backbones[0], args.batch_size, **extra)
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
@@ -141,7 +136,7 @@ def main() -> None:
             rss: dict[str, float] = {}
             for _ in range(args.repeats):
                 for p in PHASES:
-                    r = run_phase(p, root, backbone, args.batch_size, args.workers, args.niceness)
+                    r = run_phase(p, root, backbone, args.batch_size, args.workers)
                     rates[p].append(r["n"] / r["seconds"])
                     rss[p] = max(rss.get(p, 0.0), r["peak_rss_mib"])
             med = {p: statistics.median(v) for p, v in rates.items()}

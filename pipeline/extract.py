@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,10 +33,6 @@ from pipeline.backbones import (
 from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES, Dataset, ImageItem, discover, read_image
 from pipeline.errors import BackboneError, DatasetError, ImageDecodeError
 
-DECODE_NICENESS = 10
-"""On CPU-only machines, decoding threads run this much nicer than the model's threads (Linux per-thread nice).
-Decoding then fills the gaps the model leaves instead of pre-empting one of its threads mid-op, which stalls the
-others at the op's barrier; with a few batches decoded ahead the model never waits long (bench/extract.py)."""
 PIXEL_RULE = "headbench-pixels-2"  # bump when pipeline.data's decoding rule changes: old caches are then rebuilt
 
 
@@ -104,20 +99,11 @@ def configure_threads() -> None:
         pass  # the runtime is already initialised in this process; its threading is fixed
 
 
-def _lower_thread_priority(niceness: int) -> None:
-    """Lower the calling thread's CPU priority (Linux: per-thread nice); a no-op where unsupported."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (AttributeError, OSError):
-        pass
-
-
 def read_batches(root: Path, items: list[ImageItem], size: int, resize: str, batch_size: int,
-                 workers: int, niceness: int = 0) -> Iterator[list[tuple[ImageItem, np.ndarray | None, str, str]]]:
+                 workers: int) -> Iterator[list[tuple[ImageItem, np.ndarray | None, str, str]]]:
     """Yield batches of (item, pixels or None, sha256, error) in ``items`` order, decoding ahead in threads.
 
-    At most ``3 * batch_size`` images are in flight, so memory does not grow with the dataset. ``niceness`` > 0
-    runs the decoding threads at lower CPU priority than the model's threads (see :func:`extract_dataset`).
+    At most ``3 * batch_size`` images are in flight, so memory does not grow with the dataset.
     """
 
     def work(it: ImageItem) -> tuple[ImageItem, np.ndarray | None, str, str]:
@@ -128,8 +114,7 @@ def read_batches(root: Path, items: list[ImageItem], size: int, resize: str, bat
             return it, None, getattr(exc, "sha256", ""), str(exc)
 
     ahead = max(batch_size * 3, workers * 2)
-    init = (lambda: _lower_thread_priority(niceness)) if niceness > 0 else None
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode", initializer=init) as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[Future] = deque()
         queue = iter(items)
         try:
@@ -199,7 +184,6 @@ def extract_dataset(
     log: Callable[[str], None] = print,
     checkpoint_every: int = 256,
     checkpoint_seconds: float = 20.0,
-    decode_niceness: int | None = None,
 ) -> ExtractResult:
     """Extract features of every image under ``root`` with one backbone into the cache (incremental, resumable).
 
@@ -236,9 +220,6 @@ def extract_dataset(
     checkpoint_every, checkpoint_seconds : int, float
         Finished rows are committed to disk every this many images or seconds (whichever comes first); a crash
         loses at most that much work.
-    decode_niceness : int, optional
-        CPU priority offset of the decoding threads; default :data:`DECODE_NICENESS` without a GPU, 0 with one
-        (there the model waits for decoding, so decoding must not yield).
 
     Returns
     -------
@@ -313,10 +294,8 @@ def extract_dataset(
             gpu = gpu_available()
             log(f"device: {'GPU' if gpu else f'CPU ({os.cpu_count()} cores)'}, batch {batch_size}, "
                 f"{workers} decoding thread(s)")
-            if decode_niceness is None:
-                decode_niceness = 0 if gpu else DECODE_NICENESS
             _run(built, ds, todo, path, meta, kinds, batch_size, workers, strict, quiet, log,
-                            checkpoint_every, checkpoint_seconds, decode_niceness)
+                            checkpoint_every, checkpoint_seconds)
         seconds = time.perf_counter() - t0
         prior = float(existing.meta.get("extract_seconds", 0.0)) if existing.meta else 0.0
         rescanned = cache.scan_existing(path, meta)
@@ -333,8 +312,7 @@ def extract_dataset(
 
 def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, meta: dict[str, Any],
          kinds: list[str], batch_size: int, workers: int, strict: bool, quiet: bool,
-         log: Callable[[str], None], flush_rows: int, flush_seconds: float,
-         decode_niceness: int) -> None:
+         log: Callable[[str], None], flush_rows: int, flush_seconds: float) -> None:
     run = make_runner(built)
     shapes = {"avg": (built.feature_dim,), "max": (built.feature_dim,), "maps": built.map_shape}
     writer = cache.PartWriter(path, meta, {k: shapes[k] for k in kinds}, flush_rows, flush_seconds)
@@ -345,8 +323,7 @@ def _run(built: BuiltBackbone, ds: Dataset, todo: list[ImageItem], path: Path, m
     run(np.zeros((min(batch_size, len(todo)), built.input_size, built.input_size, 3), np.uint8))
     last = time.perf_counter()
     try:
-        for batch in read_batches(ds.root, todo, built.input_size, meta["resize"], batch_size, workers,
-                                  niceness=decode_niceness):
+        for batch in read_batches(ds.root, todo, built.input_size, meta["resize"], batch_size, workers):
             good = [b for b in batch if b[1] is not None]
             out = run(np.stack([b[1] for b in good])) if good else {}
             k = 0

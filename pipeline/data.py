@@ -163,7 +163,8 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _looks_like_image(path: Path) -> bool:
+def looks_like_image(path: Path) -> bool:
+    """Whether a file is an image *candidate*: an image extension, or an image signature in its first bytes."""
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return True
     try:
@@ -197,7 +198,7 @@ def _scan_class(root: Path, class_dir: Path, ds_ignored: Counter, examples: list
             if _is_hidden(fn):
                 ds_ignored["hidden"] += 1
                 continue
-            if not _looks_like_image(p):
+            if not looks_like_image(p):
                 ds_ignored["not an image"] += 1
                 if len(examples) < 5:
                     examples.append(rel)

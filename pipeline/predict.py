@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pipeline import cache
-from pipeline.data import IMAGE_EXTENSIONS, read_image, sniff
-from pipeline.errors import RunError, WeightsError
+from pipeline.data import looks_like_image, read_image
+from pipeline.errors import ImageDecodeError, RunError, WeightsError
 
 
 @dataclass
@@ -113,7 +113,8 @@ def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files among ``inputs``: files as given, folders searched recursively (hidden entries skipped)."""
+    """Image files among ``inputs``: files as given, folders searched recursively (hidden entries skipped), with
+    the same candidate rule as dataset discovery (:func:`pipeline.data.looks_like_image`)."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -126,14 +127,8 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in sorted(filenames):
                 f = Path(dirpath) / fn
-                if fn.startswith("."):
-                    continue
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                if not fn.startswith(".") and looks_like_image(f):
                     out.append(f)
-                else:
-                    with open(f, "rb") as fh:
-                        if sniff(fh.read(16)) is not None:
-                            out.append(f)
     if not out:
         raise RunError("no image files found in the given paths")
     return out
@@ -194,7 +189,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
                 px, _ = read_image(f, built.input_size, ex["resize"])
                 pixels.append(px)
                 ok_rows.append(row)
-            except Exception as exc:  # ImageDecodeError carries the reason; keep going with the others
+            except ImageDecodeError as exc:  # recorded with its reason; the other images go on
                 row["error"] = str(exc)
             rows.append(row)
         if pixels:

@@ -15,7 +15,6 @@ all rows are done, the final file is assembled (old rows that are still valid + 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -27,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
+from pipeline.backbones import get_spec, sha256_file
 from pipeline.errors import CacheError
 
 SCHEMA_VERSION = 1
@@ -49,15 +49,6 @@ def cache_path(cache_dir: str | os.PathLike, dataset: str, label: str, resize: s
 def parts_dir(path: str | os.PathLike) -> Path:
     """Folder holding the finished-but-unassembled rows of an interrupted extraction."""
     return Path(str(path) + ".parts")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a cache file (provenance of fit runs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- rows --------------------------------------------------------------------------------------------------------
@@ -475,8 +466,6 @@ def read_features(path: str | os.PathLike, kind: str = "avg", expect: dict[str, 
         Missing, unreadable, incomplete or newer-schema file; a kind it does not hold; preprocessing that is not the
         registered one for its backbone; or any ``expect`` mismatch (the message says what differs and the fix).
     """
-    from pipeline.backbones import get_spec  # registry is pure data; no Keras import
-
     meta = read_meta(path)
     spec = get_spec(str(meta.get("backbone")))
     check_expected(meta, {"preprocess": spec.preprocess, "preprocess_mode": spec.preprocess_mode}, path)

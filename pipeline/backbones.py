@@ -331,11 +331,12 @@ def resolve_weights(
 
                 got = keras.utils.get_file(fname, origin=url, cache_subdir="models", file_hash=md5)
             except Exception as exc:  # network errors surface as bare Exception from Keras
-                reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                reason = text.rsplit(" -- ", 1)[-1] if " -- " in text else text.replace(url, "").strip(" :")
                 raise WeightsError(
-                    f"cannot get ImageNet weights for {spec.name} ({reason}); either pass --weights PATH to a "
-                    f"local weights file (.weights.h5/.h5/.keras), or put {fname} in {local.parent} "
-                    f"(downloadable from {url}), or use --weights none for random features"
+                    f"cannot download ImageNet weights for {spec.name} ({reason[:120] or 'no network'}): pass "
+                    f"--weights PATH to a local .weights.h5/.h5/.keras file, or put {fname} (from the URL above) in "
+                    f"{local.parent}, or use --weights none for random features"
                 ) from None
             local = Path(got)
         return WeightsInfo("imagenet", str(local), sha256_file(local))

@@ -65,6 +65,14 @@ SPLIT_ORDER = ("train", "val", "test")
 # ---- splits and protocol ---------------------------------------------------------------------------------------
 
 
+def _quiet_fit_warnings() -> None:
+    """Silence warnings that fitting heads raises routinely and that change no result: solvers stopping at their
+    iteration cap inside a sweep (the sweep scores what they reached), and nearest centroid noting features that are
+    constant within a class (common with random or saturated features)."""
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    warnings.filterwarnings("ignore", message=".*zero standard deviation.*", category=UserWarning)
+
+
 def _path_hash(rel_path: str, seed: int) -> float:
     key = f"{SPLIT_SALT}:{int(seed)}:{str(rel_path).replace(chr(92), '/')}"
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
@@ -331,7 +339,7 @@ def search(spec: HeadSpec, ctx: HeadContext, X: np.ndarray, y: np.ndarray,
     grid = spec.grid(ctx)
     cands = [Candidate(dict(p)) for p in grid]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+        _quiet_fit_warnings()
         for fit_idx, score_idx in folds:
             Xf, yf, Xs, ys = X[fit_idx], y[fit_idx], X[score_idx], y[score_idx]
             if spec.search_path == "kernel":
@@ -556,7 +564,7 @@ def evaluate_head(spec: HeadSpec, X: np.ndarray, labels: np.ndarray, splits: np.
     train = np.flatnonzero(splits == "train")
     final_rows = np.flatnonzero(np.isin(splits, protocol.final_splits))
     with _blas_threads(spec), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+        _quiet_fit_warnings()
         cands = search(spec, ctx, Xh, y, folds)
         best = best_candidate(cands)
         chosen = dict(cands[best].params)

@@ -85,3 +85,15 @@ def test_imagenet_found_in_keras_cache_is_used_without_download(monkeypatch, tmp
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("must not download"))
     info = resolve_weights(spec, "imagenet", 299, None, announce=lambda m: pytest.fail("nothing to announce"))
     assert info.source == "imagenet" and Path(info.path).name == fname and len(info.sha256) == 64
+
+
+def test_extract_several_backbones_in_one_command_then_up_to_date(tiny_dataset, tmp_path):
+    args = ["extract", str(tiny_dataset), "-b", "mobilenet_v2", "-b", "mobilenet_v3_small", "--weights", "none",
+            "--input-size", "64", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    names = sorted(p.name for p in (tmp_path / "c").glob("*.h5"))
+    assert names == ["tiny__mobilenet_v2-a1.0-64__crop__random.h5", "tiny__mobilenet_v3_small-64__crop__random.h5"]
+    assert first.stdout.count("RANDOM weights") == 2 and "12 images in 2 classes" in first.stdout
+    again = _cli(*args)
+    assert again.returncode == 0 and again.stdout.count("up to date") == 2, again.stdout

@@ -1,6 +1,6 @@
-"""Regenerates nothing on its own: records how ``cache_v1_tiny.h5`` was made with schema v1 (kept as test data so
-later versions of the reader prove they still read v1 files). Run from the repo root only when adding a new
-schema's file, never to overwrite this one."""
+"""How ``cache_v1_tiny.h5`` was made with schema v1 (kept as test data so later readers prove they still read v1
+files). Running it writes a cache of the *current* schema to the path given: use it to add the next version's file
+(e.g. ``python tests/data/make_cache_v1_tiny.py tests/data/cache_v2_tiny.h5``), never to overwrite the v1 file."""
 
 import sys
 import tempfile

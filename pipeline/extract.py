@@ -304,7 +304,8 @@ def extract_dataset(
         cache.assemble(path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes)
         rows = cache.read_rows(path)
         all_failed = [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
-        ips = f", {len(todo) / seconds:.1f} images/s" if todo and seconds > 0 else ""
+        run_s = rescanned.part_seconds - existing.part_seconds  # decoding + model of this run's rows
+        ips = f", {len(todo) / run_s:.1f} images/s after start-up" if todo and run_s > 0 else ""
         log(f"wrote {path} ({len(rows)} rows, {len(all_failed)} failed) in {seconds:.1f}s{ips}")
         return ExtractResult(path, len(ds.items), len(todo), n_reused, n_dropped, len(all_failed), all_failed,
                              seconds)

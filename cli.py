@@ -88,7 +88,7 @@ def backbones() -> None:
     from pipeline.backbones import REGISTRY
 
     for spec in REGISTRY.values():
-        side = spec.default_map_side()
+        side = spec.map_side
         alphas = f"  alpha {{{', '.join(f'{a:g}' for a in spec.alphas)}}}" if spec.alphas else ""
         typer.echo(
             f"{spec.name:<20} {spec.default_input_size}px  pooled {spec.feature_dim:<5} maps {side}x{side}x"

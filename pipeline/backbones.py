@@ -68,6 +68,9 @@ class BackboneSpec:
         Square input side the ImageNet weights were trained at.
     feature_dim : int
         Pooled feature length at width multiplier 1.0.
+    map_side : int
+        Side of the last spatial feature map at the default input size (the real shape is read off the built
+        model; this is for listings).
     min_input_size : int
         Smallest input side the architecture accepts.
     alphas : tuple of float
@@ -85,26 +88,11 @@ class BackboneSpec:
     preprocess_mode: str
     default_input_size: int
     feature_dim: int
+    map_side: int
     min_input_size: int
     imagenet_file: Callable[[float, int], tuple[str, str, str | None]]
     summary: str
     alphas: tuple[float, ...] = field(default=())
-
-    def default_map_side(self, input_size: int | None = None) -> int:
-        """Side of the spatial feature map for ``input_size`` (InceptionV3 at 299 gives 8)."""
-        size = input_size or self.default_input_size
-        if self.name == "inception_v3":  # valid-padded stem and reductions
-            return ((size - 299) // 32) + 8 if size >= 299 else max(1, (size - 75) // 32 + 1)
-        return int(np.ceil(size / 32))
-
-    def feature_dim_for(self, alpha: float | None) -> int:
-        """Pooled feature length at width multiplier ``alpha``."""
-        a = 1.0 if alpha is None else alpha
-        if self.name == "mobilenet":
-            return int(self.feature_dim * a)
-        if self.name == "mobilenet_v2":
-            return self.feature_dim if a <= 1.0 else int(self.feature_dim * a)
-        return self.feature_dim
 
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -117,6 +105,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocess_mode="tf",
             default_input_size=224,
             feature_dim=1024,
+            map_side=7,
             min_input_size=32,
             alphas=(1.0, 0.75, 0.5, 0.25),
             imagenet_file=_mobilenet_file,
@@ -129,6 +118,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocess_mode="tf",
             default_input_size=224,
             feature_dim=1280,
+            map_side=7,
             min_input_size=32,
             alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4),
             imagenet_file=_mobilenet_v2_file,
@@ -141,6 +131,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocess_mode="tf",
             default_input_size=299,
             feature_dim=2048,
+            map_side=8,
             min_input_size=75,
             imagenet_file=_fixed_file(
                 "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -156,6 +147,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocess_mode="caffe",
             default_input_size=224,
             feature_dim=2048,
+            map_side=7,
             min_input_size=32,
             imagenet_file=_fixed_file(
                 "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -171,6 +163,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocess_mode="in-model",
             default_input_size=224,
             feature_dim=1280,
+            map_side=7,
             min_input_size=32,
             imagenet_file=_fixed_file(
                 "efficientnetb0_notop.h5",
@@ -186,6 +179,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocess_mode="in-model",
             default_input_size=224,
             feature_dim=576,
+            map_side=7,
             min_input_size=32,
             imagenet_file=_mobilenet_v3_file("small"),
             summary="MobileNetV3-Small (Howard et al. 2019); rescales inside the network",
@@ -197,6 +191,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocess_mode="in-model",
             default_input_size=224,
             feature_dim=960,
+            map_side=7,
             min_input_size=32,
             imagenet_file=_mobilenet_v3_file("large"),
             summary="MobileNetV3-Large (Howard et al. 2019); rescales inside the network",

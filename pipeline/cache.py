@@ -371,12 +371,6 @@ def locked(path: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-def touch_metadata(path: Path, meta: dict[str, Any]) -> None:
-    """Update attributes of a complete cache in place (e.g. the command of a no-op rerun is not recorded)."""
-    with h5py.File(path, "r+") as f:
-        _set_attrs(f, meta)
-
-
 # ---- reading -------------------------------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline import __version__, cache
+from pipeline import cache, package_versions
 from pipeline.backbones import (
     BuiltBackbone, backbone_label, build_feature_model, check_options, get_spec, make_runner, resolve_weights,
 )
@@ -49,23 +49,6 @@ class ExtractResult:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     up_to_date: bool = False
-
-    @property
-    def images_per_second(self) -> float:
-        return self.n_extracted / self.seconds if self.seconds > 0 else 0.0
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the features."""
-    import importlib.metadata as md
-
-    out = {"headbench": __version__, "python": sys.version.split()[0]}
-    for pkg in ("tensorflow", "keras", "numpy", "pillow", "h5py"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def gpu_available() -> bool:
@@ -253,7 +236,7 @@ def extract_dataset(
         "preprocess": spec.preprocess, "preprocess_mode": spec.preprocess_mode, "pixel_rule": PIXEL_RULE,
         "weights_source": winfo.source, "weights_path": winfo.path, "weights_sha256": winfo.sha256,
         "feature_kinds": kinds, "maps_dtype": maps_dtype if maps else "",
-        "versions": library_versions(), "command": command,
+        "versions": package_versions(("tensorflow", "keras", "numpy", "pillow", "h5py")), "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     workers = workers or os.cpu_count() or 1

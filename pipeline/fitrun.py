@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import importlib.metadata as _md
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline import __version__
+from pipeline import package_versions
 from pipeline.errors import CacheError, FitError
 from pipeline.evaluate import HeadResult, evaluate_head, plan_protocol, selection_folds
 from pipeline.heads import HEADS, get_head, resolve_heads
@@ -72,16 +70,6 @@ def _slug(text: str) -> str:
 def result_key(backbone_label: str, head: str) -> str:
     """``<backbone label slug>__<head>``, the name of a result and of its files."""
     return f"{_slug(backbone_label)}__{head}"
-
-
-def _versions() -> dict[str, str]:
-    out = {"headbench": __version__, "python": sys.version.split()[0]}
-    for pkg in ("numpy", "scikit-learn", "keras", "tensorflow", "h5py", "joblib"):
-        try:
-            out[pkg] = _md.version(pkg)
-        except _md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequence[str] | None) -> list[Path]:
@@ -317,7 +305,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command or f"run_fit(heads={head_list}, features={features!r}, seed={seed})",
         "seed": int(seed),
-        "versions": _versions(),
+        "versions": package_versions(("numpy", "scikit-learn", "keras", "tensorflow", "h5py", "joblib")),
         "dataset": dataset_json,
         "protocol": protocol.to_json(),
         "caches": cache_json,

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import jinja2
 from markupsafe import Markup
 
+from pipeline import __version__
 from pipeline.errors import RunError
 
 SCHEMA_VERSION = 1
@@ -748,21 +749,6 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _version() -> str:
-    """headbench's version (package attribute, else the installed distribution's)."""
-    try:
-        from pipeline import __version__
-
-        return str(__version__)
-    except ImportError:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("headbench")
-        except PackageNotFoundError:
-            return "unknown"
-
-
 def render_report(runs: Sequence[Run]) -> str:
     """Render the HTML page of already loaded runs.
 
@@ -797,7 +783,7 @@ def render_report(runs: Sequence[Run]) -> str:
         selection_splits=sorted({r.selection_split for v in views for r in v["results"]}),
         has_spread=any(r.sel_std.value is not None for v in views for r in v["results"]),
         written=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        version=_version(),
+        version=__version__,
         lower_is_better=LOWER_IS_BETTER,
         thumb_px=THUMB_PX,
     )

@@ -226,7 +226,8 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
     """Read what a previous run left for this cache, keeping only what matches ``meta``'s signature.
 
     A complete file of another configuration (e.g. it lacks ``maps`` that are now asked for) is treated as absent,
-    so it is rebuilt; parts of another configuration are listed in ``stale_parts`` for removal.
+    so it is rebuilt; parts of another configuration and temporary files of a write that was killed are listed in
+    ``stale_parts`` for removal.
     """
     sig = _signature(meta)
     final_meta, final_rows = None, {}
@@ -241,12 +242,12 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
         except OSError:
             final_meta, final_rows = None, {}  # unreadable: rebuilt from scratch, never trusted
     part_rows: dict[str, tuple[Path, int, int, int]] = {}
-    stale: list[Path] = []
+    # Temporary files of an assembly or part that was killed while being written: never valid, always removed.
+    stale: list[Path] = list(path.parent.glob(f".{path.name}.*.tmp"))
     seconds = 0.0
     pdir = parts_dir(path)
     if pdir.is_dir():
-        for tmp in pdir.glob(".*.tmp"):
-            stale.append(tmp)  # a part that was being written when the run died
+        stale.extend(pdir.glob(".*.tmp"))
         for p in sorted(pdir.glob("part-*.h5")):
             try:
                 with h5py.File(p, "r") as f:
@@ -276,8 +277,10 @@ def source_shapes(path: Path, existing: Existing, kinds: Sequence[str]) -> dict[
 
 
 def assemble(path: Path, meta: dict[str, Any], order: Sequence[tuple[str, int, str]], existing: Existing,
-             shapes: dict[str, tuple[int, ...]], block: int = 512) -> None:
+             shapes: dict[str, tuple[int, ...]], block: int = 512) -> Rows:
     """Write the complete cache: rows in ``order`` (relative path, label, split), from parts or the old file.
+
+    Returns the rows' metadata as written.
 
     Labels and splits come from ``order`` (the current folder), so a new class folder re-labels old rows
     without extracting them again.
@@ -329,6 +332,7 @@ def assemble(path: Path, meta: dict[str, Any], order: Sequence[tuple[str, int, s
             old.close()
     _commit(tmp, path)
     remove_parts(path)
+    return rows
 
 
 def _gather(sources: list[tuple[Any, int]], kind: str) -> np.ndarray:

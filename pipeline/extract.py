@@ -245,7 +245,8 @@ def extract_dataset(
         for stale in existing.stale_parts:
             stale.unlink(missing_ok=True)
         if existing.stale_parts:
-            log(f"discarded {len(existing.stale_parts)} leftover part file(s) of another configuration")
+            log(f"discarded {len(existing.stale_parts)} leftover file(s) of an interrupted write or another "
+                f"configuration")
         todo: list[ImageItem] = []
         n_reused = 0
         for it in ds.items:
@@ -284,8 +285,7 @@ def extract_dataset(
         rescanned = cache.scan_existing(path, meta)
         meta["extract_seconds"] = prior + rescanned.part_seconds
         shapes = cache.source_shapes(path, rescanned, kinds)
-        cache.assemble(path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes)
-        rows = cache.read_rows(path)
+        rows = cache.assemble(path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes)
         all_failed = [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
         run_s = rescanned.part_seconds - existing.part_seconds  # decoding + model of this run's rows
         ips = f", {len(todo) / run_s:.1f} images/s after start-up" if todo and run_s > 0 else ""

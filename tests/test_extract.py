@@ -223,3 +223,14 @@ def test_copying_a_dataset_keeps_rows_keyed_by_relative_path(tiny_dataset, tmp_p
     res2, _ = _run(moved, tmp_path / "c2")
     a, b = _features_by_path(res.path), _features_by_path(res2.path)
     assert a.keys() == b.keys()
+
+
+def test_temporary_files_of_a_killed_write_are_cleaned_up(tiny_dataset, tmp_path):
+    first, _ = _run(tiny_dataset, tmp_path)
+    leftover = first.path.with_name(f".{first.path.name}.4242.tmp")  # an assembly killed before its rename
+    leftover.write_bytes(b"half a file")
+    write_image(tiny_dataset / "red" / "new.png", np.zeros((20, 20, 3), np.uint8))
+    res, msgs = _run(tiny_dataset, tmp_path)
+    assert res.n_extracted == 1 and not leftover.exists()
+    assert any("discarded 1 leftover" in m for m in msgs)
+    assert len(cache.read_features(res.path).paths) == 13

@@ -42,9 +42,9 @@ def test_backbones_lists_the_registry():
     ("one_class", ["extract", "{tmp}"], "only one class"),
     ("tiny", ["extract", "{tmp}", "--backbone", "vgg99", "--weights", "none"], "registered: mobilenet"),
     ("tiny", ["extract", "{tmp}", "--weights", "{tmp}/missing.h5"], "does not exist"),
-    (None, ["fit", "--cache-dir", "/nonexistent/cache"], ""),
-    (None, ["report", "/nonexistent/run"], ""),
-    (None, ["predict", "/nonexistent/run", "x.jpg"], ""),
+    (None, ["fit", "--cache-dir", "/nonexistent/cache"], "no complete feature caches"),
+    (None, ["report", "/nonexistent/run"], "does not exist"),
+    (None, ["predict", "/nonexistent/run", "x.jpg"], "not a run folder"),
 ])
 def test_expected_failures_are_one_line(tmp_path, tiny_dataset, setup, args, expect):
     root = {"empty": tmp_path / "empty", "one_class": tmp_path / "one", "tiny": tiny_dataset}.get(setup, tmp_path)

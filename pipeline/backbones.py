@@ -480,16 +480,23 @@ def build_feature_model(
     )
 
 
-def make_runner(built: BuiltBackbone) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def make_runner(built: BuiltBackbone, fold: bool = True) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """A fast inference callable ``pixels (n, s, s, 3) -> {output name: np.ndarray}``.
 
-    On the TensorFlow backend this is a compiled ``tf.function`` over ``model(x, training=False)`` with a
-    batch-polymorphic signature (1.4-1.6x faster than ``model.predict`` on CPU and no retracing on the last,
-    smaller batch); on other backends it falls back to ``model.predict_on_batch``.
+    With ``fold`` (the default) it runs a copy of the model whose batch normalisations are folded into the
+    convolutions before them (:func:`pipeline.fold.fold_batch_norm`: the same function up to float rounding,
+    1.15-1.45x faster for MobileNetV2 on CPU). The copy takes the weights as they are now: make a new runner after
+    changing them. On the TensorFlow backend the model runs in a compiled ``tf.function`` over
+    ``model(x, training=False)`` with a batch-polymorphic signature (1.4-1.6x faster than ``model.predict`` on CPU,
+    and no retracing on the last, smaller batch); on other backends through ``model.predict_on_batch``.
     """
     import keras
 
     model = built.model
+    if fold:
+        from pipeline.fold import fold_batch_norm
+
+        model = fold_batch_norm(model)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

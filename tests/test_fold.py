@@ -1,0 +1,90 @@
+"""Folding batch normalisation into convolutions: same function, fewer layers, original model untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from pipeline.backbones import REGISTRY, build_feature_model, make_runner  # noqa: E402
+from pipeline.fold import PassThrough, fold_batch_norm  # noqa: E402
+
+
+def _layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+def _randomise_norms(model, seed=0):
+    """Give every normalisation non-trivial statistics (fresh layers hold mean 0, variance 1: folding is ~identity)."""
+    rng = np.random.default_rng(seed)
+    for layer in _layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n).astype("float32"))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.3, n).astype("float32"))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_backbone_folds_to_the_same_features(name):
+    spec = REGISTRY[name]
+    size = max(spec.min_input_size, 75)
+    built = build_feature_model(name, weights="none", input_size=size, alpha=min(spec.alphas) if spec.alphas else None,
+                                maps=True, max_pool=True, announce=lambda m: None)
+    _randomise_norms(built.model)
+    before = [w.copy() for w in built.model.get_weights()]
+    px = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+
+    folded = fold_batch_norm(built.model)
+    n_norms = sum(isinstance(x, keras.layers.BatchNormalization) for x in _layers(built.model))
+    assert n_norms > 0
+    assert sum(isinstance(x, PassThrough) for x in _layers(folded)) == n_norms  # every one is a conv -> BN pair
+    assert not any(isinstance(x, keras.layers.BatchNormalization) for x in _layers(folded))
+
+    ref = {k: np.asarray(v) for k, v in built.model(px.astype("float32"), training=False).items()}
+    out = make_runner(built)(px)  # the default runner is the folded one
+    for kind in ("avg", "max", "maps"):
+        scale = float(np.abs(ref[kind]).max())
+        assert scale > 0
+        np.testing.assert_allclose(out[kind], ref[kind], rtol=0, atol=1e-4 * scale)
+    for w0, w1 in zip(before, built.model.get_weights()):  # the user's model keeps its own layers and weights
+        np.testing.assert_array_equal(w0, w1)
+
+
+def test_only_exact_conv_then_norm_patterns_are_folded():
+    inp = keras.Input((9, 9, 4))
+    a = keras.layers.Conv2D(6, 3, use_bias=True, name="conv_bias")(inp)
+    a = keras.layers.BatchNormalization(name="bn_folded_1")(a)
+    b = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False, name="dw")(inp)
+    b = keras.layers.BatchNormalization(name="bn_folded_2")(b)
+    c = keras.layers.Conv2D(6, 3, activation="relu", name="conv_relu")(inp)
+    c = keras.layers.BatchNormalization(name="bn_after_activation")(c)
+    d_conv = keras.layers.Conv2D(6, 3, name="conv_two_uses")(inp)
+    d = keras.layers.BatchNormalization(name="bn_shared_input")(d_conv)
+    e = keras.layers.Conv2D(6, 3, name="conv_channel_axis")(inp)
+    e = keras.layers.BatchNormalization(axis=1, name="bn_other_axis")(e)
+    f = keras.layers.Dense(6, name="dense")(keras.layers.Flatten()(inp))
+    f = keras.layers.BatchNormalization(name="bn_after_dense")(f)
+    merged = keras.layers.Concatenate()([a, b, c, d, d_conv, e])
+    model = keras.Model(inp, {"maps": merged, "vec": f})
+    _randomise_norms(model, seed=3)
+
+    folded = fold_batch_norm(model)
+    kinds = {layer.name: type(layer) for layer in folded.layers}
+    assert kinds["bn_folded_1"] is PassThrough and kinds["bn_folded_2"] is PassThrough
+    for kept in ("bn_after_activation", "bn_shared_input", "bn_other_axis", "bn_after_dense"):
+        assert issubclass(kinds[kept], keras.layers.BatchNormalization), kept
+    assert folded.get_layer("conv_bias").use_bias and folded.get_layer("dw").use_bias
+
+    x = np.random.default_rng(2).normal(0, 1, (2, 9, 9, 4)).astype("float32")
+    ref, out = model(x, training=False), folded(x, training=False)
+    for k in ("maps", "vec"):
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-5)

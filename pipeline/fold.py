@@ -12,9 +12,9 @@ this made MobileNetV2 1.15-1.45x faster (depthwise networks are bound by memory 
 InceptionV3, bound by arithmetic, is unchanged. It is plain Keras, so it helps every Keras backend.
 
 Only the copy used for extraction is rewritten: the model a user exports or fine-tunes keeps its normalisation
-layers. This module imports Keras: import it only where a model is built. Layers whose pattern does not match exactly (a normalisation after something other than a plain
+layers. Layers whose pattern does not match exactly (a normalisation after something other than a plain
 convolution, a convolution with an activation or more than one consumer, a normalisation over another axis) are
-kept as they are.
+kept as they are. This module imports Keras: import it only where a model is built.
 """
 
 from __future__ import annotations

@@ -140,8 +140,9 @@ def test_sigkill_mid_run_then_rerun_resumes_identically(hymenoptera_v2_cache, sh
     assert resumed.paths == clean.paths
     assert np.array_equal(resumed.features, clean.features)
 
-    # Add five images (links under new names) and rerun: exactly five are extracted.
-    linked = tmp_path / "hym"
+    # The same photos seen through links in another folder of the same name share the cache's rows (keyed by
+    # relative path, size and mtime); adding five images there and rerunning extracts exactly those five.
+    linked = tmp_path / "links" / "hymenoptera"
     for split in ("train", "val"):
         for cls in ("ants", "bees"):
             (linked / split / cls).mkdir(parents=True)
@@ -149,7 +150,7 @@ def test_sigkill_mid_run_then_rerun_resumes_identically(hymenoptera_v2_cache, sh
                 (linked / split / cls / f.name).symlink_to(f)
     args[1] = str(linked)
     first = _cli(*args)
-    assert first.returncode == 0 and "extracting 398" in first.stdout, first.stdout
+    assert first.returncode == 0 and "up to date (398 images, nothing to extract)" in first.stdout, first.stdout
     extra = sorted((root / "val/bees").glob("*.jpg"))[:5]
     for i, f in enumerate(extra):
         (linked / "train/bees" / f"added_{i}.jpg").symlink_to(f)

@@ -62,7 +62,8 @@ def fit(
     class_weight: str = typer.Option("none", help="none | balanced (weights classes by inverse frequency)."),
     seed: int = typer.Option(0, help="Seed of the automatic split, the folds and every head."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: reports/runs/<dataset>_<timestamp>)."),
-    report: bool = typer.Option(True, "--report/--no-report", help="Also write the HTML report (reports/<run name>.html)."),
+    report: bool = typer.Option(True, "--report/--no-report",
+                                help="Also write the HTML report (reports/<run name>.html)."),
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from rich.console import Console

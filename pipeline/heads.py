@@ -81,9 +81,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     """Small Keras classifier: Normalization -> [Flatten] -> Dense(relu) -> Dropout -> Dense(softmax).
 
     The Normalization layer (per feature; per channel for ``(h, w, c)`` maps, which are then flattened) is adapted
-    on the rows the network trains on, so the fitted Keras model (``model_``) is self-contained on raw features. Training is seeded with :func:`keras.utils.set_random_seed`, which also
-    seeds Python's, NumPy's and TensorFlow's global generators: two fits with the same ``random_state`` on the
-    same data give identical probabilities (on CPU).
+    on the rows the network trains on, so the fitted Keras model (``model_``) is self-contained on raw features.
+    Training is seeded with :func:`keras.utils.set_random_seed`, which also seeds Python's, NumPy's and
+    TensorFlow's global generators: two fits with the same ``random_state`` on the same data give identical
+    probabilities (on CPU).
 
     Parameters
     ----------

@@ -1,24 +1,22 @@
 """Command-line face of headbench: thin typer commands over :mod:`pipeline`.
 
 Run as ``python cli.py COMMAND`` from the repository root, or as ``headbench COMMAND`` once installed.
-Expected failures print one line to stderr and exit with status 1.
+Option values are checked by their types and choices here, before any model is built. Exit status: 0 when all is
+done, 1 on an error (one line on stderr), 2 on a usage error, 3 when the command finished but some images could
+not be read (``extract`` and ``predict``), 130 when interrupted.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
-from pipeline.errors import HeadbenchError
-
-# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) drowns the tool's own lines; users can still
-# set TF_CPP_MIN_LOG_LEVEL=0 to see it. The device in use is reported by the extract command itself.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, HeadbenchError
 
 app = typer.Typer(
     add_completion=False,
@@ -28,51 +26,156 @@ app = typer.Typer(
 )
 
 
+def _choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
+    """An Enum of command-line choices (typer lists them in --help and rejects anything else)."""
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+def _registry_names() -> list[str]:
+    from pipeline.backbones import REGISTRY
+
+    return list(REGISTRY)
+
+
+def _head_names() -> list[str]:
+    from pipeline.heads import HEADS
+
+    return [*HEADS, "all"]
+
+
+Backbone = _choices("Backbone", _registry_names())
+Resize = _choices("Resize", ("crop", "squash", "pad"))
+MapsDtype = _choices("MapsDtype", ("float16", "float32"))
+Runtime = _choices("Runtime", ("auto", "onnx", "keras"))
+Engine = _choices("Engine", ("local", "ray"))
+Head = _choices("Head", _head_names())
+Features = _choices("Features", ("avg", "max", "maps"))
+ClassWeight = _choices("ClassWeight", ("none", "balanced"))
+
+
 def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
     raise KeyboardInterrupt
 
 
 def main() -> None:
     """Console-script entry point: run the app, turning expected errors into one line on stderr."""
+    from pipeline.quiet import filter_native_stderr
+
+    filter_native_stderr()  # TensorFlow's native CUDA-probing chatter would drown the tool's own lines
     signal.signal(signal.SIGTERM, _terminate)  # a polite kill stops like Ctrl-C: finished work is committed
     try:
-        app()
+        status = app(standalone_mode=False)
     except HeadbenchError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise  # a bug: keep its traceback
+        # typer's usage errors (unknown option, a value outside its choices): one line, not a panel
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            typer.echo(exc.format_message())
+        else:
+            typer.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _command() -> str:
+    return " ".join(["python cli.py", *sys.argv[1:]])
 
 
 # ---- commands (each one calls a single pipeline function) ----------------------------------------------------
 
 
 @app.command()
+def extract(
+    data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/{train,val,test}/<class>/*.")],
+    backbone: Annotated[List[Backbone], typer.Option("--backbone", "-b",  # type: ignore[valid-type]
+                                                     help="Registered backbone (repeatable; see `backbones`).")
+                        ] = [Backbone("mobilenet_v2")],  # noqa: B006 - typer reads the default list
+    weights: Annotated[str, typer.Option(help="'imagenet' (Keras cache, else download), a .weights.h5/.h5/.keras "
+                                              "file, or 'none' for random weights.")] = "imagenet",
+    cache_dir: Annotated[Path, typer.Option(help="Where feature caches are written.")] = Path("cache"),
+    input_size: Annotated[Optional[int], typer.Option(min=1, help="Square input side (default: the backbone's "
+                                                                  "own).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Width multiplier (MobileNet v1/v2).")] = None,
+    resize: Annotated[Resize, typer.Option(help="crop (centre crop, default) | squash (stretch) | "  # type: ignore
+                                                "pad (letterbox).")] = Resize("crop"),
+    maps: Annotated[bool, typer.Option("--maps", help="Also store the last spatial feature maps.")] = False,
+    max_pool: Annotated[bool, typer.Option("--max-pool", help="Also store global max pooled vectors.")] = False,
+    maps_dtype: Annotated[MapsDtype, typer.Option(help="Storage type of maps.")  # type: ignore[valid-type]
+                          ] = MapsDtype("float16"),
+    runtime: Annotated[Runtime, typer.Option(help="Inference runtime: auto picks the fastest available "  # type: ignore
+                                                  "(see docs/benchmarks.md).")] = Runtime("auto"),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: CPU count).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed/--no-retry-failed",
+                                               help="Retry images that failed in an earlier run.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Commit finished rows to disk every N images (a crash "
+                                                              "loses at most that much work).")] = 256,
+) -> None:
+    """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
+    from pipeline.data import discover
+    from pipeline.extract import ExtractOptions, extract_dataset, resolve_config
+
+    options = ExtractOptions(weights=weights, input_size=input_size, alpha=alpha, resize=resize.value,
+                             maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, runtime=runtime.value,
+                             batch_size=batch_size, workers=workers, strict=strict, retry_failed=retry_failed,
+                             checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
+    ds = discover(data)
+    # Every backbone's options and weights are resolved before the first model is built or image decoded.
+    configs = [resolve_config(options, log=typer.echo, backbone=b.value) for b in backbone]
+    ignored = ", ".join(f"{n} {why}" for why, n in ds.ignored.items() if n)
+    typer.echo(f"{ds.root}: {len(ds.items)} images in {len(ds.classes)} classes"
+               f"{' (split folders: ' + ', '.join(sorted({i.split for i in ds.items})) + ')' if ds.has_splits else ''}"
+               f"{'; ignored ' + ignored if ignored else ''}")
+    any_failed = False
+    for cfg in configs:
+        res = extract_dataset(ds, cfg, log=typer.echo)
+        if res.failures:
+            any_failed = True
+            typer.echo(f"{len(res.failures)} image(s) could not be decoded (recorded in the cache):", err=True)
+            for p, why in res.failures[:20]:
+                typer.echo(f"  {p}: {why}", err=True)
+            if len(res.failures) > 20:
+                typer.echo(f"  ... and {len(res.failures) - 20} more", err=True)
+    if any_failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
 def fit(
-    cache_dir: Path = typer.Option(Path("cache"), help="Folder of feature caches (written by `extract`)."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset to fit when the folder holds several."),
-    backbone: Optional[List[str]] = typer.Option(None, "--backbone", "-b",
-                                                 help="Only caches of this backbone (name or label; repeatable). "
-                                                      "Default: every cache of the dataset, compared in one run."),
-    head: Optional[List[str]] = typer.Option(None, "--head",
-                                             help="Head to fit (repeatable): dense, logreg, linear_svm, svm, knn, "
-                                                  "centroid, or all (the default)."),
-    features: str = typer.Option("avg", help="Cached features: avg | max | maps (spatial maps, flattened)."),
-    class_weight: str = typer.Option("none", help="none | balanced (weights classes by inverse frequency)."),
-    seed: int = typer.Option(0, help="Seed of the automatic split, the folds and every head."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default: reports/runs/<dataset>_<timestamp>)."),
-    report: bool = typer.Option(True, "--report/--no-report",
-                                help="Also write the HTML report (reports/<run name>.html)."),
+    cache_dir: Annotated[Path, typer.Option(help="Folder of feature caches (written by `extract`).")] = Path("cache"),
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset to fit when the folder holds several.")] = None,
+    backbone: Annotated[Optional[List[str]], typer.Option("--backbone", "-b",
+                                                          help="Only caches of this backbone (name or label; "
+                                                               "repeatable). Default: every cache of the dataset, "
+                                                               "compared in one run.")] = None,
+    head: Annotated[Optional[List[Head]], typer.Option("--head", help="Head to fit (repeatable), or all (the "  # type: ignore
+                                                                       "default).")] = None,
+    features: Annotated[Features, typer.Option(help="Cached features: avg | max | maps (spatial maps)."  # type: ignore
+                                               )] = Features("avg"),
+    class_weight: Annotated[ClassWeight, typer.Option(help="none | balanced (weights classes by inverse "  # type: ignore
+                                                           "frequency).")] = ClassWeight("none"),
+    seed: Annotated[int, typer.Option(help="Seed of the automatic split, the folds and every head.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: reports/runs/<dataset>_<timestamp>).")
+                   ] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report",
+                                         help="Also write the HTML report (reports/<run name>.html).")] = True,
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from rich.console import Console
 
     from pipeline.fitrun import run_fit
 
-    run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=head, features=features,
-                  class_weight=class_weight, seed=seed, out=out, report=report,
-                  command=" ".join(["python cli.py", *sys.argv[1:]]), log=lambda m: typer.echo(m, err=True))
+    run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=[h.value for h in head] if head else None,
+                  features=features.value, class_weight=class_weight.value, seed=seed, out=out, report=report,
+                  command=_command(), log=lambda m: typer.echo(m, err=True))
     table = run.leaderboard()
     console = Console()
     need = console.measure(table, options=console.options.update_width(10_000)).maximum
@@ -98,53 +201,11 @@ def backbones() -> None:
 
 
 @app.command()
-def extract(
-    data: Path = typer.Argument(..., help="Image folder: DATA/<class>/* or DATA/{train,val,test}/<class>/*."),
-    backbone: List[str] = typer.Option(["mobilenet_v2"], "--backbone", "-b",
-                                       help="Registered backbone (repeatable; see `backbones`)."),
-    weights: str = typer.Option("imagenet", help="'imagenet' (Keras cache, else download), a .weights.h5/.h5/"
-                                                 ".keras file, or 'none' for random weights."),
-    cache_dir: Path = typer.Option(Path("cache"), help="Where feature caches are written."),
-    input_size: Optional[int] = typer.Option(None, help="Square input side (default: the backbone's own)."),
-    alpha: Optional[float] = typer.Option(None, help="Width multiplier (MobileNet v1/v2)."),
-    resize: str = typer.Option("crop", help="crop (centre crop, default) | squash (stretch) | pad (letterbox)."),
-    maps: bool = typer.Option(False, "--maps", help="Also store the last spatial feature maps."),
-    max_pool: bool = typer.Option(False, "--max-pool", help="Also store global max pooled vectors."),
-    maps_dtype: str = typer.Option("float16", help="Storage type of maps: float16 or float32."),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, help="Decoding threads (default: CPU count)."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be decoded."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    checkpoint_every: int = typer.Option(256, help="Commit finished rows to disk every N images (a crash loses "
-                                                   "at most that much work)."),
-) -> None:
-    """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
-    from pipeline.extract import extract_dataset
-    from pipeline.data import discover
-
-    ds = discover(data)
-    ignored = ", ".join(f"{n} {why}" for why, n in ds.ignored.items() if n)
-    typer.echo(f"{ds.root}: {len(ds.items)} images in {len(ds.classes)} classes"
-               f"{' (split folders: ' + ', '.join(sorted({i.split for i in ds.items})) + ')' if ds.has_splits else ''}"
-               f"{'; ignored ' + ignored if ignored else ''}")
-    for name in backbone:
-        res = extract_dataset(ds, backbone=name, weights=weights, cache_dir=cache_dir, input_size=input_size,
-                              alpha=alpha, resize=resize, maps=maps, max_pool=max_pool, maps_dtype=maps_dtype,
-                              batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
-                              command=" ".join(["python cli.py", *sys.argv[1:]]), log=typer.echo,
-                              checkpoint_every=checkpoint_every)
-        if res.failures:
-            typer.echo(f"{len(res.failures)} image(s) could not be decoded (recorded in the cache):", err=True)
-            for p, why in res.failures[:20]:
-                typer.echo(f"  {p}: {why}", err=True)
-            if len(res.failures) > 20:
-                typer.echo(f"  ... and {len(res.failures) - 20} more", err=True)
-
-
-@app.command()
 def report(
-    runs: List[Path] = typer.Argument(..., help="Run folder(s) written by `fit`; several are compared on one page."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: reports/<run>.html)."),
+    runs: Annotated[List[Path], typer.Argument(help="Run folder(s) written by `fit`; several are compared on one "
+                                                    "page.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file to write (default: "
+                                                                    "reports/<run>.html).")] = None,
 ) -> None:
     """Write one self-contained HTML page comparing the heads (and backbones) of one or several fit runs."""
     from pipeline.report import write_report
@@ -154,13 +215,13 @@ def report(
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="Run folder written by `fit`."),
-    images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    head: Optional[str] = typer.Option(None, help="Head name or result key (default: the run's best)."),
-    out: Optional[Path] = typer.Option(None, help="Write predictions to a .csv or .json file."),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights file if the recorded one moved "
-                                                     "(must have the same SHA-256)."),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    run: Annotated[Path, typer.Argument(help="Run folder written by `fit`.")],
+    images: Annotated[List[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    head: Annotated[Optional[str], typer.Option(help="Head name or result key (default: the run's best).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write predictions to a .csv or .json file.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved (must have "
+                                                        "the same SHA-256).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
 ) -> None:
     """Label new images with a fitted head (same backbone, weights, preprocessing and resize rule as its cache)."""
     from pipeline.predict import predict_images, write_predictions
@@ -174,15 +235,16 @@ def predict(
                        else f"{r['path']}\tERROR\t{r['error']}")
     bad = sum(1 for r in rows if "error" in r)
     if bad:
-        typer.echo(f"{bad} image(s) could not be decoded", err=True)
+        typer.echo(f"{bad} of {len(rows)} image(s) could not be decoded", err=True)
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command()
 def export(
-    run: Path = typer.Argument(..., help="Run folder written by `fit`."),
-    out: Path = typer.Option(..., help="Output .keras file (a sidecar .json records classes and input rules)."),
-    head: str = typer.Option("dense", help="Keras head to export (dense)."),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights file if the recorded one moved."),
+    run: Annotated[Path, typer.Argument(help="Run folder written by `fit`.")],
+    out: Annotated[Path, typer.Option(help="Output .keras file (a sidecar .json records classes and input rules).")],
+    head: Annotated[str, typer.Option(help="Keras head to export (dense).")] = "dense",
+    weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved.")] = None,
 ) -> None:
     """Save backbone + dense head as one .keras model that plain Keras loads."""
     from pipeline.predict import export_model
@@ -191,15 +253,16 @@ def export(
 
 
 @app.command()
-def demo(
-    cache_dir: Path = typer.Option(Path("cache"), help="Where the sample's feature cache goes."),
-) -> None:
-    """Run the whole product on the built-in sample (real faces / non-faces shipped by scikit-image)."""
+def demo() -> None:
+    """Run the whole product on the built-in sample (real faces / non-faces shipped by scikit-image).
+
+    The sample and its cache live in cache/demo/, apart from your own caches.
+    """
     from rich.console import Console
 
     from pipeline.demo import run_demo
 
-    out = run_demo(workdir=cache_dir / "demo-data", cache_dir=cache_dir, log=typer.echo)
+    out = run_demo(log=typer.echo)
     Console(width=max(120, Console().width)).print(out["fit"].leaderboard())
     typer.echo(f"run folder: {out['run']}")
     if out["report"] is not None:

@@ -53,9 +53,9 @@ def flat_copy(src: Path, dst: Path) -> Path:
 def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
     import numpy as np
 
-    from pipeline.backbones import build_feature_model, make_runner
+    from pipeline.backbones import build_feature_model
     from pipeline.data import discover, load_image
-    from pipeline.extract import configure_threads
+    from pipeline.extract.runtime import configure_threads, make_runner
 
     configure_threads()
     ds = discover(root)
@@ -71,11 +71,12 @@ def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
 
 def phase_pipeline(root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
     from pipeline import cache
-    from pipeline.extract import extract_dataset
+    from pipeline.extract import extract_dataset, resolve_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        res = extract_dataset(root, backbone=backbone, weights="none", cache_dir=tmp, batch_size=batch,
-                              workers=workers, log=lambda m: None)
+        cfg = resolve_config(backbone=backbone, weights="none", cache_dir=tmp, batch_size=batch, workers=workers,
+                             log=lambda m: None)
+        res = extract_dataset(root, cfg, log=lambda m: None)
         meta = cache.read_meta(res.path)
         return {"n": res.n_total, "seconds": float(meta["extract_seconds"]), "wall_with_build": res.seconds}
 

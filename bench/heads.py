@@ -75,13 +75,13 @@ def main() -> None:
         raise SystemExit("needs ../shared (weights and data) beside the repository")
 
     from pipeline.cache import read_features
-    from pipeline.extract import extract_dataset
+    from pipeline.extract import extract_dataset, resolve_config
     from pipeline.heads import DenseHead
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        res = extract_dataset(args.data, backbone="mobilenet_v2", weights=str(WEIGHTS), cache_dir=tmp,
-                              log=lambda m: None)
+        cfg = resolve_config(backbone="mobilenet_v2", weights=str(WEIGHTS), cache_dir=tmp, log=lambda m: None)
+        res = extract_dataset(args.data, cfg, log=lambda m: None)
         extract_s = time.perf_counter() - t
         fs = read_features(res.path)
     fits = []

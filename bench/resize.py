@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args()
     shared = REPO.parent / "shared"
-    from pipeline.extract import extract_dataset
+    from pipeline.extract import extract_dataset, resolve_config
 
     with tempfile.TemporaryDirectory() as tmp:
         cdir = args.cache_dir or Path(tmp)
@@ -64,8 +64,9 @@ def main() -> None:
         for backbone, w in WEIGHTS.items():
             cells = []
             for rule in ("squash", "crop", "pad"):
-                res = extract_dataset(args.data, backbone=backbone, weights=str(shared / w), resize=rule,
-                                      cache_dir=cdir, log=lambda m: None)
+                cfg = resolve_config(backbone=backbone, weights=str(shared / w), resize=rule, cache_dir=cdir,
+                                     log=lambda m: None)
+                res = extract_dataset(args.data, cfg, log=lambda m: None)
                 acc, se = probe_accuracy(res.path)
                 cells.append(f"{acc:.3f} ± {se:.3f}")
             print(f"{backbone:<14}" + "".join(f"{c:>16}" for c in cells))

@@ -36,23 +36,31 @@ def write_sample(dest: str | Path) -> Path:
     return root
 
 
-def run_demo(workdir: str | Path = "cache/demo", cache_dir: str | Path = "cache",
+DEMO_DIR = Path("cache") / "demo"
+"""Where the demo keeps its sample and its cache: apart from the user's own caches in ``cache/``, so that a later
+``python cli.py fit`` on the user's data never sees the demo's dataset."""
+
+
+def run_demo(workdir: str | Path = DEMO_DIR / "sample", cache_dir: str | Path = DEMO_DIR,
              reports_dir: str | Path = "reports", log: Callable[[str], None] = print) -> dict:
-    """Extract, fit and report on the built-in sample; returns the paths of the cache, run folder and report."""
-    from pipeline.extract import extract_dataset
+    """Extract, fit and report on the built-in sample; returns the paths of the cache, run folder and report.
+
+    The sample and its cache live under :data:`DEMO_DIR` by default, apart from the user's ``cache/``.
+    """
+    from pipeline.extract import extract_dataset, resolve_config
     from pipeline.fitrun import run_fit
 
     root = write_sample(workdir)
     log(f"sample: {root} (scikit-image lfw_subset: 100 faces, 100 non-faces, real 25x25 greyscale photos)")
+    opts = dict(backbone="mobilenet_v2", cache_dir=Path(cache_dir), command="python cli.py demo")
     try:
-        res = extract_dataset(root, backbone="mobilenet_v2", weights="imagenet", cache_dir=cache_dir, log=log,
-                              command="python cli.py demo")
+        cfg = resolve_config(weights="imagenet", log=log, **opts)
         tag = "imagenet"
     except WeightsError as exc:
         log(f"ImageNet weights unavailable, continuing with RANDOM weights (outputs are labelled so): {exc}")
-        res = extract_dataset(root, backbone="mobilenet_v2", weights="none", cache_dir=cache_dir, log=log,
-                              command="python cli.py demo")
+        cfg = resolve_config(weights="none", log=log, **opts)
         tag = "random-weights"
+    res = extract_dataset(root, cfg, log=log)
     out = Path(reports_dir) / "runs" / f"demo_{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
     run = run_fit(caches=[res.path], heads=["all"], out=out, report=True, command="python cli.py demo", log=log)
     return {"cache": res.path, "run": run.run_dir, "report": run.report_path, "fit": run}

@@ -36,3 +36,15 @@ class FitError(HeadbenchError):
 
 class RunError(HeadbenchError):
     """A run folder (results of ``fit``) is missing or unreadable."""
+
+
+EXIT_OK = 0
+"""Exit status: everything asked for was done."""
+EXIT_ERROR = 1
+"""Exit status: an expected failure (one line on stderr)."""
+EXIT_USAGE = 2
+"""Exit status: the command line itself is wrong (unknown option or choice; printed by typer)."""
+EXIT_PARTIAL = 3
+"""Exit status: done, but some images could not be read or decoded (``extract`` and ``predict``)."""
+EXIT_INTERRUPTED = 130
+"""Exit status: stopped by Ctrl-C or SIGTERM; finished work is kept and the same command resumes."""

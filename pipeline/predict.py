@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pipeline import cache
+from pipeline.extract.runtime import make_runtime
 from pipeline.data import looks_like_image, read_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
 
@@ -112,6 +113,19 @@ def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
     return str(path)
 
 
+def run_model_config(rh: RunHead, weights: str | None = None, log: Callable[[str], None] = print):
+    """The :class:`~pipeline.extract.config.ModelConfig` that made a run head's features (weights checked)."""
+    from pipeline.backbones import check_options, get_spec, resolve_weights
+    from pipeline.extract.config import ModelConfig
+
+    ex = rh.extraction
+    spec = get_spec(ex["backbone"])
+    size, alpha = check_options(spec, int(ex["input_size"]), ex["alpha"])
+    info = resolve_weights(spec, resolve_run_weights(rh, weights), size, alpha, announce=log)
+    kinds = ("avg",) + ((rh.feature,) if rh.feature != "avg" else ())
+    return ModelConfig(spec.name, size, alpha, info, kinds)
+
+
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Image files among ``inputs``: files as given, folders searched recursively (hidden entries skipped), with
     the same candidate rule as dataset discovery (:func:`pipeline.data.looks_like_image`)."""
@@ -170,14 +184,11 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     (RunHead, list of dict)
         One dict per image: ``path``, ``label`` (or None), ``probability`` and ``probs`` by class, or ``error``.
     """
-    from pipeline.backbones import build_feature_model, make_runner
-
     rh = select_head(run_dir, head)
     files = collect_images(inputs)
     ex = rh.extraction
-    built = build_feature_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]),
-                                ex["alpha"], maps=rh.feature == "maps", max_pool=rh.feature == "max", announce=log)
-    run = make_runner(built)
+    run = make_runtime(run_model_config(rh, weights, log), "keras", log=log)
+    built = run.built
     head_fn = _load_head(rh)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):

@@ -20,6 +20,13 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+def run_extract(root, cache_dir, log=_quiet, **options):
+    """Resolve extraction options (as ``python cli.py extract`` does) and extract ``root`` into ``cache_dir``."""
+    from pipeline.extract import extract_dataset, resolve_config
+
+    return extract_dataset(root, resolve_config(log=log, cache_dir=cache_dir, **options), log=log)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The ../shared folder with real weights and images (CI has it); skip when absent."""
@@ -36,22 +43,18 @@ def cache_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hymenoptera_v2_cache(shared_dir, cache_root) -> Path:
     """hymenoptera (398 photos, train/val folders) cached with the shared ImageNet MobileNetV2 weights."""
-    from pipeline.extract import extract_dataset
-
-    res = extract_dataset(shared_dir / "data/hymenoptera", backbone="mobilenet_v2",
-                          weights=str(shared_dir / V2_WEIGHTS), cache_dir=cache_root / "hymenoptera", log=_quiet)
+    res = run_extract(shared_dir / "data/hymenoptera", cache_root / "hymenoptera", backbone="mobilenet_v2",
+                      weights=str(shared_dir / V2_WEIGHTS))
     return res.path
 
 
 @pytest.fixture(scope="session")
 def flowers5_caches(shared_dir, cache_root) -> dict[str, Path]:
     """flowers5 (4317 photos, no split folders) cached with the shared MobileNet v1 and MobileNetV2 weights."""
-    from pipeline.extract import extract_dataset
-
     out = {}
     for name, w in (("mobilenet", V1_WEIGHTS), ("mobilenet_v2", V2_WEIGHTS)):
-        res = extract_dataset(shared_dir / "data/flowers5", backbone=name, weights=str(shared_dir / w),
-                              cache_dir=cache_root / "flowers5", log=_quiet)
+        res = run_extract(shared_dir / "data/flowers5", cache_root / "flowers5", backbone=name,
+                          weights=str(shared_dir / w))
         out[name] = res.path
     return out
 

@@ -20,8 +20,8 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=300, env=(os.environ | env) if env else None)
 
 
-def _one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+def _one_error_line(proc: subprocess.CompletedProcess, status: int = 1) -> str:
+    assert proc.returncode == status, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1, proc.stderr
@@ -40,7 +40,6 @@ def test_backbones_lists_the_registry():
     (None, ["extract", "/nonexistent/folder"], "does not exist"),
     ("empty", ["extract", "{tmp}"], "no class folders"),
     ("one_class", ["extract", "{tmp}"], "only one class"),
-    ("tiny", ["extract", "{tmp}", "--backbone", "vgg99", "--weights", "none"], "registered: mobilenet"),
     ("tiny", ["extract", "{tmp}", "--weights", "{tmp}/missing.h5"], "does not exist"),
     (None, ["fit", "--cache-dir", "/nonexistent/cache"], "no complete feature caches"),
     (None, ["report", "/nonexistent/run"], "does not exist"),
@@ -55,6 +54,22 @@ def test_expected_failures_are_one_line(tmp_path, tiny_dataset, setup, args, exp
         (tiny_dataset / "red" / "img_00.jpg").rename(root / "cats" / "a.jpg")
     line = _one_error_line(_cli(*[a.format(tmp=root) for a in args]))
     assert expect in line
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["extract", "{tmp}", "--backbone", "vgg99"], "'vgg99' is not one of 'mobilenet', 'mobilenet_v2'"),
+    (["extract", "{tmp}", "--workers", "-1"], "'--workers': Input should be greater than or equal to 1"),
+    (["extract", "{tmp}", "--batch-size", "0"], "'--batch-size'"),
+    (["extract", "{tmp}", "--resize", "zoom"], "'zoom' is not one of 'crop', 'squash', 'pad'"),
+    (["fit", "--head", "forest"], "'forest' is not one of 'dense'"),
+    (["fit", "--features", "mean"], "'mean' is not one of 'avg', 'max', 'maps'"),
+])
+def test_bad_option_values_are_usage_errors_before_any_work(tiny_dataset, args, expect):
+    """Option values are checked by the CLI's types and choices: one line, exit status 2, nothing built."""
+    proc = _cli(*[a.format(tmp=tiny_dataset) for a in args])
+    line = _one_error_line(proc, status=2)
+    assert expect in line and "see --help" in line
+    assert "device:" not in proc.stdout  # no model was built
 
 
 def test_imagenet_unavailable_says_how_to_fix(monkeypatch, tmp_path):

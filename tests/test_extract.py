@@ -9,10 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import write_image
+from conftest import run_extract, write_image
 from pipeline import cache
 from pipeline.errors import BackboneError, CacheError, DatasetError, WeightsError
-from pipeline.extract import extract_dataset
 
 FAST = dict(backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35, batch_size=4)
 
@@ -20,7 +19,7 @@ FAST = dict(backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35, 
 def _run(root, tmp_path, log=None, **kw):
     msgs: list[str] = []
     opts = FAST | kw
-    res = extract_dataset(root, cache_dir=tmp_path / "cache", log=(log or msgs.append), **opts)
+    res = run_extract(root, tmp_path / "cache", log=(log or msgs.append), **opts)
     return res, msgs
 
 
@@ -121,27 +120,34 @@ def test_new_class_relabels_without_reextracting(tiny_dataset, tmp_path):
 
 
 def test_interrupted_run_resumes_from_parts(tiny_dataset, tmp_path, monkeypatch):
-    import pipeline.extract as ex
+    import pipeline.extract.local as local
 
     calls = {"n": 0}
-    real = ex.make_runner
+    real = local.make_runtime
 
-    def flaky_runner(built):
-        run = real(built)
+    class Flaky:
+        """The real runtime, interrupted (as by Ctrl-C) on its fourth call."""
 
-        def wrapped(px):
+        def __init__(self, rt):
+            self.rt = rt
+
+        def __getattr__(self, name):
+            return getattr(self.rt, name)
+
+        def __call__(self, px):
             calls["n"] += 1
             if calls["n"] == 4:  # call 1 is the warm-up batch; interrupt after two real batches (8 rows)
                 raise KeyboardInterrupt
-            return run(px)
+            return self.rt(px)
 
-        return wrapped
+    def flaky_runtime(*a, **k):
+        return Flaky(real(*a, **k))
 
-    monkeypatch.setattr(ex, "make_runner", flaky_runner)
+    monkeypatch.setattr(local, "make_runtime", flaky_runtime)
     with pytest.raises(KeyboardInterrupt):
-        _run(tiny_dataset, tmp_path, checkpoint_every=4)
+        _run(tiny_dataset, tmp_path, checkpoint_rows=4)
     assert not list((tmp_path / "cache").glob("*.h5")), "an interrupted run must not leave a complete-looking file"
-    monkeypatch.setattr(ex, "make_runner", real)
+    monkeypatch.setattr(local, "make_runtime", real)
     res, msgs = _run(tiny_dataset, tmp_path)
     assert res.n_reused == 8 and res.n_extracted == 4
     assert any("8 from an interrupted run" in m for m in msgs)

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, V1_WEIGHTS, V2_WEIGHTS
+from conftest import REPO, V1_WEIGHTS, V2_WEIGHTS, run_extract
 from pipeline import cache
 from pipeline.data import load_image
-from pipeline.extract import extract_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +56,7 @@ def test_cached_features_equal_keras_preprocess_input_plus_model(family, weights
         sorted((shared_dir / "data/hymenoptera/val/ants").glob("*.jpg"))[:3]
     root = _link_dataset(tmp_path / "six", {"bees": src[:3], "ants": src[3:]})
     wpath = str(shared_dir / weights)
-    res = extract_dataset(root, backbone=family, weights=wpath, cache_dir=tmp_path / "c", log=lambda m: None)
+    res = run_extract(root, tmp_path / "c", backbone=family, weights=wpath)
     fs = cache.read_features(res.path)
     pixels = np.stack([load_image(root / p, 224, fs.meta["resize"]) for p in fs.paths]).astype("float32")
     app = {"mobilenet_v2": keras.applications.MobileNetV2, "mobilenet": keras.applications.MobileNet}[family]
@@ -75,8 +74,7 @@ def test_inception_v3_maps_at_299(shared_dir, tmp_path):
     src = sorted((shared_dir / "data/hymenoptera/train/ants").glob("*.jpg"))[:3] + \
         sorted((shared_dir / "data/hymenoptera/train/bees").glob("*.jpg"))[:3]
     root = _link_dataset(tmp_path / "six", {"ants": src[:3], "bees": src[3:]})
-    res = extract_dataset(root, backbone="inception_v3", weights="none", maps=True, cache_dir=tmp_path / "c",
-                          log=lambda m: None)
+    res = run_extract(root, tmp_path / "c", backbone="inception_v3", weights="none", maps=True)
     maps = cache.read_features(res.path, "maps")
     assert maps.features.shape == (6, 8, 8, 2048)
     assert maps.meta["input_size"] == 299
@@ -97,8 +95,7 @@ def test_inception_v3_maps_at_299(shared_dir, tmp_path):
 def test_every_odd_image_is_extracted_or_recorded(shared_dir, tmp_path):
     files = sorted((shared_dir / "data/odd_images").iterdir())
     root = _link_dataset(tmp_path / "odd", {"a": files[::2], "b": files[1::2]})
-    res = extract_dataset(root, backbone="mobilenet_v2", weights=str(shared_dir / V2_WEIGHTS),
-                          cache_dir=tmp_path / "c", log=lambda m: None)
+    res = run_extract(root, tmp_path / "c", backbone="mobilenet_v2", weights=str(shared_dir / V2_WEIGHTS))
     rows = cache.read_rows(res.path)
     assert len(rows) == len(files) == res.n_total
     for path, ok, err in zip(rows.path, rows.ok, rows.error):

@@ -7,8 +7,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from pipeline.backbones import REGISTRY, build_feature_model, make_runner  # noqa: E402
-from pipeline.fold import PassThrough, fold_batch_norm  # noqa: E402
+from pipeline.backbones import REGISTRY, build_feature_model  # noqa: E402
+from pipeline.extract.runtime import make_runner  # noqa: E402
+from pipeline.extract.fold import PassThrough, fold_batch_norm  # noqa: E402
 
 
 def _layers(model):

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from pipeline.extract import extract_dataset  # noqa: E402
+from pipeline.extract import extract_dataset, resolve_config  # noqa: E402
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "cache_v1_tiny.h5")
 with tempfile.TemporaryDirectory() as tmp:
@@ -21,6 +21,7 @@ with tempfile.TemporaryDirectory() as tmp:
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
     (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
-    res = extract_dataset(root, backbone="mobilenet_v2", weights="none", input_size=32, alpha=0.35,
-                          cache_dir=tmp, command="make_cache_v1_tiny.py")
+    cfg = resolve_config(backbone="mobilenet_v2", weights="none", input_size=32, alpha=0.35, cache_dir=tmp,
+                         command="make_cache_v1_tiny.py")
+    res = extract_dataset(root, cfg)
     res.path.replace(out)

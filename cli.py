@@ -38,7 +38,7 @@ def _registry_names() -> list[str]:
 
 
 def _head_names() -> list[str]:
-    from pipeline.heads import HEADS
+    from pipeline.fit.heads import HEADS
 
     return [*HEADS, "all"]
 
@@ -171,7 +171,7 @@ def fit(
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from rich.console import Console
 
-    from pipeline.fitrun import run_fit
+    from pipeline.fit import run_fit
 
     run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=[h.value for h in head] if head else None,
                   features=features.value, class_weight=class_weight.value, seed=seed, out=out, report=report,

@@ -9,7 +9,7 @@ MobileNetV2 weights, batch 32:
   conservative choice: the first also traces the graph, yet the second was measured slower, as the tutorial's
   dataset reshuffles and re-reads the files). Every epoch re-runs the frozen backbone over every image.
 * **extract-once** -- ``extract_dataset`` (wall time, model build included) once, then the same dense head
-  (:class:`pipeline.heads.DenseHead`, 10 epochs, no early stopping) on the cached features; each of the 5 heads is
+  (:class:`pipeline.fit.heads.DenseHead`, 10 epochs, no early stopping) on the cached features; each of the 5 heads is
   a different hyperparameter setting, as a user comparing heads would try.
 
 Ratios at 10 epochs: ``classic = heads x 10 x epoch cost`` against ``extract + sum(head fits)``, for 1 and 5 heads.
@@ -76,7 +76,7 @@ def main() -> None:
 
     from pipeline.cache import read_features
     from pipeline.extract import extract_dataset, resolve_config
-    from pipeline.heads import DenseHead
+    from pipeline.fit.heads import DenseHead
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

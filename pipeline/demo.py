@@ -48,7 +48,7 @@ def run_demo(workdir: str | Path = DEMO_DIR / "sample", cache_dir: str | Path = 
     The sample and its cache live under :data:`DEMO_DIR` by default, apart from the user's ``cache/``.
     """
     from pipeline.extract import extract_dataset, resolve_config
-    from pipeline.fitrun import run_fit
+    from pipeline.fit import run_fit
 
     root = write_sample(workdir)
     log(f"sample: {root} (scikit-image lfw_subset: 100 faces, 100 non-faces, real 25x25 greyscale photos)")

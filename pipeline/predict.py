@@ -19,6 +19,7 @@ from pipeline import cache
 from pipeline.extract.runtime import make_runtime
 from pipeline.data import looks_like_image, read_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
+from pipeline.results import load_run
 
 
 @dataclass
@@ -44,17 +45,6 @@ class RunHead:
         return str(self.cache_entry.get("feature", "avg"))
 
 
-def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """``results.json`` of a run folder, or RunError with what to do."""
-    path = Path(run_dir) / "results.json"
-    if not path.exists():
-        raise RunError(f"{run_dir} is not a run folder (no results.json); pass the folder that `fit` wrote")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read {path}: {exc}") from None
-
-
 def select_head(run_dir: str | os.PathLike, head: str | None = None) -> RunHead:
     """Pick a result of a run: by key (``mobilenet_v2-a1.0-224__logreg``), by head name, or the run's best.
 
@@ -63,11 +53,9 @@ def select_head(run_dir: str | os.PathLike, head: str | None = None) -> RunHead:
     RunError
         Unknown or ambiguous head (the message lists the run's keys).
     """
-    run = Path(run_dir)
-    res = load_results(run)
-    results = res.get("results", [])
-    if not results:
-        raise RunError(f"{run}/results.json has no fitted heads")
+    loaded = load_run(run_dir)
+    run, res = loaded.path, loaded.results
+    results = res["results"]
     keys = [r["key"] for r in results]
     if head is None:
         best = res.get("best", {}).get("key")

@@ -4,8 +4,8 @@ The page shows which head (and backbone) to pick and why: provenance of every fe
 of all fitted heads, what the feature cache saved in time, per-head confusion matrices, per-class scores, curves,
 and the most confident mistakes of the best head as small thumbnails.
 
-This module computes no metric: every number comes from ``results.json`` (schema v1, see
-``docs/results-format.md``). What it does is I/O and rendering: reading the JSON, loading and downscaling the
+This module computes no metric: every number comes from ``results.json`` (read by :mod:`pipeline.results`, see
+``docs/results-format.md``). What it does is I/O and rendering: loading and downscaling the
 mistaken images (Pillow), drawing the curves (matplotlib, Agg, inline SVG) and filling a jinja2 template
 (``pipeline/templates/report.html.j2``) with autoescaping on. The result opens offline anywhere: CSS, the small
 sorting script, plots and thumbnails are all inline, and nothing refers to a network address.
@@ -32,9 +32,7 @@ from markupsafe import Markup
 
 from pipeline import __version__
 from pipeline.errors import RunError
-
-SCHEMA_VERSION = 1
-"""The ``results.json`` schema version this module reads."""
+from pipeline.results import Run, load_run
 
 THUMB_PX = 96
 """Longest side, in pixels, of an embedded mistake thumbnail."""
@@ -66,93 +64,10 @@ RATIO_FMT = ".2f"
 IMBALANCE_WARN = 1.3
 """Largest/smallest class count from which the page warns that accuracy alone can mislead."""
 
-_REQUIRED_TOP = ("schema_version", "dataset", "protocol", "caches", "results", "best")
-_REQUIRED_RESULT = ("key", "cache_index", "head", "metrics")
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
-# ---- loading ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run folder as read from disk.
-
-    Attributes
-    ----------
-    path : Path
-        The run folder.
-    results : dict
-        The parsed ``results.json``.
-    """
-
-    path: Path
-    results: dict
-
-    @property
-    def name(self) -> str:
-        """The run folder's name (e.g. ``flowers5_20250101-120000``)."""
-        return self.path.name
-
-
-def load_run(run_dir: Path | str) -> Run:
-    """Read and check the ``results.json`` of one run folder.
-
-    Parameters
-    ----------
-    run_dir : Path or str
-        A folder written by ``fit`` (or the ``results.json`` inside it).
-
-    Returns
-    -------
-    Run
-        The folder and its parsed results.
-
-    Raises
-    ------
-    RunError
-        When the folder or its ``results.json`` is missing, is not valid JSON, has another schema version, or
-        lacks a field the report needs.
-    """
-    path = Path(run_dir).expanduser()
-    if path.is_file() and path.name == "results.json":
-        path = path.parent
-    if not path.is_dir():
-        raise RunError(f"run folder {path} does not exist: pass a folder written by `python cli.py fit`")
-    file = path / "results.json"
-    if not file.is_file():
-        raise RunError(f"{file} is missing: {path} is not a finished fit run, rerun `python cli.py fit`")
-    try:
-        results = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunError(f"{file} cannot be read as JSON ({exc}): rerun `python cli.py fit` to rewrite it") from exc
-    if not isinstance(results, dict):
-        raise RunError(f"{file} holds no JSON object: rerun `python cli.py fit` to rewrite it")
-    version = results.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise RunError(
-            f"{file} has schema_version {version!r}, this headbench reads {SCHEMA_VERSION}: "
-            "rerun `python cli.py fit` with this version"
-        )
-    missing = [k for k in _REQUIRED_TOP if k not in results]
-    if missing:
-        raise RunError(f"{file} lacks {', '.join(missing)}: rerun `python cli.py fit` to rewrite it")
-    wrong = [k for k in ("dataset", "protocol", "best") if not isinstance(results[k], dict)]
-    if not isinstance(results["caches"], list) or not all(isinstance(c, dict) for c in results["caches"]):
-        wrong.append("caches")
-    if wrong:
-        raise RunError(f"{file}: {', '.join(wrong)} not in the results format: rerun `python cli.py fit`")
-    if not isinstance(results["results"], list) or not results["results"]:
-        raise RunError(f"{file} lists no fitted head: rerun `python cli.py fit` with at least one head")
-    for i, res in enumerate(results["results"]):
-        lacking = [k for k in _REQUIRED_RESULT if not isinstance(res, dict) or k not in res]
-        if lacking:
-            raise RunError(f"{file}: results[{i}] lacks {', '.join(lacking)}: rerun `python cli.py fit`")
-        if not isinstance(res["metrics"], dict) or not isinstance(res["cache_index"], int):
-            raise RunError(f"{file}: results[{i}] is not in the results format: rerun `python cli.py fit`")
-        if not 0 <= res["cache_index"] < len(results["caches"]):
-            raise RunError(f"{file}: results[{i}] points to cache {res['cache_index']}, which is not listed")
-    return Run(path=path, results=results)
+# ---- where the page goes ---------------------------------------------------------------------------------------
 
 
 def default_report_path(run_dirs: Sequence[Path | str], out_dir: Path | str = "reports") -> Path:

@@ -11,9 +11,10 @@ from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.errors import FitError
-from pipeline.evaluate import (CV_FOLDS, compute_metrics, evaluate_head, hash_split, mistakes, plan_protocol,
-                               selection_folds)
-from pipeline.heads import HEADS
+from pipeline.fit.evaluate import evaluate_head
+from pipeline.fit.heads import HEADS
+from pipeline.fit.metrics import compute_metrics, mistakes
+from pipeline.fit.protocol import CV_FOLDS, hash_split, plan_protocol, selection_folds
 
 NAMES = ["cat", "dog", "fox"]
 

@@ -18,8 +18,8 @@ from sklearn.datasets import make_classification
 import pipeline.cache as cache_mod
 from pipeline.cache import FeatureSet
 from pipeline.errors import CacheError, FitError
-from pipeline.fitrun import leaderboard_table, run_fit
-from pipeline.heads import HEADS
+from pipeline.fit import leaderboard_table, run_fit
+from pipeline.fit.heads import HEADS
 
 CLASSES = ["ant", "bee", "wasp"]
 TOP_KEYS = {"schema_version", "created", "command", "seed", "versions", "dataset", "protocol", "caches", "results",
@@ -59,7 +59,7 @@ def quick_dense(monkeypatch):
     """A 3-epoch, one-batch-per-epoch dense head: these tests are about the run folder, not about training."""
     import dataclasses
 
-    from pipeline.heads import DenseHead
+    from pipeline.fit.heads import DenseHead
 
     spec = dataclasses.replace(HEADS["dense"], build=lambda ctx, p, s: DenseHead(
         hidden=16, epochs=3, batch_size=256, class_weight=ctx.class_weight, random_state=ctx.seed, run_eagerly=True))
@@ -233,8 +233,10 @@ def test_cli_fit_error_is_one_line(tmp_path):
     import cli
 
     res = CliRunner().invoke(cli.app, ["fit", "--cache-dir", str(tmp_path), "--head", "nope"])
-    assert res.exit_code != 0 and isinstance(res.exception, FitError)
-    assert "known heads" in str(res.exception)
+    assert res.exit_code == 2 and "nope" in res.output and "logreg" in res.output  # a usage error lists choices
+    res = CliRunner().invoke(cli.app, ["fit", "--cache-dir", str(tmp_path), "--head", "logreg"])
+    assert isinstance(res.exception, CacheError) and "\n" not in str(res.exception)
+    assert "no complete feature caches" in str(res.exception)
 
 
 # ---- real data ---------------------------------------------------------------------------------------------------

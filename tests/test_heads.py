@@ -14,8 +14,8 @@ from sklearn.datasets import make_classification
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline.errors import FitError
-from pipeline.evaluate import search
-from pipeline.heads import HEADS, DenseHead, HeadContext, get_head, resolve_heads
+from pipeline.fit.protocol import search
+from pipeline.fit.heads import HEADS, DenseHead, HeadContext, get_head, resolve_heads
 
 # Small and eager so that sklearn's ~50 checks (each fitting several times) take seconds; the contract they check
 # does not depend on how Keras executes. check_classifiers_train needs > 0.83 training accuracy in 3 epochs.

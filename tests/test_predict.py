@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def hym_run(hymenoptera_v2_cache, tmp_path_factory) -> Path:
-    from pipeline.fitrun import run_fit
+    from pipeline.fit import run_fit
 
     out = tmp_path_factory.mktemp("run") / "hym"
     run_fit(caches=[hymenoptera_v2_cache], heads=["dense", "logreg"], out=out, report=False, log=lambda m: None)

@@ -26,7 +26,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import RunError
-from pipeline.report import load_run, render_report, write_report, default_report_path
+from pipeline.report import default_report_path, render_report, write_report
+from pipeline.results import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -392,7 +393,7 @@ def test_cli_report_command(binary_run: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_real_fit_run_on_hymenoptera(hymenoptera_v2_cache: Path, tmp_path: Path) -> None:
     """The fit stage's own run folder (real MobileNetV2 features, every head) renders and checks out."""
-    from pipeline.fitrun import run_fit
+    from pipeline.fit import run_fit
 
     run = run_fit(caches=[hymenoptera_v2_cache], out=tmp_path / "hymenoptera_run", report=False, seed=0)
     out = write_report([run.run_dir], tmp_path / "hymenoptera.html")

@@ -1,7 +1,7 @@
 """The fit stage: cached features in, a run folder out (results.json, fitted heads, predictions, leaderboard).
 
 One run compares heads on one dataset, across one or several feature caches of it (e.g. MobileNet and
-MobileNetV2), by the protocol of :mod:`pipeline.evaluate`. All caches of a run are aligned on the images they have
+MobileNetV2), by the protocol of :mod:`pipeline.fit.protocol`. All caches of a run are aligned on the images they have
 in common, so every head and backbone is scored on the same rows and the same folds.
 
 Run folder (default ``reports/runs/<dataset>_<YYYYmmdd-HHMMSS>/``)::
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -29,14 +28,16 @@ import numpy as np
 
 from pipeline import package_versions
 from pipeline.errors import CacheError, FitError
-from pipeline.evaluate import HeadResult, evaluate_head, plan_protocol, selection_folds
-from pipeline.heads import HEADS, get_head, resolve_heads
+from pipeline.fit.evaluate import HeadResult, evaluate_head
+from pipeline.fit.heads import HEADS, get_head, resolve_heads
+from pipeline.fit.leaderboard import leaderboard_table
+from pipeline.fit.protocol import plan_protocol, selection_folds
+from pipeline.results import SCHEMA_VERSION, write_results
 
 __all__ = ["FitRun", "run_fit", "leaderboard_table", "result_key", "FEATURE_KINDS", "CLASS_WEIGHTS"]
 
 FEATURE_KINDS = ("avg", "max", "maps")
 CLASS_WEIGHTS = ("none", "balanced")
-RESULTS_SCHEMA_VERSION = 1
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
 
 
@@ -216,7 +217,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     ------
     FitError
         Unknown head, feature kind or class weight; several datasets without ``dataset``; caches of different
-        datasets or class sets; data the protocol cannot use (see :func:`pipeline.evaluate.plan_protocol`); an
+        datasets or class sets; data the protocol cannot use (see :func:`pipeline.fit.protocol.plan_protocol`); an
         existing non-empty ``out``.
     CacheError
         No cache found, or one that cannot be read.
@@ -301,7 +302,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     best_i = int(np.flatnonzero(np.array(scores) >= np.max(scores) - 1e-12)[0])
     best = results[best_i]
     doc = {
-        "schema_version": RESULTS_SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command or f"run_fit(heads={head_list}, features={features!r}, seed={seed})",
         "seed": int(seed),
@@ -313,9 +314,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
         "best": {"key": best["key"], "split": protocol.report_split, "metric": "accuracy",
                  "value": float(best["metrics"][protocol.report_split]["accuracy"])},
     }
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
-    tmp.replace(run_dir / "results.json")
+    write_results(run_dir, doc)
 
     run = FitRun(run_dir=run_dir, results=doc)
     if report:
@@ -323,51 +322,3 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
 
         run.report_path = write_report([run_dir])  # reports/<run name>.html, as `python cli.py report RUN` does
     return run
-
-
-def _selection_score(entry: dict[str, Any]) -> float:
-    chosen = {k: v for k, v in entry["params"].items()}
-    for cand in entry["search"]:
-        if all(chosen.get(k) == v for k, v in cand["params"].items()):
-            return float(cand["mean"])
-    return float("nan")
-
-
-def leaderboard_table(results: dict[str, Any]):
-    """A ``rich`` table of a run's heads, best selection score first, the best one marked.
-
-    Parameters
-    ----------
-    results : dict
-        The content of a ``results.json``.
-
-    Returns
-    -------
-    rich.table.Table
-    """
-    from rich.table import Table
-
-    protocol = results["protocol"]
-    split = protocol["final_splits"][-1]
-    sel = protocol["selection"]
-    sel_name = f"{protocol['cv_folds']}-fold cv" if sel == "cv" else "val"
-    entries = sorted(results["results"], key=lambda e: -_selection_score(e))
-    title = (f"{results['dataset']['name']}: heads by {sel_name} accuracy (selection); "
-             f"final numbers on {split}")
-    table = Table(title=title, title_justify="left", caption="* best: highest selection score; fit s: final refit; "
-                  "ms/1k: predict_proba time per 1,000 images", caption_justify="left")
-    widest = max(len(e["backbone_label"]) for e in entries)
-    for col, just, width in (("", "left", 1), ("head", "left", 10), ("backbone", "left", widest),
-                             (f"{sel} acc", "right", 6), ("split", "left", 5), ("accuracy", "right", 8),
-                             ("bal. acc", "right", 8), ("macro-F1", "right", 8), ("log-loss", "right", 8),
-                             ("fit s", "right", 5), ("ms/1k", "right", 6)):
-        table.add_column(col, justify=just, no_wrap=True, min_width=width)
-    best_key = results["best"]["key"]
-    for e in entries:
-        m = e["metrics"][split]
-        mark = "*" if e["key"] == best_key else ""
-        table.add_row(mark, e["head"], e["backbone_label"], f"{_selection_score(e):.3f}", split,
-                      f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}",
-                      f"{m['log_loss']:.3f}", f"{e['fit_seconds']:.2f}", f"{e['predict_ms_per_1000']:.1f}",
-                      style="bold green" if mark else None)
-    return table

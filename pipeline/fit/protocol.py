@@ -1,4 +1,4 @@
-"""The evaluation protocol and the metrics of one head on one feature set.
+"""The evaluation protocol: splits, selection folds and the hyperparameter search.
 
 Protocol
 --------
@@ -29,27 +29,24 @@ class of ``predict_proba`` (the same as ``predict`` for every registered head).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning, UndefinedMetricWarning
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss,
-                             precision_recall_curve, precision_recall_fscore_support, roc_auc_score, roc_curve,
-                             top_k_accuracy_score)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import SVC
 
 from pipeline.errors import FitError
-from pipeline.heads import HeadContext, HeadSpec, flatten_features
+from pipeline.fit.heads import HeadContext, HeadSpec
+from pipeline.results import jsonable
 
 __all__ = [
-    "Protocol", "Candidate", "HeadResult", "hash_split", "plan_protocol", "selection_folds", "search",
-    "evaluate_head", "compute_metrics", "mistakes", "TEST_FRACTION", "CV_FOLDS",
+    "Protocol", "Candidate", "hash_split", "plan_protocol", "selection_folds", "search", "best_candidate",
+    "TEST_FRACTION", "CV_FOLDS",
 ]
 
 TEST_FRACTION = 0.3
@@ -57,8 +54,6 @@ CV_FOLDS = 5
 CV_FOLDS_LARGE = 3
 CV_LARGE_ROWS = 2000
 SPLIT_SALT = "headbench-split"
-MAX_CURVE_POINTS = 200
-MAX_MISTAKES = 12
 SPLIT_ORDER = ("train", "val", "test")
 
 
@@ -285,7 +280,7 @@ class Candidate:
 
     def to_json(self) -> dict[str, Any]:
         """The ``search`` entry of results.json."""
-        return {"params": _jsonable(self.params), "mean": self.mean, "std": self.std,
+        return {"params": jsonable(self.params), "mean": self.mean, "std": self.std,
                 "scores": [float(s) for s in self.scores]}
 
 
@@ -363,237 +358,3 @@ def best_candidate(cands: list[Candidate]) -> int:
     means = np.array([c.mean for c in cands])
     top = np.nanmax(means)
     return int(np.flatnonzero(means >= top - 1e-12)[0])
-
-
-# ---- metrics -----------------------------------------------------------------------------------------------------
-
-
-def _downsample(*arrays: np.ndarray, limit: int = MAX_CURVE_POINTS) -> list[list[float]]:
-    n = len(arrays[0])
-    idx = np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(int)) if n else np.zeros(0, int)
-    return [[float(v) for v in np.asarray(a)[idx]] for a in arrays]
-
-
-def compute_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Metrics of one split from true class indices and class probabilities.
-
-    Parameters
-    ----------
-    y_true : ndarray of int, shape (n,)
-        True class indices into ``class_names``.
-    proba : ndarray of shape (n, n_classes)
-        Probabilities, columns in ``class_names`` order. The prediction is the most probable class.
-    class_names : sequence of str
-
-    Returns
-    -------
-    dict
-        ``n``, ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``log_loss``, ``top5_accuracy`` (5 or more
-        classes), ``roc_auc``, ``roc`` and ``pr`` (binary; the positive class is ``class_names[1]``; ``roc_auc``
-        is ``None`` when the split holds one class only), ``confusion_matrix`` (rows true, columns predicted) and
-        ``per_class`` precision/recall/F1/support. Curves hold at most 200 points.
-    """
-    y_true = np.asarray(y_true, dtype=np.int64)
-    proba = np.asarray(proba, dtype=np.float64)
-    k = len(class_names)
-    labels = np.arange(k)
-    pred = np.argmax(proba, axis=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        out: dict[str, Any] = {
-            "n": int(len(y_true)),
-            "accuracy": float(accuracy_score(y_true, pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
-            "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
-            "log_loss": float(log_loss(y_true, np.clip(proba, 1e-15, 1.0), labels=labels)),
-        }
-        if k >= 5:
-            out["top5_accuracy"] = float(top_k_accuracy_score(y_true, proba, k=5, labels=labels))
-        if k == 2:
-            both = len(np.unique(y_true)) == 2
-            out["roc_auc"] = float(roc_auc_score(y_true, proba[:, 1])) if both else None
-            if both:
-                fpr, tpr, _ = roc_curve(y_true, proba[:, 1])
-                prec, rec, _ = precision_recall_curve(y_true, proba[:, 1])
-                f, t = _downsample(fpr, tpr)
-                p, r = _downsample(prec, rec)
-                out["roc"] = {"fpr": f, "tpr": t}
-                out["pr"] = {"precision": p, "recall": r}
-            else:
-                out["roc"] = {"fpr": [], "tpr": []}
-                out["pr"] = {"precision": [], "recall": []}
-        out["confusion_matrix"] = confusion_matrix(y_true, pred, labels=labels).astype(int).tolist()
-        p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
-    out["per_class"] = {str(name): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                                    "support": int(s[i])} for i, name in enumerate(class_names)}
-    return out
-
-
-def mistakes(y_true: np.ndarray, proba: np.ndarray, paths: Sequence[str], splits: Sequence[str],
-             class_names: Sequence[str], limit: int = MAX_MISTAKES) -> list[dict[str, Any]]:
-    """The most confident wrong predictions, most confident first.
-
-    Parameters
-    ----------
-    y_true : ndarray of int
-    proba : ndarray of shape (n, n_classes)
-    paths, splits : sequence of str
-        Relative path and split of each row.
-    class_names : sequence of str
-    limit : int, default=12
-
-    Returns
-    -------
-    list of dict
-        ``{"path", "split", "true", "pred", "prob"}`` where ``prob`` is the probability of the wrong class.
-    """
-    pred = np.argmax(proba, axis=1)
-    wrong = np.flatnonzero(pred != np.asarray(y_true))
-    conf = proba[wrong, pred[wrong]]
-    order = wrong[np.argsort(-conf, kind="stable")][:limit]
-    return [{"path": str(paths[i]), "split": str(splits[i]), "true": str(class_names[int(y_true[i])]),
-             "pred": str(class_names[int(pred[i])]), "prob": float(proba[i, pred[i]])} for i in order]
-
-
-# ---- one head on one feature set ---------------------------------------------------------------------------------
-
-
-@dataclass
-class HeadResult:
-    """Everything measured about one head on one feature set (JSON parts via :meth:`to_json`)."""
-
-    head: str
-    params: dict[str, Any]
-    selection_split: str
-    selection_score: float
-    search: list[Candidate]
-    fit_seconds: float
-    predict_ms_per_1000: float
-    metrics: dict[str, dict[str, Any]]
-    history: dict[str, list[float]] | None
-    mistakes: list[dict[str, Any]]
-    estimator: Any
-    final_rows: np.ndarray
-    proba: np.ndarray
-
-    def to_json(self) -> dict[str, Any]:
-        """The per-head fields of a results.json entry (without key, cache and file names)."""
-        return {"head": self.head, "params": _jsonable(self.params), "selection_split": self.selection_split,
-                "search": [c.to_json() for c in self.search], "fit_seconds": float(self.fit_seconds),
-                "predict_ms_per_1000": float(self.predict_ms_per_1000), "metrics": self.metrics,
-                "history": self.history, "mistakes": self.mistakes}
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def proba_in_class_order(estimator: Any, X: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
-    """``predict_proba`` with columns reordered to ``class_names`` (the estimator was fitted on class names)."""
-    raw = np.asarray(estimator.predict_proba(X), dtype=np.float64)
-    index = {str(c): i for i, c in enumerate(class_names)}
-    out = np.zeros((len(raw), len(class_names)), dtype=np.float64)
-    for j, c in enumerate(estimator.classes_):
-        out[:, index[str(c)]] = raw[:, j]
-    return out
-
-
-def make_context(X: np.ndarray, labels: np.ndarray, splits: np.ndarray, n_classes: int, seed: int,
-                 class_weight: str | None) -> HeadContext:
-    """The :class:`HeadContext` of the final fit (the training split)."""
-    train = splits == "train"
-    counts = np.bincount(np.asarray(labels)[train], minlength=n_classes)
-    shape = tuple(int(s) for s in X.shape[1:])
-    return HeadContext(n_features=int(np.prod(shape)) if shape else 1, n_classes=n_classes, n_rows=int(train.sum()),
-                       min_class_rows=int(counts.min()), class_weight=class_weight, seed=int(seed),
-                       input_shape=shape)
-
-
-def _blas_threads(spec: HeadSpec):
-    """One BLAS thread for scikit-learn heads, whose many small products lose more to thread hand-offs than they
-    gain (a logistic-regression sweep on 2,400 x 1,280 features measured 10x slower with two threads on a busy
-    2-core machine); the Keras head keeps TensorFlow's own threading."""
-    if spec.kind != "sklearn":
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def evaluate_head(spec: HeadSpec, X: np.ndarray, labels: np.ndarray, splits: np.ndarray,
-                  class_names: Sequence[str], paths: Sequence[str], protocol: Protocol,
-                  folds: list[tuple[np.ndarray, np.ndarray]], seed: int = 0,
-                  class_weight: str | None = None) -> HeadResult:
-    """Search, refit on train, and evaluate one head on the final splits, by the module's protocol.
-
-    Parameters
-    ----------
-    spec : HeadSpec
-    X : ndarray
-        Features of all rows, ``(n, d)`` or ``(n, h, w, c)`` (flattened for heads that take 2-D input).
-    labels : ndarray of int
-        Class index of each row.
-    splits : ndarray of str
-        Split of each row (from :func:`plan_protocol`).
-    class_names, paths : sequence of str
-    protocol : Protocol
-    folds : list of (ndarray, ndarray)
-        From :func:`selection_folds` (shared by all heads of a run, so they are compared on the same folds).
-    seed : int
-    class_weight : {None, "balanced"}
-
-    Returns
-    -------
-    HeadResult
-    """
-    Xh = X if spec.takes_maps else flatten_features(X)
-    if Xh.dtype != np.float32:
-        Xh = Xh.astype(np.float32)
-    labels = np.asarray(labels, dtype=np.int64)
-    names = np.asarray([str(c) for c in class_names])
-    y = names[labels]
-    ctx = make_context(Xh, labels, splits, len(class_names), seed, class_weight)
-
-    train = np.flatnonzero(splits == "train")
-    final_rows = np.flatnonzero(np.isin(splits, protocol.final_splits))
-    with _blas_threads(spec), warnings.catch_warnings():
-        _quiet_fit_warnings()
-        cands = search(spec, ctx, Xh, y, folds)
-        best = best_candidate(cands)
-        chosen = dict(cands[best].params)
-
-        est = spec.build(ctx, chosen, False)
-        t0 = time.perf_counter()
-        est.fit(Xh[train], y[train])
-        fit_seconds = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        proba = proba_in_class_order(est, Xh[final_rows], class_names)
-        elapsed = time.perf_counter() - t0
-    ms_per_1000 = elapsed * 1000.0 * 1000.0 / max(1, len(final_rows))
-
-    metrics = {}
-    for s in protocol.final_splits:
-        m = splits[final_rows] == s
-        metrics[s] = compute_metrics(labels[final_rows][m], proba[m], class_names)
-    rep = splits[final_rows] == protocol.report_split
-    wrong = mistakes(labels[final_rows][rep], proba[rep], [paths[i] for i in final_rows[rep]],
-                     list(splits[final_rows][rep]), class_names)
-    history = None
-    if hasattr(est, "history_"):
-        history = {k: [float(v) for v in est.history_.get(k, [])]
-                   for k in ("loss", "val_loss", "accuracy", "val_accuracy")}
-    params = {**spec.fixed(ctx), **chosen}
-    if hasattr(est, "n_epochs_"):
-        params.update({"epochs_run": int(est.n_epochs_), "best_epoch": int(est.best_epoch_)})
-    return HeadResult(head=spec.name, params=params, selection_split=protocol.selection,
-                      selection_score=cands[best].mean, search=cands, fit_seconds=fit_seconds,
-                      predict_ms_per_1000=ms_per_1000, metrics=metrics, history=history, mistakes=wrong,
-                      estimator=est, final_rows=final_rows, proba=proba)

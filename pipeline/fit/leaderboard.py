@@ -1,0 +1,55 @@
+"""The leaderboard printed by ``fit``: a ``rich`` table of a run's heads from its results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["leaderboard_table"]
+
+
+def _selection_score(entry: dict[str, Any]) -> float:
+    chosen = {k: v for k, v in entry["params"].items()}
+    for cand in entry["search"]:
+        if all(chosen.get(k) == v for k, v in cand["params"].items()):
+            return float(cand["mean"])
+    return float("nan")
+
+
+def leaderboard_table(results: dict[str, Any]):
+    """A ``rich`` table of a run's heads, best selection score first, the best one marked.
+
+    Parameters
+    ----------
+    results : dict
+        The content of a ``results.json``.
+
+    Returns
+    -------
+    rich.table.Table
+    """
+    from rich.table import Table
+
+    protocol = results["protocol"]
+    split = protocol["final_splits"][-1]
+    sel = protocol["selection"]
+    sel_name = f"{protocol['cv_folds']}-fold cv" if sel == "cv" else "val"
+    entries = sorted(results["results"], key=lambda e: -_selection_score(e))
+    title = (f"{results['dataset']['name']}: heads by {sel_name} accuracy (selection); "
+             f"final numbers on {split}")
+    table = Table(title=title, title_justify="left", caption="* best: highest selection score; fit s: final refit; "
+                  "ms/1k: predict_proba time per 1,000 images", caption_justify="left")
+    widest = max(len(e["backbone_label"]) for e in entries)
+    for col, just, width in (("", "left", 1), ("head", "left", 10), ("backbone", "left", widest),
+                             (f"{sel} acc", "right", 6), ("split", "left", 5), ("accuracy", "right", 8),
+                             ("bal. acc", "right", 8), ("macro-F1", "right", 8), ("log-loss", "right", 8),
+                             ("fit s", "right", 5), ("ms/1k", "right", 6)):
+        table.add_column(col, justify=just, no_wrap=True, min_width=width)
+    best_key = results["best"]["key"]
+    for e in entries:
+        m = e["metrics"][split]
+        mark = "*" if e["key"] == best_key else ""
+        table.add_row(mark, e["head"], e["backbone_label"], f"{_selection_score(e):.3f}", split,
+                      f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}",
+                      f"{m['log_loss']:.3f}", f"{e['fit_seconds']:.2f}", f"{e['predict_ms_per_1000']:.1f}",
+                      style="bold green" if mark else None)
+    return table

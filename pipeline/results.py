@@ -1,0 +1,147 @@
+"""The one reader and writer of ``results.json``, the record a ``fit`` run leaves in its run folder.
+
+``fit`` writes it with :func:`write_results`; ``report``, ``predict`` and ``export`` read it with :func:`load_run`,
+once per command and run folder. The format is ``docs/results-format.md``; :data:`SCHEMA_VERSION` is the version
+written, :data:`READABLE_VERSIONS` the versions read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import RunError
+
+__all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "write_results", "jsonable"]
+
+SCHEMA_VERSION = 1
+"""The ``results.json`` schema version written by ``fit``."""
+
+READABLE_VERSIONS = (1,)
+"""Schema versions :func:`load_run` reads."""
+
+RESULTS_FILE = "results.json"
+
+_REQUIRED_TOP = ("schema_version", "dataset", "protocol", "caches", "results", "best")
+_REQUIRED_RESULT = ("key", "cache_index", "head", "metrics")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder as read from disk.
+
+    Attributes
+    ----------
+    path : Path
+        The run folder.
+    results : dict
+        The parsed and checked ``results.json``.
+    """
+
+    path: Path
+    results: dict
+
+    @property
+    def name(self) -> str:
+        """The run folder's name (e.g. ``flowers5_20250101-120000``)."""
+        return self.path.name
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Read and check the ``results.json`` of one run folder.
+
+    Parameters
+    ----------
+    run_dir : path
+        A folder written by ``fit`` (or the ``results.json`` inside it).
+
+    Returns
+    -------
+    Run
+
+    Raises
+    ------
+    RunError
+        The folder or its ``results.json`` is missing, is not valid JSON, has a schema version this headbench does
+        not read, or lacks a field every reader relies on. The message is one line saying what to do.
+    """
+    path = Path(run_dir).expanduser()
+    if path.is_file() and path.name == RESULTS_FILE:
+        path = path.parent
+    if not path.is_dir():
+        raise RunError(f"run folder {path} does not exist: pass a folder written by `python cli.py fit`")
+    file = path / RESULTS_FILE
+    if not file.is_file():
+        raise RunError(f"{file} is missing: {path} is not a run folder written by `python cli.py fit`")
+    try:
+        results = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{file} cannot be read as JSON ({exc}): rerun `python cli.py fit` to rewrite it") from None
+    _check(results, file)
+    return Run(path=path, results=results)
+
+
+def _check(results: Any, file: Path) -> None:
+    """Raise RunError unless ``results`` has the fields every reader relies on."""
+    if not isinstance(results, dict):
+        raise RunError(f"{file} holds no JSON object: rerun `python cli.py fit` to rewrite it")
+    version = results.get("schema_version")
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+        raise RunError(f"{file} has schema_version {version!r}, this headbench reads {readable}: "
+                       f"rerun `python cli.py fit` with this version")
+    missing = [k for k in _REQUIRED_TOP if k not in results]
+    if missing:
+        raise RunError(f"{file} lacks {', '.join(missing)}: rerun `python cli.py fit` to rewrite it")
+    wrong = [k for k in ("dataset", "protocol", "best") if not isinstance(results[k], dict)]
+    if not isinstance(results["caches"], list) or not all(isinstance(c, dict) for c in results["caches"]):
+        wrong.append("caches")
+    if wrong:
+        raise RunError(f"{file}: {', '.join(wrong)} not in the results format: rerun `python cli.py fit`")
+    if not isinstance(results["results"], list) or not results["results"]:
+        raise RunError(f"{file} lists no fitted head: rerun `python cli.py fit` with at least one head")
+    for i, res in enumerate(results["results"]):
+        lacking = [k for k in _REQUIRED_RESULT if not isinstance(res, dict) or k not in res]
+        if lacking:
+            raise RunError(f"{file}: results[{i}] lacks {', '.join(lacking)}: rerun `python cli.py fit`")
+        if not isinstance(res["metrics"], dict) or not isinstance(res["cache_index"], int):
+            raise RunError(f"{file}: results[{i}] is not in the results format: rerun `python cli.py fit`")
+        if not 0 <= res["cache_index"] < len(results["caches"]):
+            raise RunError(f"{file}: results[{i}] points to cache {res['cache_index']}, which is not listed")
+
+
+def write_results(run_dir: str | os.PathLike, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` as the run folder's ``results.json`` (atomically: a reader sees the old file or the new one).
+
+    Parameters
+    ----------
+    run_dir : path
+    doc : dict
+        The results, with plain JSON values only (no NaN or infinity).
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    file = Path(run_dir) / RESULTS_FILE
+    tmp = file.with_name(RESULTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
+    tmp.replace(file)
+    return file
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NumPy scalars turned into Python numbers and tuples into lists (dict keys as str)."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): jsonable(x) for k, x in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(x) for x in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

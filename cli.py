@@ -83,6 +83,19 @@ def main() -> None:
     sys.exit(status if isinstance(status, int) else 0)
 
 
+def _memory_size(value: str | None) -> str | None:
+    """Check ``--memory-budget`` before anything runs (a usage error, exit 2, when it is not a size)."""
+    if value is not None:
+        from pipeline.errors import FitError
+        from pipeline.fit.plan import parse_memory
+
+        try:
+            parse_memory(value)
+        except FitError as exc:
+            raise typer.BadParameter(str(exc).removeprefix("--memory-budget ")) from None
+    return value
+
+
 def _command() -> str:
     return " ".join(["python cli.py", *sys.argv[1:]])
 
@@ -167,6 +180,9 @@ def fit(
                    ] = None,
     report: Annotated[bool, typer.Option("--report/--no-report",
                                          help="Also write the HTML report (reports/<run name>.html).")] = True,
+    memory_budget: Annotated[Optional[str], typer.Option(
+        callback=_memory_size, help="Memory the features may take, e.g. 2GB or 500MB (default: half of the "
+                                    "machine's memory). Larger features are streamed from the cache.")] = None,
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from rich.console import Console
@@ -175,7 +191,7 @@ def fit(
 
     run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=[h.value for h in head] if head else None,
                   features=features.value, class_weight=class_weight.value, seed=seed, out=out, report=report,
-                  command=_command(), log=lambda m: typer.echo(m, err=True))
+                  command=_command(), memory_budget_text=memory_budget, log=lambda m: typer.echo(m, err=True))
     table = run.leaderboard()
     console = Console()
     need = console.measure(table, options=console.options.update_width(10_000)).maximum

@@ -438,6 +438,8 @@ class ResultView:
     mistakes: list[dict] = field(default_factory=list)
     model_file: str = ""
     predictions_file: str = ""
+    cost: list[str] = field(default_factory=list)
+    approximate: bool = False
 
 
 def _split_view(run: int, idx: int, res: dict, split: str, class_names: list[str]) -> dict:
@@ -475,21 +477,30 @@ def _split_view(run: int, idx: int, res: dict, split: str, class_names: list[str
 
 
 def _selection(res: dict) -> tuple[int | None, dict | None]:
-    """The search entry of the chosen hyperparameters, else the one with the best mean.
-
-    A search entry names only the hyperparameters that were searched, so it matches when each of its values equals
-    the chosen one; among several matches the most specific (most keys), then the best mean, wins.
-    """
+    """The search entry of the chosen candidate, as results.json records it (``selection.index``)."""
     search = res.get("search") or []
-    chosen = res.get("params") if isinstance(res.get("params"), dict) else {}
-    matches = [(j, e) for j, e in enumerate(search) if isinstance(e, dict) and isinstance(e.get("params"), dict)
-               and all(k in chosen and chosen[k] == v for k, v in e["params"].items())]
-    if matches:
-        return max(matches, key=lambda je: (len(je[1]["params"]), _num(je[1].get("mean")), -je[0]))
-    scored = [(j, e) for j, e in enumerate(search) if isinstance(e, dict) and isinstance(e.get("mean"), (int, float))]
-    if scored:
-        return max(scored, key=lambda je: je[1]["mean"])
+    sel = res.get("selection") if isinstance(res.get("selection"), dict) else {}
+    j = sel.get("index")
+    if isinstance(j, int) and 0 <= j < len(search) and isinstance(search[j], dict):
+        return j, search[j]
     return None, None
+
+
+def _cost_notes(cost: Any) -> list[str]:
+    """What the page says of how a head was fitted: approximation, streamed data, search subsample, index size."""
+    if not isinstance(cost, dict):
+        return []
+    notes = []
+    if cost.get("approximation"):
+        notes.append(f"approximation ({cost.get('form')}): {cost['approximation']}")
+    if cost.get("data") == "streamed":
+        notes.append("features streamed from the cache (they exceed the memory budget)")
+    if cost.get("subsample"):
+        notes.append(f"hyperparameters searched on a stratified subsample of {cost.get('search_rows', 0):,} of "
+                     f"{cost.get('train_rows', 0):,} training rows; refitted on all {cost.get('refit_rows', 0):,}")
+    if cost.get("index_rows") and cost.get("index_rows") != cost.get("train_rows"):
+        notes.append(f"k-NN index of {cost['index_rows']:,} training rows")
+    return notes
 
 
 def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | None]) -> dict:
@@ -555,6 +566,8 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
             fit=Num(res.get("fit_seconds"), base + ("fit_seconds",), SECONDS_FMT, ri),
             predict=Num(res.get("predict_ms_per_1000"), base + ("predict_ms_per_1000",), MS_FMT, ri),
             model_file=str(res.get("model_file") or ""), predictions_file=str(res.get("predictions_file") or ""),
+            cost=_cost_notes(res.get("cost")),
+            approximate=bool(isinstance(res.get("cost"), dict) and res["cost"].get("approximation")),
         )
         view.splits = [_split_view(ri, idx, res, s, class_names) for s in final_splits if s in res["metrics"]]
         for k, e in enumerate(res.get("search") or []):
@@ -623,7 +636,26 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         "final_splits": final_splits, "timing": timing,
         "time_plot": _plot_times(time_rows, salt=f"r{ri}-times"),
         "versions": r.get("versions") or {},
+        "skipped": [{"head": str(sk.get("head", "")), "backbone": str(sk.get("backbone_label", "")),
+                     "reason": str(sk.get("reason", ""))} for sk in (r.get("skipped") or []) if isinstance(sk, dict)],
+        "budget": _budget(r.get("memory_budget")),
+        "search": _search_note(protocol.get("search") if isinstance(protocol.get("search"), dict) else None),
     }
+
+
+def _budget(budget: Any) -> str:
+    """The memory budget of the fit, as the page states it."""
+    if not isinstance(budget, dict) or not isinstance(budget.get("bytes"), (int, float)):
+        return ""
+    return f"{budget['bytes'] / 1e9:.1f} GB ({budget.get('source', '')})"
+
+
+def _search_note(search: dict | None) -> str:
+    """One sentence on the search rows, when they are a subsample."""
+    if not search or not search.get("subsample"):
+        return ""
+    return (f"Hyperparameters were searched on a stratified subsample of {search.get('search_rows', 0):,} of the "
+            f"{search.get('train_rows', 0):,} training rows; every chosen head was refitted on all of them.")
 
 
 def _columns(runs: Sequence[Run]) -> list[Column]:

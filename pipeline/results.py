@@ -15,13 +15,18 @@ from typing import Any
 
 from pipeline.errors import RunError
 
-__all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "write_results", "jsonable"]
+__all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
+           "jsonable"]
 
-SCHEMA_VERSION = 1
-"""The ``results.json`` schema version written by ``fit``."""
+SCHEMA_VERSION = 2
+"""The ``results.json`` schema version written by ``fit``. Version 2 added the chosen candidate and its selection
+score (``results[].selection``), how each head was fitted (``results[].cost``: form, approximation, streamed or in
+memory, search subsample), the heads that were skipped with the reason (``skipped``) and the memory budget; a
+version-1 reader would silently show neither the skipped heads nor the approximations."""
 
-READABLE_VERSIONS = (1,)
-"""Schema versions :func:`load_run` reads."""
+READABLE_VERSIONS = (1, 2)
+"""Schema versions :func:`load_run` reads (version 1 is brought to version 2's shape in memory: see
+:func:`upgrade`)."""
 
 RESULTS_FILE = "results.json"
 
@@ -81,7 +86,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunError(f"{file} cannot be read as JSON ({exc}): rerun `python cli.py fit` to rewrite it") from None
     _check(results, file)
-    return Run(path=path, results=results)
+    return Run(path=path, results=upgrade(results))
 
 
 def _check(results: Any, file: Path) -> None:
@@ -111,6 +116,43 @@ def _check(results: Any, file: Path) -> None:
             raise RunError(f"{file}: results[{i}] is not in the results format: rerun `python cli.py fit`")
         if not 0 <= res["cache_index"] < len(results["caches"]):
             raise RunError(f"{file}: results[{i}] points to cache {res['cache_index']}, which is not listed")
+        if version >= 2 and not (isinstance(res.get("selection"), dict)
+                                 and isinstance(res["selection"].get("index"), int)):
+            raise RunError(f"{file}: results[{i}] lacks its selection: rerun `python cli.py fit`")
+    if version >= 2 and not isinstance(results.get("skipped", []), list):
+        raise RunError(f"{file}: skipped is not in the results format: rerun `python cli.py fit`")
+
+
+def _selection_of(res: dict[str, Any]) -> dict[str, Any] | None:
+    """Version 1 recorded no chosen candidate: the search entry whose params the chosen params contain (the most
+    specific, then the best mean), else the best mean -- what version-1 readers matched."""
+    search = [e for e in (res.get("search") or []) if isinstance(e, dict)]
+    chosen = res.get("params") if isinstance(res.get("params"), dict) else {}
+    matches = [(j, e) for j, e in enumerate(search) if isinstance(e.get("params"), dict)
+               and all(k in chosen and chosen[k] == v for k, v in e["params"].items())]
+    scored = [(j, e) for j, e in enumerate(search) if isinstance(e.get("mean"), (int, float))]
+    pool = matches or scored
+    if not pool:
+        return None
+
+    def rank(je: tuple[int, dict]) -> tuple:
+        mean = je[1].get("mean")
+        return (len(je[1].get("params") or {}), mean if isinstance(mean, (int, float)) else float("-inf"), -je[0])
+
+    j, e = max(pool, key=rank)
+    return {"index": j, "score": e.get("mean"), "std": e.get("std")}
+
+
+def upgrade(results: dict[str, Any]) -> dict[str, Any]:
+    """A checked results dict in version 2's shape: version 1 gets ``selection`` per result (see above), ``cost``
+    None (the plan was not recorded), no skipped heads and no memory budget. The file's ``schema_version`` is kept."""
+    if results.get("schema_version") == 1:
+        for res in results["results"]:
+            res.setdefault("selection", _selection_of(res))
+            res.setdefault("cost", None)
+        results.setdefault("skipped", [])
+        results.setdefault("memory_budget", None)
+    return results
 
 
 def write_results(run_dir: str | os.PathLike, doc: dict[str, Any]) -> Path:

@@ -22,10 +22,11 @@ from pipeline.fit import leaderboard_table, run_fit
 from pipeline.fit.heads import HEADS
 
 CLASSES = ["ant", "bee", "wasp"]
-TOP_KEYS = {"schema_version", "created", "command", "seed", "versions", "dataset", "protocol", "caches", "results",
-            "best"}
-RESULT_KEYS = {"key", "cache_index", "backbone_label", "head", "params", "selection_split", "search", "fit_seconds",
-               "predict_ms_per_1000", "metrics", "history", "mistakes", "model_file", "predictions_file"}
+TOP_KEYS = {"schema_version", "created", "command", "seed", "versions", "memory_budget", "dataset", "protocol",
+            "caches", "results", "skipped", "best"}
+RESULT_KEYS = {"key", "cache_index", "backbone_label", "head", "params", "selection_split", "selection", "search",
+               "cost", "search_seconds", "fit_seconds", "predict_ms_per_1000", "metrics", "history", "mistakes",
+               "model_file", "predictions_file"}
 METRIC_KEYS = {"n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "confusion_matrix", "per_class"}
 
 
@@ -66,6 +67,29 @@ def quick_dense(monkeypatch):
     monkeypatch.setitem(HEADS, "dense", spec)
 
 
+class FakeReader:
+    """A :class:`pipeline.cache.FeatureReader` over a synthetic FeatureSet (counts the rows it is asked to read)."""
+
+    def __init__(self, fs: FeatureSet) -> None:
+        self.fs, self.path, self.meta = fs, fs.path, fs.meta
+        self.class_names, self.paths, self.labels = fs.class_names, fs.paths, fs.labels
+        self.splits, self.failed = fs.splits, fs.failed
+        self.shape = tuple(fs.features.shape[1:])
+        self.n = len(fs.paths)
+        self.rows_read = 0
+
+    def read(self, idx=None):
+        idx = np.arange(self.n) if idx is None else np.asarray(idx)
+        self.rows_read += len(idx)
+        return self.fs.features[idx]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 @pytest.fixture
 def fake_caches(monkeypatch, tmp_path):
     """Register synthetic FeatureSets as if they were cache files in tmp_path/cache."""
@@ -87,6 +111,7 @@ def fake_caches(monkeypatch, tmp_path):
     monkeypatch.setattr(cache_mod, "find_caches", find_caches)
     monkeypatch.setattr(cache_mod, "read_meta", lambda p: store[str(p)].meta)
     monkeypatch.setattr(cache_mod, "read_features", lambda p, kind="avg", expect=None: store[str(p)])
+    monkeypatch.setattr(cache_mod, "open_features", lambda p, kind="avg", expect=None: FakeReader(store[str(p)]))
     add.dir = cache_dir
     return add
 
@@ -101,7 +126,7 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
     run = run_fit(fake_caches.dir, heads=["logreg", "knn", "dense"], out=out, report=False, command="test",
                   log=_quiet)
     doc = json.loads((out / "results.json").read_text())
-    assert doc == run.results and set(doc) == TOP_KEYS and doc["schema_version"] == 1
+    assert doc == run.results and set(doc) == TOP_KEYS and doc["schema_version"] == 2
     ds = doc["dataset"]
     assert ds["split_source"] == "hash" and ds["class_names"] == CLASSES and set(ds["counts"]) == {"train", "test"}
     assert ds["failed"] == [{"path": "bee/broken.jpg", "reason": "cannot identify image file"}]
@@ -121,10 +146,13 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
             rows = list(csv.DictReader(f))
         assert len(rows) == r["metrics"]["test"]["n"] and set(rows[0]) == {"path", "split", "true", "pred",
                                                                            "p_ant", "p_bee", "p_wasp"}
-    # best = highest selection score, its value read on the final split
-    def sel(r):
-        return max(c["mean"] for c in r["search"])
-    best = max(doc["results"], key=sel)
+    # the chosen candidate and its score are recorded; best = highest selection score, read on the final split
+    for r in doc["results"]:
+        chosen = r["search"][r["selection"]["index"]]
+        assert r["selection"]["score"] == chosen["mean"] == max(c["mean"] for c in r["search"])
+        assert all(r["params"][k] == v for k, v in chosen["params"].items())
+        assert r["cost"]["form"] == "exact" and r["cost"]["data"] == "memory" and not r["cost"]["subsample"]
+    best = max(doc["results"], key=lambda r: r["selection"]["score"])
     assert doc["best"] == {"key": best["key"], "split": "test", "metric": "accuracy",
                            "value": best["metrics"]["test"]["accuracy"]}
     # heads load without this project's code: joblib pipeline predicts class names, .keras is plain Keras

@@ -2,7 +2,8 @@
 to results.json as printed, self-containment, sizes, errors, the CLI command, and a real render in headless
 Chromium driven over the DevTools protocol.
 
-Synthetic run folders (results.json schema v1 plus a few tiny generated images) are made by :func:`make_run`;
+Synthetic run folders (results.json schema v2, or v1, plus a few tiny generated images) are made by
+:func:`make_run`; a results.json written by the schema-1 writer is kept in tests/data/results_v1;
 a real fit run is rendered when the fit stage and the shared data are available.
 """
 
@@ -72,8 +73,13 @@ def make_run(base: Path, name: str = "synthetic_20250101-120000", *, classes: tu
              heads: tuple[str, ...] = ("logreg", "linear_svm", "knn", "dense"),
              backbones: tuple[str, ...] = ("mobilenet_v2-a1.0-224",), final_splits: tuple[str, ...] = ("val",),
              selection: str = "cv", n_images: int = 4, n_mistakes: int = 5, missing_thumbnail: bool = True,
-             seed: int = 0, dataset_name: str = "synthetic", thumb_size: tuple[int, int] = (40, 30)) -> Path:
-    """Write a synthetic run folder (results.json v1 and the images its mistakes point to) and return it."""
+             seed: int = 0, dataset_name: str = "synthetic", thumb_size: tuple[int, int] = (40, 30),
+             schema: int = 2, skipped: tuple[str, ...] = (), approximate: tuple[str, ...] = ()) -> Path:
+    """Write a synthetic run folder (results.json of ``schema`` and the images its mistakes point to) and return it.
+
+    With schema 2, heads in ``approximate`` are recorded as fitted in a batch form on streamed features with a search
+    subsample, and heads in ``skipped`` as skipped with a reason.
+    """
     rng = np.random.default_rng(seed)
     classes = list(classes)
     binary = len(classes) == 2
@@ -112,6 +118,7 @@ def make_run(base: Path, name: str = "synthetic_20250101-120000", *, classes: tu
                       for c in ([0.01, 0.1, 1.0, 10.0] if "C" in params else [None])]
             if "C" in params:
                 search = [dict(s, params={"C": c}) for s, c in zip(search, [0.01, 0.1, 1.0, 10.0])]
+            chosen = [0.01, 0.1, 1.0, 10.0].index(params["C"]) if "C" in params else 0
             metrics = {s: _metrics(rng, classes, 40 * len(classes), binary) for s in final_splits}
             mistakes = []
             for k in range(n_mistakes):
@@ -131,10 +138,22 @@ def make_run(base: Path, name: str = "synthetic_20250101-120000", *, classes: tu
                 "mistakes": mistakes,
                 "model_file": f"heads/{key}.{'keras' if head == 'dense' else 'joblib'}",
                 "predictions_file": f"predictions/{key}.csv"})
+            if schema >= 2:
+                approx = head in approximate
+                results[-1].update(
+                    selection={"index": chosen, "score": search[chosen]["mean"], "std": search[chosen]["std"]},
+                    search_seconds=float(rng.uniform(0.1, 5)),
+                    cost={"form": "minibatch" if approx else "exact",
+                          "approximation": "mini-batch solver of the same objective" if approx else None,
+                          "data": "streamed" if approx else "memory", "train_rows": 50000,
+                          "search_rows": 10000 if approx else 50000, "subsample": approx, "refit_rows": 50000,
+                          "reason": "synthetic"})
+    skipped_json = [{"key": f"{backbones[0]}__{h}", "cache_index": 0, "backbone_label": backbones[0], "head": h,
+                     "reason": f"{h} does not fit the memory budget (synthetic)", "cost": None} for h in skipped]
     best_i = 1 if len(results) > 1 else 0
     best = results[best_i]
     out = {
-        "schema_version": 1, "created": "2025-01-01T12:00:00+00:00",
+        "schema_version": schema, "created": "2025-01-01T12:00:00+00:00",
         "command": f"python cli.py fit {dataset_name} --heads {','.join(heads)}", "seed": 0,
         "versions": {"headbench": "0.1.0", "scikit-learn": "1.9.0", "numpy": "2.3.0"},
         "dataset": {"name": dataset_name, "root": str(data_root), "class_names": classes, "counts": counts,
@@ -149,6 +168,8 @@ def make_run(base: Path, name: str = "synthetic_20250101-120000", *, classes: tu
         "best": {"key": best["key"], "split": final_splits[0], "metric": "accuracy",
                  "value": best["metrics"][final_splits[0]]["accuracy"]},
     }
+    if schema >= 2:
+        out.update(skipped=skipped_json, memory_budget={"bytes": 2_000_000_000, "source": "--memory-budget 2GB"})
     (run / "results.json").write_text(json.dumps(out, indent=1))
     return run
 
@@ -335,6 +356,85 @@ def test_minimal_results_json_renders(tmp_path: Path) -> None:
     assert "No best head recorded" in render_report([load_run(run)])
 
 
+def test_skipped_heads_and_approximations_are_shown(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "scale", heads=("logreg", "linear_svm", "dense"), skipped=("svm", "knn"),
+                   approximate=("linear_svm",))
+    html = write_report([run], tmp_path / "scale.html").read_text(encoding="utf-8")
+    doc = _parse_strict(html)
+    results = json.loads((run / "results.json").read_text())
+    assert len(doc.findall(".//table[@id='board']/tbody/tr")) == 3  # the leaderboard ranks fitted heads only
+    box = doc.find(".//*[@id='skipped0']")
+    assert box is not None and "2 heads skipped" in _text(box)
+    assert "svm does not fit the memory budget (synthetic)" in _text(box) and "knn" in _text(box)
+    row = doc.find(".//table[@id='board']/tbody/tr[@data-key='mobilenet_v2-a1.0-224__linear_svm']")
+    assert "approx." in _text(row)
+    details = doc.find(".//details[@data-key='mobilenet_v2-a1.0-224__linear_svm']")
+    notes = _text(details.find(".//ul[@class='cost']"))
+    assert "mini-batch solver" in notes and "streamed" in notes
+    assert "subsample of 10,000 of 50,000 training rows; refitted on all 50,000" in notes
+    assert details.find(".//ul[@class='cost']") is not None
+    assert doc.find(".//details[@data-key='mobilenet_v2-a1.0-224__logreg']//ul[@class='cost']") is None
+    assert "Memory budget" in html and "--memory-budget 2GB" in html
+    assert _check_numbers(doc, [results]) > 50
+
+
+def test_schema_1_results_are_read_with_the_same_loader(tmp_path: Path) -> None:
+    """A results.json written by the schema-1 writer: loaded (chosen candidate recovered), reported, and shared by
+    report and predict."""
+    run = tmp_path / "old_run"
+    run.mkdir()
+    shutil.copy(ROOT / "tests" / "data" / "results_v1" / "results.json", run / "results.json")
+    loaded = load_run(run)
+    raw = json.loads((run / "results.json").read_text())
+    assert raw["schema_version"] == 1 and "selection" not in raw["results"][0]
+    for res in loaded.results["results"]:
+        chosen = res["search"][res["selection"]["index"]]
+        assert all(res["params"][k] == v for k, v in chosen["params"].items())
+        assert res["selection"]["score"] == chosen["mean"] and res["cost"] is None
+    assert loaded.results["skipped"] == []
+    html = render_report([loaded])
+    doc = _parse_strict(html)
+    assert len(doc.findall(".//table[@id='board']/tbody/tr")) == len(raw["results"]) == 4
+    assert _check_numbers(doc, [raw]) > 50  # every number still points into the file as written
+    from pipeline.predict import select_head
+
+    assert select_head(run, "knn").key == "mobilenet_v2-a1.0-224__knn"
+    assert select_head(run).key == raw["best"]["key"]
+
+
+def test_report_and_predict_read_results_json_once_through_one_loader(binary_run: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.predict as predict_mod
+    import pipeline.report as report_mod
+    import pipeline.results as results_mod
+
+    reads: list[Path] = []
+    real = results_mod.load_run
+
+    def counting(run_dir):
+        reads.append(Path(run_dir))
+        return real(run_dir)
+
+    monkeypatch.setattr(report_mod, "load_run", counting)
+    monkeypatch.setattr(predict_mod, "load_run", counting)
+    write_report([binary_run], tmp_path / "once.html")
+    assert reads == [binary_run]
+    reads.clear()
+    predict_mod.select_head(binary_run, "logreg")
+    assert reads == [binary_run]
+    assert report_mod.load_run is predict_mod.load_run is counting  # the same function serves both
+    opened: list[str] = []
+    real_read = Path.read_text
+
+    def read_text(self, *a, **kw):
+        opened.append(self.name)
+        return real_read(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    write_report([binary_run], tmp_path / "twice.html")
+    assert opened.count("results.json") == 1
+
+
 def test_escaping_of_hostile_names(tmp_path: Path) -> None:
     run = make_run(tmp_path, "hostile", classes=('<script>alert("x")</script>', "b&b"), heads=("logreg", "knn"))
     data = json.loads((run / "results.json").read_text())
@@ -358,8 +458,12 @@ def test_run_errors_are_one_actionable_line(tmp_path: Path, binary_run: Path) ->
     with pytest.raises(RunError, match="cannot be read as JSON"):
         load_run(bad)
     data = json.loads((binary_run / "results.json").read_text())
-    (bad / "results.json").write_text(json.dumps(dict(data, schema_version=2)))
-    with pytest.raises(RunError, match="schema_version 2"):
+    (bad / "results.json").write_text(json.dumps(dict(data, schema_version=3)))
+    with pytest.raises(RunError, match="schema_version 3, this headbench reads 1, 2"):
+        load_run(bad)
+    no_selection = dict(data, results=[{k: v for k, v in r.items() if k != "selection"} for r in data["results"]])
+    (bad / "results.json").write_text(json.dumps(no_selection))
+    with pytest.raises(RunError, match="lacks its selection"):
         load_run(bad)
     (bad / "results.json").write_text(json.dumps({k: v for k, v in data.items() if k != "caches"}))
     with pytest.raises(RunError, match="lacks caches"):

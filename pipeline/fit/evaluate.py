@@ -1,21 +1,29 @@
-"""One head on one feature set: search, refit on train, evaluate on the final splits (see :mod:`.protocol`)."""
+"""One head on one feature set: search, refit on train, evaluate on the final splits (see :mod:`.protocol`).
+
+The rows come from a :class:`FitData`: a cache's labels, splits and paths in memory, and its features either in
+memory or read in blocks from the open cache. The head is fitted in the form its :class:`~pipeline.fit.plan.
+HeadPlan` says; the search scores that same form on the search rows (all training rows, or the subsample), the
+chosen candidate is refitted on every training row, and the final splits are predicted block by block.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.fit.heads import HeadContext, HeadSpec, flatten_features
 from pipeline.fit.metrics import compute_metrics, mistakes
-from pipeline.fit.protocol import Candidate, Protocol, _quiet_fit_warnings, best_candidate, search
+from pipeline.fit.plan import CachePlan, CostPolicy, HeadPlan, MemoryBudget, plan_cache, plan_head
+from pipeline.fit.protocol import Candidate, Protocol, SearchRows, _quiet_fit_warnings, best_candidate, search
+from pipeline.fit.stream import ArraySource, ReaderSource, RowSource
 from pipeline.results import jsonable
 
-__all__ = ["HeadResult", "evaluate_head", "make_context", "proba_in_class_order"]
+__all__ = ["HeadResult", "FitData", "evaluate_head", "evaluate_planned", "make_context", "proba_in_class_order"]
 
 
 @dataclass
@@ -35,13 +43,84 @@ class HeadResult:
     estimator: Any
     final_rows: np.ndarray
     proba: np.ndarray
+    selection_index: int = 0
+    search_seconds: float = 0.0
+    cost: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The per-head fields of a results.json entry (without key, cache and file names)."""
+        chosen = self.search[self.selection_index]
         return {"head": self.head, "params": jsonable(self.params), "selection_split": self.selection_split,
-                "search": [c.to_json() for c in self.search], "fit_seconds": float(self.fit_seconds),
+                "selection": {"index": int(self.selection_index), "score": chosen.mean, "std": chosen.std},
+                "search": [c.to_json() for c in self.search], "cost": jsonable(self.cost),
+                "search_seconds": float(self.search_seconds), "fit_seconds": float(self.fit_seconds),
                 "predict_ms_per_1000": float(self.predict_ms_per_1000), "metrics": self.metrics,
                 "history": self.history, "mistakes": self.mistakes}
+
+
+@dataclass
+class FitData:
+    """One cache's rows during a fit.
+
+    Attributes
+    ----------
+    labels : ndarray of int
+        Class index of every row of the run (rows aligned across the run's caches).
+    class_names : list of str
+    shape : tuple of int
+        Shape of one row's features.
+    X : ndarray or None
+        Features of the rows in ``held`` (all rows used by the run when the features are in memory; the search
+        rows when they are streamed).
+    held : ndarray
+        Sorted rows whose features are in ``X``.
+    reader : FeatureReader or None
+        The open cache, when features are streamed.
+    reader_rows : ndarray or None
+        Reader row (index into ``reader.paths``) of every row of the run.
+    plan : CachePlan
+    """
+
+    labels: np.ndarray
+    class_names: list[str]
+    shape: tuple[int, ...]
+    X: np.ndarray | None
+    held: np.ndarray
+    plan: CachePlan
+    reader: Any = None
+    reader_rows: np.ndarray | None = None
+
+    def _pos(self, rows: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.held, rows)
+        if len(rows) and (pos.max() >= len(self.held) or not np.array_equal(self.held[pos], rows)):
+            raise ValueError("internal: rows asked for are not held in memory")
+        return pos
+
+    def held_features(self, rows: np.ndarray) -> np.ndarray:
+        """Features of rows held in memory (a copy in ``rows`` order)."""
+        return self.X[self._pos(np.asarray(rows, dtype=np.int64))]
+
+    def source(self, rows: np.ndarray) -> RowSource:
+        """The training rows ``rows`` as a source: from memory, or read from the cache in blocks."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.reader is None:
+            return ArraySource(self.X, self.labels[rows], self.class_names, index=self._pos(rows))
+        return ReaderSource(self.reader, self.reader_rows[rows], self.labels[rows], self.class_names,
+                            block_rows=self.plan.block_rows,
+                            buffer_blocks=max(1, self.plan.buffer_rows // self.plan.block_rows))
+
+    def blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Features of ``rows`` in order, in blocks of at most the plan's buffer: ``(positions, features)``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        step = self.plan.buffer_rows
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            if self.reader is None:
+                yield np.arange(start, start + len(part)), self.X[self._pos(part)]
+            else:
+                src = ReaderSource(self.reader, self.reader_rows[part], self.labels[part], self.class_names,
+                                   block_rows=self.plan.block_rows)
+                yield np.arange(start, start + len(part)), src.take(np.arange(len(part)))
 
 
 def proba_in_class_order(estimator: Any, X: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
@@ -54,12 +133,12 @@ def proba_in_class_order(estimator: Any, X: np.ndarray, class_names: Sequence[st
     return out
 
 
-def make_context(X: np.ndarray, labels: np.ndarray, splits: np.ndarray, n_classes: int, seed: int,
+def make_context(shape: tuple[int, ...], labels: np.ndarray, splits: np.ndarray, n_classes: int, seed: int,
                  class_weight: str | None) -> HeadContext:
     """The :class:`HeadContext` of the final fit (the training split)."""
     train = splits == "train"
     counts = np.bincount(np.asarray(labels)[train], minlength=n_classes)
-    shape = tuple(int(s) for s in X.shape[1:])
+    shape = tuple(int(s) for s in shape)
     return HeadContext(n_features=int(np.prod(shape)) if shape else 1, n_classes=n_classes, n_rows=int(train.sum()),
                        min_class_rows=int(counts.min()), class_weight=class_weight, seed=int(seed),
                        input_shape=shape)
@@ -76,55 +155,71 @@ def _blas_threads(spec: HeadSpec):
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def evaluate_head(spec: HeadSpec, X: np.ndarray, labels: np.ndarray, splits: np.ndarray,
-                  class_names: Sequence[str], paths: Sequence[str], protocol: Protocol,
-                  folds: list[tuple[np.ndarray, np.ndarray]], seed: int = 0,
-                  class_weight: str | None = None) -> HeadResult:
-    """Search, refit on train, and evaluate one head on the final splits, by the module's protocol.
+def _working_memory(plan: CachePlan):
+    """Bound scikit-learn's chunked pairwise computations (k-NN distances) to an eighth of the budget."""
+    import sklearn
+
+    mib = max(16, int(plan.budget.bytes // 8 // 2 ** 20))
+    return sklearn.config_context(working_memory=min(1024, mib))
+
+
+def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.ndarray, paths: Sequence[str],
+                     protocol: Protocol, srows: SearchRows) -> HeadResult:
+    """Search, refit on every training row and evaluate one head on the final splits, as ``hp`` plans it.
 
     Parameters
     ----------
     spec : HeadSpec
-    X : ndarray
-        Features of all rows, ``(n, d)`` or ``(n, h, w, c)`` (flattened for heads that take 2-D input).
-    labels : ndarray of int
-        Class index of each row.
+    hp : HeadPlan
+        From :func:`pipeline.fit.plan.plan_head` (not skipped).
+    data : FitData
     splits : ndarray of str
-        Split of each row (from :func:`plan_protocol`).
-    class_names, paths : sequence of str
+        Split of every row of the run.
+    paths : sequence of str
+        Relative path of every row of the run.
     protocol : Protocol
-    folds : list of (ndarray, ndarray)
-        From :func:`selection_folds` (shared by all heads of a run, so they are compared on the same folds).
-    seed : int
-    class_weight : {None, "balanced"}
+    srows : SearchRows
+        The search's folds (shared by every head and cache of the run).
 
     Returns
     -------
     HeadResult
     """
-    Xh = X if spec.takes_maps else flatten_features(X)
-    if Xh.dtype != np.float32:
-        Xh = Xh.astype(np.float32)
-    labels = np.asarray(labels, dtype=np.int64)
+    if hp.form is None:
+        raise ValueError(f"internal: head {spec.name} is skipped: {hp.skipped}")
+    ctx, form = hp.ctx, hp.form
+    class_names = list(data.class_names)
     names = np.asarray([str(c) for c in class_names])
-    y = names[labels]
-    ctx = make_context(Xh, labels, splits, len(class_names), seed, class_weight)
-
+    labels = np.asarray(data.labels, dtype=np.int64)
     train = np.flatnonzero(splits == "train")
     final_rows = np.flatnonzero(np.isin(splits, protocol.final_splits))
-    with _blas_threads(spec), warnings.catch_warnings():
+
+    def as_input(X: np.ndarray) -> np.ndarray:
+        return X if spec.takes_maps else flatten_features(X)
+
+    reuse: dict[int, Any] = {}
+    with _blas_threads(spec), _working_memory(data.plan), warnings.catch_warnings():
         _quiet_fit_warnings()
-        cands = search(spec, ctx, Xh, y, folds)
+        t0 = time.perf_counter()
+        Xs = as_input(data.held_features(srows.rows))
+        local = [(np.searchsorted(srows.rows, f), np.searchsorted(srows.rows, s)) for f, s in srows.folds]
+        cands = search(spec, ctx, Xs, names[labels[srows.rows]], local, form=form, reuse=reuse)
+        del Xs
+        search_seconds = time.perf_counter() - t0
         best = best_candidate(cands)
         chosen = dict(cands[best].params)
 
-        est = spec.build(ctx, chosen, False)
+        est = None
+        if spec.search_path == "reuse" and best in reuse:  # same network, compiled once: refit it on all rows
+            est = reuse[best].set_params(**spec.build(ctx, chosen, False).get_params())
         t0 = time.perf_counter()
-        est.fit(Xh[train], y[train])
+        est = form.fit(ctx, chosen, data.source(train), False, spec, est=est)
         fit_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        proba = proba_in_class_order(est, Xh[final_rows], class_names)
+        proba = np.zeros((len(final_rows), len(class_names)), dtype=np.float64)
+        for pos, X in data.blocks(final_rows):
+            proba[pos] = proba_in_class_order(est, as_input(X), class_names)
         elapsed = time.perf_counter() - t0
     ms_per_1000 = elapsed * 1000.0 * 1000.0 / max(1, len(final_rows))
 
@@ -145,4 +240,50 @@ def evaluate_head(spec: HeadSpec, X: np.ndarray, labels: np.ndarray, splits: np.
     return HeadResult(head=spec.name, params=params, selection_split=protocol.selection,
                       selection_score=cands[best].mean, search=cands, fit_seconds=fit_seconds,
                       predict_ms_per_1000=ms_per_1000, metrics=metrics, history=history, mistakes=wrong,
-                      estimator=est, final_rows=final_rows, proba=proba)
+                      estimator=est, final_rows=final_rows, proba=proba, selection_index=best,
+                      search_seconds=search_seconds, cost=hp.to_json(srows.to_json()))
+
+
+def evaluate_head(spec: HeadSpec, X: np.ndarray, labels: np.ndarray, splits: np.ndarray,
+                  class_names: Sequence[str], paths: Sequence[str], protocol: Protocol,
+                  folds: list[tuple[np.ndarray, np.ndarray]], seed: int = 0,
+                  class_weight: str | None = None, budget: MemoryBudget | None = None,
+                  policy: CostPolicy | None = None) -> HeadResult:
+    """Search, refit on train, and evaluate one head on features in memory, by the module's protocol.
+
+    Parameters
+    ----------
+    spec : HeadSpec
+    X : ndarray
+        Features of all rows, ``(n, d)`` or ``(n, h, w, c)`` (flattened for heads that take 2-D input).
+    labels : ndarray of int
+        Class index of each row.
+    splits : ndarray of str
+        Split of each row (from :func:`~pipeline.fit.protocol.plan_protocol`).
+    class_names, paths : sequence of str
+    protocol : Protocol
+    folds : list of (ndarray, ndarray)
+        From :func:`~pipeline.fit.protocol.selection_folds` (shared by all heads of a run).
+    seed : int
+    class_weight : {None, "balanced"}
+    budget : MemoryBudget, optional
+        Default: large enough to hold ``X`` in memory.
+    policy : CostPolicy, optional
+
+    Returns
+    -------
+    HeadResult
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    shape = tuple(int(s) for s in X.shape[1:])
+    n_train = int((splits == "train").sum())
+    budget = budget or MemoryBudget(max(1 << 30, 8 * X.size * 4), "in memory")
+    cplan = plan_cache(len(X), shape, budget, policy)
+    rows = np.unique(np.concatenate([np.concatenate(f) for f in folds]))
+    srows = SearchRows(folds, rows, n_train, int(len(np.unique(np.concatenate([f for f, _ in folds])))), False)
+    ctx = make_context(shape, labels, splits, len(class_names), seed, class_weight)
+    hp = plan_head(spec, ctx, cplan, srows.fit_rows, policy)
+    if hp.skipped:
+        raise ValueError(f"head {spec.name} is skipped: {hp.skipped}")
+    data = FitData(labels, list(class_names), shape, X, np.arange(len(X)), cplan)
+    return evaluate_planned(spec, hp, data, np.asarray(splits).astype(str), paths, protocol, srows)

@@ -41,6 +41,14 @@ Registered heads (``python cli.py fit --head NAME``, repeatable, or ``--head all
 Standardisation (and every other fitted transform) lives inside each head's pipeline, so cross-validation never
 leaks a statistic from the rows it scores. Saved scikit-learn heads contain scikit-learn and NumPy objects only
 (loadable with ``joblib.load`` without this project); the dense head is saved as a plain ``.keras`` model.
+
+Forms at scale
+--------------
+Each head has an **exact** form (the estimators above, fitted on rows in memory) and, where that form does not scale,
+a **batch** form that learns from rows in blocks (in memory, or read from the cache out of core; see
+:mod:`pipeline.fit.forms`). :attr:`HeadSpec.exact_max_rows` is the number of training rows above which the batch form
+replaces the exact one even in memory; out of core every head uses its batch form. The reasons for each threshold
+are with the constants below and in docs/protocol.md; :mod:`pipeline.fit.plan` applies them.
 """
 
 from __future__ import annotations
@@ -58,14 +66,43 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from pipeline.errors import FitError
+from pipeline.fit import forms
 from pipeline.fit.dense import DenseHead
 
 PCA_COMPONENTS = 512
 PCA_MIN_ROWS = 1000
 
 __all__ = [
-    "DenseHead", "HeadContext", "HeadSpec", "HEADS", "head_names", "resolve_heads", "get_head", "flatten_features",
+    "DenseHead", "HeadContext", "HeadSpec", "Form", "HEADS", "head_names", "resolve_heads", "get_head",
+    "flatten_features", "LOGREG_EXACT_MAX_ROWS", "LINEAR_SVM_EXACT_MAX_ROWS", "SVM_EXACT_MAX_ROWS",
+    "KNN_EXACT_MAX_ROWS", "NYSTROEM_COMPONENTS",
 ]
+
+LOGREG_EXACT_MAX_ROWS = 100_000
+"""Above this many training rows logistic regression uses the mini-batch solver instead of lbfgs: lbfgs makes 30 to
+300 full passes over the rows (7-22 s for 35,000 x 1,280 on 2 loaded cores), the mini-batch solver of the same
+objective 10 (1-3 s there, the same accuracy to 0.3 point); from 100,000 rows one lbfgs fit takes minutes."""
+
+LINEAR_SVM_EXACT_MAX_ROWS = 10_000
+"""Above this many training rows the linear SVM uses the mini-batch solver of ``LinearSVC``'s objective: liblinear's
+dual solver needs more passes as rows grow (42-275 s per fit on 35,000 rows, and the calibration fits it 4 times),
+while at 10,000 rows one fit takes seconds."""
+
+NYSTROEM_COMPONENTS = 1_000
+"""Landmark rows of the Nystroem map that approximates the RBF kernel above :data:`SVM_EXACT_MAX_ROWS`: measured on
+10,000 training rows of MobileNetV2 features, 1,000 landmarks + a linear SVM reached the exact RBF SVM's accuracy
+within 0.5 point."""
+
+SVM_EXACT_MAX_ROWS = 5 * NYSTROEM_COMPONENTS
+"""Above this many training rows the RBF SVM is approximated (Nystroem map + linear SVM): libsvm's fit time grows
+with the square of the rows or faster and its prediction with the support vectors (10,000 rows: 47-64 s to fit, 150-
+240 s to predict 15,000 images; 35,000 rows: 417 s and 453 s), and a rank-1,000 kernel approximation only saves
+work once the rows outnumber its landmarks several times."""
+
+KNN_EXACT_MAX_ROWS = 20_000
+"""Most training rows in the k-NN index; above it the index is a stratified, seeded subsample of this many rows.
+A prediction costs index rows x features multiply-adds (20,000 x 1,280 = 26 million per image), while accuracy grows
+slowly with the index (0.736, 0.744, 0.737, 0.740 with 5,000, 10,000, 20,000 and 34,941 rows, 10 classes)."""
 
 
 # ---- registry ------------------------------------------------------------------------------------------------
@@ -88,6 +125,16 @@ class HeadContext:
     seed : int
     input_shape : tuple of int
         Shape of one input row as cached (``(d,)`` or ``(h, w, c)``).
+    knn_index_rows : int or None
+        Rows of the bounded k-NN index (None: every training row).
+    nystroem_components : int
+        Landmark rows of the Nystroem map of the approximate RBF SVM.
+    work_bytes : int or None
+        Memory a batch form may use for derived arrays it keeps (e.g. kernel-mapped rows); None: no limit.
+    holdout_max_rows : int
+        Most training rows the dense head holds out (in memory) for early stopping.
+    form : str
+        The form the head is fitted in (``exact`` or its batch form's name; see :class:`Form`).
     """
 
     n_features: int
@@ -97,9 +144,42 @@ class HeadContext:
     class_weight: str | None = None
     seed: int = 0
     input_shape: tuple[int, ...] = ()
+    knn_index_rows: int | None = None
+    nystroem_components: int = NYSTROEM_COMPONENTS
+    work_bytes: int | None = None
+    holdout_max_rows: int = 10_000
+    form: str = "exact"
 
 
 Builder = Callable[[HeadContext, dict[str, Any], bool], Any]
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way of fitting a head (see :mod:`pipeline.fit.forms`).
+
+    Attributes
+    ----------
+    name : str
+        ``exact``, or the batch form's name (``minibatch``, ``nystroem``, ``bounded_index``, ``streamed``...).
+    summary : str
+        What it is, in one line (recorded in results.json as the approximation when it is not exact).
+    fit : callable
+        ``fit(ctx, params, source, search, spec, est=None)`` -> fitted estimator.
+    streams : bool
+        Whether it can learn from rows read in blocks from a cache (out of core).
+    exact : bool
+        Whether it computes the exact head (the same parameters up to float rounding), not an approximation.
+    """
+
+    name: str
+    summary: str
+    fit: Callable[..., Any]
+    streams: bool = True
+    exact: bool = False
+
+
+EXACT = Form("exact", "the exact estimator, fitted on rows in memory", forms.fit_exact, streams=False, exact=True)
 
 
 @dataclass(frozen=True)
@@ -126,12 +206,21 @@ class HeadSpec:
         Whether ``--class-weight balanced`` changes it.
     search_path : str
         ``"plain"`` (every candidate fitted from scratch), ``"warm"`` (candidates fitted in grid order on one
-        estimator with ``warm_start``) or ``"kernel"`` (RBF candidates scored from one precomputed distance
-        matrix per fold). All three score exactly the estimator ``build(ctx, params, True)``.
+        estimator with ``warm_start``), ``"kernel"`` (RBF candidates scored from one precomputed distance
+        matrix per fold), ``"neighbors"`` (every k scored from one neighbour search per fold) or ``"reuse"`` (one
+        instance refitted on every fold and for the final fit, which it makes cheaper, not different). All score
+        exactly the estimator ``build(ctx, params, True)``; the warm and kernel paths apply to the exact form only.
     warm_params : dict of str to str
         For ``"warm"``: grid key -> estimator parameter path (``{"C": "clf__C"}``).
     fixed : callable
         ``fixed(ctx)`` -> the settings that are not searched but shape the head (recorded with the chosen ones).
+    exact_form : Form
+        How the head is fitted up to :attr:`exact_max_rows` training rows, in memory.
+    batch_form : Form or None
+        How it is fitted above them, or out of core (None: it cannot learn in batches and is then skipped).
+    exact_max_rows : int or None
+        Training rows above which :attr:`batch_form` replaces :attr:`exact_form` (None: exact at any size that fits
+        in memory).
     """
 
     name: str
@@ -144,6 +233,9 @@ class HeadSpec:
     search_path: str = "plain"
     warm_params: dict[str, str] = field(default_factory=dict)
     fixed: Callable[[HeadContext], dict[str, Any]] = field(default=lambda ctx: {})
+    exact_form: Form = EXACT
+    batch_form: Form | None = None
+    exact_max_rows: int | None = None
 
 
 def _calibration_folds(ctx: HeadContext) -> int:
@@ -162,7 +254,8 @@ def _dense_lr(ctx: HeadContext) -> float:
 
 
 def _build_dense(ctx: HeadContext, params: dict[str, Any], search: bool) -> DenseHead:
-    return DenseHead(class_weight=_cw(ctx), random_state=ctx.seed, learning_rate=_dense_lr(ctx), **params)
+    return DenseHead(class_weight=_cw(ctx), random_state=ctx.seed, learning_rate=_dense_lr(ctx),
+                     validation_max_rows=ctx.holdout_max_rows, **params)
 
 
 def _build_logreg(ctx: HeadContext, params: dict[str, Any], search: bool) -> Pipeline:
@@ -221,40 +314,68 @@ LINEAR_SVM_C = (1e-4, 3e-4, 1e-3, 3e-3)
 SVM_C = (1.0, 3.0, 10.0)
 SVM_GAMMA_FACTORS = (0.5, 1.0, 2.0)
 
+MINIBATCH_SUMMARY = ("the same objective (C as in scikit-learn) minimised by Adam on mini-batches of 256 rows "
+                     "read in blocks, weights averaged over the last two passes")
+
 HEADS: dict[str, HeadSpec] = {
     "dense": HeadSpec(
-        name="dense", kind="keras", takes_maps=True, build=_build_dense, grid=lambda ctx: [{}],
+        name="dense", kind="keras", takes_maps=True, build=_build_dense, grid=lambda ctx: [{}], search_path="reuse",
         summary="Keras Normalization -> Dense(256, relu) -> Dropout(0.5) -> softmax, early stopping (maps: flatten)",
         fixed=lambda ctx: {"hidden": 256, "dropout": 0.5, "learning_rate": _dense_lr(ctx), "batch_size": 64,
                            "patience": 5, "validation_fraction": 0.1, "class_weight": _cw(ctx)},
+        batch_form=Form("streamed", "the same network, trained on blocks of rows read from the cache (rows shuffled "
+                        "within buffers of 16 random blocks)", forms.fit_dense_streamed, exact=False),
     ),
     "logreg": HeadSpec(
         name="logreg", build=_build_logreg, search_path="warm", warm_params={"C": "clf__C"},
         grid=lambda ctx: [{"C": c} for c in LOGREG_C],
         summary="standardise + multinomial logistic regression, C swept (linear probe)",
-        fixed=lambda ctx: {"class_weight": _cw(ctx)},
+        fixed=lambda ctx: {"class_weight": _cw(ctx), "solver": "lbfgs" if ctx.form == "exact" else "minibatch"},
+        batch_form=Form("minibatch", "multinomial logistic regression: " + MINIBATCH_SUMMARY,
+                        forms.fit_logreg_minibatch),
+        exact_max_rows=LOGREG_EXACT_MAX_ROWS,
     ),
     "linear_svm": HeadSpec(
         name="linear_svm", build=_build_linear_svm, grid=lambda ctx: [{"C": c} for c in LINEAR_SVM_C],
         summary="standardise + linear SVM, C swept; sigmoid-calibrated probabilities",
-        fixed=lambda ctx: {"class_weight": _cw(ctx), "calibration_folds": _calibration_folds(ctx)},
+        fixed=lambda ctx: {"class_weight": _cw(ctx),
+                           **({"calibration_folds": _calibration_folds(ctx)} if ctx.form == "exact" else
+                              {"calibration": "held-out", "solver": "minibatch"})},
+        batch_form=Form("minibatch", "one-vs-rest squared-hinge linear SVM (LinearSVC's objective): "
+                        + MINIBATCH_SUMMARY + "; sigmoid calibration on 10 % of the training rows held out "
+                        "(at most 10,000)",
+                        forms.fit_linear_svm_minibatch),
+        exact_max_rows=LINEAR_SVM_EXACT_MAX_ROWS,
     ),
     "svm": HeadSpec(
         name="svm", build=_build_svm, search_path="kernel",
         grid=lambda ctx: [{"C": c, "gamma_factor": g, "gamma": _svm_gamma(ctx, g)}
                           for c in SVM_C for g in SVM_GAMMA_FACTORS],
         summary="cube root + standardise (+ PCA 512) + RBF SVM, C x gamma swept; sigmoid-calibrated",
-        fixed=lambda ctx: {"class_weight": _cw(ctx), "pca_components": PCA_COMPONENTS if _svm_uses_pca(ctx) else None,
-                           "calibration_folds": _calibration_folds(ctx)},
+        fixed=lambda ctx: {"class_weight": _cw(ctx),
+                           **({"pca_components": PCA_COMPONENTS if _svm_uses_pca(ctx) else None,
+                               "calibration_folds": _calibration_folds(ctx)} if ctx.form == "exact" else
+                              {"nystroem_components": min(ctx.nystroem_components, ctx.n_rows),
+                               "calibration": "held-out"})},
+        batch_form=Form("nystroem", "RBF kernel approximated by a Nystroem map on 1,000 landmark training rows "
+                        "(stratified, seeded), standardised, then the mini-batch linear SVM; sigmoid calibration on "
+                        "10 % of the training rows held out (at most 10,000)", forms.fit_svm_nystroem),
+        exact_max_rows=SVM_EXACT_MAX_ROWS,
     ),
     "knn": HeadSpec(
-        name="knn", build=_build_knn, grid=_knn_grid, uses_class_weight=False,
+        name="knn", build=_build_knn, grid=_knn_grid, uses_class_weight=False, search_path="neighbors",
         summary="standardise + k nearest neighbours (cosine, distance-weighted), k swept",
-        fixed=lambda ctx: {"metric": "cosine", "weights": "distance"},
+        fixed=lambda ctx: {"metric": "cosine", "weights": "distance",
+                           "index_rows": min(ctx.n_rows, ctx.knn_index_rows or ctx.n_rows)},
+        batch_form=Form("bounded_index", "k-NN over a stratified, seeded subsample of the training rows (the "
+                        "index); standardisation fitted on every training row", forms.fit_knn_bounded),
+        exact_max_rows=KNN_EXACT_MAX_ROWS,
     ),
     "centroid": HeadSpec(
         name="centroid", build=_build_centroid, grid=lambda ctx: [{}], uses_class_weight=False,
         summary="standardise + nearest class centroid (baseline, nothing to tune)",
+        exact_form=Form("exact", "class means and the pooled within-class deviation from per-class moments, one "
+                        "pass over the rows (the same as NearestCentroid.fit)", forms.fit_centroid, exact=True),
     ),
 }
 

@@ -38,10 +38,12 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
 
 from pipeline.errors import FitError
-from pipeline.fit.heads import HeadContext, HeadSpec
+from pipeline.fit.heads import Form, HeadContext, HeadSpec
+from pipeline.fit.stream import ArraySource, stratified_subsample
 from pipeline.results import jsonable
 
 __all__ = [
@@ -235,9 +237,85 @@ def plan_protocol(splits: np.ndarray, labels: np.ndarray, class_names: Sequence[
     return splits, Protocol("cv", folds, ["test"], source, rule, description)
 
 
+@dataclass
+class SearchRows:
+    """The rows of the hyperparameter search and its (fit rows, score rows) pairs.
+
+    Attributes
+    ----------
+    folds : list of (ndarray, ndarray)
+        Indices into the run's rows (image indices), shared by every head and backbone of the run.
+    rows : ndarray
+        Sorted union of the folds' rows (what the search reads).
+    train_rows : int
+        Training rows of the final fit (all of ``train``).
+    fit_rows : int
+        Training rows the search draws its folds from (``train_rows``, or the subsample).
+    subsample : bool
+        Whether the search runs on a stratified subsample of the training rows (and of ``val``).
+    """
+
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    rows: np.ndarray
+    train_rows: int
+    fit_rows: int
+    subsample: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``search`` object of results.json's ``protocol``."""
+        return {"train_rows": int(self.train_rows), "search_rows": int(self.fit_rows),
+                "subsample": bool(self.subsample), "refit_rows": int(self.train_rows)}
+
+
+def search_rows(protocol: Protocol, splits: np.ndarray, labels: np.ndarray, seed: int = 0,
+                max_rows: int | None = None) -> SearchRows:
+    """The search's folds, on a stratified subsample of ``max_rows`` training rows when there are more.
+
+    The subsample is seeded and stratified per class; with a ``val`` split, at most ``max_rows`` of its rows are
+    scored (the same way). The final refit always uses every training row. Folds are computed over image indices,
+    so whatever rows of one image a head trains on, they stay on one side of a fold.
+
+    Parameters
+    ----------
+    protocol : Protocol
+    splits : ndarray of str
+    labels : ndarray
+    seed : int
+        Seed of the subsample and of the cross-validation shuffling.
+    max_rows : int, optional
+        Most training rows the search fits on (None: all).
+
+    Returns
+    -------
+    SearchRows
+    """
+    labels = np.asarray(labels)
+    train = np.flatnonzero(splits == "train")
+    n_train = len(train)
+    sub = max_rows is not None and n_train > max_rows
+    if sub:
+        train = stratified_subsample(labels, train, int(max_rows), seed)
+    if protocol.selection == "val":
+        val = np.flatnonzero(splits == "val")
+        if max_rows is not None and len(val) > max_rows:
+            val = stratified_subsample(labels, val, int(max_rows), seed + 1)
+            sub = True
+        folds = [(train, val)]
+    else:
+        counts = np.bincount(labels[train])
+        k = int(min(protocol.cv_folds or CV_FOLDS, counts[counts > 0].min()))
+        if k < 2:
+            raise FitError("the hyperparameter search's subsample has a class with a single training image; "
+                           "pass a larger --memory-budget")
+        skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=int(seed))
+        folds = [(train[a], train[b]) for a, b in skf.split(np.zeros(len(train)), labels[train])]
+    rows = np.unique(np.concatenate([np.concatenate(f) for f in folds]))
+    return SearchRows(folds, rows, n_train, len(train), bool(sub))
+
+
 def selection_folds(protocol: Protocol, splits: np.ndarray, labels: np.ndarray,
                     seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fit rows, score rows) pairs of the hyperparameter search, as indices into the full arrays.
+    """(fit rows, score rows) pairs of the hyperparameter search over every training row (see :func:`search_rows`).
 
     Parameters
     ----------
@@ -251,11 +329,7 @@ def selection_folds(protocol: Protocol, splits: np.ndarray, labels: np.ndarray,
     -------
     list of (ndarray, ndarray)
     """
-    train = np.flatnonzero(splits == "train")
-    if protocol.selection == "val":
-        return [(train, np.flatnonzero(splits == "val"))]
-    skf = StratifiedKFold(n_splits=int(protocol.cv_folds or CV_FOLDS), shuffle=True, random_state=int(seed))
-    return [(train[a], train[b]) for a, b in skf.split(np.zeros(len(train)), np.asarray(labels)[train])]
+    return search_rows(protocol, splits, labels, seed).folds
 
 
 # ---- hyperparameter search -------------------------------------------------------------------------------------
@@ -312,8 +386,40 @@ def _score_kernel_fold(spec: HeadSpec, ctx: HeadContext, grid: list[dict[str, An
     return out
 
 
+def _score_neighbors_fold(spec: HeadSpec, ctx: HeadContext, form: Form, grid: list[dict[str, Any]],
+                          source: ArraySource, Xs: np.ndarray, ys: np.ndarray) -> list[float]:
+    """k-NN candidates of one fold from one neighbour search with the largest k (distance-weighted votes)."""
+    ks = [int(p["k"]) for p in grid]
+    kmax = max(ks)
+    pipe = form.fit(ctx, {**grid[ks.index(kmax)], "k": kmax}, source, True, spec)
+    knn = pipe[-1]
+    if not isinstance(knn, KNeighborsClassifier) or knn.weights != "distance":
+        raise TypeError(f"head {spec.name!r}: the neighbours search path needs a distance-weighted k-NN last")
+    dist, ind = knn.kneighbors(pipe[:-1].transform(Xs), n_neighbors=kmax)
+    fit_y = np.asarray(knn._y)
+    out = []
+    for k in ks:
+        d = dist[:, :k]
+        with np.errstate(divide="ignore"):
+            w = 1.0 / d
+        exact = np.isinf(w)
+        hit = exact.any(axis=1)
+        w[hit] = exact[hit]  # scikit-learn: a neighbour at distance 0 takes all the weight
+        votes = np.zeros((len(d), len(knn.classes_)))
+        np.add.at(votes, (np.repeat(np.arange(len(d)), k), fit_y[ind[:, :k]].ravel()), w.ravel())
+        pred = knn.classes_[np.argmax(votes, axis=1)]
+        out.append(float(accuracy_score(ys, pred)))
+    return out
+
+
+def _fold_source(X: np.ndarray, y: np.ndarray, fit_idx: np.ndarray) -> ArraySource:
+    classes, codes = np.unique(y[fit_idx], return_inverse=True)
+    return ArraySource(X, codes, classes, index=fit_idx)
+
+
 def search(spec: HeadSpec, ctx: HeadContext, X: np.ndarray, y: np.ndarray,
-           folds: list[tuple[np.ndarray, np.ndarray]]) -> list[Candidate]:
+           folds: list[tuple[np.ndarray, np.ndarray]], form: Form | None = None,
+           reuse: dict[int, Any] | None = None) -> list[Candidate]:
     """Score every candidate of ``spec``'s grid on every (fit rows, score rows) pair by accuracy.
 
     Parameters
@@ -321,35 +427,55 @@ def search(spec: HeadSpec, ctx: HeadContext, X: np.ndarray, y: np.ndarray,
     spec : HeadSpec
     ctx : HeadContext
     X : ndarray
-        All rows (the folds index into it), in the form the head takes.
+        Rows the folds index into, in the form the head takes (2-D for scikit-learn heads).
     y : ndarray
-        Labels of all rows.
+        Class names of those rows.
     folds : list of (ndarray, ndarray)
+    form : Form, optional
+        How each candidate is fitted (default the head's exact form): the search scores the form the final head
+        is fitted in.
+    reuse : dict, optional
+        For heads whose search path is ``"reuse"``: receives each candidate's instance (by grid index), refitted on
+        every fold, so the final fit can reuse it too.
 
     Returns
     -------
     list of Candidate
         In grid order, each with one score per fold.
     """
+    form = form or spec.exact_form
     grid = spec.grid(ctx)
     cands = [Candidate(dict(p)) for p in grid]
+    y = np.asarray(y)
+    reused: dict[int, Any] = {} if reuse is None else reuse
     with warnings.catch_warnings():
         _quiet_fit_warnings()
         for fit_idx, score_idx in folds:
-            Xf, yf, Xs, ys = X[fit_idx], y[fit_idx], X[score_idx], y[score_idx]
-            if spec.search_path == "kernel":
-                for cand, s in zip(cands, _score_kernel_fold(spec, ctx, grid, Xf, yf, Xs, ys)):
-                    cand.scores.append(s)
-                continue
-            est = None
-            for cand in cands:
-                if spec.search_path == "warm" and est is not None:
-                    est.set_params(**{spec.warm_params[k]: v for k, v in cand.params.items()
-                                      if k in spec.warm_params})
-                else:
-                    est = spec.build(ctx, cand.params, True)
-                est.fit(Xf, yf)
-                cand.scores.append(float(accuracy_score(ys, est.predict(Xs))))
+            Xs, ys = X[score_idx], y[score_idx]
+            source = _fold_source(X, y, fit_idx)
+            if form.exact and spec.search_path == "kernel":
+                scores = _score_kernel_fold(spec, ctx, grid, X[fit_idx], y[fit_idx], Xs, ys)
+            elif spec.search_path == "neighbors":
+                scores = _score_neighbors_fold(spec, ctx, form, grid, source, Xs, ys)
+            else:
+                scores = []
+                est = None
+                for i, cand in enumerate(cands):
+                    if form.exact and spec.search_path == "warm" and est is not None:
+                        est.set_params(**{spec.warm_params[k]: v for k, v in cand.params.items()
+                                          if k in spec.warm_params})
+                        est.fit(X[fit_idx], y[fit_idx])
+                    elif spec.search_path == "reuse":
+                        reused.setdefault(i, spec.build(ctx, cand.params, True))
+                        est = form.fit(ctx, cand.params, source, True, spec, est=reused[i])
+                    elif form.exact and spec.search_path == "warm":
+                        est = spec.build(ctx, cand.params, True)
+                        est.fit(X[fit_idx], y[fit_idx])
+                    else:
+                        est = form.fit(ctx, cand.params, source, True, spec)
+                    scores.append(float(accuracy_score(ys, est.predict(Xs))))
+            for cand, s in zip(cands, scores):
+                cand.scores.append(s)
     return cands
 
 

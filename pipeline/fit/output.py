@@ -1,0 +1,141 @@
+"""What a fit writes: the run folder (fitted heads, per-image predictions) and the content of results.json."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline import package_versions
+from pipeline.errors import FitError
+from pipeline.fit.evaluate import HeadResult
+
+__all__ = ["DEFAULT_RUNS_DIR", "slug", "result_key", "default_out", "prepare_run_dir", "save_head",
+           "write_predictions", "cache_entry", "dataset_entry", "results_doc"]
+
+DEFAULT_RUNS_DIR = Path("reports") / "runs"
+
+
+def slug(text: str) -> str:
+    """Letters, digits, ``.``, ``_`` and ``-`` of ``text`` (other runs become ``-``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "cache"
+
+
+def result_key(backbone_label: str, head: str) -> str:
+    """``<backbone label slug>__<head>``, the name of a result and of its files."""
+    return f"{slug(backbone_label)}__{head}"
+
+
+def default_out(dataset: str) -> Path:
+    """``reports/runs/<dataset>_<YYYYmmdd-HHMMSS>`` (with ``-2``, ``-3``... when taken)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = DEFAULT_RUNS_DIR / f"{slug(dataset)}_{stamp}"
+    out, i = base, 2
+    while out.exists():
+        out = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return out
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    """Create the run folder with ``heads/`` and ``predictions/``; FitError when it exists and is not empty."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise FitError(f"run folder {run_dir} already exists and is not empty; pass another --out")
+    (run_dir / "heads").mkdir(parents=True, exist_ok=True)
+    (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_predictions(path: Path, res: HeadResult, paths: Sequence[str], splits: np.ndarray, labels: np.ndarray,
+                      class_names: list[str]) -> None:
+    """``predictions/<key>.csv``: one row per image of the final splits."""
+    pred = np.argmax(res.proba, axis=1)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "split", "true", "pred"] + [f"p_{c}" for c in class_names])
+        for j, i in enumerate(res.final_rows):
+            w.writerow([paths[i], splits[i], class_names[labels[i]], class_names[pred[j]]]
+                       + [f"{v:.6g}" for v in res.proba[j]])
+
+
+def save_head(res: HeadResult, kind: str, heads_dir: Path, key: str) -> str:
+    """Save the fitted head (``.keras`` for Keras heads, joblib otherwise); its path relative to the run folder."""
+    if kind == "keras":
+        path = heads_dir / f"{key}.keras"
+        res.estimator.save(path)
+    else:
+        import joblib
+
+        path = heads_dir / f"{key}.joblib"
+        joblib.dump(res.estimator, path)
+    return f"heads/{path.name}"
+
+
+def cache_entry(reader: Any, feature: str, data: str, feature_bytes: int) -> dict[str, Any]:
+    """The ``caches[]`` entry of one cache (everything from its attributes: the file is not read again)."""
+    m = reader.meta
+    return {
+        "path": str(Path(reader.path).resolve()), "sha256": str(m.get("content_sha256", "") or ""),
+        "backbone": str(m.get("backbone")),
+        "backbone_label": str(m.get("backbone_label")), "input_size": int(m.get("input_size", 0)),
+        "preprocess": str(m.get("preprocess")), "resize": str(m.get("resize")),
+        "alpha": m.get("alpha"), "pixel_rule": str(m.get("pixel_rule", "")),
+        "weights_source": str(m.get("weights_source")), "weights_path": str(m.get("weights_path", "")),
+        "weights_sha256": str(m.get("weights_sha256")),
+        "feature": feature, "feature_shape": [int(s) for s in reader.shape], "n_rows": int(m.get("n_rows", 0)),
+        "extract_seconds": float(m.get("extract_seconds", 0.0) or 0.0), "versions": dict(m.get("versions", {})),
+        "command": str(m.get("command", "")), "created": str(m.get("created", "")),
+        "data": data, "feature_bytes": int(feature_bytes),
+    }
+
+
+def _counts(labels: np.ndarray, splits: np.ndarray, class_names: list[str]) -> dict[str, dict[str, int]]:
+    out = {}
+    for s in ("train", "val", "test"):
+        m = splits == s
+        if m.any():
+            c = np.bincount(labels[m], minlength=len(class_names))
+            out[s] = {name: int(c[i]) for i, name in enumerate(class_names)}
+    return out
+
+
+def dataset_entry(name: str, root: str, class_names: list[str], labels: np.ndarray, splits: np.ndarray,
+                  protocol: Any, failed: list[tuple[str, str]]) -> dict[str, Any]:
+    """The ``dataset`` object of results.json."""
+    all_counts = np.bincount(labels, minlength=len(class_names))
+    return {
+        "name": name, "root": root, "class_names": class_names,
+        "counts": _counts(labels, splits, class_names), "split_source": protocol.split_source,
+        "split_rule": protocol.split_rule, "failed": [{"path": p, "reason": r} for p, r in failed],
+        "imbalance_ratio": float(all_counts.max() / max(1, all_counts.min())),
+    }
+
+
+def results_doc(schema_version: int, command: str, seed: int, dataset: dict[str, Any], protocol: dict[str, Any],
+                caches: list[dict[str, Any]], results: list[dict[str, Any]], skipped: list[dict[str, Any]],
+                memory_budget: dict[str, Any], report_split: str) -> dict[str, Any]:
+    """The whole results.json: ``best`` is the result with the highest selection score (the first on a tie)."""
+    if not results:
+        why = "; ".join(f"{s['head']} on {s['backbone_label']}: {s['reason']}" for s in skipped[:3])
+        raise FitError(f"every head was skipped ({why}); pass a larger --memory-budget")
+    scores = np.array([r["selection"]["score"] for r in results])
+    best = results[int(np.flatnonzero(scores >= np.max(scores) - 1e-12)[0])]
+    return {
+        "schema_version": schema_version,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "seed": int(seed),
+        "versions": package_versions(("numpy", "scikit-learn", "keras", "tensorflow", "h5py", "joblib")),
+        "memory_budget": memory_budget,
+        "dataset": dataset,
+        "protocol": protocol,
+        "caches": caches,
+        "results": results,
+        "skipped": skipped,
+        "best": {"key": best["key"], "split": report_split, "metric": "accuracy",
+                 "value": float(best["metrics"][report_split]["accuracy"])},
+    }

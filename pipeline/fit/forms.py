@@ -51,6 +51,10 @@ def _names(source: RowSource, rows: np.ndarray | None = None) -> np.ndarray:
     return source.classes[labels]
 
 
+def _work(ctx: Any) -> int | None:
+    return getattr(ctx, "work_bytes", None)
+
+
 def _cw(ctx: Any) -> str | None:
     return "balanced" if ctx.class_weight == "balanced" else None
 
@@ -94,7 +98,7 @@ def fit_logreg_minibatch(ctx: Any, params: dict[str, Any], source: RowSource, se
     def transform(X: np.ndarray) -> np.ndarray:
         return scaler.transform(_flat(X))
 
-    W, b = minibatch_linear(source, "log", C, _cw(ctx), ctx.seed, transform=transform)
+    W, b = minibatch_linear(source, "log", C, _cw(ctx), ctx.seed, transform=transform, max_bytes=_work(ctx))
     return Pipeline([("scale", scaler), ("clf", logistic_regression(W, b, source.classes, C, _cw(ctx)))])
 
 
@@ -113,11 +117,48 @@ def fit_linear_svm_minibatch(ctx: Any, params: dict[str, Any], source: RowSource
     def transform(X: np.ndarray) -> np.ndarray:
         return scaler.transform(_flat(X))
 
-    W, b = minibatch_linear(source, "squared_hinge", C, _cw(ctx), ctx.seed, transform=transform, rows=train)
+    W, b = minibatch_linear(source, "squared_hinge", C, _cw(ctx), ctx.seed, transform=transform, rows=train,
+                            max_bytes=_work(ctx))
     clf: Any = linear_svc(W, b, source.classes, C, _cw(ctx))
     if len(cal):
         clf = _calibrated(clf, transform(source.take(cal)), _names(source, cal))
     return Pipeline([("scale", scaler), ("clf", clf)])
+
+
+class _KernelMap:
+    """The fitted steps of the approximate RBF SVM up to the linear model, and its training rows mapped."""
+
+    def __init__(self, ctx: Any, gamma: float, source: RowSource, train: np.ndarray) -> None:
+        self.scaler, _ = _scaler(source, train, pre=np.cbrt)
+        m = int(min(ctx.nystroem_components, len(train)))
+        landmarks = stratified_subsample(source.labels, train, m, ctx.seed + 29)
+        L = self.scaler.transform(np.cbrt(_flat(source.take(landmarks))))
+        self.nys = Nystroem(kernel="rbf", gamma=float(gamma), n_components=len(landmarks),
+                            random_state=ctx.seed).fit(L)
+        self.m = len(landmarks)
+        work = _work(ctx)
+        if work is None or len(train) * self.m * 4 <= work:  # map once, keep in memory
+            Z = np.concatenate([self.kernel_map(X) for X, _ in source.chunks(train)]) if len(train) else \
+                np.zeros((0, self.m), np.float32)
+            self.mapped: RowSource = ArraySource(Z, source.labels[train], source.classes)
+            self.rows = np.arange(len(train))
+            self.first: Callable | None = None
+        else:  # map every block of every pass
+            self.mapped, self.rows, self.first = source, train, self.kernel_map
+        self.scaler2 = standard_scaler(class_moments(self.mapped.chunks(self.rows), len(source.classes),
+                                                     pre=self.first))
+
+    def kernel_map(self, X: np.ndarray) -> np.ndarray:
+        """Raw rows -> Nystroem features."""
+        return np.asarray(self.nys.transform(self.scaler.transform(np.cbrt(_flat(X)))), dtype=np.float32)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Rows of :attr:`mapped` -> the linear model's input."""
+        return self.scaler2.transform(X if self.first is None else self.first(X))
+
+    def solve(self, ctx: Any, C: float) -> tuple[np.ndarray, np.ndarray]:
+        return minibatch_linear(self.mapped, "squared_hinge", C, _cw(ctx), ctx.seed, transform=self.transform,
+                                rows=self.rows, n_features=self.m, max_bytes=_work(ctx))
 
 
 def fit_svm_nystroem(ctx: Any, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
@@ -125,47 +166,36 @@ def fit_svm_nystroem(ctx: Any, params: dict[str, Any], source: RowSource, search
     """Signed cube root + standardisation + Nystroem RBF map + standardisation + linear SVM (mini-batch).
 
     The Nystroem map uses ``ctx.nystroem_components`` landmark rows (a stratified, seeded sample of the training
-    rows) with the head's gamma, so a linear SVM on it approximates the RBF SVM with rank-``m`` kernel. Its features
-    are standardised before the solver (they are tiny and unevenly scaled, which slows a first-order solver
-    badly). Transformed rows are kept in memory when they fit ``ctx.work_bytes``, else recomputed every pass.
+    rows) with the head's gamma, so a linear SVM on it approximates the RBF SVM with a rank-``m`` kernel. Its
+    features are standardised before the solver (they are tiny and unevenly scaled, which slows a first-order solver
+    badly). Mapped rows are kept in memory when they fit ``ctx.work_bytes``, else recomputed every pass.
     """
     train, cal = (np.arange(source.n), np.arange(0)) if search else _calibration_split(source, ctx.seed)
-    scaler, _ = _scaler(source, train, pre=np.cbrt)
-    m = int(min(ctx.nystroem_components, len(train)))
-    landmarks = stratified_subsample(source.labels, train, m, ctx.seed + 29)
-    L = scaler.transform(np.cbrt(_flat(source.take(landmarks))))
-    nys = Nystroem(kernel="rbf", gamma=float(params["gamma"]), n_components=len(landmarks),
-                   random_state=ctx.seed).fit(L)
-
-    def kernel_map(X: np.ndarray) -> np.ndarray:
-        return np.asarray(nys.transform(scaler.transform(np.cbrt(_flat(X)))), dtype=np.float32)
-
-    work = getattr(ctx, "work_bytes", None)
-    mapped: RowSource = source
-    mapped_rows = train
-    if work is None or len(train) * len(landmarks) * 4 <= work:  # map once, keep in memory
-        Z = np.concatenate([kernel_map(X) for X, _ in source.chunks(train)]) if len(train) else \
-            np.zeros((0, len(landmarks)), np.float32)
-        mapped = ArraySource(Z, source.labels[train], source.classes)
-        mapped_rows = np.arange(len(train))
-        first = None
-    else:
-        first = kernel_map
-    moments = class_moments(mapped.chunks(mapped_rows), len(source.classes), pre=first)
-    scaler2 = standard_scaler(moments)
-
-    def transform(X: np.ndarray) -> np.ndarray:
-        Z = X if first is None else first(X)
-        return scaler2.transform(Z)
-
+    km = _KernelMap(ctx, float(params["gamma"]), source, train)
     C = float(params["C"])
-    W, b = minibatch_linear(mapped, "squared_hinge", C, _cw(ctx), ctx.seed, transform=transform, rows=mapped_rows,
-                            n_features=len(landmarks))
+    W, b = km.solve(ctx, C)
     clf: Any = linear_svc(W, b, source.classes, C, _cw(ctx))
     if len(cal):
-        clf = _calibrated(clf, scaler2.transform(kernel_map(source.take(cal))), _names(source, cal))
+        clf = _calibrated(clf, km.scaler2.transform(km.kernel_map(source.take(cal))), _names(source, cal))
     cbrt = FunctionTransformer(np.cbrt).fit(np.zeros((1, source.n_features)))
-    return Pipeline([("cbrt", cbrt), ("scale", scaler), ("nystroem", nys), ("scale_map", scaler2), ("clf", clf)])
+    return Pipeline([("cbrt", cbrt), ("scale", km.scaler), ("nystroem", km.nys), ("scale_map", km.scaler2),
+                     ("clf", clf)])
+
+
+def score_svm_nystroem_fold(ctx: Any, grid: list[dict[str, Any]], source: RowSource, Xs: np.ndarray,
+                            ys: np.ndarray) -> list[float]:
+    """Accuracy of every (C, gamma) candidate on one fold, mapping the rows once per gamma (the same fits as
+    :func:`fit_svm_nystroem` with ``search=True``)."""
+    scores: dict[int, float] = {}
+    for gamma in dict.fromkeys(float(p["gamma"]) for p in grid):
+        km = _KernelMap(ctx, gamma, source, np.arange(source.n))
+        Zs = km.scaler2.transform(km.kernel_map(Xs))
+        for i, p in enumerate(grid):
+            if float(p["gamma"]) == gamma:
+                W, b = km.solve(ctx, float(p["C"]))
+                pred = source.classes[np.argmax(Zs @ W + b, axis=1)]
+                scores[i] = float(np.mean(pred == np.asarray(ys)))
+    return [scores[i] for i in range(len(grid))]
 
 
 def knn_index(ctx: Any, source: RowSource) -> np.ndarray:

@@ -83,10 +83,11 @@ LOGREG_EXACT_MAX_ROWS = 100_000
 300 full passes over the rows (7-22 s for 35,000 x 1,280 on 2 loaded cores), the mini-batch solver of the same
 objective 10 (1-3 s there, the same accuracy to 0.3 point); from 100,000 rows one lbfgs fit takes minutes."""
 
-LINEAR_SVM_EXACT_MAX_ROWS = 10_000
+LINEAR_SVM_EXACT_MAX_ROWS = 5_000
 """Above this many training rows the linear SVM uses the mini-batch solver of ``LinearSVC``'s objective: liblinear's
-dual solver needs more passes as rows grow (42-275 s per fit on 35,000 rows, and the calibration fits it 4 times),
-while at 10,000 rows one fit takes seconds."""
+dual solver grows faster than linearly with the rows (measured on 2 loaded cores, 1,280 features: 4.5 s per fit on
+2,400 rows, 20-25 s on 6,700, 42-275 s on 35,000; the search fits it 3 times per candidate and the calibration 4
+times), while the mini-batch solver takes 1.5 s on 6,700 rows for the same test accuracy within 0.4 point."""
 
 NYSTROEM_COMPONENTS = 1_000
 """Landmark rows of the Nystroem map that approximates the RBF kernel above :data:`SVM_EXACT_MAX_ROWS`: measured on
@@ -170,6 +171,9 @@ class Form:
         Whether it can learn from rows read in blocks from a cache (out of core).
     exact : bool
         Whether it computes the exact head (the same parameters up to float rounding), not an approximation.
+    score_fold : callable, optional
+        ``score_fold(ctx, grid, source, Xs, ys)`` -> every candidate's accuracy on one search fold, sharing work
+        between candidates; it must score exactly what ``fit`` with ``search=True`` would.
     """
 
     name: str
@@ -177,6 +181,7 @@ class Form:
     fit: Callable[..., Any]
     streams: bool = True
     exact: bool = False
+    score_fold: Callable[..., list[float]] | None = None
 
 
 EXACT = Form("exact", "the exact estimator, fitted on rows in memory", forms.fit_exact, streams=False, exact=True)
@@ -359,7 +364,8 @@ HEADS: dict[str, HeadSpec] = {
                                "calibration": "held-out"})},
         batch_form=Form("nystroem", "RBF kernel approximated by a Nystroem map on 1,000 landmark training rows "
                         "(stratified, seeded), standardised, then the mini-batch linear SVM; sigmoid calibration on "
-                        "10 % of the training rows held out (at most 10,000)", forms.fit_svm_nystroem),
+                        "10 % of the training rows held out (at most 10,000)", forms.fit_svm_nystroem,
+                        score_fold=forms.score_svm_nystroem_fold),
         exact_max_rows=SVM_EXACT_MAX_ROWS,
     ),
     "knn": HeadSpec(

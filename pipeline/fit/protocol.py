@@ -453,7 +453,9 @@ def search(spec: HeadSpec, ctx: HeadContext, X: np.ndarray, y: np.ndarray,
         for fit_idx, score_idx in folds:
             Xs, ys = X[score_idx], y[score_idx]
             source = _fold_source(X, y, fit_idx)
-            if form.exact and spec.search_path == "kernel":
+            if form.score_fold is not None:
+                scores = form.score_fold(ctx, grid, source, Xs, ys)
+            elif form.exact and spec.search_path == "kernel":
                 scores = _score_kernel_fold(spec, ctx, grid, X[fit_idx], y[fit_idx], Xs, ys)
             elif spec.search_path == "neighbors":
                 scores = _score_neighbors_fold(spec, ctx, form, grid, source, Xs, ys)

@@ -1,8 +1,12 @@
 """The fit stage: feature caches in, a run folder out.
 
-Modules, one job each: :mod:`.heads` (the registry of classifier heads), :mod:`.dense` (the Keras head),
-:mod:`.protocol` (splits, selection folds, hyperparameter search), :mod:`.metrics`, :mod:`.evaluate` (one head on
-one feature set), :mod:`.leaderboard` and :mod:`.run` (caches -> run folder).
+Modules, one job each: :mod:`.heads` (the registry of classifier heads and their forms), :mod:`.dense` (the Keras
+head), :mod:`.forms` (how heads are fitted at scale), :mod:`.linear` (the mini-batch linear solver and fitted
+scikit-learn objects from streamed statistics), :mod:`.stream` (rows in memory or read in blocks from a cache),
+:mod:`.plan` (the cost plan: memory budget, forms, search rows, skips), :mod:`.protocol` (splits, selection folds,
+hyperparameter search), :mod:`.metrics`, :mod:`.evaluate` (one head on one feature set), :mod:`.inputs` (caches
+opened once and aligned), :mod:`.output` (run folder and results.json content), :mod:`.leaderboard` and
+:mod:`.run` (plan -> evaluate -> write).
 """
 
 from pipeline.fit.run import CLASS_WEIGHTS, FEATURE_KINDS, FitRun, leaderboard_table, result_key, run_fit

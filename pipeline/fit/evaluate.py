@@ -160,7 +160,7 @@ def _working_memory(plan: CachePlan):
     import sklearn
 
     mib = max(16, int(plan.budget.bytes // 8 // 2 ** 20))
-    return sklearn.config_context(working_memory=min(1024, mib))
+    return sklearn.config_context(working_memory=min(256, mib))
 
 
 def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.ndarray, paths: Sequence[str],

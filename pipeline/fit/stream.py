@@ -292,24 +292,19 @@ def class_moments(chunks: Iterator[tuple[np.ndarray, np.ndarray]], n_classes: in
     """
     count = mean = m2 = None
     for X, y in chunks:
-        X = np.asarray(X, dtype=np.float64)
         if pre is not None:
-            X = pre(X)
-        if per_channel:
-            reps = int(np.prod(X.shape[1:-1])) if X.ndim > 2 else 1
-            X = X.reshape(len(X), -1, X.shape[-1])
-        else:
-            reps = 1
-            X = X.reshape(len(X), -1)
-        d = X.shape[-1]
+            X = pre(np.asarray(X, dtype=np.float64))
+        d = X.shape[-1] if per_channel else int(np.prod(X.shape[1:]))
         if count is None:
             count, mean, m2 = np.zeros(n_classes), np.zeros((n_classes, d)), np.zeros((n_classes, d))
         for c in np.unique(y):
-            xc = X[y == c]
-            nb = float(len(xc) * reps)
-            flat = xc.reshape(-1, d)
-            mb = flat.mean(axis=0)
-            m2b = ((flat - mb) ** 2).sum(axis=0)
+            flat = X[y == c].reshape(-1, d)  # one class at a time: at most one class's rows copied
+            nb = float(len(flat))
+            mb = flat.mean(axis=0, dtype=np.float64)
+            m2b = np.zeros(d)
+            for start in range(0, len(flat), 4096):  # squared deviations in float64, 4,096 rows at a time
+                dev = flat[start:start + 4096].astype(np.float64) - mb
+                m2b += np.einsum("ij,ij->j", dev, dev)
             na = count[c]
             delta = mb - mean[c]
             tot = na + nb

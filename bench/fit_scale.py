@@ -153,13 +153,15 @@ def source_features(source: Path | None, tmp: Path) -> tuple[np.ndarray, np.ndar
 
 
 def run_fit_child(cache_dir: Path, out: Path, heads: list[str], budget: str | None = None,
-                  policy: dict | None = None, tag: str = "") -> dict:
+                  policy: dict | None = None, tag: str = "", seed: int = 0) -> dict:
     """``fit`` in a fresh process; returns its results, wall time and peak RSS (MB)."""
-    args = {"cache_dir": str(cache_dir), "out": str(out), "heads": heads, "budget": budget, "policy": policy or {}}
+    args = {"cache_dir": str(cache_dir), "out": str(out), "heads": heads, "budget": budget, "policy": policy or {},
+            "seed": seed}
     code = ("import json, sys; sys.path.insert(0, %r); a = json.loads(sys.argv[1]);"
             "from pipeline.fit import run_fit; from pipeline.fit.plan import CostPolicy;"
             "p = CostPolicy(**a['policy']) if a['policy'] else None;"
             "run_fit(a['cache_dir'], heads=a['heads'], out=a['out'], report=False, memory_budget_text=a['budget'],"
+            " seed=a['seed'],"
             " policy=p, command='bench/fit_scale.py', log=lambda m: print(m, flush=True));"
             "import resource; print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % str(REPO)
     t0 = time.perf_counter()
@@ -259,6 +261,14 @@ def main() -> None:
         for r in approx["doc"]["results"]:
             print(f"  {r['head']:<11} {r['cost']['form']:<14} vs exact: "
                   f"{paired(r, results[r['head']], tmp / 'run_forced', tmp / 'run_all')}")
+        # The streamed dense head is the same network fed in another row order: compare with the exact head's own
+        # spread over seeds (row order, initial weights, dropout and held-out rows all change with the seed).
+        for seed in (1, 2):
+            other = run_fit_child(cache_dir, tmp / f"run_dense_seed{seed}", ["dense"], None, tag=f"seed{seed}",
+                                  seed=seed)
+            r = other["doc"]["results"][0]
+            print(f"  dense       exact, seed {seed}  vs exact, seed 0: "
+                  f"{paired(r, results['dense'], tmp / f'run_dense_seed{seed}', tmp / 'run_all')}")
         if args.exact:
             replaced = [h for h, r in results.items() if r["cost"]["approximation"]]
             exact = run_fit_child(cache_dir, tmp / "run_exact", replaced, None,

@@ -77,7 +77,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     if path.is_file() and path.name == RESULTS_FILE:
         path = path.parent
     if not path.is_dir():
-        raise RunError(f"run folder {path} does not exist: pass a folder written by `python cli.py fit`")
+        raise RunError(f"run folder {path} does not exist, so it is not a run folder: pass a folder written by "
+                       f"`python cli.py fit`")
     file = path / RESULTS_FILE
     if not file.is_file():
         raise RunError(f"{file} is missing: {path} is not a run folder written by `python cli.py fit`")

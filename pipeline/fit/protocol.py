@@ -15,9 +15,14 @@ Protocol
    thousands of images a fold already scores over 600 of them, and a sweep costs k fits per candidate), never
    more than the number of training images of the smallest class. The selection score is accuracy; among
    candidates with the same mean score the first in the head's grid order wins (grids list the simplest or most
-   regularised candidate first). Every candidate's score is recorded.
-3. **Refit.** The head with the chosen hyperparameters is refitted on the training split only (also when selection
-   used the validation split, so that validation numbers come from a model that never trained on those images).
+   regularised candidate first). Every candidate's score is recorded. With more training images than the search
+   allows (10,000 by default, fewer under a small memory budget: :mod:`pipeline.fit.plan`), the folds are drawn
+   from a stratified, seeded subsample of the training images (and at most as many ``val`` images are scored);
+   folds are drawn over images (:func:`search_rows`). The search scores the same form of a head (exact or batch)
+   as the final fit uses.
+3. **Refit.** The head with the chosen hyperparameters is refitted on every image of the training split, and on
+   the training split only (also when selection used the validation split, so that validation numbers come from a
+   model that never trained on those images).
 4. **Final numbers.** The refitted head predicts the final splits once: ``val`` and ``test`` when they exist
    (``val`` numbers are those of the selection split, reported for comparison; ``test`` numbers are untouched by
    any choice), or ``test`` for hash splits. The best head of a run is the one with the highest selection score;

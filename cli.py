@@ -118,13 +118,27 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Commit finished rows to disk every N images (a crash "
                                                               "loses at most that much work).")] = 256,
+    views: Annotated[Optional[int], typer.Option(min=0, max=64, help="Also cache K augmented views per image (K+1 "
+                                                                     "times the model work; 0: none). Default: keep "
+                                                                     "what the cache has.")] = None,
+    view_kinds: Annotated[Optional[str], typer.Option(help="Kinds of view, comma-separated among flip, crop, rotate, "
+                                                           "color (default flip,crop; see pipeline/extract/views.py)."
+                                                      )] = None,
+    view_seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of the views' random parameters (default 0)."
+                                                     )] = None,
 ) -> None:
     """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
     from pipeline.data import discover
+    from pipeline.errors import BackboneError
     from pipeline.extract import ExtractOptions, extract_dataset, resolve_config
+    from pipeline.extract.views import make_view_spec
 
+    if views is None and (view_kinds is not None or view_seed is not None):
+        raise BackboneError("--view-kinds and --view-seed need --views K (the number of augmented views per image)")
+    spec = make_view_spec(views, view_kinds, view_seed or 0) if views is not None else None
     options = ExtractOptions(weights=weights, input_size=input_size, alpha=alpha, resize=resize.value,
-                             maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, runtime=runtime.value,
+                             maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, views=spec,
+                             runtime=runtime.value,
                              batch_size=batch_size, workers=workers, strict=strict, retry_failed=retry_failed,
                              checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
     ds = discover(data)

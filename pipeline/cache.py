@@ -37,6 +37,7 @@ _STR = h5py.string_dtype("utf-8")
 SIGNATURE_KEYS = (
     "backbone", "backbone_label", "alpha", "input_size", "resize", "preprocess", "preprocess_mode",
     "weights_source", "weights_sha256", "pixel_rule", "feature_kinds", "maps_dtype",
+    "views",  # TEMPORARY (views branch, until cache schema v2 lands): the view spec is part of the signature
 )
 ROW_FIELDS = ("path", "label", "split", "size", "mtime_ns", "sha256", "ok", "error")
 
@@ -108,7 +109,8 @@ def _attrs_to_dict(attrs: h5py.AttributeManager) -> dict[str, Any]:
         if isinstance(v, np.generic):
             v = v.item()
         out[k] = v
-    for k in ("class_names", "feature_kinds", "map_shape", "versions", "alpha"):
+    for k in ("class_names", "feature_kinds", "map_shape", "versions", "alpha",
+              "views"):  # TEMPORARY (views branch): "views" is a JSON object
         if k in out and isinstance(out[k], str):
             out[k] = json.loads(out[k])
     return out
@@ -122,7 +124,31 @@ def _set_attrs(obj: h5py.HLObject, meta: dict[str, Any]) -> None:
 
 
 def _signature(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: meta.get(k) for k in SIGNATURE_KEYS}
+    sig = {k: meta.get(k) for k in SIGNATURE_KEYS}
+    sig["views"] = sig["views"] or {"n": 0}  # TEMPORARY (views branch): files without the attribute have no views
+    return sig
+
+
+def stored_views(path: Path) -> dict[str, Any] | None:
+    """TEMPORARY (views branch, until cache schema v2 lands): the ``views`` attribute of what an earlier run left.
+
+    The complete file's, else the newest part's (an interrupted run); None when there is neither. Lets an
+    extraction without ``--views`` keep the views an existing cache has.
+    """
+    candidates = [path] if path.exists() else []
+    pdir = parts_dir(path)
+    if pdir.is_dir():
+        candidates += sorted(pdir.glob("part-*.h5"), reverse=True)
+    for p in candidates:
+        try:
+            with h5py.File(p, "r") as f:
+                m = _attrs_to_dict(f.attrs)
+        except OSError:
+            continue
+        if p == path and not m.get("complete"):
+            continue
+        return m.get("views") or {"n": 0}
+    return None
 
 
 def _atomic_h5(path: Path) -> tuple[Path, h5py.File]:

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline import cache, package_versions
 from pipeline.data import Dataset, ImageItem
 from pipeline.extract.config import ExtractConfig
+from pipeline.extract.views import NO_VIEWS, ViewSpec
 
 
 @dataclass
@@ -75,14 +76,30 @@ def cache_meta(ds: Dataset, config: ExtractConfig) -> dict[str, Any]:
     }
 
 
+def fix_views(path: Path, config: ExtractConfig) -> ExtractConfig:
+    """``config`` with its view spec fixed: as given, else the one the cache at ``path`` (or its parts) has.
+
+    ``views=None`` means "keep what an existing cache has": the complete file's spec, else that of an interrupted
+    run's parts (so rerunning without ``--views`` resumes it), else no views for a new cache.
+    """
+    if config.views is not None:
+        return config
+    found = cache.stored_views(path)
+    return config.with_views(ViewSpec.from_json(found) if found else NO_VIEWS)
+
+
 def plan_extraction(ds: Dataset, config: ExtractConfig) -> Plan:
     """Plan the extraction of ``ds`` (call with the cache's lock held: stale files are removed here).
+
+    The plan's ``config`` has its view spec fixed (:func:`fix_views`); a spec that differs from the cache's makes
+    every row stale, so every row is extracted again.
 
     Returns
     -------
     Plan
     """
     path = cache.cache_path(config.cache_dir, ds.name, config.label, config.resize, config.model.weights.tag)
+    config = fix_views(path, config)
     meta = cache_meta(ds, config)
     existing = cache.scan_existing(path, meta)
     for stale in existing.stale_parts:

@@ -17,7 +17,7 @@ from typing import Callable
 from pipeline import cache
 from pipeline.data import Dataset, discover
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.local import EngineReport, run_local
+from pipeline.extract.local import EngineReport, run_local, view_keys
 from pipeline.extract.plan import Plan, plan_extraction
 
 
@@ -77,6 +77,8 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
     path = cache.cache_path(cfg.cache_dir, ds.name, cfg.label, cfg.resize, w.tag)
     with cache.locked(path):
         plan = plan_extraction(ds, cfg)
+        cfg = plan.config  # its view spec is now fixed
+        log(f"{plan.path.name}: {cfg.views.describe()}")
         if plan.stale_removed:
             log(f"discarded {plan.stale_removed} leftover file(s) of an interrupted write or another configuration")
         ex = plan.existing
@@ -97,7 +99,7 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
         prior = float(ex.meta.get("extract_seconds", 0.0)) if ex.meta else 0.0
         rescanned = cache.scan_existing(plan.path, meta)
         meta["extract_seconds"] = prior + rescanned.part_seconds
-        shapes = cache.source_shapes(plan.path, rescanned, list(cfg.kinds))
+        shapes = cache.source_shapes(plan.path, rescanned, [*cfg.kinds, *view_keys(cfg)])
         rows = cache.assemble(plan.path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned,
                               shapes)
         all_failed = [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]

@@ -122,7 +122,7 @@ def extract(
                                                                      "times the model work; 0: none). Default: keep "
                                                                      "what the cache has.")] = None,
     view_kinds: Annotated[Optional[str], typer.Option(help="Kinds of view, comma-separated among flip, crop, rotate, "
-                                                           "color (default flip,crop; see pipeline/extract/views.py)."
+                                                           "color (default flip,crop,color; see pipeline/extract/views.py)."
                                                       )] = None,
     view_seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of the views' random parameters (default 0)."
                                                      )] = None,

@@ -132,13 +132,13 @@ def _signature(meta: dict[str, Any]) -> dict[str, Any]:
 def stored_views(path: Path) -> dict[str, Any] | None:
     """TEMPORARY (views branch, until cache schema v2 lands): the ``views`` attribute of what an earlier run left.
 
-    The complete file's, else the newest part's (an interrupted run); None when there is neither. Lets an
-    extraction without ``--views`` keep the views an existing cache has.
+    The newest part's (an interrupted run, the latest thing asked for), else the complete file's; None when there
+    is neither. Lets an extraction without ``--views`` keep the views an existing cache has, and resume.
     """
-    candidates = [path] if path.exists() else []
     pdir = parts_dir(path)
-    if pdir.is_dir():
-        candidates += sorted(pdir.glob("part-*.h5"), reverse=True)
+    candidates = sorted(pdir.glob("part-*.h5"), reverse=True) if pdir.is_dir() else []
+    if path.exists():
+        candidates.append(path)
     for p in candidates:
         try:
             with h5py.File(p, "r") as f:

@@ -110,7 +110,7 @@ def test_rotated_and_cropped_views_never_show_fill(rule):
 
 
 def test_view_options_are_checked():
-    assert make_view_spec(3).kinds == ("flip", "crop")
+    assert make_view_spec(3).kinds == ("flip", "crop", "color")
     assert make_view_spec(2, "color, crop").kinds == ("crop", "color")
     assert make_view_spec(0, "flip") == ViewSpec()
     for n, kinds, seed, msg in ((2, "blur", 0, "unknown view kind 'blur'"), (3, "flip", 0, "one view"),
@@ -173,10 +173,10 @@ def test_views_are_cached_with_their_spec(tmp_path, one_runtime):
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     spec = make_view_spec(3, seed=7)
     res, msgs = _extract(root, tmp_path / "c1", views=spec, max_pool=True, maps=True)
-    assert any("3 views per image (flip, crop; seed 7): model work x4" in m for m in msgs)
+    assert any("3 views per image (flip, crop, color; seed 7): model work x4" in m for m in msgs)
     assert res.n_failed == 1
     meta = cache.read_meta(res.path)
-    assert meta["views"] == {"n": 3, "kinds": ["flip", "crop"], "seed": 7, "rule": "headbench-views-1"}
+    assert meta["views"] == {"n": 3, "kinds": ["flip", "crop", "color"], "seed": 7, "rule": "headbench-views-1"}
     got = _cached(res.path)
     assert got["maps"] is False  # maps of views are never stored
     assert got["views"]["a/0.jpg"].shape == (3, D) and got["views_max"]["a/0.jpg"].shape == (3, D)

@@ -79,8 +79,8 @@ def cache_meta(ds: Dataset, config: ExtractConfig) -> dict[str, Any]:
 def fix_views(path: Path, config: ExtractConfig) -> ExtractConfig:
     """``config`` with its view spec fixed: as given, else the one the cache at ``path`` (or its parts) has.
 
-    ``views=None`` means "keep what an existing cache has": the complete file's spec, else that of an interrupted
-    run's parts (so rerunning without ``--views`` resumes it), else no views for a new cache.
+    ``views=None`` means "keep what an existing cache has": the spec of an interrupted run's parts (so rerunning
+    without ``--views`` resumes it), else the complete file's, else no views for a new cache.
     """
     if config.views is not None:
         return config

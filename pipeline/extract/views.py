@@ -58,12 +58,31 @@ copies of one image get the same views, which is what identical inputs should ge
 
 Defaults and cost
 -----------------
-:data:`DEFAULT_VIEW_KINDS` is ``flip, crop``: view 1 the mirror image, views 2..K random resized crops (area
-0.5-1), half of them mirrored. The mirror image is the one view that is as natural as the centre view for almost
-every photo collection (the same object seen from the other side) and averaging predictions over it helped in
-every measurement (test-time views); crops add translation and scale, which photos of objects show; rotation and
-colour jitter model changes of camera tilt and lighting that are rarer in curated photo sets. MEASUREMENTS.
-Which views help a head is decided by the fit protocol on the selection split, never assumed.
+:data:`DEFAULT_VIEW_KINDS` is ``flip, crop, color``: view 1 the mirror image, views 2..K random resized crops (area
+0.5-1) with mild colour jitter, half of them mirrored. Mirror images, shifts and changes of scale, and changes of
+lighting and white balance are the nuisances found in almost every photo collection; rotation is rarer (the
+horizon and gravity fix the orientation of most photos, and a rotated window must zoom in to avoid fill), so it is
+offered, not default. Measured with a logistic-regression probe (standardised, C in {0.01, 0.03, 0.1}) on the shared
+ImageNet MobileNetV2 features at 224 (crop), training on the centre view, the mirror image and 3 random views of
+each training image, and averaging the predicted probabilities over the same 5 views of each test image, accuracy
+gained over the centre-view probe (mean over the 3 C values, in points; one image is 0.65 point on hymenoptera,
+0.34 on flowers5; flowers5: a seeded 200-image sample of each class, hash split 70/30 with seed 0; measured
+2026-11-25):
+
+=======================  ========================  ====================================
+random views             hymenoptera (245 / 153)   flowers5 (200 per class, 707 / 293)
+=======================  ========================  ====================================
+crop                     +0.7                      +0.1
+crop + color (default)   +0.9                      +2.6
+crop + rotate            +2.2                      +1.1
+crop + rotate + color    +1.5                      +0.5
+=======================  ========================  ====================================
+
+``crop`` and ``crop + color`` gained on both sets whichever way the views were used (training views only,
+training views with mirror test-time views, or both), ``crop + color`` by more (+0.9 to +2.6 points against +0.1
+to +1.7); mirror test-time views alone moved hymenoptera by +0.2 and flowers5 by -0.7. These are differences of
+one to eight images: which views help a head on a given dataset is for the fit protocol to decide on the selection
+split, never assumed.
 
 Every view is one more forward pass: K views multiply the model's work by K + 1 (decoding is shared; views add
 their crop, rotation and resize at the decoded resolution, small next to the model). The cache grows by
@@ -85,7 +104,7 @@ VIEW_RULE = "headbench-views-1"
 """Version of the augmentation rule; bump it when the pixels of a view change (old views are then rebuilt)."""
 
 VIEW_KINDS = ("flip", "crop", "rotate", "color")
-DEFAULT_VIEW_KINDS = ("flip", "crop")
+DEFAULT_VIEW_KINDS = ("flip", "crop", "color")
 """Kinds used when ``--views`` is given without ``--view-kinds`` (reasons in the module docstring)."""
 
 CROP_AREA = (0.5, 1.0)

@@ -157,14 +157,14 @@ def _extract(root, cache_dir, **kw):
 
 
 def _cached(path):
+    """Centre and view features by path, as stored (failed rows included)."""
     with h5py.File(path) as f:
         paths = [p.decode() for p in f["rows/path"][()]]
         out = {"avg": dict(zip(paths, f["features/avg"][()])), "ok": dict(zip(paths, f["rows/ok"][()]))}
-        if "views" in f["features"]:
-            out["views"] = dict(zip(paths, f["features/views/avg"][()]))
-            out["views_max"] = dict(zip(paths, f["features/views/max"][()])) if "max" in f["features/views"] \
-                else None
-        out["maps"] = "maps" in f["features/views"] if "views" in f["features"] else None
+        if "views" in f:
+            out["views"] = dict(zip(paths, f["views/avg"][()]))
+            out["views_max"] = dict(zip(paths, f["views/max"][()])) if "max" in f["views"] else None
+            out["maps"] = "maps" in f["views"]
     return out
 
 
@@ -173,10 +173,12 @@ def test_views_are_cached_with_their_spec(tmp_path, one_runtime):
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     spec = make_view_spec(3, seed=7)
     res, msgs = _extract(root, tmp_path / "c1", views=spec, max_pool=True, maps=True)
-    assert any("3 views per image (flip, crop, color; seed 7): model work x4" in m for m in msgs)
+    assert any("views: 3 views per image (flip, crop, color; seed 7): model work x4" in m for m in msgs)
     assert res.n_failed == 1
     meta = cache.read_meta(res.path)
     assert meta["views"] == {"n": 3, "kinds": ["flip", "crop", "color"], "seed": 7, "rule": "headbench-views-1"}
+    with cache.open_features(res.path) as fr:  # what the fit stage reads
+        assert fr.n_views == 3 and fr.read_views().shape == (fr.n, 3, D) and fr.n == 10
     got = _cached(res.path)
     assert got["maps"] is False  # maps of views are never stored
     assert got["views"]["a/0.jpg"].shape == (3, D) and got["views_max"]["a/0.jpg"].shape == (3, D)
@@ -190,7 +192,7 @@ def test_views_are_cached_with_their_spec(tmp_path, one_runtime):
     # the same spec elsewhere gives bit-identical features; the centre view is the one a cache without views holds
     again, _ = _extract(root, tmp_path / "c2", views=spec, max_pool=True, maps=True)
     plain, msgs = _extract(root, tmp_path / "c3", max_pool=True, maps=True)
-    assert any("no augmented views" in m for m in msgs)
+    assert not any(m.startswith("views:") for m in msgs)
     other, plain_got = _cached(again.path), _cached(plain.path)
     for p in ok:
         assert np.array_equal(other["views"][p], got["views"][p])

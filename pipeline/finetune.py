@@ -487,7 +487,7 @@ def finetune(built: Any, head: Any, data: FinetuneData, config: FinetuneConfig |
     keras.utils.set_random_seed(int(cfg.seed))
     model = build_finetune_model(built, head, data.class_names, cfg.unfreeze)
     base = _base_of(built)
-    unfrozen = sum(1 for layer in base.layers if layer.trainable)
+    unfrozen = sum(1 for layer in base.layers if layer.trainable_weights)
     n_unfreeze = default_unfreeze(built.spec.name, base) if cfg.unfreeze is None else int(cfg.unfreeze)
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
@@ -510,7 +510,7 @@ def finetune(built: Any, head: Any, data: FinetuneData, config: FinetuneConfig |
                           workers=workers)
     select = image_batches(data.root, data.select, size, data.resize, cfg.batch_size, workers=workers)
     log(f"fine-tuning {built.label}: top {n_unfreeze} of {len(base.layers)} backbone layers ({unfrozen} with "
-        f"weights to train, batch norms frozen) + head, {trainable:,} weights; Adam {cfg.learning_rate:g}, "
+        f"weights to train; batch norms frozen) + head, {trainable:,} weights; Adam {cfg.learning_rate:g}, "
         f"{len(data.train)} training / {len(data.select)} selection images, up to {cfg.epochs} epochs")
 
     t0 = time.perf_counter()

@@ -3,7 +3,8 @@
 1. **Frozen heads** -- ``extract`` (MobileNetV2 224, crop) then ``fit`` with every registered head, by the
    project's protocol: hymenoptera has ``train/`` and ``val/`` folders, so hyperparameters are chosen on ``val`` and
    the best head is the one with the highest ``val`` accuracy.
-2. **Fine-tuned** -- :func:`pipeline.finetune.finetune` from the run's logistic-regression head (or ``--start``),
+2. **Fine-tuned** -- :func:`pipeline.finetune.finetune` from the run's better head of the two it can start from
+   (dense or logistic regression, by ``val`` accuracy; or ``--start``),
    default settings (top layers per :data:`pipeline.finetune.UNFREEZE_FROM`, batch norms frozen, Adam 1e-5,
    flip/rotation/zoom, at most 10 epochs, patience 3), training on ``train/``, the epoch kept chosen on ``val``,
    once per seed (the seed moves shuffling, augmentation and dropout).
@@ -15,7 +16,7 @@ fine-tuning run.
 
 Usage::
 
-    python bench/finetune.py [--seeds 0 1 2] [--start logreg|dense]
+    python bench/finetune.py [--seeds 0 1 2] [--start best|logreg|dense]
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ DATA = SHARED / "data" / "hymenoptera"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--start", choices=("logreg", "dense"), default="logreg", help="head fine-tuning starts from")
+    ap.add_argument("--start", choices=("best", "logreg", "dense"), default="best",
+                    help="head fine-tuning starts from (best: the better of dense and logreg on val)")
     ap.add_argument("--epochs", type=int, default=None, help="most epochs (default: FinetuneConfig's)")
     args = ap.parse_args()
     if not WEIGHTS.exists() or not DATA.exists():
@@ -72,7 +74,9 @@ def main() -> None:
         best_acc = float(best["metrics"]["val"]["accuracy"])
         print(f"best frozen head: {best['head']} val acc {best_acc:.4f}; extract + fit {extract_s + fit_s:.1f} s")
 
-        start = next(r for r in results if r["head"] == args.start)
+        startable = [r for r in results if r["head"] in (("dense", "logreg") if args.start == "best" else
+                                                         (args.start,))]
+        start = max(startable, key=lambda r: r["metrics"]["val"]["accuracy"])  # dense first on a tie
         ds = discover(DATA)
         failed = {f["path"] for f in run.results["dataset"]["failed"]}  # images that did not decode
         items = [(it.relpath, it.label) for it in ds.items if it.relpath not in failed]
@@ -99,7 +103,7 @@ def main() -> None:
     print(f"| best frozen head ({best['head']}) | {best_acc:.4f} | {extract_s + fit_s:.0f} s (extract + fit of "
           f"{len(results)} heads) |")
     spread = f" (min {min(accs):.4f}, max {max(accs):.4f}, {len(accs)} seeds)" if len(accs) > 1 else ""
-    print(f"| fine-tuned MobileNetV2 from {args.start}, top {rows[0].unfreeze} layers | median "
+    print(f"| fine-tuned MobileNetV2 from {start['head']}, top {rows[0].unfreeze} layers | median "
           f"{statistics.median(accs):.4f}{spread} | median {statistics.median(secs):.0f} s per run, after the "
           f"frozen head |")
     print(f"fine-tuned minus best frozen head: {statistics.median(accs) - best_acc:+.4f} (median over seeds)")

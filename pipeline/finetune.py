@@ -90,8 +90,8 @@ class FinetuneConfig:
     learning_rate : float
         Adam's learning rate. 1e-5: the head has converged and the pretrained layers must move only a little.
     epochs : int
-        Most epochs. At 1e-5 from a converged head the selection score peaked within 4 epochs on hymenoptera
-        (bench/finetune.py); 10 bounds the cost at ten passes over the training images.
+        Most epochs. At 1e-5 from a converged head the kept epoch was the 1st to the 7th in six runs on
+        hymenoptera (bench/finetune.py); 10 bounds the cost at ten passes over the training images.
     patience : int
         Epochs without a better selection score before stopping (the best epoch's weights are kept).
     batch_size : int

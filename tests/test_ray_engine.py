@@ -79,8 +79,8 @@ def cluster(tmp_path_factory):
                   f"mount -o remount,bind,ro {shlex.quote(str(readonly))} && exec {shlex.join(head)}")
         head = ["unshare", "-m", "--propagation", "private", "sh", "-c", mounts]
     log = (base / "head.log").open("w")
-    proc = subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env=os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stop at once
+    proc = subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 180
         while "Ray runtime started" not in (base / "head.log").read_text():

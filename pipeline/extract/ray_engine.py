@@ -45,7 +45,7 @@ import numpy as np
 
 from pipeline import cache
 from pipeline.data import ImageItem
-from pipeline.errors import CacheError, DatasetError, HeadbenchError
+from pipeline.errors import CacheError, DatasetError, HeadbenchError, WeightsError
 from pipeline.extract.config import PIXEL_RULE, ExtractConfig, RayOptions
 from pipeline.extract.local import EngineReport, rows_of_batch
 from pipeline.extract.plan import Plan
@@ -108,10 +108,12 @@ def chunks(items: list[ImageItem], rows: int) -> list[list[ImageItem]]:
     return [items[i:i + rows] for i in range(0, len(items), rows)]
 
 
-def _table(items: list[ImageItem]) -> Any:
+def _table(items: list[ImageItem], start: int) -> Any:
+    """One chunk as an Arrow table: its images' position in the todo list and their identity."""
     import pyarrow as pa
 
     return pa.table({
+        "index": pa.array(range(start, start + len(items)), pa.int64()),
         "relpath": [it.relpath for it in items], "label": pa.array([it.label for it in items], pa.int64()),
         "split": [it.split for it in items], "size": pa.array([it.size for it in items], pa.int64()),
         "mtime_ns": pa.array([it.mtime_ns for it in items], pa.int64()),
@@ -158,10 +160,11 @@ def _local_weights(cfg: ExtractConfig, blob: bytes | None) -> ExtractConfig:
     if blob is None or not w.path:
         return cfg
     if hashlib.sha256(blob).hexdigest() != w.sha256:
-        raise CacheError(f"the weights shipped to a Ray worker do not match their SHA-256 {w.sha256[:12]}")
-    folder = Path(tempfile.gettempdir()) / "headbench-weights"
+        raise WeightsError(f"the weights {w.path} changed while the Ray run started (SHA-256 is no longer "
+                           f"{w.sha256[:12]}); run the command again")
+    folder = Path(tempfile.gettempdir()) / "headbench-weights" / w.sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{w.sha256}{''.join(Path(w.path).suffixes[-2:]) or '.weights.h5'}"
+    path = folder / Path(w.path).name  # the same name: Keras picks the file format by it
     if not path.exists() or path.stat().st_size != len(blob):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(blob)
@@ -207,6 +210,15 @@ class ChunkExtractor:
 
     def __init__(self, cfg: ExtractConfig, path: str, meta: dict[str, Any], weights: list, numbers: Any,
                  first_part: int) -> None:
+        self.error: HeadbenchError | None = None
+        self.run_info: dict[str, Any] = {}
+        try:
+            self._start(cfg, Path(path), meta, weights, numbers, first_part)
+        except HeadbenchError as exc:  # Ray would carry only its traceback's text: hand it back as a record
+            self.error = exc
+
+    def _start(self, cfg: ExtractConfig, path: Path, meta: dict[str, Any], weights: list, numbers: Any,
+               first_part: int) -> None:
         import ray
 
         from pipeline.extract.runtime import make_runtime
@@ -218,45 +230,60 @@ class ChunkExtractor:
         self.rt(np.zeros((cfg.batch_size, size, size, 3), np.uint8))  # trace and pick kernels before timing
         self.run_info = {"engine": "ray", **self.rt.describe(), "note": f"node {socket.gethostname()}"}
         index = ray.get(numbers.next.remote())
-        self.writer = _part_writer(Path(path), meta, {k: self.rt.shapes[k] for k in cfg.kinds}, cfg, self.run_info,
+        self.writer = _part_writer(path, meta, {k: self.rt.shapes[k] for k in cfg.kinds}, cfg, self.run_info,
                                    first_part + index * PART_RANGE)
         self.limit = first_part + (index + 1) * PART_RANGE
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        added, error = 0, self.error
+        if error is None:
+            try:
+                added = self._extract(batch)
+            except HeadbenchError as exc:
+                error = exc
+            except OSError as exc:  # a full or failing disk: the rows of this chunk were not committed
+                error = CacheError(f"cannot write a part in {self.writer.dir} ({exc.strerror or exc}); committed "
+                                   f"rows are kept: fix the storage and rerun the same command")
+        return {"rows": np.array([added]), "seconds": np.array([time.perf_counter() - t0]),
+                "error_type": np.array([type(error).__name__ if error else ""], dtype=object),
+                "error": np.array([str(error) if error else ""], dtype=object),
+                "runtime": np.array([json.dumps(self.run_info)], dtype=object)}
+
+    def _extract(self, batch: dict[str, np.ndarray]) -> int:
+        """Run one chunk through the model and commit its rows; returns how many were committed.
+
+        Model batches start where the local engine's do: at multiples of ``batch_size`` in the todo list.
+        """
         cfg = self.cfg
         items = _items(batch)
+        index = batch["index"]
         decoded = [Decoded(it, batch["pixels"][i] if batch["ok"][i] else None, str(batch["sha256"][i]),
                            str(batch["error"][i])) for i, it in enumerate(items)]
-        stop = ""
+        cuts = [i for i in range(len(decoded)) if i == 0 or index[i] % cfg.batch_size == 0
+                or index[i] != index[i - 1] + 1] + [len(decoded)]
         added = 0
-        t0 = last = time.perf_counter()
-        for start in range(0, len(decoded), cfg.batch_size):
-            sub = decoded[start:start + cfg.batch_size]
-            good = [d.pixels for d in sub if d.pixels is not None]
-            out = self.rt(np.stack(good)) if good else {}
-            for row, feats in rows_of_batch(sub, out, cfg.kinds):
-                if feats is None and cfg.strict and row["error"]:
-                    stop = f"{row['path']}: {row['error']} (--strict); finished rows are kept, rerun to resume"
-                    break
-                self.writer.add(row, feats)
-                added += 1
-            now = time.perf_counter()
-            self.writer.seconds += now - last
-            last = now
-            if stop:
-                break
-            self._maybe_flush()
-        self._flush()
-        return {"rows": np.array([added]), "seconds": np.array([time.perf_counter() - t0]),
-                "stop": np.array([stop], dtype=object), "runtime": np.array([json.dumps(self.run_info)], dtype=object)}
-
-    def _maybe_flush(self) -> None:
-        self._check_range()
-        self.writer.maybe_flush()
-
-    def _flush(self) -> None:
-        self._check_range()
-        self.writer.flush()
+        last = time.perf_counter()
+        try:
+            for start, end in zip(cuts, cuts[1:]):
+                sub = decoded[start:end]
+                good = [d.pixels for d in sub if d.pixels is not None]
+                out = self.rt(np.stack(good)) if good else {}
+                for row, feats in rows_of_batch(sub, out, cfg.kinds):
+                    if feats is None and cfg.strict and row["error"]:
+                        raise DatasetError(f"{row['path']}: {row['error']} (--strict); finished rows are kept, "
+                                           f"rerun to resume")
+                    self.writer.add(row, feats)
+                    added += 1
+                now = time.perf_counter()
+                self.writer.seconds += now - last
+                last = now
+                self._check_range()
+                self.writer.maybe_flush()
+        finally:
+            self._check_range()
+            self.writer.flush()  # what was added is committed, also before a --strict stop
+        return added
 
     def _check_range(self) -> None:
         if self.writer._seq >= self.limit:
@@ -302,7 +329,7 @@ def probe_node(token_file: str, token: str, parts: str, root: str) -> tuple[str,
     return host, "", str(probe), rule
 
 
-def check_nodes(ray: Any, path: Path, root: Path, runtime_env: dict[str, Any]) -> int:
+def check_nodes(ray: Any, path: Path, root: Path) -> int:
     """Run :func:`probe_node` on every alive node; raise CacheError or EngineError (one line) if one fails.
 
     Returns the number of alive nodes.
@@ -314,12 +341,13 @@ def check_nodes(ray: Any, path: Path, root: Path, runtime_env: dict[str, Any]) -
     parts = cache.parts_dir(path)
     token = uuid.uuid4().hex
     token_file = path.with_name(f".{path.name}.probe-{token[:8]}.tmp")  # removed as stale if a run dies here
+    path.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text(token)
     probe = ray.remote(num_cpus=0, max_retries=1)(probe_node)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     try:
-        results = ray.get([probe.options(runtime_env=runtime_env, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(str(token_file), token, str(parts), str(root)) for n in nodes])
+        results = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                           .remote(str(token_file), token, str(parts), str(root)) for n in nodes])
     finally:
         token_file.unlink(missing_ok=True)
     problems = []
@@ -368,7 +396,7 @@ def ray_session(opts: RayOptions, log: Callable[[str], None]) -> Iterator[Any]:
     else:
         log(f"ray: joining the cluster at {address}")
     try:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address or "local", **kwargs)  # "local": a new instance, never a cluster found lying around
     except (ConnectionError, TimeoutError) as exc:
         raise EngineError(f"cannot join the Ray cluster at {address} ({str(exc).splitlines()[0][:200]}); is it "
                           f"running (`ray status` on its head node), and with token authentication (Ray's default), "
@@ -437,17 +465,33 @@ def next_part_number(path: Path) -> int:
     return max(nums, default=-1) + 1
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """The HeadbenchError a Ray task raised, if that is what ``exc`` wraps (else ``exc``)."""
-    seen = exc
-    for _ in range(8):
-        if isinstance(seen, HeadbenchError):
+def _committed(plan: Plan, todo: list[ImageItem]) -> int:
+    """How many of ``todo`` have a row in a committed part (of this run or an earlier one)."""
+    done = cache.scan_existing(plan.path, plan.meta).part_rows
+    return sum(1 for it in todo if it.relpath in done)
+
+
+def _rebuild(kind: str, message: str) -> HeadbenchError:
+    """The error a worker reported as a record (its class name and message), raised again on the driver."""
+    import pipeline.errors
+
+    cls = EngineError if kind == "EngineError" else getattr(pipeline.errors, kind, HeadbenchError)
+    return cls(message) if isinstance(cls, type) and issubclass(cls, HeadbenchError) else HeadbenchError(message)
+
+
+def _remote_error(exc: BaseException) -> HeadbenchError | None:
+    """The HeadbenchError that a Ray task or actor raised, if ``exc`` wraps one (Ray wraps it in an exception whose
+    text is the remote traceback; the original, with its one-line message, is its ``cause``)."""
+    from ray.exceptions import RayError
+
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, HeadbenchError) and not isinstance(seen, RayError):
             return seen
-        cause = getattr(seen, "cause", None) or seen.__cause__
-        if cause is None:
-            break
-        seen = cause
-    return exc
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
 
 
 def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
@@ -467,19 +511,21 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
     """
     cfg = plan.config
     check_ray_options(cfg.ray)
-    ray = import_ray()
+    import_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     path = plan.path.resolve()  # workers do not share the driver's working folder
     root = plan.dataset.root.resolve()
     parts = cache.parts_dir(path)
     todo = plan.todo
-    runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
     done = 0
     described: dict[str, Any] = {}
+    first = (0.0, 0)  # seconds until the first committed chunk came back, and its rows
     progress = Progress(len(todo), f"{cfg.label} (ray)", enabled=not cfg.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
     try:
         with ray_session(cfg.ray, log) as ray, quiet_ray_data():
-            n_nodes = check_nodes(ray, path, root, runtime_env)
+            n_nodes = check_nodes(ray, path, root)
             workers = cfg.ray.num_workers or default_workers(ray, cfg.ray.gpus_per_worker, n_nodes)
             check_resources(ray.cluster_resources(), workers, cfg.ray.gpus_per_worker)
             rows = chunk_rows(cfg)
@@ -488,54 +534,62 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
                 f"chunks of {rows} images, batch {cfg.batch_size}")
             w = cfg.model.weights
             blob = ray.put(Path(w.path).read_bytes()) if w.path else None
-            numbers = ray.remote(num_cpus=0)(PartNumbers).options(runtime_env=runtime_env).remote()
-            ds = ray.data.from_arrow([_table(c) for c in chunks(todo, rows)])
+            # On the driver's node: if it went, the run would be lost anyway; a restarted counter would reuse ranges.
+            numbers = ray.remote(num_cpus=0, max_restarts=0)(PartNumbers).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                   soft=False)).remote()
+            ds = ray.data.from_arrow([_table(c, i * rows) for i, c in enumerate(chunks(todo, rows))])
             # Decoding tasks reserve the memory of the chunk they decode. Besides being true, that keeps them
             # apart from the model actors: Ray Data fuses stages with equal resource requests, which would decode
             # inside the actor, one chunk after another, instead of ahead of it on the other cores.
             ds = ds.map_batches(decode_chunk, batch_size=None, batch_format="numpy", num_cpus=1,
                                 memory=DECODE_TASK_MEMORY + 2 * rows * 3 * cfg.model.input_size ** 2,
-                                fn_kwargs={"root": str(root), "size": cfg.model.input_size, "resize": cfg.resize},
-                                runtime_env=runtime_env)
+                                fn_kwargs={"root": str(root), "size": cfg.model.input_size, "resize": cfg.resize})
             ds = ds.map_batches(ChunkExtractor, batch_size=None, batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(size=workers),
                                 num_cpus=1, num_gpus=cfg.ray.gpus_per_worker or None,
                                 fn_constructor_kwargs={"cfg": cfg, "path": str(path), "meta": plan.meta,
                                                        "weights": [blob], "numbers": numbers,
-                                                       "first_part": next_part_number(path)},
-                                runtime_env=runtime_env)
+                                                       "first_part": next_part_number(path)})
+            failure: HeadbenchError | None = None
             try:
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                     n = int(out["rows"].sum())
                     done += n
+                    progress.advance(n, done)
+                    failure = next((_rebuild(str(t), str(m)) for t, m in zip(out["error_type"], out["error"]) if m),
+                                   None)
+                    if failure is not None:
+                        break
                     if not described:
+                        first = (time.perf_counter() - t0, n)
                         described = json.loads(str(out["runtime"][0]))
                         log(f"device: {described.get('device')}, runtime {described.get('runtime')} "
                             f"(first of {workers} worker(s))")
-                    progress.advance(n, done)
-                    stop = next((s for s in out["stop"] if s), "")
-                    if stop:
-                        raise DatasetError(str(stop))
-            except HeadbenchError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Ray wraps what a worker raised; show ours as one line
-                inner = _unwrap(exc)
-                if inner is exc:
-                    raise
-                raise inner from None
+            except Exception as exc:  # Ray wraps what a worker raised: ours become their one line again
+                ours = _remote_error(exc)
+                if ours is None:
+                    raise  # a bug or a Ray failure: keep its traceback
+                raise ours from None
+            if failure is not None:
+                raise failure
     except KeyboardInterrupt:
         progress.close()
-        log(f"interrupted after {done} of {len(todo)} images; finished rows are kept in {parts.name}/: rerun the "
-            f"same command to resume")
+        kept = _committed(plan, todo)
+        log(f"interrupted: {kept} of {len(todo)} images are committed in {parts.name}/; rerun the same command to "
+            f"extract the rest")
         raise
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
-    missing = len({it.relpath for it in todo} - set(cache.scan_existing(plan.path, plan.meta).part_rows))
+    missing = len(todo) - _committed(plan, todo)
     if missing:
         raise CacheError(f"{missing} of {len(todo)} images have no committed row after the Ray run (a worker was "
                          f"lost); rerun the same command: it extracts only those")
-    log(f"ray: {len(todo)} images on {workers} worker(s) in {seconds:.1f}s ({len(todo) / seconds:.1f} img/s "
-        f"with start-up)")
+    after, n_first = first
+    steady = seconds - after >= 1.0 and done - n_first >= 2 * n_first  # enough chunks after the first for a rate
+    rate = f", then {(done - n_first) / (seconds - after):.1f} img/s" if steady else ""
+    log(f"ray: {len(todo)} images on {workers} worker(s), {n_nodes} node(s) in {seconds:.1f}s: first rows "
+        f"committed after {after:.1f}s (Ray and model start-up){rate}")
     return EngineReport(rows=done, seconds=seconds, workers=workers,
                         runtime={**described, "engine": "ray", "workers": workers, "nodes": n_nodes})

@@ -14,7 +14,8 @@ Each actor holds its own :class:`pipeline.cache.PartWriter` and commits a chunk 
 the driver has seen is on disk. Chunks are cut from the todo list at multiples of ``batch_size`` and the actor
 feeds them to the model in ``batch_size`` slices from their start, so the model sees the very batches the local
 engine would. Parts are written atomically (temporary name, fsync, rename) into ``<cache>.parts/``; their numbers
-come from disjoint ranges, one per actor incarnation, so concurrent writers never collide.
+come from disjoint ranges, one per actor incarnation (:func:`claim_writer_index`), so concurrent writers never
+collide.
 
 Faults: Ray Data restarts a lost actor (``max_restarts=-1``) and retries the chunks it held
 (``max_task_retries=-1``); a lost decoding task is retried too. A chunk that a dying actor committed but did not
@@ -55,7 +56,7 @@ from pipeline.extract.reader import Decoded, decode_item
 RAY_HINT = "the Ray engine needs Ray Data: pip install 'headbench[ray]' (or pip install 'ray[data]')"
 ADDRESS_RE = re.compile(r"^(auto|ray://[^\s:/]+:\d+|[^\s:/]+:\d+)$")
 PART_RANGE = 10**9
-"""Part numbers per actor incarnation: actor ``k`` numbers its parts from ``base + k * PART_RANGE``."""
+"""Part numbers per writer: the actor holding writer index ``k`` numbers its parts from ``base + k * PART_RANGE``."""
 LOCAL_OBJECT_STORE = 512 * 1024**2
 """Object store of a Ray instance started here: room for a dozen decoded 256-image chunks (38 MB each at 224 px)
 in flight, which keeps the actors fed; more only costs shared memory."""
@@ -143,15 +144,21 @@ def decode_chunk(batch: dict[str, np.ndarray], root: str, size: int, resize: str
 # ---- the actor -------------------------------------------------------------------------------------------------------
 
 
-class PartNumbers:
-    """A tiny actor handing each model actor (and each restart of one) its own range of part numbers."""
+def claim_writer_index(parts: Path) -> int:
+    """The lowest writer index no other writer of this run holds, claimed by creating ``.writer-INDEX.tmp``.
 
-    def __init__(self) -> None:
-        self.n = 0
-
-    def next(self) -> int:
-        self.n += 1
-        return self.n - 1
+    ``O_EXCL`` creation is atomic on local and shared filesystems (NFS v3 and later), so two actors, even on two
+    nodes, never get the same index; a restarted actor claims a new one. Claims are named like temporary files:
+    the next run's planning removes them with the other leftovers, and assembly removes the parts folder.
+    """
+    parts.mkdir(parents=True, exist_ok=True)
+    for index in range(100_000):
+        try:
+            os.close(os.open(parts / f".writer-{index}.tmp", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return index
+        except FileExistsError:
+            continue
+    raise CacheError(f"internal: no free writer index in {parts}")
 
 
 def _local_weights(cfg: ExtractConfig, blob: bytes | None) -> ExtractConfig:
@@ -202,23 +209,19 @@ class ChunkExtractor:
         The plan's cache attributes (the parts' signature).
     weights : list
         ``[ObjectRef]`` of the weights file's bytes (``[None]`` for random weights).
-    numbers : ActorHandle
-        :class:`PartNumbers`.
     first_part : int
         Lowest part number of this run.
     """
 
-    def __init__(self, cfg: ExtractConfig, path: str, meta: dict[str, Any], weights: list, numbers: Any,
-                 first_part: int) -> None:
+    def __init__(self, cfg: ExtractConfig, path: str, meta: dict[str, Any], weights: list, first_part: int) -> None:
         self.error: HeadbenchError | None = None
         self.run_info: dict[str, Any] = {}
         try:
-            self._start(cfg, Path(path), meta, weights, numbers, first_part)
+            self._start(cfg, Path(path), meta, weights, first_part)
         except HeadbenchError as exc:  # Ray would carry only its traceback's text: hand it back as a record
             self.error = exc
 
-    def _start(self, cfg: ExtractConfig, path: Path, meta: dict[str, Any], weights: list, numbers: Any,
-               first_part: int) -> None:
+    def _start(self, cfg: ExtractConfig, path: Path, meta: dict[str, Any], weights: list, first_part: int) -> None:
         import ray
 
         from pipeline.extract.runtime import make_runtime
@@ -229,7 +232,7 @@ class ChunkExtractor:
         size = cfg.model.input_size
         self.rt(np.zeros((cfg.batch_size, size, size, 3), np.uint8))  # trace and pick kernels before timing
         self.run_info = {"engine": "ray", **self.rt.describe(), "note": f"node {socket.gethostname()}"}
-        index = ray.get(numbers.next.remote())
+        index = claim_writer_index(cache.parts_dir(path))
         self.writer = _part_writer(path, meta, {k: self.rt.shapes[k] for k in cfg.kinds}, cfg, self.run_info,
                                    first_part + index * PART_RANGE)
         self.limit = first_part + (index + 1) * PART_RANGE
@@ -512,7 +515,6 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
     cfg = plan.config
     check_ray_options(cfg.ray)
     import_ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     path = plan.path.resolve()  # workers do not share the driver's working folder
     root = plan.dataset.root.resolve()
@@ -534,10 +536,6 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
                 f"chunks of {rows} images, batch {cfg.batch_size}")
             w = cfg.model.weights
             blob = ray.put(Path(w.path).read_bytes()) if w.path else None
-            # On the driver's node: if it went, the run would be lost anyway; a restarted counter would reuse ranges.
-            numbers = ray.remote(num_cpus=0, max_restarts=0)(PartNumbers).options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                   soft=False)).remote()
             ds = ray.data.from_arrow([_table(c, i * rows) for i, c in enumerate(chunks(todo, rows))])
             # Decoding tasks reserve the memory of the chunk they decode. Besides being true, that keeps them
             # apart from the model actors: Ray Data fuses stages with equal resource requests, which would decode
@@ -549,7 +547,7 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
                                 compute=ray.data.ActorPoolStrategy(size=workers),
                                 num_cpus=1, num_gpus=cfg.ray.gpus_per_worker or None,
                                 fn_constructor_kwargs={"cfg": cfg, "path": str(path), "meta": plan.meta,
-                                                       "weights": [blob], "numbers": numbers,
+                                                       "weights": [blob],
                                                        "first_part": next_part_number(path)})
             failure: HeadbenchError | None = None
             try:

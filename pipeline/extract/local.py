@@ -74,7 +74,7 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
     rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log)
     log(f"device: {rt.device}, runtime {rt.name}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
     writer = cache.PartWriter(plan.path, plan.meta, {k: rt.shapes[k] for k in cfg.kinds}, cfg.checkpoint_rows,
-                              cfg.checkpoint_seconds)
+                              cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()})
     todo = plan.todo
     progress = Progress(len(todo), cfg.label, enabled=not cfg.quiet and sys.stderr.isatty())
     done = 0

@@ -45,13 +45,15 @@ def one_run(engine: str, data: Path, cache_dir: Path, batch: int, part_rows: int
     from pipeline import cache
     from pipeline.data import discover
     from pipeline.extract import resolve_config
-    from pipeline.extract.plan import plan_extraction
+    from pipeline.extract.plan import cache_file, plan_extraction
     from pipeline.extract.run import run_engine
+    from pipeline.extract.views import NO_VIEWS
 
     cfg = resolve_config(log=lambda m: None, weights=str(WEIGHTS) if WEIGHTS.exists() else "none",
-                         cache_dir=cache_dir, batch_size=batch, checkpoint_rows=part_rows, engine=engine)
+                         cache_dir=cache_dir, batch_size=batch, checkpoint_rows=part_rows, engine=engine,
+                         views=NO_VIEWS)
     ds = discover(data)
-    with cache.locked(cache.cache_path(cfg.cache_dir, ds.name, cfg.label, cfg.resize, cfg.model.weights.tag)):
+    with cache.locked(cache_file(ds, cfg)):
         plan = plan_extraction(ds, cfg)
         report = run_engine(plan, log=lambda m: None)
         rows_per_part: dict[str, int] = {}

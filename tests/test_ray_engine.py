@@ -132,7 +132,9 @@ def _assert_same_cache(got: Path, ref: Path) -> None:
     assert fa.paths == fb.paths and fa.failed == fb.failed
     np.testing.assert_allclose(fa.features, fb.features, rtol=0, atol=1e-5)
     ma, mb = cache.read_meta(got), cache.read_meta(ref)
-    volatile = {"created", "updated", "extract_seconds", "command", "dataset_root"}
+    # times, the run's provenance (engine, run id) and the digest of the feature bytes may differ; nothing else
+    volatile = {"created", "updated", "extract_seconds", "command", "dataset_root", "dataset_id", "runs",
+                "content_sha256"}
     assert {k: v for k, v in ma.items() if k not in volatile} == {k: v for k, v in mb.items() if k not in volatile}
     assert not cache.parts_dir(got).exists()
 
@@ -146,6 +148,8 @@ def test_ray_engine_writes_the_local_engines_cache(cluster, photos, local_cache,
     assert res.n_extracted == 2 * N_PER_CLASS + 3 and res.n_failed == 3
     assert sorted(p for p, _ in res.failures) == ["ants/truncated.jpg", "bees/empty.png", "bees/multipage.tif"]
     _assert_same_cache(res.path, local_cache)
+    (run,) = cache.read_meta(res.path)["runs"]  # provenance: one run, by the Ray engine, with its runtime
+    assert run["engine"] == "ray" and run["workers"] == 1 and run["runtime"] == "keras" and run["rows"] == 51
     assert any(ln.startswith("ray: ") and "on 1 worker(s)" in ln for ln in lines), lines  # the summary line
     import ray
 
@@ -218,19 +222,17 @@ def test_killed_actor_is_restarted_and_committed_rows_are_kept(cluster, photos, 
     res = out["res"]
     _assert_same_cache(res.path, local_cache)
 
-    # Parts by actor incarnation: numbers of the restarted actor come from its own, higher range.
-    from pipeline.extract.ray_engine import PART_RANGE
-
+    # Parts by writer (part-<sequence>-<writer id>.h5): each actor incarnation has its own PartWriter.
     meta = cache.read_meta(res.path)
-    by_incarnation: dict[int, set[str]] = {}
-    for p in sorted(kept.glob("part-*.h5")):
+    by_writer: dict[str, set[str]] = {}
+    for p in sorted(kept.glob("part-*.h5"), key=lambda q: q.stat().st_mtime):
         one = tmp_path / f"one-{p.stem}"  # cache.scan_existing reads the parts of <path> from <path>.parts/
         cache.parts_dir(one).mkdir()
         os.link(p, cache.parts_dir(one) / p.name)
-        rows = cache.scan_existing(one, meta).part_rows
-        by_incarnation.setdefault(int(p.stem.split("-")[1]) // PART_RANGE, set()).update(rows)
-    assert len(by_incarnation) >= 2, by_incarnation.keys()  # a second incarnation wrote the rest
-    first, later = by_incarnation[0], set().union(*(v for k, v in by_incarnation.items() if k > 0))
+        by_writer.setdefault(p.stem.split("-")[2], set()).update(cache.scan_existing(one, meta).part_rows)
+    assert len(by_writer) >= 2, by_writer.keys()  # the restarted actor (a new writer) wrote the rest
+    first, *others = by_writer.values()  # in order of their first part
+    later = set().union(*others)
     assert first | later == set(cache.read_rows(res.path).path)
     assert len(first & later) <= BATCH  # at most the chunk in flight at the kill was computed twice
 
@@ -239,11 +241,13 @@ def test_worker_that_cannot_write_the_cache_folder_stops_with_one_line(cluster, 
     if cluster.namespaced:
         cache_dir = cluster.base / "readonly" / "cache"  # read-only for the workers, writable here
     elif os.geteuid() != 0:
+        from pipeline.data import discover
         from pipeline.extract import resolve_config
+        from pipeline.extract.plan import cache_file
 
         cache_dir = tmp_path / "cache"
         cfg = resolve_config(log=lambda _m: None, cache_dir=cache_dir, **_options(shared_dir))
-        parts = cache.parts_dir(cache.cache_path(cache_dir, photos.name, cfg.label, cfg.resize, cfg.model.weights.tag))
+        parts = cache.parts_dir(cache_file(discover(photos), cfg))
         parts.mkdir(parents=True, mode=0o555)  # the driver only writes its lock and probe token beside it
     else:
         pytest.skip("needs a private mount namespace (unshare -m) or a non-root user to deny a worker the folder")

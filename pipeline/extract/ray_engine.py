@@ -14,8 +14,7 @@ Each actor holds its own :class:`pipeline.cache.PartWriter` and commits a chunk 
 the driver has seen is on disk. Chunks are cut from the todo list at multiples of ``batch_size`` and the actor
 feeds them to the model in ``batch_size`` slices from their start, so the model sees the very batches the local
 engine would. Parts are written atomically (temporary name, fsync, rename) into ``<cache>.parts/``; their numbers
-come from disjoint ranges, one per actor incarnation (:func:`claim_writer_index`), so concurrent writers never
-collide.
+carry the writer's own id (:class:`pipeline.cache.PartWriter`), so concurrent writers never collide.
 
 Faults: Ray Data restarts a lost actor (``max_restarts=-1``) and retries the chunks it held
 (``max_task_retries=-1``); a lost decoding task is retried too. A chunk that a dying actor committed but did not
@@ -55,8 +54,6 @@ from pipeline.extract.reader import Decoded, decode_item
 
 RAY_HINT = "the Ray engine needs Ray Data: pip install 'headbench[ray]' (or pip install 'ray[data]')"
 ADDRESS_RE = re.compile(r"^(auto|ray://[^\s:/]+:\d+|[^\s:/]+:\d+)$")
-PART_RANGE = 10**9
-"""Part numbers per writer: the actor holding writer index ``k`` numbers its parts from ``base + k * PART_RANGE``."""
 LOCAL_OBJECT_STORE = 512 * 1024**2
 """Object store of a Ray instance started here: room for a dozen decoded 256-image chunks (38 MB each at 224 px)
 in flight, which keeps the actors fed; more only costs shared memory."""
@@ -144,23 +141,6 @@ def decode_chunk(batch: dict[str, np.ndarray], root: str, size: int, resize: str
 # ---- the actor -------------------------------------------------------------------------------------------------------
 
 
-def claim_writer_index(parts: Path) -> int:
-    """The lowest writer index no other writer of this run holds, claimed by creating ``.writer-INDEX.tmp``.
-
-    ``O_EXCL`` creation is atomic on local and shared filesystems (NFS v3 and later), so two actors, even on two
-    nodes, never get the same index; a restarted actor claims a new one. Claims are named like temporary files:
-    the next run's planning removes them with the other leftovers, and assembly removes the parts folder.
-    """
-    parts.mkdir(parents=True, exist_ok=True)
-    for index in range(100_000):
-        try:
-            os.close(os.open(parts / f".writer-{index}.tmp", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return index
-        except FileExistsError:
-            continue
-    raise CacheError(f"internal: no free writer index in {parts}")
-
-
 def _local_weights(cfg: ExtractConfig, blob: bytes | None) -> ExtractConfig:
     """The config with its weights file materialised on this node from the bytes the driver shipped."""
     w = cfg.model.weights
@@ -179,24 +159,6 @@ def _local_weights(cfg: ExtractConfig, blob: bytes | None) -> ExtractConfig:
     return replace(cfg, model=replace(cfg.model, weights=replace(w, path=str(path))))
 
 
-def _part_writer(path: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], cfg: ExtractConfig,
-                 run_info: dict[str, Any], first: int) -> cache.PartWriter:
-    """A PartWriter whose part numbers start at ``first`` (a range no other writer of this run uses).
-
-    ``PartWriter`` numbers its parts from the highest one on disk when it is created, which collides between
-    writers that run at the same time; until it takes a per-writer name, the number is set here.
-    """
-    import inspect
-
-    kwargs = {"run_info": run_info} if "run_info" in inspect.signature(cache.PartWriter).parameters else {}
-    writer = cache.PartWriter(path, meta, shapes, cfg.checkpoint_rows, cfg.checkpoint_seconds, **kwargs)
-    if not isinstance(getattr(writer, "_seq", None), int):
-        raise CacheError("internal: cache.PartWriter no longer exposes its part number; the Ray engine cannot "
-                         "give concurrent writers distinct part names")
-    writer._seq = first
-    return writer
-
-
 class ChunkExtractor:
     """Ray Data stage 2 (an actor): the runtime, built once, turns decoded chunks into committed part files.
 
@@ -209,19 +171,21 @@ class ChunkExtractor:
         The plan's cache attributes (the parts' signature).
     weights : list
         ``[ObjectRef]`` of the weights file's bytes (``[None]`` for random weights).
-    first_part : int
-        Lowest part number of this run.
+    run_info : dict
+        The run's provenance (the plan's, plus the engine and its workers); the runtime adds its own.
     """
 
-    def __init__(self, cfg: ExtractConfig, path: str, meta: dict[str, Any], weights: list, first_part: int) -> None:
+    def __init__(self, cfg: ExtractConfig, path: str, meta: dict[str, Any], weights: list,
+                 run_info: dict[str, Any]) -> None:
         self.error: HeadbenchError | None = None
         self.run_info: dict[str, Any] = {}
         try:
-            self._start(cfg, Path(path), meta, weights, first_part)
+            self._start(cfg, Path(path), meta, weights, run_info)
         except HeadbenchError as exc:  # Ray would carry only its traceback's text: hand it back as a record
             self.error = exc
 
-    def _start(self, cfg: ExtractConfig, path: Path, meta: dict[str, Any], weights: list, first_part: int) -> None:
+    def _start(self, cfg: ExtractConfig, path: Path, meta: dict[str, Any], weights: list,
+               run_info: dict[str, Any]) -> None:
         import ray
 
         from pipeline.extract.runtime import make_runtime
@@ -231,11 +195,9 @@ class ChunkExtractor:
         self.rt = make_runtime(self.cfg.model, self.cfg.runtime, log=lambda _m: None)
         size = cfg.model.input_size
         self.rt(np.zeros((cfg.batch_size, size, size, 3), np.uint8))  # trace and pick kernels before timing
-        self.run_info = {"engine": "ray", **self.rt.describe(), "note": f"node {socket.gethostname()}"}
-        index = claim_writer_index(cache.parts_dir(path))
-        self.writer = _part_writer(path, meta, {k: self.rt.shapes[k] for k in cfg.kinds}, cfg, self.run_info,
-                                   first_part + index * PART_RANGE)
-        self.limit = first_part + (index + 1) * PART_RANGE
+        self.run_info = {**run_info, **self.rt.describe()}
+        self.writer = cache.PartWriter(path, meta, {k: self.rt.shapes[k] for k in cfg.kinds}, cfg.checkpoint_rows,
+                                       cfg.checkpoint_seconds, run_info=self.run_info)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -281,16 +243,10 @@ class ChunkExtractor:
                 now = time.perf_counter()
                 self.writer.seconds += now - last
                 last = now
-                self._check_range()
                 self.writer.maybe_flush()
         finally:
-            self._check_range()
             self.writer.flush()  # what was added is committed, also before a --strict stop
         return added
-
-    def _check_range(self) -> None:
-        if self.writer._seq >= self.limit:
-            raise CacheError("internal: a Ray actor ran out of part numbers")
 
 
 # ---- start-up checks ---------------------------------------------------------------------------------------------
@@ -460,14 +416,6 @@ def check_resources(resources: dict[str, float], workers: int, gpus_per_worker: 
                           f"cluster has {cpus:g}: lower --num-workers")
 
 
-def next_part_number(path: Path) -> int:
-    """One past the highest part number in the parts folder (``part-NUMBER.h5``, as :mod:`pipeline.cache` names
-    them)."""
-    nums = [int(m.group(1)) for p in cache.parts_dir(path).glob("part-*.h5")
-            if (m := re.fullmatch(r"part-(\d+)", p.stem))]
-    return max(nums, default=-1) + 1
-
-
 def _committed(plan: Plan, todo: list[ImageItem]) -> int:
     """How many of ``todo`` have a row in a committed part (of this run or an earlier one)."""
     done = cache.scan_existing(plan.path, plan.meta).part_rows
@@ -547,8 +495,9 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
                                 compute=ray.data.ActorPoolStrategy(size=workers),
                                 num_cpus=1, num_gpus=cfg.ray.gpus_per_worker or None,
                                 fn_constructor_kwargs={"cfg": cfg, "path": str(path), "meta": plan.meta,
-                                                       "weights": [blob],
-                                                       "first_part": next_part_number(path)})
+                                                       "weights": [blob], "run_info": {
+                                                           **plan.run_info, "engine": "ray", "workers": workers,
+                                                           "nodes": n_nodes}})
             failure: HeadbenchError | None = None
             try:
                 for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):

@@ -118,7 +118,7 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Commit finished rows to disk every N images (a crash "
                                                               "loses at most that much work).")] = 256,
-    engine: Annotated[Engine, typer.Option(help="local (this machine) | ray (a Ray cluster; needs the [ray] extra, "  # type: ignore
+    engine: Annotated[Engine, typer.Option(help="local (this machine) | ray (a Ray cluster; needs the 'ray' extra, "  # type: ignore
                                                 "see docs/scaling.md).")] = Engine("local"),
     ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: 'auto' or 'ray://HOST:PORT' joins a "
                                                             "running cluster (default: start a local Ray "

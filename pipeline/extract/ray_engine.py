@@ -179,6 +179,7 @@ class ChunkExtractor:
                  run_info: dict[str, Any]) -> None:
         self.error: HeadbenchError | None = None
         self.run_info: dict[str, Any] = {}
+        self._last: float | None = None
         try:
             self._start(cfg, Path(path), meta, weights, run_info)
         except HeadbenchError as exc:  # Ray would carry only its traceback's text: hand it back as a record
@@ -200,17 +201,18 @@ class ChunkExtractor:
                                        cfg.checkpoint_seconds, run_info=self.run_info)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
         added, error = 0, self.error
         if error is None:
             try:
                 added = self._extract(batch)
             except HeadbenchError as exc:
                 error = exc
-            except OSError as exc:  # a full or failing disk: the rows of this chunk were not committed
+            except OSError as exc:  # a failing disk: the rows of this chunk were not committed
                 error = CacheError(f"cannot write a part in {self.writer.dir} ({exc.strerror or exc}); committed "
                                    f"rows are kept: fix the storage and rerun the same command")
-        return {"rows": np.array([added]), "seconds": np.array([time.perf_counter() - t0]),
+            if getattr(self.writer, "failed", False) or isinstance(error, CacheError):
+                self.error = error  # the writer is unusable: the chunks still queued here report it, not commit
+        return {"rows": np.array([added]),
                 "error_type": np.array([type(error).__name__ if error else ""], dtype=object),
                 "error": np.array([str(error) if error else ""], dtype=object),
                 "runtime": np.array([json.dumps(self.run_info)], dtype=object)}
@@ -228,7 +230,9 @@ class ChunkExtractor:
         cuts = [i for i in range(len(decoded)) if i == 0 or index[i] % cfg.batch_size == 0
                 or index[i] != index[i - 1] + 1] + [len(decoded)]
         added = 0
-        last = time.perf_counter()
+        # Wall time since this actor's previous batch ended: model + waiting for decoded input, the local engine's
+        # measure; summed over the workers in the cache's extract_seconds.
+        last = self._last or time.perf_counter()
         try:
             for start, end in zip(cuts, cuts[1:]):
                 sub = decoded[start:end]
@@ -245,6 +249,7 @@ class ChunkExtractor:
                 last = now
                 self.writer.maybe_flush()
         finally:
+            self._last = last
             self.writer.flush()  # what was added is committed, also before a --strict stop
         return added
 
@@ -291,7 +296,7 @@ def probe_node(token_file: str, token: str, parts: str, root: str) -> tuple[str,
 def check_nodes(ray: Any, path: Path, root: Path) -> int:
     """Run :func:`probe_node` on every alive node; raise CacheError or EngineError (one line) if one fails.
 
-    Returns the number of alive nodes.
+    Returns the number of alive nodes that have CPUs (where model workers can run).
     """
     import uuid
 
@@ -313,9 +318,13 @@ def check_nodes(ray: Any, path: Path, root: Path) -> int:
     for host, problem, probe_file, rule in results:
         if probe_file:
             written = Path(probe_file)
-            if not problem and not (written.exists() and written.read_text() == token):
+            try:
+                back = written.read_text()
+                written.unlink()
+            except OSError:
+                back = ""
+            if not problem and back != token:  # written, but not where this machine reads
                 problem = "does not see the cache folder this machine writes"
-            written.unlink(missing_ok=True)
         problems.append((host, problem, rule))
     where = f"--cache-dir {path.parent}"
     for host, problem, rule in problems:

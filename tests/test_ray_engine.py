@@ -149,7 +149,7 @@ def test_ray_engine_writes_the_local_engines_cache(cluster, photos, local_cache,
     assert sorted(p for p, _ in res.failures) == ["ants/truncated.jpg", "bees/empty.png", "bees/multipage.tif"]
     _assert_same_cache(res.path, local_cache)
     (run,) = cache.read_meta(res.path)["runs"]  # provenance: one run, by the Ray engine, with its runtime
-    assert run["engine"] == "ray" and run["workers"] == 1 and run["runtime"] == "keras" and run["rows"] == 51
+    assert run["engine"] == "ray" and run["workers"] == 1 and run["runtime"] == "keras" and run["rows"] == res.n_total
     assert any(ln.startswith("ray: ") and "on 1 worker(s)" in ln for ln in lines), lines  # the summary line
     import ray
 
@@ -180,10 +180,16 @@ def test_killed_actor_is_restarted_and_committed_rows_are_kept(cluster, photos, 
     import signal
 
     out: dict = {}
+
+    def extract() -> None:
+        try:
+            out["res"] = run_extract(photos, tmp_path / "cache", engine="ray", ray=RayOptions(address=cluster.address),
+                                     **_options(shared_dir, checkpoint_rows=BATCH))
+        except Exception as exc:  # reported by the assertion below
+            out["exc"] = exc
+
     since = time.time() - 1
-    run = threading.Thread(target=lambda: out.update(res=run_extract(
-        photos, tmp_path / "cache", engine="ray", ray=RayOptions(address=cluster.address),
-        **_options(shared_dir, checkpoint_rows=BATCH))), daemon=True)
+    run = threading.Thread(target=extract, daemon=True)
     run.start()
     parts = None
     kept = tmp_path / "kept.parts"
@@ -219,6 +225,7 @@ def test_killed_actor_is_restarted_and_committed_rows_are_kept(cluster, photos, 
     assert killed, "the actor was not found or finished before it could be killed"
     total_chunks = -(-(2 * N_PER_CLASS + 3) // BATCH)
     assert n_at_kill < total_chunks  # the kill landed mid-run
+    assert "res" in out, out.get("exc")
     res = out["res"]
     _assert_same_cache(res.path, local_cache)
 

@@ -78,6 +78,20 @@ def one_run(variant: str, address: str | None, data: Path, cache_dir: Path, batc
             "steady": (n - first_rows) / (last - first) if len(mtime) > 1 else float("nan")}
 
 
+def replicated(src: Path, dst: Path, copies: int) -> Path:
+    """A class-per-folder view of ``src`` with every image ``copies`` times, made of symlinks (split folders
+    merged), for runs long enough that start-up costs fade: each copy is read and decoded like a new file."""
+    from pipeline.data import discover
+
+    ds = discover(src)
+    for it in ds.items:
+        folder = dst / ds.classes[it.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(copies):
+            (folder / f"{k}__{it.relpath.replace('/', '__')}").symlink_to(ds.root / it.relpath)
+    return dst
+
+
 def start_head(log: Path) -> tuple[subprocess.Popen, str]:
     """A one-node Ray head on this machine (2 CPUs, reachable from here only), for the ``ray-joined`` variant."""
     with socket.socket() as s:
@@ -101,6 +115,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/hymenoptera")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--copies", type=int, default=1, help="Extract every image this many times (symlinks), to "
+                                                          "see the rates once start-up is a small share.")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--part-rows", type=int, default=64, help="Rows per part file (every variant): a part every "
                                                                 "~1.5 s at 45 img/s gives the steady rate its points.")
@@ -114,11 +130,13 @@ def main() -> None:
                                  args.started)))
         return
 
-    print(f"engines on {args.data} ({'MobileNetV2, shared ImageNet weights' if WEIGHTS.exists() else 'random'}), "
+    print(f"engines on {args.data}{f' x{args.copies}' if args.copies > 1 else ''} "
+          f"({'MobileNetV2, shared ImageNet weights' if WEIGHTS.exists() else 'random'}), "
           f"batch {args.batch}, parts of {args.part_rows} rows, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}", flush=True)
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as work:
+        data = replicated(args.data, Path(work) / args.data.name, args.copies) if args.copies > 1 else args.data
         head, address = start_head(Path(work) / "head.log")
         try:
             for r in range(args.rounds):
@@ -126,7 +144,7 @@ def main() -> None:
                 for variant in order:
                     with tempfile.TemporaryDirectory() as tmp:
                         started = time.time()
-                        cmd = [sys.executable, __file__, "--one", variant, "--data", str(args.data), "--cache-dir",
+                        cmd = [sys.executable, __file__, "--one", variant, "--data", str(data), "--cache-dir",
                                tmp, "--batch", str(args.batch), "--part-rows", str(args.part_rows), "--started",
                                str(started)] + (["--address", address] if variant == "ray-joined" else [])
                         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)

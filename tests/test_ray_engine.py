@@ -284,7 +284,8 @@ def test_engine_ray_without_ray_says_how_to_install(tiny_dataset, tmp_path, monk
     from typer.testing import CliRunner
 
     import cli
-    from pipeline.extract.ray_engine import RAY_HINT, EngineError
+    from pipeline.errors import EngineError
+    from pipeline.extract.ray_engine import RAY_HINT
 
     monkeypatch.setitem(sys.modules, "ray", None)
     out = tmp_path / "cache"
@@ -300,7 +301,8 @@ def test_ray_options_are_checked_before_anything_runs(tiny_dataset, tmp_path):
     from typer.testing import CliRunner
 
     import cli
-    from pipeline.extract.ray_engine import EngineError, check_ray_options
+    from pipeline.errors import EngineError
+    from pipeline.extract.ray_engine import check_ray_options
 
     for args, expect in ((["--num-workers", "2"], "need --engine ray"),
                          (["--engine", "ray", "--ray-address", "headnode"], "ray://HOST:PORT"),
@@ -317,7 +319,8 @@ def test_ray_options_are_checked_before_anything_runs(tiny_dataset, tmp_path):
 
 def test_chunks_are_whole_batches_near_the_checkpoint_size():
     from pipeline.extract.config import resolve_config
-    from pipeline.extract.ray_engine import EngineError, check_resources, chunk_rows
+    from pipeline.errors import EngineError
+    from pipeline.extract.ray_engine import check_resources, chunk_rows
 
     cfg = resolve_config(log=lambda _m: None, weights="none", batch_size=32, checkpoint_rows=100)
     assert chunk_rows(cfg) == 128  # like the local engine: parts of whole batches, at least checkpoint_rows

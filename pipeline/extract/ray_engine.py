@@ -45,7 +45,7 @@ import numpy as np
 
 from pipeline import cache
 from pipeline.data import ImageItem
-from pipeline.errors import CacheError, DatasetError, HeadbenchError, WeightsError
+from pipeline.errors import CacheError, DatasetError, EngineError, HeadbenchError, WeightsError
 from pipeline.extract.config import PIXEL_RULE, ExtractConfig, RayOptions
 from pipeline.extract.local import EngineReport, rows_of_batch
 from pipeline.extract.plan import Plan
@@ -62,10 +62,6 @@ DECODE_TASK_MEMORY = 192 * 1024**2
 loaded peaks at about 120 MiB)."""
 MAX_CHUNK_BYTES = 96 * 1024**2
 """Decoded chunks stay under Ray Data's 128 MiB target block size, so Ray never splits one across batches."""
-
-
-class EngineError(HeadbenchError):
-    """The Ray engine cannot run (Ray missing, a bad cluster address, a cluster that cannot do the job)."""
 
 
 def import_ray() -> Any:
@@ -435,7 +431,7 @@ def _rebuild(kind: str, message: str) -> HeadbenchError:
     """The error a worker reported as a record (its class name and message), raised again on the driver."""
     import pipeline.errors
 
-    cls = EngineError if kind == "EngineError" else getattr(pipeline.errors, kind, HeadbenchError)
+    cls = getattr(pipeline.errors, kind, HeadbenchError)
     return cls(message) if isinstance(cls, type) and issubclass(cls, HeadbenchError) else HeadbenchError(message)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import REPO, run_extract, write_image
 from pipeline import cache
 from pipeline.data import PAD_COLOUR, decode, decode_rgb, resize_region
-from pipeline.errors import BackboneError
+from pipeline.errors import BackboneError, EngineError
 from pipeline.extract.views import ViewSpec, make_view_spec, render_views, view_params
 
 FAST = dict(backbone="mobilenet_v2", weights="none", input_size=32, alpha=0.35, batch_size=4)
@@ -252,12 +252,14 @@ def test_rerun_resume_and_changed_spec_with_views(tmp_path, monkeypatch, one_run
     assert np.array_equal(seeded["views"]["a/0.jpg"][0], after["views"]["a/0.jpg"][0])  # the mirror image
     res, _ = _extract(root, tmp_path / "c", views=make_view_spec(0))
     assert res.n_extracted == 9 and "views" not in _cached(res.path)
+    with pytest.raises(EngineError, match="does not extract augmented views"):  # never a cache without its views
+        _extract(root, tmp_path / "c", views=spec, engine="ray")
 
 
-def test_cli_view_options_fail_in_one_line(tmp_path):
+def test_cli_view_options_are_usage_errors_in_one_line(tmp_path):
     for args, expect in ((["--view-kinds", "crop"], "need --views K"),):
         proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "extract", str(tmp_path), *args],
                               capture_output=True, text=True, cwd=REPO, timeout=120)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and expect in errors[0], proc.stderr

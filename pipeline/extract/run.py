@@ -17,7 +17,7 @@ from typing import Callable
 
 from pipeline import cache
 from pipeline.data import Dataset, discover
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, EngineError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.local import EngineReport, run_local
 from pipeline.extract.plan import Plan, cache_file, plan_extraction
@@ -40,8 +40,16 @@ class ExtractResult:
 
 
 def run_engine(plan: Plan, log: Callable[[str], None]) -> EngineReport:
-    """Run ``plan.todo`` on the configured engine."""
+    """Run ``plan.todo`` on the configured engine.
+
+    Raises
+    ------
+    EngineError
+        Augmented views asked of the Ray engine, whose workers do not make them (it would write rows without them).
+    """
     if plan.config.engine == "ray":
+        if plan.config.views is not None and plan.config.views.n:
+            raise EngineError("--engine ray does not extract augmented views; use --engine local with --views")
         from pipeline.extract.ray_engine import run_ray
 
         return run_ray(plan, log=log)
@@ -163,7 +171,8 @@ def _run(plan: Plan, log: Callable[[str], None]) -> ExtractResult:
     rows = cache.assemble(plan.path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes)
     seconds = time.perf_counter() - t0
     all_failed = [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
-    run_s = rescanned.part_seconds - ex.part_seconds  # decoding + model of this run's rows
+    # decoding + model of this run's rows, summed over the engine's workers (each writes its own parts)
+    run_s = (rescanned.part_seconds - ex.part_seconds) / max(1, report.workers if report else 1)
     ips = f", {len(plan.todo) / run_s:.1f} images/s after start-up" if report and run_s > 0 else ""
     log(f"wrote {plan.path} ({len(rows)} rows, {len(all_failed)} failed) in {seconds:.1f}s{ips}")
     return ExtractResult(plan.path, len(ds.items), len(plan.todo), plan.n_reused, plan.n_dropped,

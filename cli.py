@@ -127,11 +127,28 @@ def extract(
                                                                    "per node, or as many as the GPUs allow).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs reserved by each model "
                                                                "worker.")] = 0.0,
+    views: Annotated[Optional[int], typer.Option(min=0, max=64, help="Also cache K augmented views per image (K+1 "
+                                                                     "times the model work; 0: none). Default: keep "
+                                                                     "what the cache has.")] = None,
+    view_kinds: Annotated[Optional[str], typer.Option(help="Kinds of view, comma-separated among flip, crop, rotate, "
+                                                           "color (default flip,crop,color; see "
+                                                           "pipeline/extract/views.py).")] = None,
+    view_seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of the views' random parameters (default 0)."
+                                                     )] = None,
 ) -> None:
     """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
     from pipeline.data import discover
+    from pipeline.errors import BackboneError
     from pipeline.extract import ExtractOptions, RayOptions, extract_dataset, resolve_config
+    from pipeline.extract.views import make_view_spec
 
+    if views is None and (view_kinds is not None or view_seed is not None):
+        raise typer.BadParameter("--view-kinds and --view-seed need --views K (augmented views per image)",
+                                 param_hint="--views")
+    try:
+        spec = make_view_spec(views, view_kinds, view_seed or 0) if views is not None else None
+    except BackboneError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--views / --view-kinds") from None
     ray = RayOptions(address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
     if engine.value == "ray":
         from pipeline.extract.ray_engine import ADDRESS_RE, import_ray
@@ -144,10 +161,10 @@ def extract(
         raise typer.BadParameter("--ray-address, --num-workers and --gpus-per-worker need --engine ray",
                                  param_hint="--engine")
     options = ExtractOptions(weights=weights, input_size=input_size, alpha=alpha, resize=resize.value,
-                             maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, runtime=runtime.value,
-                             engine=engine.value, ray=ray, batch_size=batch_size, workers=workers, strict=strict,
-                             retry_failed=retry_failed, checkpoint_rows=checkpoint_every, cache_dir=cache_dir,
-                             command=_command(), quiet=quiet)
+                             maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, views=spec,
+                             runtime=runtime.value, engine=engine.value, ray=ray, batch_size=batch_size,
+                             workers=workers, strict=strict, retry_failed=retry_failed,
+                             checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
     ds = discover(data)
     # Every backbone's options and weights are resolved before the first model is built or image decoded.
     configs = [resolve_config(options, log=typer.echo, backbone=b.value) for b in backbone]

@@ -457,3 +457,80 @@ def read_image(path: str | os.PathLike, size: int, resize: str = DEFAULT_RESIZE)
 def load_image(path: str | os.PathLike, size: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """Load one image file as ``(size, size, 3)`` uint8 RGB by the module's pixel rule."""
     return read_image(path, size, resize)[0]
+
+
+# ---- decoded images for augmented views (pipeline.extract.views) ---------------------------------------------------
+
+
+def decode_rgb(data: bytes, min_side: int) -> Image.Image:
+    """Decode image bytes to an 8-bit RGB Pillow image by steps 1-3 of the pixel rule (no final resize).
+
+    The first frame is used, EXIF orientation is applied and the colour rule (alpha over white) is followed, as in
+    :func:`decode`. JPEGs (and MPO) much larger than ``min_side`` are decoded at a reduced scale that keeps at least
+    ``min_side`` pixels on each side, exactly as :func:`decode` does for ``size == min_side``, so
+    ``resize_region(decode_rgb(data, size), size, rule)`` equals ``decode(data, size, rule)`` pixel for pixel.
+
+    Raises
+    ------
+    ImageDecodeError
+        With a short reason, when the bytes are not a decodable image.
+    """
+    if not data:
+        raise ImageDecodeError("empty file")
+    opened_as = ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's EXIF/palette chatter; real failures raise below
+            with Image.open(io.BytesIO(data)) as im:
+                opened_as = (im.format or "").lower()
+                if im.format in ("JPEG", "MPO"):
+                    im.draft("RGB", (min_side, min_side))
+                im.seek(0)
+                im.load()
+                try:
+                    im = ImageOps.exif_transpose(im)  # a loaded copy, independent of the file
+                except Exception:  # noqa: BLE001 - an unreadable EXIF block: keep the pixels as stored
+                    im = im.copy()
+                rgb = _to_rgb(im)
+                rgb.load()
+                return rgb
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"too large to decode safely ({exc})") from None
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for bad files
+        fmt = sniff(data[:SNIFF_BYTES])
+        what = f"{fmt or opened_as} data" if fmt or opened_as else "not a recognised image format"
+        if isinstance(exc, UnidentifiedImageError):
+            msg = _open_failure(data, fmt) if fmt else "no image reader accepts it"
+        else:
+            msg = _reason(exc)
+        raise ImageDecodeError(f"cannot decode ({what}): {msg}"[:300]) from None
+
+
+def resize_region(im: Image.Image, size: int, rule: str,
+                  box: tuple[float, float, float, float] | None = None) -> Image.Image:
+    """Step 4 of the pixel rule applied to a region ``box`` (left, top, right, bottom; default the whole image).
+
+    The region is treated as the whole image would be: ``squash`` stretches it to ``size x size``, ``crop`` takes
+    its centre square, ``pad`` letterboxes it with :data:`PAD_COLOUR`, always with antialiased bilinear filtering.
+    With ``box=None`` the result equals the final resize of :func:`decode` pixel for pixel.
+    """
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize rule {rule!r}; known: {', '.join(RESIZE_RULES)}")
+    if box is None:
+        return _resize(im, size, rule)
+    left, top, right, bottom = (float(v) for v in box)
+    w, h = right - left, bottom - top
+    if rule == "squash":
+        return im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, right, bottom))
+    if rule == "crop":
+        side = min(w, h)
+        x0, y0 = left + (w - side) / 2, top + (h - side) / 2
+        return im.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = Image.new("RGB", (size, size), PAD_COLOUR)
+    canvas.paste(im.resize((nw, nh), Image.Resampling.BILINEAR, box=(left, top, right, bottom)),
+                 ((size - nw) // 2, (size - nh) // 2))
+    return canvas

@@ -17,7 +17,7 @@ from typing import Callable
 
 from pipeline import cache
 from pipeline.data import Dataset, discover
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, EngineError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.local import EngineReport, run_local
 from pipeline.extract.plan import Plan, cache_file, plan_extraction
@@ -40,8 +40,16 @@ class ExtractResult:
 
 
 def run_engine(plan: Plan, log: Callable[[str], None]) -> EngineReport:
-    """Run ``plan.todo`` on the configured engine."""
+    """Run ``plan.todo`` on the configured engine.
+
+    Raises
+    ------
+    EngineError
+        Augmented views asked of the Ray engine, whose workers do not make them (it would write rows without them).
+    """
     if plan.config.engine == "ray":
+        if plan.config.views is not None and plan.config.views.n:
+            raise EngineError("--engine ray does not extract augmented views; use --engine local with --views")
         from pipeline.extract.ray_engine import run_ray
 
         return run_ray(plan, log=log)
@@ -144,6 +152,8 @@ def _run(plan: Plan, log: Callable[[str], None]) -> ExtractResult:
         f"{f', {views.n} views ' + '+'.join(views.kinds) if views.n else ''}): {len(ds.items)} images; reusing "
         f"{plan.n_reused} finished rows{f' ({plan.n_resumed} from an interrupted run)' if plan.n_resumed else ''}, "
         f"extracting {len(plan.todo)}{retry}{f', dropping {plan.n_dropped} removed' if plan.n_dropped else ''}")
+    if views.n:
+        log(f"views: {views.describe()}")
 
     t0 = time.perf_counter()
     report = run_engine(plan, log) if plan.todo else None

@@ -32,6 +32,7 @@ from conftest import REPO, V2_WEIGHTS, run_extract
 from pipeline import cache
 from pipeline.errors import CacheError
 from pipeline.extract import RayOptions
+from pipeline.extract.views import ViewSpec
 
 RAY_CLI = Path(sys.executable).with_name("ray")
 BATCH = 4
@@ -115,7 +116,9 @@ def photos(shared_dir, tmp_path_factory) -> Path:
 
 
 def _options(shared_dir, **kw):
-    return dict(weights=str(shared_dir / V2_WEIGHTS), batch_size=BATCH, **kw)
+    # One augmented view (the mirror image) per photo: the Ray workers render and extract views as the local
+    # engine does.
+    return dict(weights=str(shared_dir / V2_WEIGHTS), batch_size=BATCH, views=ViewSpec(1, ("flip",), 0), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +131,11 @@ def _assert_same_cache(got: Path, ref: Path) -> None:
     a, b = cache.read_rows(got), cache.read_rows(ref)
     for name in cache.ROW_FIELDS:
         assert getattr(a, name) == getattr(b, name), name  # same rows, order, labels, digests, failures, reasons
-    fa, fb = cache.read_features(got), cache.read_features(ref)
+    fa, fb = cache.read_features(got, views=True), cache.read_features(ref, views=True)
     assert fa.paths == fb.paths and fa.failed == fb.failed
     np.testing.assert_allclose(fa.features, fb.features, rtol=0, atol=1e-5)
+    assert fa.views is not None and fa.views.shape == (len(fa.paths), 1, fa.features.shape[1])
+    np.testing.assert_allclose(fa.views, fb.views, rtol=0, atol=1e-5)
     ma, mb = cache.read_meta(got), cache.read_meta(ref)
     # times, the run's provenance (engine, run id) and the digest of the feature bytes may differ; nothing else
     volatile = {"created", "updated", "extract_seconds", "command", "dataset_root", "dataset_id", "runs",

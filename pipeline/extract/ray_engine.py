@@ -5,9 +5,11 @@ do flow through Ray Data, and the driver assembles the cache afterwards (:mod:`p
 
     driver: plan.todo cut into chunks (whole model batches, about ``checkpoint_rows`` images each)
       -> ray.data.from_arrow(one block per chunk: path, label, split, size, mtime)
-      -> map_batches(decode_chunk)          CPU tasks: read, hash, decode (pipeline.extract.reader.decode_item)
+      -> map_batches(decode_chunk)          CPU tasks: read, hash, decode, render augmented views
+                                            (pipeline.extract.reader.decode_item)
       -> map_batches(ChunkExtractor)        actor pool: the runtime built once per actor (GPUs per actor), batches
-                                            of ``batch_size`` through the model, rows committed as part files
+                                            of ``batch_size`` through the model (pipeline.extract.local.run_batch,
+                                            as the local engine), rows committed as part files
       -> driver: one small record per committed chunk (progress bar), then the check that every row is committed
 
 Each actor holds its own :class:`pipeline.cache.PartWriter` and commits a chunk before returning it, so a chunk
@@ -47,10 +49,11 @@ from pipeline import cache
 from pipeline.data import ImageItem
 from pipeline.errors import CacheError, DatasetError, EngineError, HeadbenchError, WeightsError
 from pipeline.extract.config import PIXEL_RULE, ExtractConfig, RayOptions
-from pipeline.extract.local import EngineReport, rows_of_batch
+from pipeline.extract.local import EngineReport, feature_shapes, run_batch
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
 from pipeline.extract.reader import Decoded, decode_item
+from pipeline.extract.views import NO_VIEWS, ViewSpec
 
 RAY_HINT = "the Ray engine needs Ray Data: pip install 'headbench[ray]' (or pip install 'ray[data]')"
 ADDRESS_RE = re.compile(r"^(auto|ray://[^\s:/]+:\d+|[^\s:/]+:\d+)$")
@@ -92,9 +95,15 @@ def chunk_rows(cfg: ExtractConfig) -> int:
     engine's part size), kept under :data:`MAX_CHUNK_BYTES` of decoded pixels (whole batches, at least one)."""
     b = cfg.batch_size
     rows = -(-cfg.checkpoint_rows // b) * b
-    per_image = 3 * cfg.model.input_size ** 2
+    per_image = _pixels_per_image(cfg)
     cap = max(b, (MAX_CHUNK_BYTES // per_image) // b * b)
     return min(rows, cap)
+
+
+def _pixels_per_image(cfg: ExtractConfig) -> int:
+    """Bytes of decoded pixels per image: its centre view and its augmented views."""
+    n_views = cfg.views.n if cfg.views is not None else 0
+    return 3 * cfg.model.input_size ** 2 * (1 + n_views)
 
 
 def chunks(items: list[ImageItem], rows: int) -> list[list[ImageItem]]:
@@ -119,19 +128,28 @@ def _items(batch: dict[str, np.ndarray]) -> list[ImageItem]:
             zip(batch["relpath"], batch["label"], batch["split"], batch["size"], batch["mtime_ns"])]
 
 
-def decode_chunk(batch: dict[str, np.ndarray], root: str, size: int, resize: str) -> dict[str, np.ndarray]:
+def decode_chunk(batch: dict[str, np.ndarray], root: str, size: int, resize: str,
+                 views: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Ray Data stage 1 (a CPU task): read, hash and decode one chunk by the local engine's rule.
 
-    Adds ``pixels`` ``(n, size, size, 3)`` uint8 (zeros where decoding failed), ``ok``, ``sha256`` and ``error``.
+    Adds ``pixels`` ``(n, size, size, 3)`` uint8 (zeros where decoding failed), ``ok``, ``sha256`` and ``error``,
+    and with a view spec (``ViewSpec.to_json()``) ``views`` ``(n, K, size, size, 3)``.
     """
-    decoded = [decode_item(Path(root), it, size, resize) for it in _items(batch)]
+    spec = ViewSpec.from_json(views)
+    decoded = [decode_item(Path(root), it, size, resize, spec) for it in _items(batch)]
     pixels = np.zeros((len(decoded), size, size, 3), np.uint8)
+    out_views = np.zeros((len(decoded), spec.n, size, size, 3), np.uint8) if spec.n else None
     for i, d in enumerate(decoded):
         if d.pixels is not None:
             pixels[i] = d.pixels
-    return {**batch, "pixels": pixels, "ok": np.array([d.pixels is not None for d in decoded], bool),
-            "sha256": np.array([d.sha256 for d in decoded], dtype=object),
-            "error": np.array([d.error for d in decoded], dtype=object)}
+            if out_views is not None:
+                out_views[i] = d.views
+    out = {**batch, "pixels": pixels, "ok": np.array([d.pixels is not None for d in decoded], bool),
+           "sha256": np.array([d.sha256 for d in decoded], dtype=object),
+           "error": np.array([d.error for d in decoded], dtype=object)}
+    if out_views is not None:
+        out["views"] = out_views
+    return out
 
 
 # ---- the actor -------------------------------------------------------------------------------------------------------
@@ -193,7 +211,7 @@ class ChunkExtractor:
         size = cfg.model.input_size
         self.rt(np.zeros((cfg.batch_size, size, size, 3), np.uint8))  # trace and pick kernels before timing
         self.run_info = {**run_info, **self.rt.describe()}
-        self.writer = cache.PartWriter(path, meta, {k: self.rt.shapes[k] for k in cfg.kinds}, cfg.checkpoint_rows,
+        self.writer = cache.PartWriter(path, meta, feature_shapes(self.rt, self.cfg), cfg.checkpoint_rows,
                                        cfg.checkpoint_seconds, run_info=self.run_info)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -221,8 +239,10 @@ class ChunkExtractor:
         cfg = self.cfg
         items = _items(batch)
         index = batch["index"]
+        views = batch.get("views")
         decoded = [Decoded(it, batch["pixels"][i] if batch["ok"][i] else None, str(batch["sha256"][i]),
-                           str(batch["error"][i])) for i, it in enumerate(items)]
+                           str(batch["error"][i]), views[i] if views is not None and batch["ok"][i] else None)
+                   for i, it in enumerate(items)]
         cuts = [i for i in range(len(decoded)) if i == 0 or index[i] % cfg.batch_size == 0
                 or index[i] != index[i - 1] + 1] + [len(decoded)]
         added = 0
@@ -231,10 +251,7 @@ class ChunkExtractor:
         last = self._last or time.perf_counter()
         try:
             for start, end in zip(cuts, cuts[1:]):
-                sub = decoded[start:end]
-                good = [d.pixels for d in sub if d.pixels is not None]
-                out = self.rt(np.stack(good)) if good else {}
-                for row, feats in rows_of_batch(sub, out, cfg.kinds):
+                for row, feats in run_batch(self.rt, decoded[start:end], cfg):
                     if feats is None and cfg.strict and row["error"]:
                         raise DatasetError(f"{row['path']}: {row['error']} (--strict); finished rows are kept, "
                                            f"rerun to resume")
@@ -494,8 +511,9 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
             # apart from the model actors: Ray Data fuses stages with equal resource requests, which would decode
             # inside the actor, one chunk after another, instead of ahead of it on the other cores.
             ds = ds.map_batches(decode_chunk, batch_size=None, batch_format="numpy", num_cpus=1,
-                                memory=DECODE_TASK_MEMORY + 2 * rows * 3 * cfg.model.input_size ** 2,
-                                fn_kwargs={"root": str(root), "size": cfg.model.input_size, "resize": cfg.resize})
+                                memory=DECODE_TASK_MEMORY + 2 * rows * _pixels_per_image(cfg),
+                                fn_kwargs={"root": str(root), "size": cfg.model.input_size, "resize": cfg.resize,
+                                           "views": (cfg.views or NO_VIEWS).to_json()})
             ds = ds.map_batches(ChunkExtractor, batch_size=None, batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(size=workers),
                                 num_cpus=1, num_gpus=cfg.ray.gpus_per_worker or None,

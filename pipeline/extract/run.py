@@ -17,7 +17,7 @@ from typing import Callable
 
 from pipeline import cache
 from pipeline.data import Dataset, discover
-from pipeline.errors import CacheError, EngineError
+from pipeline.errors import CacheError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.local import EngineReport, run_local
 from pipeline.extract.plan import Plan, cache_file, plan_extraction
@@ -40,16 +40,8 @@ class ExtractResult:
 
 
 def run_engine(plan: Plan, log: Callable[[str], None]) -> EngineReport:
-    """Run ``plan.todo`` on the configured engine.
-
-    Raises
-    ------
-    EngineError
-        Augmented views asked of the Ray engine, whose workers do not make them (it would write rows without them).
-    """
+    """Run ``plan.todo`` on the configured engine."""
     if plan.config.engine == "ray":
-        if plan.config.views is not None and plan.config.views.n:
-            raise EngineError("--engine ray does not extract augmented views; use --engine local with --views")
         from pipeline.extract.ray_engine import run_ray
 
         return run_ray(plan, log=log)

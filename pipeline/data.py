@@ -33,9 +33,13 @@ Pixel rule (:func:`load_image`)
    square;
    ``pad`` scales the longer side to ``size`` and letterboxes with the ImageNet mean colour (124, 116, 104),
    which is close to zero after every registered backbone's preprocessing.
-JPEGs (and MPO, the multi-picture JPEG of many phones) much larger than the target are decoded at a reduced scale
-(libjpeg DCT scaling via Pillow's ``draft``), which is 1.4-2x faster and still at least ``size`` pixels on each side
-before the final resize.
+JPEGs (and MPO, the multi-picture JPEG of many phones) larger than the target are decoded at a reduced scale:
+libjpeg-turbo's DCT-domain scaling by the smallest factor M/8 (M = 1..8) that still leaves at least ``size`` pixels
+on each side, then resized by step 4 (EXIF orientation is applied after decoding, as in step 2). Scaling in the DCT
+domain filters before it subsamples, so it is a proper downscale, and it halves the cost of decoding plus resizing
+a typical 500x375 photo. It goes through ``simplejpeg`` (libjpeg-turbo's TurboJPEG API, which releases the GIL);
+CMYK JPEGs and those it cannot read (arithmetic-coded, 12-bit, truncated) go through Pillow with its power-of-two
+``draft`` scaling.
 """
 
 from __future__ import annotations
@@ -363,6 +367,39 @@ def _resize(im: Image.Image, size: int, rule: str) -> Image.Image:
     raise ValueError(f"unknown resize rule {rule!r}; known: {', '.join(RESIZE_RULES)}")
 
 
+_ORIENTATION = {  # EXIF orientation -> the transposition that displays the picture upright (as ImageOps does)
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _jpeg_scaled(data: bytes, im: Image.Image, size: int) -> Image.Image | None:
+    """A JPEG decoded by libjpeg-turbo at the smallest DCT scale M/8 that keeps both sides >= ``size``, upright.
+
+    Returns None when the binding is not installed, the JPEG is not RGB or greyscale (CMYK keeps Pillow's
+    conversion), or the binding cannot decode these bytes: the caller then uses Pillow. ``im`` is the same file
+    opened (not decoded) by Pillow, for its colour mode and EXIF orientation.
+    """
+    if im.mode not in ("RGB", "L"):
+        return None
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
+    except Exception:  # noqa: BLE001 - CMYK, arithmetic coding, 12-bit, truncated data: Pillow decides
+        return None
+    out = Image.fromarray(arr, "RGB")
+    try:
+        orientation = im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block: keep the pixels as stored
+        orientation = None
+    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return out.transpose(method) if method is not None else out
+
+
 def decode(data: bytes, size: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """Decode image bytes to ``(size, size, 3)`` uint8 RGB by the module's pixel rule.
 
@@ -382,6 +419,9 @@ def decode(data: bytes, size: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as im:
                 opened_as = (im.format or "").lower()
                 if im.format in ("JPEG", "MPO"):  # MPO: phone JPEGs with extra pictures appended
+                    fast = _jpeg_scaled(data, im, size)
+                    if fast is not None:
+                        return np.asarray(_resize(fast, size, resize), dtype=np.uint8).copy()
                     im.draft("RGB", (size, size))
                 im.seek(0)
                 im.load()

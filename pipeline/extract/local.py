@@ -71,8 +71,8 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
         After committing finished rows (Ctrl-C or SIGTERM).
     """
     cfg = plan.config
-    rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log)
-    log(f"device: {rt.device}, runtime {rt.name}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
+    rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log, batch_size=cfg.batch_size)
+    log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
     writer = cache.PartWriter(plan.path, plan.meta, {k: rt.shapes[k] for k in cfg.kinds}, cfg.checkpoint_rows,
                               cfg.checkpoint_seconds)
     todo = plan.todo

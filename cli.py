@@ -108,11 +108,10 @@ def extract(
     max_pool: Annotated[bool, typer.Option("--max-pool", help="Also store global max pooled vectors.")] = False,
     maps_dtype: Annotated[MapsDtype, typer.Option(help="Storage type of maps.")  # type: ignore[valid-type]
                           ] = MapsDtype("float16"),
-    runtime: Annotated[Runtime, typer.Option(help="Inference runtime: onnx (ONNX Runtime: CPU, or CUDA / TensorRT "  # type: ignore
-                                                  "with onnxruntime-gpu), keras, or auto: onnx when installed, "
-                                                  "else keras. ONNX is checked against Keras on the first batch "
-                                                  "of every run and falls back to it if they differ.")
-                       ] = Runtime("auto"),
+    runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
+        help="Inference runtime: onnx (ONNX Runtime: CPU, or CUDA / TensorRT with onnxruntime-gpu), keras, or auto: "
+             "onnx when installed, else keras. ONNX is checked against Keras on the first batch of every run and "
+             "falls back to it if they differ.")] = Runtime("auto"),
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: CPU count).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
@@ -225,9 +224,9 @@ def predict(
     weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved (must have "
                                                         "the same SHA-256).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
-    runtime: Annotated[Runtime, typer.Option(help="Inference runtime of the backbone: auto (ONNX Runtime when "  # type: ignore
-                                                  "installed, else Keras), onnx or keras; the same labels either "
-                                                  "way.")] = Runtime("auto"),
+    runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
+        help="Inference runtime of the backbone: auto (ONNX Runtime when installed, else Keras), onnx or keras; the "
+             "same labels either way.")] = Runtime("auto"),
 ) -> None:
     """Label new images with a fitted head (same backbone, weights, preprocessing and resize rule as its cache)."""
     from pipeline.predict import predict_images, write_predictions

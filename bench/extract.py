@@ -12,8 +12,9 @@ set-up and peak RSS), interleaved over ``--repeats`` rounds so that machine nois
 
 Model construction and the one-time ONNX export (done before the rounds, its time printed) are excluded; the
 pipelines' figures are their recorded ``extract_seconds`` (decoding + model + HDF5 writes). Prints medians, every
-run, the ratios (of the medians and per round: the phases of a round run back to back under the same load), peak
-RSS, and decode-only throughput (the reader alone, 1 thread and one per core), which says how fast a GPU could be
+run, the ratios (of the medians and per round: the phases of a round run back to back under the same load), the
+CPU time per image (all threads; a shared machine's other load changes it far less than images/s), peak RSS, and
+decode-only throughput (the reader alone, 1 thread and one per core), which says how fast a GPU could be
 fed. The machine's load average is printed before and after, since these machines are shared.
 
 Usage::
@@ -59,6 +60,12 @@ def flat_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _cpu() -> float:
+    """CPU seconds used by this process so far, all threads (user + system)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _onnx_runtime(backbone: str, batch: int):
     from pipeline.extract import resolve_config
     from pipeline.extract.runtime import make_runtime
@@ -84,16 +91,29 @@ def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
     size = cfg.model.input_size
     px = np.stack([load_image(ds.root / it.relpath, size) for it in ds.items])
     rt(px[:batch])  # first real batch: the parity check, and the session's allocations
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     for i in range(0, len(px), batch):
         rt(px[i:i + batch])
-    return {"n": len(px), "seconds": time.perf_counter() - t}
+    return {"n": len(px), "seconds": time.perf_counter() - t, "cpu": _cpu() - c}
 
 
 def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int | None) -> dict:
+    import pipeline.extract.run as run_mod
     from pipeline import cache
     from pipeline.extract import extract_dataset, resolve_config
+    from pipeline.extract.local import run_local
+    from pipeline.extract.runtime import make_runtime
 
+    cpu: list[float] = []
+
+    def engine(plan, log):  # the local engine, with its runtime built first so its CPU time is not counted
+        rt = make_runtime(plan.config.model, plan.config.runtime, log=log, batch_size=plan.config.batch_size)
+        c = _cpu()
+        report = run_local(plan, log=log, runtime=rt)
+        cpu.append(_cpu() - c)
+        return report
+
+    run_mod.run_engine = engine
     with tempfile.TemporaryDirectory() as tmp:
         cfg = resolve_config(backbone=backbone, weights="none", cache_dir=tmp, batch_size=batch, workers=workers,
                              runtime=runtime, log=lambda m: None)
@@ -101,8 +121,8 @@ def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int 
         res = extract_dataset(root, cfg, log=msgs.append)
         meta = cache.read_meta(res.path)
         notes = [m for m in msgs if m.startswith("runtime:") or m.startswith("device:")]
-        return {"n": res.n_total, "seconds": float(meta["extract_seconds"]), "wall_with_build": res.seconds,
-                "notes": notes}
+        return {"n": res.n_total, "seconds": float(meta["extract_seconds"]), "cpu": cpu[0],
+                "wall_with_build": res.seconds, "notes": notes}
 
 
 def phase_pl_onnx(root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
@@ -126,9 +146,9 @@ def phase_keras(root: Path, backbone: str, batch: int) -> dict:
                                                   verbose=False)
     ds = ds.map(lambda x, y: preprocess(x))
     model.predict(ds.take(1), verbose=0)  # warm-up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     out = model.predict(ds, verbose=0)
-    return {"n": len(out), "seconds": time.perf_counter() - t}
+    return {"n": len(out), "seconds": time.perf_counter() - t, "cpu": _cpu() - c}
 
 
 def phase_decode(root: Path, backbone: str, batch: int) -> dict:
@@ -208,19 +228,22 @@ def main() -> None:
                       f"{d['n'] / d['seconds'] / w:6.1f} img/s per core ({1000 * d['cpu'] / d['n']:.2f} ms CPU per "
                       f"image)")
             rates: dict[str, list[float]] = {p: [] for p in PHASES}
+            cpu_ms: dict[str, list[float]] = {p: [] for p in PHASES}
             rss: dict[str, float] = {}
             notes: set[str] = set()
             for _ in range(args.repeats):
                 for p in PHASES:
                     r = run_phase(p, root, backbone, args.batch_size, args.workers)
                     rates[p].append(r["n"] / r["seconds"])
+                    cpu_ms[p].append(1000 * r["cpu"] / r["n"])
                     rss[p] = max(rss.get(p, 0.0), r["peak_rss_mib"])
                     notes.update(r.get("notes", []))
             med = {p: statistics.median(v) for p, v in rates.items()}
-            print(f"  images/s, median of {args.repeats} (all runs), peak RSS:")
+            print(f"  images/s, median of {args.repeats} (all runs); CPU time per image (all threads, median; less "
+                  f"sensitive to other load than images/s); peak RSS:")
             for p in PHASES:
                 print(f"  {p:<9} {med[p]:7.1f}   ({', '.join(f'{v:.1f}' for v in rates[p])})   "
-                      f"peak RSS {rss[p]:.0f} MiB")
+                      f"CPU {statistics.median(cpu_ms[p]):5.1f} ms/img   peak RSS {rss[p]:.0f} MiB")
             for note in sorted(notes):
                 print(f"    [{note}]")
             pairs = [("pl-onnx", "keras"), ("pl-onnx", "pl-keras"), ("pl-onnx", "ceiling"), ("pl-keras", "keras"),
@@ -231,9 +254,10 @@ def main() -> None:
                 verdict = ""
                 if target is not None:
                     verdict = f"   target >= {target:g}: {'met' if med[num] / med[den] >= target else 'NOT met'}"
+                by_cpu = statistics.median(cpu_ms[den]) / statistics.median(cpu_ms[num])
                 print(f"  {num + ' / ' + den:<20} = {med[num] / med[den]:5.2f}   (per round: "
-                      f"{', '.join(f'{r:.2f}' for r in per_round)}; median {statistics.median(per_round):.2f})"
-                      f"{verdict}")
+                      f"{', '.join(f'{r:.2f}' for r in per_round)}; median {statistics.median(per_round):.2f}; "
+                      f"by CPU time per image {by_cpu:.2f}){verdict}")
         print(f"\nload average {load()} at {time.strftime('%Y-%m-%d %H:%M')}")
 
 

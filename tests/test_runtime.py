@@ -339,7 +339,7 @@ def test_reduced_precision_gpu_falls_back_to_the_next_provider(small):
                                                  "1.0e-03") and msgs[0].endswith("trying CPUExecutionProvider")
     np.testing.assert_array_equal(out["avg"], _keras_outputs(built, px)["avg"])
     info = rt.describe()
-    assert info["runtime"] == "onnxruntime" and info["provider"] == CPU_PROVIDER and info["parity"] == "0.0e+00"
+    assert info["runtime"] == "onnxruntime" and info["provider"] == CPU_PROVIDER and float(info["parity"]) <= 1e-6
     assert "CUDAExecutionProvider) differs" in info["note"]
 
 

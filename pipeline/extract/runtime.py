@@ -122,8 +122,8 @@ class Runtime:
                 "provider": self.provider, "note": self.note}
 
     def summary(self) -> str:
-        """Runtime, version and what executes it, for the log (e.g. ``keras 3.15.1 (tensorflow 2.21.0)``)."""
-        return f"{self.name} {self.version}"
+        """Runtime and version for the log (e.g. ``keras 3.15.1 (tensorflow) tensorflow 2.21.0``)."""
+        return self.version if self.version.startswith(self.name) else f"{self.name} {self.version}"
 
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -139,11 +139,11 @@ class KerasRuntime(Runtime):
         import keras
 
         backend = keras.backend.backend()
-        self.version = f"{keras.__version__} ({backend})"
+        self.version = f"keras {keras.__version__} ({backend})"
         if backend == "tensorflow":
             import tensorflow as tf
 
-            self.version = f"{keras.__version__} (tensorflow {tf.__version__})"
+            self.version += f" tensorflow {tf.__version__}"
         self.device = "GPU" if gpu_available() else f"CPU ({cpu_cores()} cores)"
         self.provider = backend
         self._run = make_runner(built, fold=fold)

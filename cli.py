@@ -120,15 +120,36 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Commit finished rows to disk every N images (a crash "
                                                               "loses at most that much work).")] = 256,
+    engine: Annotated[Engine, typer.Option(help="local (this machine) | ray (a Ray cluster; needs the 'ray' extra, "  # type: ignore
+                                                "see docs/scaling.md).")] = Engine("local"),
+    ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: 'auto' or 'ray://HOST:PORT' joins a "
+                                                            "running cluster (default: start a local Ray "
+                                                            "instance).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(min=1, help="With --engine ray: model workers (default: one "
+                                                                   "per node, or as many as the GPUs allow).")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs reserved by each model "
+                                                               "worker.")] = 0.0,
 ) -> None:
     """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
     from pipeline.data import discover
-    from pipeline.extract import ExtractOptions, extract_dataset, resolve_config
+    from pipeline.extract import ExtractOptions, RayOptions, extract_dataset, resolve_config
 
+    ray = RayOptions(address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+    if engine.value == "ray":
+        from pipeline.extract.ray_engine import ADDRESS_RE, import_ray
+
+        if ray_address is not None and not ADDRESS_RE.match(ray_address):
+            raise typer.BadParameter(f"expected 'auto', 'ray://HOST:PORT' or 'HOST:PORT', got {ray_address!r}",
+                                     param_hint="--ray-address")
+        import_ray()  # without Ray: one line saying how to install it, before any model is built
+    elif ray != RayOptions():
+        raise typer.BadParameter("--ray-address, --num-workers and --gpus-per-worker need --engine ray",
+                                 param_hint="--engine")
     options = ExtractOptions(weights=weights, input_size=input_size, alpha=alpha, resize=resize.value,
                              maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, runtime=runtime.value,
-                             batch_size=batch_size, workers=workers, strict=strict, retry_failed=retry_failed,
-                             checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
+                             engine=engine.value, ray=ray, batch_size=batch_size, workers=workers, strict=strict,
+                             retry_failed=retry_failed, checkpoint_rows=checkpoint_every, cache_dir=cache_dir,
+                             command=_command(), quiet=quiet)
     ds = discover(data)
     # Every backbone's options and weights are resolved before the first model is built or image decoded.
     configs = [resolve_config(options, log=typer.echo, backbone=b.value) for b in backbone]

@@ -1,6 +1,6 @@
 """headbench: extract frozen CNN features once, then compare classifier heads in seconds."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def package_versions(packages: tuple[str, ...]) -> dict[str, str]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -375,6 +377,26 @@ def _resolve(dotted: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def weights_mismatch(exc: BaseException) -> str:
+    """A short reason from Keras's weight-loading error, whose message runs over many lines.
+
+    Keras says ``A total of N objects could not be loaded. Example error message for object <Conv2D name=x, ...>:``
+    and puts the useful detail (the shapes that differ) on the next line, followed by the variable's values.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    head = re.sub(r"\.?\s*Example error message.*$", "", lines[0]).strip()
+    layer = re.search(r"for object <\w+ name=([^,>]+)", lines[0])
+    detail = ""
+    if len(lines) > 1:
+        detail = re.split(r"\s*Target variable:", lines[1])[0]
+        detail = re.sub(r"^The shape of .* must match\.\s*", "", detail).strip()
+    if layer and detail:
+        head += f"; e.g. layer {layer.group(1)}: {detail}"
+    return head[:240].rstrip(" .:")
+
+
 def preprocess_layers(spec: BackboneSpec) -> list:
     """Keras layers that do exactly what ``spec``'s ``preprocess_input`` does, for pixels in [0, 255].
 
@@ -448,12 +470,13 @@ def build_feature_model(
         raise BackboneError(f"{spec.name} cannot be built at input size {size}: {exc}") from None
     if info.path:
         try:
-            base.load_weights(info.path)
+            with warnings.catch_warnings():  # a mismatched file makes Keras warn once per layer before it fails
+                warnings.simplefilter("ignore")
+                base.load_weights(info.path)
         except Exception as exc:
             raise WeightsError(
                 f"weights file {info.path} does not fit {backbone_label(spec.name, a, size)} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                f"is it a file for this backbone and width multiplier?"
+                f"({weights_mismatch(exc)}); is it a file for this backbone and width multiplier?"
             ) from None
     base.trainable = False
     inputs = keras.Input((size, size, 3), name="pixels")

@@ -39,7 +39,14 @@ def test_cache_holds_every_row_with_provenance(tiny_dataset, tmp_path):
     assert fs.paths == sorted(fs.paths)
     assert [fs.class_names[y] for y in fs.labels] == [p.split("/")[0] for p in fs.paths]
     m = fs.meta
-    assert m["schema_version"] == 1 and m["complete"] is True
+    assert m["schema_version"] == 2 and m["complete"] is True
+    assert m["dataset_root"] == str(tiny_dataset.resolve()) and m["dataset_id"] == cache.dataset_id(tiny_dataset)
+    assert res.path.name == f"tiny-{m['dataset_id'][:8]}__mobilenet_v2-a0.35-64__crop__random.h5"
+    assert len(m["content_sha256"]) == 64 and fs.file_sha256 == m["content_sha256"]
+    assert m["integrity"] == "fletcher32" and m["views"] == {"n": 0}
+    (run,) = m["runs"]  # one extraction run made every row; it records its engine and runtime
+    assert run["engine"] == "local" and run["runtime"] == "keras" and run["rows"] == 12
+    assert run["command"] == "python cli.py extract tiny" and run["runtime_version"].startswith("keras ")
     assert m["backbone"] == "mobilenet_v2" and m["input_size"] == 64 and m["alpha"] == 0.35
     assert m["preprocess"] == "keras.applications.mobilenet_v2.preprocess_input"
     assert m["weights_source"] == "none" and m["weights_sha256"] == ""
@@ -213,13 +220,18 @@ def test_bad_options_are_clear_errors(tiny_dataset, tmp_path):
         _run(tiny_dataset, tmp_path, weights=str(txt))
 
 
-def test_old_v1_cache_file_still_reads():
-    """A v1 file kept as test data (tests/data) must stay readable by every later version."""
-    path = Path(__file__).parent / "data" / "cache_v1_tiny.h5"
+@pytest.mark.parametrize("version", [1, 2])
+def test_cache_files_of_every_schema_still_read(version):
+    """Files of each schema, kept as test data (tests/data), must stay readable by every later version."""
+    path = Path(__file__).parent / "data" / f"cache_v{version}_tiny.h5"
     fs = cache.read_features(path)
-    assert fs.meta["schema_version"] == 1
-    assert fs.features.shape[0] == len(fs.paths) == len(fs.labels) > 0
-    assert fs.class_names == ["blue", "red"] and len(fs.failed) == 1
+    assert fs.meta["schema_version"] == version
+    assert fs.features.shape == (6, 1280) and len(fs.paths) == len(fs.labels) == 6
+    assert fs.class_names == ["blue", "red"] and [p for p, _ in fs.failed] == ["red/broken.jpg"]
+    assert np.isfinite(fs.features).all()
+    assert fs.file_sha256 == ("" if version == 1 else fs.meta["content_sha256"])
+    if version >= 2:
+        cache.verify(path)
 
 
 def test_copying_a_dataset_keeps_rows_keyed_by_relative_path(tiny_dataset, tmp_path):

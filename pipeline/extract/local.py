@@ -74,7 +74,7 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
     rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log, batch_size=cfg.batch_size)
     log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
     writer = cache.PartWriter(plan.path, plan.meta, {k: rt.shapes[k] for k in cfg.kinds}, cfg.checkpoint_rows,
-                              cfg.checkpoint_seconds)
+                              cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()})
     todo = plan.todo
     progress = Progress(len(todo), cfg.label, enabled=not cfg.quiet and sys.stderr.isatty())
     done = 0
@@ -88,6 +88,7 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
         for batch in read_batches(plan.dataset.root, todo, size, cfg.resize, cfg.batch_size, cfg.workers):
             good = [d for d in batch if d.pixels is not None]
             out = rt(np.stack([d.pixels for d in good])) if good else {}
+            writer.run_info.update(rt.describe())  # after the first real batch's parity check, which may switch runtime
             for row, feats in rows_of_batch(batch, out, cfg.kinds):
                 if feats is None and cfg.strict and row["error"]:
                     raise DatasetError(f"{row['path']}: {row['error']} (--strict); finished rows are kept, rerun to "

@@ -2,13 +2,15 @@
 
 Rows whose file has the same relative path, size and modification time are reused from the complete cache or
 from the parts of an interrupted run; new or changed files are extracted; removed files are dropped; rows that
-failed before are retried unless ``retry_failed`` is off. Planning reads only row metadata, never features, and
-runs on the driver whatever the engine.
+failed before are retried (a file that was unreadable for a passing reason: still being copied, no permission)
+unless ``retry_failed`` is off. Planning reads only row metadata, never features, and runs on the driver whatever
+the engine.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,14 @@ class Plan:
         What earlier runs left (complete file and parts).
     todo : list of ImageItem
         Images to extract, in dataset order.
-    n_reused, n_resumed, n_dropped, n_retry : int
-        Rows reused (of which ``n_resumed`` from an interrupted run's parts), removed files dropped, failed rows
-        retried.
+    n_reused, n_resumed, n_dropped : int
+        Rows reused (of which ``n_resumed`` from an interrupted run's parts), removed files dropped.
+    retried : dict
+        Relative path -> the earlier failure record of each failed row retried now.
     stale_removed : int
-        Leftover files of an interrupted write or another configuration that were removed.
+        Leftover files of an interrupted write, another configuration or an earlier assembly that were removed.
+    run_info : dict
+        Provenance of this run (id, start time, command, versions), completed by the engine with its runtime.
     """
 
     dataset: Dataset
@@ -50,8 +55,9 @@ class Plan:
     n_reused: int = 0
     n_resumed: int = 0
     n_dropped: int = 0
-    n_retry: int = 0
+    retried: dict[str, cache.RowRecord] = field(default_factory=dict)
     stale_removed: int = 0
+    run_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def up_to_date(self) -> bool:
@@ -60,19 +66,33 @@ class Plan:
         same_classes = ex.meta is not None and ex.meta.get("class_names") == list(self.dataset.classes)
         return same_classes and not self.todo and not self.n_dropped and not ex.part_rows
 
+    @property
+    def only_retries(self) -> bool:
+        """The only work is retrying rows that failed before (nothing added, changed, dropped or relabelled)."""
+        ex = self.existing
+        same_classes = ex.meta is not None and ex.meta.get("class_names") == list(self.dataset.classes)
+        return (same_classes and bool(self.todo) and len(self.todo) == len(self.retried) and not self.n_dropped
+                and self.n_resumed == 0)
+
 
 def cache_meta(ds: Dataset, config: ExtractConfig) -> dict[str, Any]:
-    """Root attributes of the cache of ``ds`` under ``config`` (counts and times are added at assembly)."""
+    """Root attributes of the cache of ``ds`` under ``config`` (counts, runs and digests are added at assembly)."""
     w = config.model.weights
     return {
         "format": cache.FORMAT_NAME, "schema_version": cache.SCHEMA_VERSION,
-        "dataset_name": ds.name, "dataset_root": str(ds.root), "has_splits": bool(ds.has_splits),
-        "class_names": list(ds.classes),
+        "dataset_name": ds.name, "dataset_root": str(ds.root), "dataset_id": cache.dataset_id(ds.root),
+        "has_splits": bool(ds.has_splits), "class_names": list(ds.classes),
         **config.signature(),
         "weights_path": w.path,
         "versions": package_versions(("tensorflow", "keras", "numpy", "pillow", "h5py")), "command": config.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def cache_file(ds: Dataset, config: ExtractConfig) -> Path:
+    """The cache file of ``ds`` under ``config``."""
+    return cache.cache_path(config.cache_dir, ds.name, ds.root, config.label, config.resize,
+                            config.model.weights.tag)
 
 
 def plan_extraction(ds: Dataset, config: ExtractConfig) -> Plan:
@@ -82,22 +102,27 @@ def plan_extraction(ds: Dataset, config: ExtractConfig) -> Plan:
     -------
     Plan
     """
-    path = cache.cache_path(config.cache_dir, ds.name, config.label, config.resize, config.model.weights.tag)
+    path = cache_file(ds, config)
     meta = cache_meta(ds, config)
     existing = cache.scan_existing(path, meta)
     for stale in existing.stale_parts:
         stale.unlink(missing_ok=True)
-    plan = Plan(ds, config, path, meta, existing, stale_removed=len(existing.stale_parts))
+    run_info = {"run_id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": config.command, "versions": meta["versions"]}
+    plan = Plan(ds, config, path, meta, existing, stale_removed=len(existing.stale_parts), run_info=run_info)
     for it in ds.items:
-        hit = existing.part_rows.get(it.relpath) or existing.final_rows.get(it.relpath)
-        if hit is not None and tuple(hit[-2:]) == (it.size, it.mtime_ns):
+        part = existing.part_rows.get(it.relpath)
+        rec = part[2] if part is not None else existing.final_rows.get(it.relpath)
+        same_file = rec is not None and (rec.size, rec.mtime_ns) == (it.size, it.mtime_ns)
+        if same_file and (rec.ok or not config.retry_failed or part is not None):
             plan.n_reused += 1
-        else:
-            existing.part_rows.pop(it.relpath, None)
-            existing.final_rows.pop(it.relpath, None)
-            plan.todo.append(it)
+            continue
+        if same_file:
+            plan.retried[it.relpath] = rec
+        existing.part_rows.pop(it.relpath, None)
+        existing.final_rows.pop(it.relpath, None)
+        plan.todo.append(it)
     plan.n_resumed = len(existing.part_rows)
     current = {it.relpath for it in ds.items}
     plan.n_dropped = sum(1 for q in existing.final_rows if q not in current)
     return plan
-

@@ -3,7 +3,8 @@
 :func:`extract_dataset` takes a dataset folder and one resolved :class:`~pipeline.extract.config.ExtractConfig`,
 plans the work against what earlier runs left (:mod:`pipeline.extract.plan`), runs the chosen engine (local
 threads, or a Ray cluster) which commits finished rows as part files, and assembles the complete cache file, which
-appears under its final name only once every row is done.
+appears under its final name only once every row is done. A complete cache found damaged (checksums) is said to be
+discarded and its rows are extracted again; finished parts are never thrown away.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Callable
 
 from pipeline import cache
 from pipeline.data import Dataset, discover
+from pipeline.errors import CacheError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.local import EngineReport, run_local
-from pipeline.extract.plan import Plan, plan_extraction
+from pipeline.extract.plan import Plan, cache_file, plan_extraction
+from pipeline.extract.views import NO_VIEWS, ViewSpec
 
 
 @dataclass
@@ -45,6 +48,33 @@ def run_engine(plan: Plan, log: Callable[[str], None]) -> EngineReport:
     return run_local(plan, log=log)
 
 
+def resolve_views(config: ExtractConfig, path: Path) -> ExtractConfig:
+    """Fix the view spec: as asked, or (when not asked) as the existing cache or its unfinished parts have it."""
+    if config.views is not None:
+        return config
+    try:
+        return config.with_views(ViewSpec.from_json(cache.read_meta(path).get("views")))
+    except CacheError:
+        pass
+    spec = cache.parts_views(path)
+    return config.with_views(ViewSpec.from_json(spec) if spec is not None else NO_VIEWS)
+
+
+def _failures(path: Path) -> list[tuple[str, str]]:
+    rows = cache.read_rows(path)
+    return [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
+
+
+def _retries_unchanged(plan: Plan) -> bool:
+    """Whether every retried row failed again exactly as before (same file digest, same reason)."""
+    again = cache.scan_existing(plan.path, plan.meta).part_rows
+    for q, old in plan.retried.items():
+        new = again.get(q)
+        if new is None or new[2].ok or (new[2].sha256, new[2].error) != (old.sha256, old.error):
+            return False
+    return True
+
+
 def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
                     log: Callable[[str], None] = print) -> ExtractResult:
     """Extract features of every image under ``root`` into the cache (incremental, resumable).
@@ -65,44 +95,75 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
     Raises
     ------
     DatasetError, CacheError
-        For unusable input or cache folders; with ``strict``, DatasetError at the first undecodable image
-        (finished rows are kept).
+        For unusable input or cache folders (disk full, read-only: one line, finished rows kept); with ``strict``,
+        DatasetError at the first undecodable image (finished rows are kept).
     """
     ds = root if isinstance(root, Dataset) else discover(root)
-    cfg = config
-    w = cfg.model.weights
+    w = config.model.weights
     if w.source == "none":
-        log(f"WARNING: {cfg.model.backbone} runs with RANDOM weights (--weights none): features are not ImageNet "
-            f"features")
-    path = cache.cache_path(cfg.cache_dir, ds.name, cfg.label, cfg.resize, w.tag)
+        log(f"WARNING: {config.model.backbone} runs with RANDOM weights (--weights none): features are not "
+            f"ImageNet features")
+    path = cache_file(ds, config)
     with cache.locked(path):
-        plan = plan_extraction(ds, cfg)
-        if plan.stale_removed:
-            log(f"discarded {plan.stale_removed} leftover file(s) of an interrupted write or another configuration")
-        ex = plan.existing
-        if plan.up_to_date:
-            n_failed = len(ex.final_rows) - int(ex.meta.get("n_ok", 0)) if ex.meta else 0
-            log(f"{plan.path.name}: up to date ({len(ds.items)} images, nothing to extract)")
-            return ExtractResult(plan.path, len(ds.items), 0, plan.n_reused, 0, n_failed, up_to_date=True)
+        cfg = resolve_views(config, path)
+        for _attempt in range(3):  # a damaged old file is discarded and planned again (at most twice)
+            plan = plan_extraction(ds, cfg)
+            ex = plan.existing
+            if ex.discarded and ex.discarded != "made with other settings":
+                log(f"discarded {path.name}: {ex.discarded}; its rows are extracted again")
+                cache.discard(path)
+            elif ex.discarded:
+                log(f"{path.name} was made with other settings (features, views or pixel rule); rebuilding it")
+            if plan.stale_removed:
+                log(f"discarded {plan.stale_removed} leftover file(s) of an interrupted write, another configuration "
+                    f"or an earlier assembly")
+            if plan.up_to_date:
+                try:
+                    cache.verify(path)
+                except CacheError as exc:
+                    log(f"discarded {path.name}: {exc}; its rows are extracted again")
+                    cache.discard(path)
+                    continue
+                failed = _failures(path)
+                log(f"{path.name}: up to date ({len(ds.items)} images, checksums verified, nothing to extract)")
+                return ExtractResult(path, len(ds.items), 0, plan.n_reused, 0, len(failed), failed, up_to_date=True)
+            try:
+                return _run(plan, log)
+            except cache.DamagedCache as exc:  # found while copying old rows: discard what is damaged, plan again
+                log(f"discarded {exc.path.name}: {exc}; its rows are extracted again")
+                exc.path.unlink(missing_ok=True)
+        raise CacheError(f"cache {path} keeps failing its checksums after rebuilding; check the disk it is on")
 
-        log(f"{ds.name} x {cfg.label} ({cfg.resize}, weights {w.source}{' ' + w.sha256[:12] if w.sha256 else ''})"
-            f": {len(ds.items)} images; reusing {plan.n_reused} finished rows"
-            f"{f' ({plan.n_resumed} from an interrupted run)' if plan.n_resumed else ''}, extracting {len(plan.todo)}"
-            f"{f', dropping {plan.n_dropped} removed' if plan.n_dropped else ''}")
 
-        t0 = time.perf_counter()
-        report = run_engine(plan, log) if plan.todo else None
-        seconds = time.perf_counter() - t0
-        meta = dict(plan.meta)
-        prior = float(ex.meta.get("extract_seconds", 0.0)) if ex.meta else 0.0
-        rescanned = cache.scan_existing(plan.path, meta)
-        meta["extract_seconds"] = prior + rescanned.part_seconds
-        shapes = cache.source_shapes(plan.path, rescanned, list(cfg.kinds))
-        rows = cache.assemble(plan.path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned,
-                              shapes)
-        all_failed = [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
-        run_s = rescanned.part_seconds - ex.part_seconds  # decoding + model of this run's rows
-        ips = f", {len(plan.todo) / run_s:.1f} images/s after start-up" if report and run_s > 0 else ""
-        log(f"wrote {plan.path} ({len(rows)} rows, {len(all_failed)} failed) in {seconds:.1f}s{ips}")
-        return ExtractResult(plan.path, len(ds.items), len(plan.todo), plan.n_reused, plan.n_dropped,
-                             len(all_failed), all_failed, seconds)
+def _run(plan: Plan, log: Callable[[str], None]) -> ExtractResult:
+    ds, cfg, ex = plan.dataset, plan.config, plan.existing
+    w = cfg.model.weights
+    views = cfg.views or NO_VIEWS
+    retry = f", retrying {len(plan.retried)} that failed before" if plan.retried else ""
+    log(f"{ds.name} x {cfg.label} ({cfg.resize}, weights {w.source}{' ' + w.sha256[:12] if w.sha256 else ''}"
+        f"{f', {views.n} views ' + '+'.join(views.kinds) if views.n else ''}): {len(ds.items)} images; reusing "
+        f"{plan.n_reused} finished rows{f' ({plan.n_resumed} from an interrupted run)' if plan.n_resumed else ''}, "
+        f"extracting {len(plan.todo)}{retry}{f', dropping {plan.n_dropped} removed' if plan.n_dropped else ''}")
+
+    t0 = time.perf_counter()
+    report = run_engine(plan, log) if plan.todo else None
+    if plan.only_retries and _retries_unchanged(plan):
+        cache.remove_parts(plan.path)
+        failed = _failures(plan.path)
+        log(f"{len(plan.retried)} failed image(s) retried: still failing the same way; {plan.path.name} unchanged")
+        return ExtractResult(plan.path, len(ds.items), len(plan.todo), plan.n_reused, 0, len(failed), failed,
+                             time.perf_counter() - t0)
+    meta = dict(plan.meta)
+    prior = float(ex.meta.get("extract_seconds", 0.0)) if ex.meta else 0.0
+    rescanned = cache.scan_existing(plan.path, meta)
+    meta["extract_seconds"] = prior + rescanned.part_seconds
+    shapes = cache.source_shapes(plan.path, rescanned)
+    rows = cache.assemble(plan.path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes)
+    seconds = time.perf_counter() - t0
+    all_failed = [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
+    # decoding + model of this run's rows, summed over the engine's workers (each writes its own parts)
+    run_s = (rescanned.part_seconds - ex.part_seconds) / max(1, report.workers if report else 1)
+    ips = f", {len(plan.todo) / run_s:.1f} images/s after start-up" if report and run_s > 0 else ""
+    log(f"wrote {plan.path} ({len(rows)} rows, {len(all_failed)} failed) in {seconds:.1f}s{ips}")
+    return ExtractResult(plan.path, len(ds.items), len(plan.todo), plan.n_reused, plan.n_dropped,
+                         len(all_failed), all_failed, seconds)

@@ -1,0 +1,285 @@
+"""No silent wrong results from the cache: identity by dataset folder, checksums, retries, faults in one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, run_extract, write_image
+from pipeline import cache
+from pipeline.errors import CacheError
+
+FAST = dict(backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35, batch_size=4)
+
+
+def _run(root, cache_dir, **kw):
+    msgs: list[str] = []
+    res = run_extract(root, cache_dir, log=msgs.append, **(FAST | kw))
+    return res, msgs
+
+
+def _features(path) -> dict[str, np.ndarray]:
+    fs = cache.read_features(path)
+    return dict(zip(fs.paths, fs.features))
+
+
+def _flip_byte_in(path: Path, dataset: str) -> None:
+    """Flip one byte in the middle of the first stored chunk of ``dataset`` (as a bad disk sector would)."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    offset = info.byte_offset + info.size // 2
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def _tiny_set(root: Path, seed: int, n: int = 4) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in ("cats", "dogs"):
+        for i in range(n):
+            write_image(root / c / f"{i}.png", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    return root
+
+
+# ---- identity --------------------------------------------------------------------------------------------------
+
+
+def test_two_folders_with_the_same_name_never_share_a_cache(tmp_path):
+    a = _tiny_set(tmp_path / "project_a" / "data", seed=1)
+    b = _tiny_set(tmp_path / "project_b" / "data", seed=2)
+    ra, _ = _run(a, tmp_path / "cache")
+    before = _features(ra.path)
+    rb, msgs = _run(b, tmp_path / "cache")
+    assert ra.path != rb.path and ra.path.exists() and rb.path.exists()
+    assert rb.n_reused == 0 and rb.n_extracted == 8, "rows of another folder must never be reused"
+    assert not any("dropping" in m for m in msgs)
+    after = _features(ra.path)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # the first project's cache is untouched
+    assert cache.read_meta(rb.path)["dataset_root"] == str(b.resolve())
+    assert not np.array_equal(after["cats/0.png"], _features(rb.path)["cats/0.png"])
+
+
+# ---- integrity ---------------------------------------------------------------------------------------------------
+
+
+def test_flipped_bits_in_features_are_caught_and_the_cache_rebuilt(tiny_dataset, tmp_path):
+    res, _ = _run(tiny_dataset, tmp_path / "c")
+    good = _features(res.path)
+    _flip_byte_in(res.path, "features/avg")
+    with pytest.raises(CacheError, match=r"is damaged \(checksum mismatch in features/avg.*delete it and run "
+                                         r"`python cli.py extract"):
+        cache.read_features(res.path)
+    again, msgs = _run(tiny_dataset, tmp_path / "c")  # a rerun must not say "up to date" over damaged numbers
+    assert not again.up_to_date and again.n_extracted == 12
+    assert any(m.startswith(f"discarded {res.path.name}") and "checksum" in m for m in msgs), msgs
+    rebuilt = _features(again.path)
+    assert all(np.array_equal(good[k], rebuilt[k]) for k in good)
+
+
+def test_flipped_bits_in_labels_and_edited_paths_are_caught(tiny_dataset, tmp_path):
+    res, _ = _run(tiny_dataset, tmp_path / "c")
+    copy = tmp_path / "copy.h5"
+    shutil.copy(res.path, copy)
+    _flip_byte_in(res.path, "rows/label")
+    with pytest.raises(CacheError, match="is damaged .*row metadata unreadable"):
+        cache.read_features(res.path)
+    with h5py.File(copy, "r+") as f:  # a valid HDF5 edit that no checksum of HDF5 covers: a row's path
+        f["rows/path"][0] = "blue/someone_elses.jpg"
+    with pytest.raises(CacheError, match="does not match its checksum"):
+        cache.read_features(copy)
+    again, msgs = _run(tiny_dataset, tmp_path / "c")
+    assert again.n_extracted == 12 and any("discarded" in m for m in msgs)
+    cache.read_features(again.path)
+
+
+def test_non_finite_features_are_failed_rows_never_usable_ones(tiny_dataset, tmp_path, monkeypatch):
+    import pipeline.extract.local as local
+
+    real = local.make_runtime
+
+    class NaNOnFirstImage:
+        def __init__(self, rt):
+            self.rt = rt
+
+        def __getattr__(self, name):
+            return getattr(self.rt, name)
+
+        def __call__(self, px):
+            out = self.rt(px)
+            out["avg"][0, 3] = np.nan
+            return out
+
+    monkeypatch.setattr(local, "make_runtime", lambda *a, **k: NaNOnFirstImage(real(*a, **k)))
+    res, _ = _run(tiny_dataset, tmp_path / "c")
+    assert res.n_failed == 3  # the first image of each of the 3 batches
+    assert all("non-finite" in why for _, why in res.failures)
+    fs = cache.read_features(res.path)
+    assert len(fs.paths) == 9 and np.isfinite(fs.features).all()
+
+
+def test_nan_in_a_usable_row_of_a_cache_is_a_clear_error(tiny_dataset, tmp_path):
+    res, _ = _run(tiny_dataset, tmp_path / "c")
+    with h5py.File(res.path, "r+") as f:  # written through HDF5, so its checksum is right: only the values say it
+        row = f["features/avg"][2]
+        row[7] = np.inf
+        f["features/avg"][2] = row
+    with pytest.raises(CacheError, match=r"1 usable row\(s\) of features/avg hold NaN or inf"):
+        cache.read_features(res.path)
+
+
+# ---- retries -----------------------------------------------------------------------------------------------------
+
+
+def _break_keeping_size_and_mtime(path: Path) -> bytes:
+    original = path.read_bytes()
+    st = path.stat()
+    path.write_bytes(b"\x00" * len(original))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return original
+
+
+def _restore(path: Path, data: bytes) -> None:
+    st = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_failed_rows_are_retried_on_rerun_unless_asked_not_to(tiny_dataset, tmp_path):
+    target = tiny_dataset / "red" / "img_02.jpg"
+    original = _break_keeping_size_and_mtime(target)
+    first, _ = _run(tiny_dataset, tmp_path / "c")
+    assert [p for p, _ in first.failures] == ["red/img_02.jpg"]
+    stamp = first.path.stat().st_mtime_ns
+
+    same, msgs = _run(tiny_dataset, tmp_path / "c")  # still broken: retried, but the cache is not rewritten
+    assert any("retrying 1 that failed before" in m for m in msgs)
+    assert any("still failing the same way" in m for m in msgs) and first.path.stat().st_mtime_ns == stamp
+    assert same.n_failed == 1 and not cache.parts_dir(first.path).exists()
+
+    _restore(target, original)  # fixed without changing size or modification time (like a chmod)
+    skipped, msgs = _run(tiny_dataset, tmp_path / "c", retry_failed=False)
+    assert skipped.up_to_date and skipped.n_failed == 1
+    fixed, msgs = _run(tiny_dataset, tmp_path / "c")
+    assert fixed.n_extracted == 1 and fixed.n_failed == 0 and any("retrying 1" in m for m in msgs)
+    clean, _ = _run(tiny_dataset, tmp_path / "clean")
+    a, b = _features(fixed.path), _features(clean.path)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _as_unprivileged() -> list[str]:
+    """Command prefix that runs without the power to read files the process has no permission for."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot make a file unreadable to the process")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def test_unreadable_file_is_a_failed_row_then_retried_once_readable(tiny_dataset, tmp_path):
+    secret = tiny_dataset / "blue" / "img_01.jpg"
+    secret.chmod(0)
+    args = [sys.executable, str(REPO / "cli.py"), "extract", str(tiny_dataset), "--weights", "none",
+            "--input-size", "64", "--alpha", "0.35", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    try:
+        proc = subprocess.run(_as_unprivileged() + args, capture_output=True, text=True, timeout=300)
+    finally:
+        secret.chmod(0o644)
+    assert proc.returncode == 3, proc.stderr  # done, but an image failed
+    assert "blue/img_01.jpg: cannot read file: Permission denied" in proc.stderr
+    assert "cuInit" not in proc.stderr and "cudart_stub" not in proc.stderr  # TensorFlow's CUDA probing is quiet
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "retrying 1 that failed before" in again.stdout and "0 failed" in again.stdout
+
+
+# ---- faults: disk full, read-only, free space ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs: a disk that fills up (needs root; skipped with the reason otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_is_one_line_keeps_parts_and_resumes(tiny_dataset, small_tmpfs):
+    opts = dict(maps=True, maps_dtype="float32", checkpoint_rows=4)  # ~25 kB a row: 12 rows do not fit
+    with pytest.raises(CacheError) as err:
+        _run(tiny_dataset, small_tmpfs, **opts)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"disk full writing in {small_tmpfs}") and "rerun" in msg
+    leftovers = [p for p in small_tmpfs.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, "a failed write must not leave its temporary file filling the disk"
+    parts = sorted(small_tmpfs.rglob("part-*.h5"))
+    assert parts, "finished parts must be kept"
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    res, msgs = _run(tiny_dataset, small_tmpfs, **opts)
+    assert res.n_reused == 4 * len(parts) and any("from an interrupted run" in m for m in msgs)
+    assert len(cache.read_features(res.path, "maps").paths) == 12
+
+
+def test_read_only_cache_folder_is_one_line(tiny_dataset, small_tmpfs):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    with pytest.raises(CacheError, match=r"cannot write in cache folder .* \(read-only file system\): pass "
+                                         r"--cache-dir"):
+        _run(tiny_dataset, small_tmpfs / "cache")
+
+
+def test_free_space_is_checked_before_assembly(tiny_dataset, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(cache.shutil, "disk_usage",  # parts fit; the cache folder lacks room for the whole file
+                        lambda p: real(p) if str(p).endswith(".parts") else real(p)._replace(free=10_000))
+    with pytest.raises(CacheError, match=r"not enough free space in .* to assemble .*needs about .* free.*finished "
+                                         r"rows are kept"):
+        _run(tiny_dataset, tmp_path / "c")
+    monkeypatch.setattr(cache.shutil, "disk_usage", real)
+    res, msgs = _run(tiny_dataset, tmp_path / "c")
+    assert res.n_reused == 12 and res.n_extracted == 0
+
+
+# ---- bookkeeping ---------------------------------------------------------------------------------------------------
+
+
+def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "remove_parts", lambda path: None)  # as if killed between the rename and cleanup
+    first, _ = _run(tiny_dataset, tmp_path / "c")
+    seconds = cache.read_meta(first.path)["extract_seconds"]
+    assert list(cache.parts_dir(first.path).glob("part-*.h5"))
+    monkeypatch.undo()
+    write_image(tiny_dataset / "red" / "late.png", np.zeros((30, 30, 3), np.uint8))
+    res, msgs = _run(tiny_dataset, tmp_path / "c")
+    assert res.n_extracted == 1 and res.n_reused == 12
+    assert not any("from an interrupted run" in m for m in msgs)
+    assert any("discarded" in m and "earlier assembly" in m for m in msgs)
+    meta = cache.read_meta(res.path)
+    assert seconds < meta["extract_seconds"] < seconds * 1.9  # the first run's rows are counted once
+    assert [r["rows"] for r in meta["runs"]] == [12, 1]
+
+
+def test_demo_cache_is_apart_from_the_users_caches(tmp_path):
+    from pipeline.demo import DEMO_DIR
+
+    assert DEMO_DIR.parent == Path("cache") and DEMO_DIR != Path("cache")
+    user = _tiny_set(tmp_path / "data", seed=3)
+    res, _ = _run(user, tmp_path / "cache")
+    sample = _tiny_set(tmp_path / "sample" / "lfw_faces", seed=4)
+    _run(sample, tmp_path / DEMO_DIR)
+    assert cache.find_caches(tmp_path / "cache") == [res.path]  # fit on cache/ sees only the user's dataset

@@ -108,8 +108,10 @@ def extract(
     max_pool: Annotated[bool, typer.Option("--max-pool", help="Also store global max pooled vectors.")] = False,
     maps_dtype: Annotated[MapsDtype, typer.Option(help="Storage type of maps.")  # type: ignore[valid-type]
                           ] = MapsDtype("float16"),
-    runtime: Annotated[Runtime, typer.Option(help="Inference runtime: auto picks the fastest available "  # type: ignore
-                                                  "(see docs/benchmarks.md).")] = Runtime("auto"),
+    runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
+        help="Inference runtime: onnx (ONNX Runtime: CPU, or CUDA / TensorRT with onnxruntime-gpu), keras, or auto: "
+             "onnx when installed, else keras. ONNX is checked against Keras on the first batch of every run and "
+             "falls back to it if they differ.")] = Runtime("auto"),
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: CPU count).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
@@ -260,11 +262,16 @@ def predict(
     weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved (must have "
                                                         "the same SHA-256).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
+        help="Inference runtime of the backbone: auto (ONNX Runtime when installed, else Keras), onnx or keras; the "
+             "same labels either way.")] = Runtime("auto"),
 ) -> None:
     """Label new images with a fitted head (same backbone, weights, preprocessing and resize rule as its cache)."""
     from pipeline.predict import predict_images, write_predictions
 
-    rh, rows = predict_images(run, images, head=head, weights=weights, batch_size=batch_size, log=typer.echo)
+    # Notes (a download, an ONNX export, a runtime fallback) go to stderr: stdout carries only the predictions.
+    rh, rows = predict_images(run, images, head=head, weights=weights, batch_size=batch_size, runtime=runtime.value,
+                              log=lambda m: typer.echo(m, err=True))
     if out is not None:
         typer.echo(f"wrote {write_predictions(rows, rh.class_names, out)} ({len(rows)} images, head {rh.key})")
     else:

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import REPO, run_extract, write_image
 from pipeline import cache
 from pipeline.data import PAD_COLOUR, decode, decode_rgb, resize_region
-from pipeline.errors import BackboneError, EngineError
+from pipeline.errors import BackboneError
 from pipeline.extract.views import ViewSpec, make_view_spec, render_views, view_params
 
 FAST = dict(backbone="mobilenet_v2", weights="none", input_size=32, alpha=0.35, batch_size=4)
@@ -123,24 +123,6 @@ def test_view_options_are_checked():
 # ---- views in the cache --------------------------------------------------------------------------------------------
 
 
-_RUNTIMES: dict = {}
-
-
-@pytest.fixture
-def one_runtime(monkeypatch):
-    """Build each feature model once for this module's extractions (a build costs seconds; its runs are the same)."""
-    import pipeline.extract.local as local
-
-    real = local.make_runtime
-
-    def memo(model, runtime="auto", log=print, built=None):
-        key = (model, runtime)
-        if key not in _RUNTIMES:
-            _RUNTIMES[key] = real(model, runtime, log=log, built=built)
-        return _RUNTIMES[key]
-
-    monkeypatch.setattr(local, "make_runtime", memo)
-    return memo
 
 
 def _dataset(root, n=5):
@@ -168,7 +150,7 @@ def _cached(path):
     return out
 
 
-def test_views_are_cached_with_their_spec(tmp_path, one_runtime):
+def test_views_are_cached_with_their_spec(tmp_path):
     root = _dataset(tmp_path / "ds")
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     spec = make_view_spec(3, seed=7)
@@ -200,13 +182,13 @@ def test_views_are_cached_with_their_spec(tmp_path, one_runtime):
     assert "views" not in plain_got
 
 
-def test_rerun_resume_and_changed_spec_with_views(tmp_path, monkeypatch, one_runtime):
+def test_rerun_resume_and_changed_spec_with_views(tmp_path, monkeypatch):
     import pipeline.extract.local as local
 
     root = _dataset(tmp_path / "ds", n=4)
     spec = make_view_spec(2, seed=0)
     calls = {"n": 0}
-    real = one_runtime
+    real = local.make_runtime
 
     class Flaky:
         """The real runtime, interrupted (as by Ctrl-C) on its fifth call: 1 warm-up + 3 per batch of 4 images."""
@@ -252,8 +234,6 @@ def test_rerun_resume_and_changed_spec_with_views(tmp_path, monkeypatch, one_run
     assert np.array_equal(seeded["views"]["a/0.jpg"][0], after["views"]["a/0.jpg"][0])  # the mirror image
     res, _ = _extract(root, tmp_path / "c", views=make_view_spec(0))
     assert res.n_extracted == 9 and "views" not in _cached(res.path)
-    with pytest.raises(EngineError, match="does not extract augmented views"):  # never a cache without its views
-        _extract(root, tmp_path / "c", views=spec, engine="ray")
 
 
 def test_cli_view_options_are_usage_errors_in_one_line(tmp_path):

@@ -141,8 +141,8 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
         After committing finished rows (Ctrl-C or SIGTERM).
     """
     cfg = plan.config
-    rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log)
-    log(f"device: {rt.device}, runtime {rt.name}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
+    rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log, batch_size=cfg.batch_size)
+    log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
     writer = cache.PartWriter(plan.path, plan.meta, feature_shapes(rt, cfg), cfg.checkpoint_rows,
                               cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()})
     todo = plan.todo
@@ -157,7 +157,9 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
     try:
         for batch in read_batches(plan.dataset.root, todo, size, cfg.resize, cfg.batch_size, cfg.workers,
                                   cfg.views):
-            for row, feats in run_batch(rt, batch, cfg):
+            rows = run_batch(rt, batch, cfg)
+            writer.run_info.update(rt.describe())  # after the first real batch's parity check, which may switch runtime
+            for row, feats in rows:
                 if feats is None and cfg.strict and row["error"]:
                     raise DatasetError(f"{row['path']}: {row['error']} (--strict); finished rows are kept, rerun to "
                                        f"resume")

@@ -251,7 +251,10 @@ class ChunkExtractor:
         last = self._last or time.perf_counter()
         try:
             for start, end in zip(cuts, cuts[1:]):
-                for row, feats in run_batch(self.rt, decoded[start:end], cfg):
+                rows = run_batch(self.rt, decoded[start:end], cfg)
+                self.writer.run_info.update(self.rt.describe())  # after the first batch's parity check
+                self.run_info = self.writer.run_info
+                for row, feats in rows:
                     if feats is None and cfg.strict and row["error"]:
                         raise DatasetError(f"{row['path']}: {row['error']} (--strict); finished rows are kept, "
                                            f"rerun to resume")

@@ -8,7 +8,6 @@ the same thread.
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.data import ImageItem, decode_rgb, read_image, resize_region
+from pipeline.data import ImageItem, decode_rgb, read_file, resize_region
 from pipeline.errors import ImageDecodeError
 from pipeline.extract.views import ViewSpec, render_views
 
@@ -47,23 +46,20 @@ class Decoded:
 
 
 def decode_item(root: Path, item: ImageItem, size: int, resize: str, views: ViewSpec | None = None) -> Decoded:
-    """Read and decode one image (and render its views); a failure is returned with its reason, never raised."""
-    if views is None or not views.n:
-        try:
-            px, digest = read_image(root / item.relpath, size, resize)
-            return Decoded(item, px, digest, "")
-        except ImageDecodeError as exc:
-            return Decoded(item, None, getattr(exc, "sha256", ""), str(exc))
+    """Read and decode one image (and render its views); a failure is returned with its reason, never raised.
+
+    A file that cannot be read or decoded fails the whole row: no centre view, no views.
+    """
     try:
-        data = (root / item.relpath).read_bytes()
-    except OSError as exc:
-        return Decoded(item, None, "", f"cannot read file: {exc.strerror or exc}")
-    digest = hashlib.sha256(data).hexdigest()
+        data, digest = read_file(root / item.relpath)
+    except ImageDecodeError as exc:
+        return Decoded(item, None, "", str(exc))
     try:
         image = decode_rgb(data, size)
         centre = np.asarray(resize_region(image, size, resize), dtype=np.uint8).copy()
-        return Decoded(item, centre, digest, "", render_views(image, centre, digest, views, resize))
-    except ImageDecodeError as exc:  # the whole row fails: no centre view, no views
+        extra = render_views(image, centre, digest, views, resize) if views is not None and views.n else None
+        return Decoded(item, centre, digest, "", extra)
+    except ImageDecodeError as exc:
         return Decoded(item, None, digest, str(exc))
 
 

@@ -121,8 +121,10 @@ def extract(
     max_pool: Annotated[bool, typer.Option("--max-pool", help="Also store global max pooled vectors.")] = False,
     maps_dtype: Annotated[MapsDtype, typer.Option(help="Storage type of maps.")  # type: ignore[valid-type]
                           ] = MapsDtype("float16"),
-    runtime: Annotated[Runtime, typer.Option(help="Inference runtime: auto picks the fastest available "  # type: ignore
-                                                  "(see docs/benchmarks.md).")] = Runtime("auto"),
+    runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
+        help="Inference runtime: onnx (ONNX Runtime: CPU, or CUDA / TensorRT with onnxruntime-gpu), keras, or auto: "
+             "onnx when installed, else keras. ONNX is checked against Keras on the first batch of every run and "
+             "falls back to it if they differ.")] = Runtime("auto"),
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: CPU count).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
@@ -131,14 +133,52 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Commit finished rows to disk every N images (a crash "
                                                               "loses at most that much work).")] = 256,
+    engine: Annotated[Engine, typer.Option(help="local (this machine) | ray (a Ray cluster; needs the 'ray' extra, "  # type: ignore
+                                                "see docs/scaling.md).")] = Engine("local"),
+    ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: 'auto' or 'ray://HOST:PORT' joins a "
+                                                            "running cluster (default: start a local Ray "
+                                                            "instance).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(min=1, help="With --engine ray: model workers (default: one "
+                                                                   "per node, or as many as the GPUs allow).")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs reserved by each model "
+                                                               "worker.")] = 0.0,
+    views: Annotated[Optional[int], typer.Option(min=0, max=64, help="Also cache K augmented views per image (K+1 "
+                                                                     "times the model work; 0: none). Default: keep "
+                                                                     "what the cache has.")] = None,
+    view_kinds: Annotated[Optional[str], typer.Option(help="Kinds of view, comma-separated among flip, crop, rotate, "
+                                                           "color (default flip,crop,color; see "
+                                                           "pipeline/extract/views.py).")] = None,
+    view_seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of the views' random parameters (default 0)."
+                                                     )] = None,
 ) -> None:
     """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
     from pipeline.data import discover
-    from pipeline.extract import ExtractOptions, extract_dataset, resolve_config
+    from pipeline.errors import BackboneError
+    from pipeline.extract import ExtractOptions, RayOptions, extract_dataset, resolve_config
+    from pipeline.extract.views import make_view_spec
 
+    if views is None and (view_kinds is not None or view_seed is not None):
+        raise typer.BadParameter("--view-kinds and --view-seed need --views K (augmented views per image)",
+                                 param_hint="--views")
+    try:
+        spec = make_view_spec(views, view_kinds, view_seed or 0) if views is not None else None
+    except BackboneError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--views / --view-kinds") from None
+    ray = RayOptions(address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+    if engine.value == "ray":
+        from pipeline.extract.ray_engine import ADDRESS_RE, import_ray
+
+        if ray_address is not None and not ADDRESS_RE.match(ray_address):
+            raise typer.BadParameter(f"expected 'auto', 'ray://HOST:PORT' or 'HOST:PORT', got {ray_address!r}",
+                                     param_hint="--ray-address")
+        import_ray()  # without Ray: one line saying how to install it, before any model is built
+    elif ray != RayOptions():
+        raise typer.BadParameter("--ray-address, --num-workers and --gpus-per-worker need --engine ray",
+                                 param_hint="--engine")
     options = ExtractOptions(weights=weights, input_size=input_size, alpha=alpha, resize=resize.value,
-                             maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, runtime=runtime.value,
-                             batch_size=batch_size, workers=workers, strict=strict, retry_failed=retry_failed,
+                             maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, views=spec,
+                             runtime=runtime.value, engine=engine.value, ray=ray, batch_size=batch_size,
+                             workers=workers, strict=strict, retry_failed=retry_failed,
                              checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
     ds = discover(data)
     # Every backbone's options and weights are resolved before the first model is built or image decoded.
@@ -238,11 +278,16 @@ def predict(
     weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved (must have "
                                                         "the same SHA-256).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
+        help="Inference runtime of the backbone: auto (ONNX Runtime when installed, else Keras), onnx or keras; the "
+             "same labels either way.")] = Runtime("auto"),
 ) -> None:
     """Label new images with a fitted head (same backbone, weights, preprocessing and resize rule as its cache)."""
     from pipeline.predict import predict_images, write_predictions
 
-    rh, rows = predict_images(run, images, head=head, weights=weights, batch_size=batch_size, log=typer.echo)
+    # Notes (a download, an ONNX export, a runtime fallback) go to stderr: stdout carries only the predictions.
+    rh, rows = predict_images(run, images, head=head, weights=weights, batch_size=batch_size, runtime=runtime.value,
+                              log=lambda m: typer.echo(m, err=True))
     if out is not None:
         typer.echo(f"wrote {write_predictions(rows, rh.class_names, out)} ({len(rows)} images, head {rh.key})")
     else:

@@ -1,16 +1,21 @@
-"""Extraction speed: this pipeline vs the model's compute ceiling vs the idiomatic Keras pipeline.
+"""Extraction speed: this pipeline on ONNX Runtime and on Keras vs the ONNX ceiling vs the idiomatic Keras pipeline.
 
-For each backbone, on the same image files, three phases run in fresh subprocesses (so each has its own thread
+For each backbone, on the same image files, these phases run in fresh subprocesses (so each has its own thread
 set-up and peak RSS), interleaved over ``--repeats`` rounds so that machine noise hits all of them alike:
 
-* ``ceiling``  -- the compiled feature model on pixels already decoded into memory (no I/O, no decoding);
-* ``pipeline`` -- ``extract_dataset`` from the JPEG files into a fresh cache (decode threads + model + HDF5 writes);
-* ``keras``    -- ``keras.utils.image_dataset_from_directory`` + ``preprocess_input`` + ``model.predict``.
+* ``keras``     -- the idiomatic Keras pipeline: ``keras.utils.image_dataset_from_directory`` +
+  ``preprocess_input`` + ``model.predict``;
+* ``pl-keras``  -- ``extract_dataset(..., runtime="keras")`` from the JPEG files into a fresh cache;
+* ``pl-onnx``   -- ``extract_dataset(..., runtime="onnx")``, the same with ONNX Runtime (its parity check against
+  Keras on the first batch included);
+* ``ceiling``   -- the ONNX Runtime session alone on pixels already decoded into memory (no I/O, no decoding).
 
-Model construction is excluded from every timing. Prints medians, the ratios (of the medians, and per round, since
-the phases of one round run back to back under the same machine load) and peak RSS. ``ceiling / keras`` bounds what
-any input pipeline could reach against Keras with this model: where the model alone is not 1.2x faster than the
-idiomatic pipeline, decoding cannot make up the difference.
+Model construction and the one-time ONNX export (done before the rounds, its time printed) are excluded; the
+pipelines' figures are their recorded ``extract_seconds`` (decoding + model + HDF5 writes). Prints medians, every
+run, the ratios (of the medians and per round: the phases of a round run back to back under the same load), the
+CPU time per image (all threads; a shared machine's other load changes it far less than images/s), peak RSS, and
+decode-only throughput (the reader alone, 1 thread and one per core), which says how fast a GPU could be
+fed. The machine's load average is printed before and after, since these machines are shared.
 
 Usage::
 
@@ -35,6 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+TARGETS = {  # (numerator, denominator): minimum ratio, per backbone (None: no target)
+    "mobilenet_v2": {("pl-onnx", "keras"): 3.0, ("pl-onnx", "pl-keras"): 2.5, ("pl-onnx", "ceiling"): 0.8},
+    "inception_v3": {("pl-onnx", "keras"): 1.35},
+}
+
 
 def flat_copy(src: Path, dst: Path) -> Path:
     """Class-per-folder view of ``src`` (split folders merged) made of symlinks, so every phase reads the same files."""
@@ -50,35 +60,77 @@ def flat_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _cpu() -> float:
+    """CPU seconds used by this process so far, all threads (user + system)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _onnx_runtime(backbone: str, batch: int):
+    from pipeline.extract import resolve_config
+    from pipeline.extract.runtime import make_runtime
+
+    cfg = resolve_config(backbone=backbone, weights="none", batch_size=batch, log=lambda m: None)
+    return cfg, make_runtime(cfg.model, "onnx", log=print, batch_size=batch)
+
+
+def phase_prepare(root: Path, backbone: str, batch: int) -> dict:
+    """Export the ONNX model once (outside every timed phase) and report how long it took."""
+    t = time.perf_counter()
+    _, rt = _onnx_runtime(backbone, batch)
+    return {"n": 0, "seconds": time.perf_counter() - t, "summary": rt.summary()}
+
+
 def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
     import numpy as np
 
-    from pipeline.backbones import build_feature_model
     from pipeline.data import discover, load_image
-    from pipeline.extract.runtime import configure_threads, make_runner
 
-    configure_threads()
     ds = discover(root)
-    built = build_feature_model(backbone, weights="none", announce=lambda m: None)
-    px = np.stack([load_image(ds.root / it.relpath, built.input_size) for it in ds.items])
-    run = make_runner(built)
-    run(px[:batch])  # warm-up: trace and allocate
-    t = time.perf_counter()
+    cfg, rt = _onnx_runtime(backbone, batch)
+    size = cfg.model.input_size
+    px = np.stack([load_image(ds.root / it.relpath, size) for it in ds.items])
+    rt(px[:batch])  # first real batch: the parity check, and the session's allocations
+    t, c = time.perf_counter(), _cpu()
     for i in range(0, len(px), batch):
-        run(px[i:i + batch])
-    return {"n": len(px), "seconds": time.perf_counter() - t}
+        rt(px[i:i + batch])
+    return {"n": len(px), "seconds": time.perf_counter() - t, "cpu": _cpu() - c}
 
 
-def phase_pipeline(root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
+def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int | None) -> dict:
+    import pipeline.extract.run as run_mod
     from pipeline import cache
     from pipeline.extract import extract_dataset, resolve_config
+    from pipeline.extract.local import run_local
+    from pipeline.extract.runtime import make_runtime
 
+    cpu: list[float] = []
+
+    def engine(plan, log):  # the local engine, with its runtime built first so its CPU time is not counted
+        rt = make_runtime(plan.config.model, plan.config.runtime, log=log, batch_size=plan.config.batch_size)
+        c = _cpu()
+        report = run_local(plan, log=log, runtime=rt)
+        cpu.append(_cpu() - c)
+        return report
+
+    run_mod.run_engine = engine
     with tempfile.TemporaryDirectory() as tmp:
         cfg = resolve_config(backbone=backbone, weights="none", cache_dir=tmp, batch_size=batch, workers=workers,
-                             log=lambda m: None)
-        res = extract_dataset(root, cfg, log=lambda m: None)
+                             runtime=runtime, log=lambda m: None)
+        msgs: list[str] = []
+        res = extract_dataset(root, cfg, log=msgs.append)
         meta = cache.read_meta(res.path)
-        return {"n": res.n_total, "seconds": float(meta["extract_seconds"]), "wall_with_build": res.seconds}
+        notes = [m for m in msgs if m.startswith("runtime:") or m.startswith("device:")]
+        return {"n": res.n_total, "seconds": float(meta["extract_seconds"]), "cpu": cpu[0],
+                "wall_with_build": res.seconds, "notes": notes}
+
+
+def phase_pl_onnx(root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
+    return _pipeline(root, backbone, batch, "onnx", workers)
+
+
+def phase_pl_keras(root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
+    return _pipeline(root, backbone, batch, "keras", workers)
 
 
 def phase_keras(root: Path, backbone: str, batch: int) -> dict:
@@ -94,12 +146,32 @@ def phase_keras(root: Path, backbone: str, batch: int) -> dict:
                                                   verbose=False)
     ds = ds.map(lambda x, y: preprocess(x))
     model.predict(ds.take(1), verbose=0)  # warm-up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     out = model.predict(ds, verbose=0)
-    return {"n": len(out), "seconds": time.perf_counter() - t}
+    return {"n": len(out), "seconds": time.perf_counter() - t, "cpu": _cpu() - c}
 
 
-PHASES = {"ceiling": phase_ceiling, "pipeline": phase_pipeline, "keras": phase_keras}
+def phase_decode(root: Path, backbone: str, batch: int) -> dict:
+    """The reader alone (read + hash + decode + resize), 1 thread and one thread per core."""
+    from pipeline.backbones import get_spec
+    from pipeline.data import discover
+    from pipeline.extract.reader import read_batches
+    from pipeline.extract.runtime import cpu_cores
+
+    ds = discover(root)
+    size = get_spec(backbone).default_input_size
+    out = {"cores": cpu_cores()}
+    for workers in (1, cpu_cores()):
+        for _ in read_batches(ds.root, ds.items[:batch], size, "crop", batch, workers):  # warm the file cache
+            pass
+        t, c = time.perf_counter(), time.process_time()
+        n = sum(len(b) for b in read_batches(ds.root, ds.items, size, "crop", batch, workers))
+        out[f"w{workers}"] = {"n": n, "seconds": time.perf_counter() - t, "cpu": time.process_time() - c}
+    return out
+
+
+PHASES = {"keras": phase_keras, "pl-keras": phase_pl_keras, "pl-onnx": phase_pl_onnx, "ceiling": phase_ceiling}
+HELPERS = {"prepare": phase_prepare, "decode": phase_decode}
 
 
 def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
@@ -112,19 +184,27 @@ def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | N
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "hymenoptera")
     ap.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "inception_v3"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=None, help="decoding threads of the pipeline (default: its own)")
-    ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=None, help="decoding threads of the pipelines (default: theirs)")
+    ap.add_argument("--phase", choices=[*PHASES, *HELPERS], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.phase:
-        extra = {"workers": args.workers} if args.phase == "pipeline" else {}
-        res = PHASES[args.phase](args.data, args.backbones[0], args.batch_size, **extra)
+        from pipeline.quiet import filter_native_stderr
+
+        filter_native_stderr()
+        fn = {**PHASES, **HELPERS}[args.phase]
+        extra = {"workers": args.workers} if args.phase.startswith("pl-") else {}
+        res = fn(args.data, args.backbones[0], args.batch_size, **extra)
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
@@ -133,25 +213,52 @@ def main() -> None:
         raise SystemExit(f"{args.data} not found (the benchmark uses ../shared/data/hymenoptera by default)")
     with tempfile.TemporaryDirectory() as tmp:
         root = flat_copy(args.data, Path(tmp) / args.data.name)
-        print(f"data: {args.data} ({sum(1 for _ in root.rglob('*'))} entries), batch {args.batch_size}, "
-              f"{os.cpu_count()} CPUs, repeats {args.repeats}; random weights (speed does not depend on them)")
+        print(f"data: {args.data} ({sum(1 for _ in root.rglob('*.*'))} files), batch {args.batch_size}, "
+              f"{os.cpu_count()} CPUs, repeats {args.repeats}; random weights (speed does not depend on them); "
+              f"load average {load()} at {time.strftime('%Y-%m-%d %H:%M')}")
         for backbone in args.backbones:
+            prep = run_phase("prepare", root, backbone, args.batch_size)
+            print(f"\n{backbone}: {prep['summary']}; ONNX model ready in {prep['seconds']:.1f}s (export, or the "
+                  f"stored file reused)")
+            dec = run_phase("decode", root, backbone, args.batch_size)
+            for key in sorted(k for k in dec if k.startswith("w")):
+                d = dec[key]
+                w = int(key[1:])
+                print(f"  decode only, {w} thread(s): {d['n'] / d['seconds']:6.1f} img/s = "
+                      f"{d['n'] / d['seconds'] / w:6.1f} img/s per core ({1000 * d['cpu'] / d['n']:.2f} ms CPU per "
+                      f"image)")
             rates: dict[str, list[float]] = {p: [] for p in PHASES}
+            cpu_ms: dict[str, list[float]] = {p: [] for p in PHASES}
             rss: dict[str, float] = {}
+            notes: set[str] = set()
             for _ in range(args.repeats):
                 for p in PHASES:
                     r = run_phase(p, root, backbone, args.batch_size, args.workers)
                     rates[p].append(r["n"] / r["seconds"])
+                    cpu_ms[p].append(1000 * r["cpu"] / r["n"])
                     rss[p] = max(rss.get(p, 0.0), r["peak_rss_mib"])
+                    notes.update(r.get("notes", []))
             med = {p: statistics.median(v) for p, v in rates.items()}
-            print(f"\n{backbone}: images/s, median of {args.repeats} (all runs)")
+            print(f"  images/s, median of {args.repeats} (all runs); CPU time per image (all threads, median; less "
+                  f"sensitive to other load than images/s); peak RSS:")
             for p in PHASES:
                 print(f"  {p:<9} {med[p]:7.1f}   ({', '.join(f'{v:.1f}' for v in rates[p])})   "
-                      f"peak RSS {rss[p]:.0f} MiB")
-            for num, den, unit in (("pipeline", "ceiling", ""), ("pipeline", "keras", "x"), ("ceiling", "keras", "x")):
+                      f"CPU {statistics.median(cpu_ms[p]):5.1f} ms/img   peak RSS {rss[p]:.0f} MiB")
+            for note in sorted(notes):
+                print(f"    [{note}]")
+            pairs = [("pl-onnx", "keras"), ("pl-onnx", "pl-keras"), ("pl-onnx", "ceiling"), ("pl-keras", "keras"),
+                     ("ceiling", "keras")]
+            for num, den in pairs:
                 per_round = [a / b for a, b in zip(rates[num], rates[den])]
-                print(f"  {num + ' / ' + den:<19} = {med[num] / med[den]:.2f}{unit}   (per round: "
-                      f"{', '.join(f'{r:.2f}' for r in per_round)}; median {statistics.median(per_round):.2f}{unit})")
+                target = TARGETS.get(backbone, {}).get((num, den))
+                verdict = ""
+                if target is not None:
+                    verdict = f"   target >= {target:g}: {'met' if med[num] / med[den] >= target else 'NOT met'}"
+                by_cpu = statistics.median(cpu_ms[den]) / statistics.median(cpu_ms[num])
+                print(f"  {num + ' / ' + den:<20} = {med[num] / med[den]:5.2f}   (per round: "
+                      f"{', '.join(f'{r:.2f}' for r in per_round)}; median {statistics.median(per_round):.2f}; "
+                      f"by CPU time per image {by_cpu:.2f}){verdict}")
+        print(f"\nload average {load()} at {time.strftime('%Y-%m-%d %H:%M')}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ pad), extracts ``--data`` (default ``../shared/data/hymenoptera``: photos of 193
 0.5 to 2) and fits a logistic-regression probe (C chosen by 5-fold CV on train) on train, scoring on val. Also
 prints the bootstrap standard error of each accuracy, so differences can be read against noise.
 
+The extraction runtime (``--runtime``, default ``auto``) and the pixel rule are printed with the table, so tables from
+before and after a change of either can be compared (features of the two runtimes agree to ~1e-6).
+
 Usage::
 
-    python bench/resize.py [--data DIR] [--cache-dir DIR]
+    python bench/resize.py [--data DIR] [--cache-dir DIR] [--runtime auto|onnx|keras]
 """
 
 from __future__ import annotations
@@ -53,19 +56,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "hymenoptera")
     ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--runtime", choices=["auto", "onnx", "keras"], default="auto")
     args = ap.parse_args()
     shared = REPO.parent / "shared"
-    from pipeline.extract import extract_dataset, resolve_config
+    from pipeline.extract import PIXEL_RULE, extract_dataset, resolve_config
 
     with tempfile.TemporaryDirectory() as tmp:
         cdir = args.cache_dir or Path(tmp)
-        print(f"data: {args.data}; probe: logistic regression, C by 5-fold CV on train, scored on val")
+        print(f"data: {args.data}; probe: logistic regression, C by 5-fold CV on train, scored on val; runtime "
+              f"{args.runtime}, pixel rule {PIXEL_RULE}")
         print(f"{'backbone':<14}{'squash':>16}{'crop':>16}{'pad':>16}")
         for backbone, w in WEIGHTS.items():
             cells = []
             for rule in ("squash", "crop", "pad"):
                 cfg = resolve_config(backbone=backbone, weights=str(shared / w), resize=rule, cache_dir=cdir,
-                                     log=lambda m: None)
+                                     runtime=args.runtime, log=lambda m: None)
                 res = extract_dataset(args.data, cfg, log=lambda m: None)
                 acc, se = probe_accuracy(res.path)
                 cells.append(f"{acc:.3f} ± {se:.3f}")

@@ -34,6 +34,10 @@ class FitError(HeadbenchError):
     """The fit stage cannot run on what it was given."""
 
 
+class EngineError(HeadbenchError):
+    """An extraction engine cannot run (Ray missing, a bad cluster address, a cluster that cannot do the job)."""
+
+
 class RunError(HeadbenchError):
     """A run folder (results of ``fit``) is missing or unreadable."""
 

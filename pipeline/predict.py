@@ -152,7 +152,7 @@ def _load_head(rh: RunHead) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], head: str | None = None,
-                   weights: str | None = None, batch_size: int = 32,
+                   weights: str | None = None, batch_size: int = 32, runtime: str = "auto",
                    log: Callable[[str], None] = print) -> tuple[RunHead, list[dict[str, Any]]]:
     """Predict class probabilities for image files with a run's head.
 
@@ -166,6 +166,9 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
         Result key or head name; default the run's best.
     weights : str, optional
         Backbone weights file, when the recorded one has moved (must have the recorded SHA-256).
+    runtime : {"auto", "onnx", "keras"}
+        Inference runtime for the backbone (see :func:`pipeline.extract.runtime.make_runtime`); every runtime
+        gives the same features to 1e-4 of their scale, checked on the first batch.
 
     Returns
     -------
@@ -175,8 +178,8 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     rh = select_head(run_dir, head)
     files = collect_images(inputs)
     ex = rh.extraction
-    run = make_runtime(run_model_config(rh, weights, log), "keras", log=log)
-    built = run.built
+    model = run_model_config(rh, weights, log)
+    run = make_runtime(model, runtime, log=log, batch_size=batch_size)
     head_fn = _load_head(rh)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
@@ -185,7 +188,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
         for f in chunk:
             row: dict[str, Any] = {"path": str(f)}
             try:
-                px, _ = read_image(f, built.input_size, ex["resize"])
+                px, _ = read_image(f, model.input_size, ex["resize"])
                 pixels.append(px)
                 ok_rows.append(row)
             except ImageDecodeError as exc:  # recorded with its reason; the other images go on

@@ -7,9 +7,9 @@ lines come from native code writing to file descriptor 2, so they can only be fi
 :func:`filter_native_stderr` routes descriptor 2 through a pipe and a thread that drops such lines and passes every
 other byte on unchanged (the tool's own messages, Python warnings, tracebacks, real native errors).
 
-Dropped: the absl banner, native info and warning lines (``I``/``W`` + date, as absl formats them), and native
-error lines about CUDA probing (CUDA, cuInit, cuDNN, cuFFT, cuBLAS, TensorRT). Kept: every other native error or
-fatal line. Nothing is dropped when the user set ``TF_CPP_MIN_LOG_LEVEL`` to ``0`` or ``1``.
+Dropped: the absl banner, native info and warning lines (``I``/``W`` + date, as absl formats them), native
+error lines about CUDA probing (CUDA, cuInit, cuDNN, cuFFT, cuBLAS, TensorRT), and Ray's harmless notice that an
+actor's constructor arguments sit in its object store. Kept: every other native error or fatal line. Nothing is dropped when the user set ``TF_CPP_MIN_LOG_LEVEL`` to ``0`` or ``1``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ import threading
 _NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|[IW]\d{4} [\d:. ]+\d+ [\w./-]+:\d+\]"
-    rb"|E\d{4} [\d:. ]+\d+ [\w./-]+:\d+\].*(?i:cuda|cuinit|cudnn|cufft|cublas|tensorrt))"
+    rb"|E\d{4} [\d:. ]+\d+ [\w./-]+:\d+\].*(?i:cuda|cuinit|cudnn|cufft|cublas|tensorrt)"
+    # Ray Data keeps actor constructor arguments in the object store and says so once per actor (ray#53727)
+    rb"|\[[\d\- :,]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
+    rb"object store)"
 )
 
 _installed: dict[str, object] = {}

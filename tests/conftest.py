@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "HEADBENCH_HOME" not in os.environ:  # exported ONNX models go to one folder per test session, never to ~/.cache
+    import tempfile
+
+    os.environ["HEADBENCH_HOME"] = tempfile.mkdtemp(prefix="headbench-home-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -25,6 +29,34 @@ def run_extract(root, cache_dir, log=_quiet, **options):
     from pipeline.extract import extract_dataset, resolve_config
 
     return extract_dataset(root, resolve_config(log=log, cache_dir=cache_dir, **options), log=log)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reuse_runtimes():
+    """Build each feature model once per test session and reuse it across extractions.
+
+    Building and tracing a model is most of a tiny extraction's time (about 2.5 of 3 seconds); a runtime holds no
+    state between calls, so extractions that share a model config may share it. Tests that wrap the runtime still
+    see the real one inside.
+    """
+    import pipeline.extract.local as local
+
+    real = local.make_runtime
+    built: dict = {}
+
+    def make_runtime(model, runtime="auto", log=print, **kw):
+        key = (model, runtime, tuple(sorted(kw.items())))
+        try:
+            hash(key)
+        except TypeError:  # an already built model was handed in: nothing to reuse
+            return real(model, runtime, log=log, **kw)
+        if key not in built:
+            built[key] = real(model, runtime, log=log, **kw)
+        return built[key]
+
+    local.make_runtime = make_runtime
+    yield
+    local.make_runtime = real
 
 
 @pytest.fixture(scope="session")

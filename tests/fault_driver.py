@@ -20,7 +20,7 @@ from pipeline import cache  # noqa: E402
 from pipeline.extract import extract_dataset, resolve_config  # noqa: E402
 
 OPTIONS = dict(backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35, batch_size=4, checkpoint_rows=4,
-               checkpoint_seconds=1e9)
+               checkpoint_seconds=1e9, runtime="keras")  # the runtime does not matter here; Keras starts fastest
 
 data, cache_dir, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 count = {"n": 0, "assembly_from": None}

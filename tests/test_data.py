@@ -667,27 +667,70 @@ def test_large_jpeg_draft_matches_full_decode(rule):
     assert diff < 3, diff
 
 
-def test_draft_is_used_for_large_jpeg_and_mpo(monkeypatch):
-    from PIL import JpegImagePlugin
+def _spy_resize(monkeypatch) -> list[tuple[int, int]]:
+    """Record the size (w, h) of every picture handed to the final resize: what the JPEG decoder produced."""
+    import pipeline.data as data
 
-    calls = []
-    real = JpegImagePlugin.JpegImageFile.draft
+    seen: list[tuple[int, int]] = []
+    real = data._resize
 
-    def spy(self, mode, size):
-        calls.append((self.format, size))
-        return real(self, mode, size)
+    def spy(im, size, rule):
+        seen.append(im.size)
+        return real(im, size, rule)
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    monkeypatch.setattr(data, "_resize", spy)
+    return seen
+
+
+@pytest.mark.parametrize("h, w, size, scaled", [
+    (300, 400, 64, (100, 75)),    # 2/8: the smallest M/8 leaving both sides >= 64 (1/8 would give 50 x 38)
+    (300, 400, 224, (300, 225)),  # 6/8: a scale between 1/2 and 1, which Pillow's draft cannot do
+    (300, 400, 256, (350, 263)),  # 7/8
+    (300, 400, 299, (400, 300)),  # no smaller scale keeps 299 px: decoded at full size
+    (200, 150, 224, (150, 200)),  # smaller than the input size: full size, then upscaled
+])
+def test_jpeg_is_decoded_at_the_smallest_dct_scale_that_keeps_the_input_size(monkeypatch, h, w, size, scaled):
+    """The pixel rule (headbench-pixels-3): JPEGs are decoded by libjpeg-turbo at the smallest scale M/8 (M = 1..8)
+    that leaves both sides >= size, then resized; before, only Pillow's 1/2, 1/4, 1/8 ``draft`` scales were used."""
+    pytest.importorskip("simplejpeg")
+    seen = _spy_resize(monkeypatch)
+    data = encode(Image.fromarray(noisy(h, w)), "JPEG", quality=90)
+    out = decode(data, size, "crop")
+    assert seen == [scaled] and out.shape == (size, size, 3)
+
+
+def test_mpo_is_decoded_at_a_reduced_scale_too(monkeypatch):
+    pytest.importorskip("simplejpeg")
     big = Image.fromarray(noisy(300, 400))
-    decode(encode(big, "JPEG"), 64)
-    assert calls == [("JPEG", (64, 64))]
     try:
         mpo = encode(big, "MPO", save_all=True, append_images=[Image.fromarray(solid(300, 400))])
     except (KeyError, ValueError, OSError):
-        return
-    calls.clear()
+        pytest.skip("this Pillow cannot write MPO")
+    seen = _spy_resize(monkeypatch)
     decode(mpo, 64)
-    assert calls == [("MPO", (64, 64))]
+    assert seen == [(100, 75)]
+
+
+@pytest.mark.parametrize("rule", ["squash", "crop", "pad"])
+def test_without_the_libjpeg_turbo_binding_pillow_gives_close_pixels(monkeypatch, rule):
+    """Without simplejpeg, JPEGs go through Pillow (power-of-two ``draft`` scaling only): the same picture."""
+    import sys
+
+    pytest.importorskip("simplejpeg")
+    data = rgb_bytes(noisy(600, 800, seed=5), "JPEG", quality=90)
+    fast = decode(data, 224, rule)
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import simplejpeg now raises ImportError
+    seen = _spy_resize(monkeypatch)
+    slow = decode(data, 224, rule)
+    assert seen == [(400, 300)]  # Pillow's draft: 1/2
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 3
+
+
+def test_cmyk_jpeg_goes_through_pillow(monkeypatch):
+    seen = _spy_resize(monkeypatch)
+    cmyk = Image.fromarray(noisy(300, 400)).convert("CMYK")
+    decode(encode(cmyk, "JPEG"), 64)
+    assert seen == [(100, 75)]  # Pillow's draft scale, and Pillow's CMYK conversion
 
 
 def test_mpo_jpeg_uses_first_image():

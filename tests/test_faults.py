@@ -17,6 +17,8 @@ from conftest import REPO, run_extract
 from pipeline import cache
 
 DRIVER = REPO / "tests" / "fault_driver.py"
+OPTIONS = dict(backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35, batch_size=4, checkpoint_rows=4,
+               checkpoint_seconds=1e9, runtime="keras")  # as in fault_driver.py
 
 
 def _drive(data, cache_dir, kill_at: int) -> subprocess.CompletedProcess:
@@ -41,8 +43,6 @@ def test_sigkill_at_seeded_random_write_events_then_rerun_gives_identical_featur
     rng = np.random.default_rng(20261125)
     points = sorted({int(rng.integers(1, assembly)), int(rng.integers(1, assembly)),  # while writing parts
                      int(rng.integers(assembly, total + 1))})  # while assembling or renaming the cache
-    from conftest import _quiet  # noqa: F401 - the rerun below logs nothing
-
     for k in points:
         cdir = tmp_path / f"killed_at_{k}"
         proc = _drive(tiny_dataset, cdir, k)
@@ -50,8 +50,7 @@ def test_sigkill_at_seeded_random_write_events_then_rerun_gives_identical_featur
         for h5 in cdir.glob("*.h5"):  # a file under the final name must be whole: complete and readable
             assert cache.read_meta(h5)["complete"] is True
             cache.verify(h5)
-        res = run_extract(tiny_dataset, cdir, backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35,
-                          batch_size=4, checkpoint_rows=4, checkpoint_seconds=1e9)
+        res = run_extract(tiny_dataset, cdir, **OPTIONS)
         got = _by_path(res.path)
         assert got.keys() == expected.keys(), k
         assert all(np.array_equal(got[p], expected[p]) for p in expected), f"features differ after a kill at {k}"

@@ -24,7 +24,7 @@ from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES
 from pipeline.errors import BackboneError
 from pipeline.extract.views import NO_VIEWS, ViewSpec
 
-PIXEL_RULE = "headbench-pixels-2"
+PIXEL_RULE = "headbench-pixels-3"
 """Version of :mod:`pipeline.data`'s decoding rule; bump it when pixels change: old caches are then rebuilt."""
 
 RUNTIMES = ("auto", "onnx", "keras")

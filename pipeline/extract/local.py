@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline import cache
 from pipeline.errors import DatasetError
+from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
 from pipeline.extract.reader import Decoded, read_batches
@@ -35,12 +36,32 @@ class EngineReport:
     runtime: dict[str, Any] = field(default_factory=dict)
 
 
+def view_keys(config: ExtractConfig) -> tuple[str, ...]:
+    """Dataset names of the views' features: ``views/avg`` (and ``views/max``) when the spec asks for views.
+
+    Spatial maps of views are never stored: a map is ``h x w`` times a pooled vector per view (8x8x2048 values for
+    InceptionV3), so K of them per image would multiply the cache by up to 64 K for little use.
+    """
+    n = config.views.n if config.views is not None else 0
+    return tuple(f"views/{k}" for k in config.kinds if k != "maps") if n else ()
+
+
+def feature_shapes(runtime: Runtime, config: ExtractConfig) -> dict[str, tuple[int, ...]]:
+    """Per-row shape of every dataset a row stores (the part writer's ``shapes``): kinds, then views ``(K, D)``."""
+    shapes = {k: tuple(runtime.shapes[k]) for k in config.kinds}
+    n = config.views.n if config.views is not None else 0
+    for key in view_keys(config):
+        shapes[key] = (n, *runtime.shapes[key.split("/", 1)[1]])
+    return shapes
+
+
 def rows_of_batch(batch: list[Decoded], out: dict[str, np.ndarray], kinds: tuple[str, ...],
                   ) -> list[tuple[dict[str, Any], dict[str, np.ndarray] | None]]:
     """Pair each decoded image of a batch with its features (None when it failed), as part-writer rows.
 
-    ``out`` holds the runtime's outputs for the decoded images only, in batch order. Rows whose features are not
-    finite become failed rows with :data:`NON_FINITE` as the reason.
+    ``out`` holds, for the decoded images only and in batch order, one array per dataset name in ``kinds``
+    (``avg``, ``views/avg``...). Rows whose features are not all finite become failed rows with
+    :data:`NON_FINITE` as the reason.
     """
     rows = []
     k = 0
@@ -59,6 +80,55 @@ def rows_of_batch(batch: list[Decoded], out: dict[str, np.ndarray], kinds: tuple
     return rows
 
 
+def run_batch(runtime: Runtime, batch: list[Decoded], config: ExtractConfig,
+              ) -> list[tuple[dict[str, Any], dict[str, np.ndarray] | None]]:
+    """Run one decoded batch (centre views and augmented views) through ``runtime``: part-writer rows.
+
+    The centre views of the decoded images run in calls of at most ``config.batch_size`` images, exactly as they
+    would without views (so a row's centre features do not depend on the view spec, bit for bit), then their
+    augmented views (image by image, view by view) in calls of at most ``config.batch_size`` images: the same
+    decoded batch always meets the model as the same calls (a resumed run computes what an uninterrupted one
+    would). Each row's
+    features are ``{kind: (D,) or map}`` for the centre view and ``{"views/<kind>": (K, D)}`` for its views
+    (pooled kinds only, see :func:`view_keys`); failed images get ``None``. This is the one function both the
+    local and the Ray engines call per batch.
+
+    Parameters
+    ----------
+    runtime : Runtime
+        Pixels in, ``{kind: array}`` out.
+    batch : list of Decoded
+        From :func:`pipeline.extract.reader.read_batches` (views present when ``config.views.n`` > 0).
+    config : ExtractConfig
+        Its ``kinds``, ``views`` (fixed) and ``batch_size`` are used.
+
+    Returns
+    -------
+    list of (row, feats or None)
+        In batch order, for :meth:`pipeline.cache.PartWriter.add`.
+    """
+    good = [d for d in batch if d.pixels is not None]
+    vkeys = view_keys(config)
+    n_views = config.views.n if vkeys and config.views is not None else 0
+    if not good:
+        return rows_of_batch(batch, {}, config.kinds + vkeys)
+    step = max(1, int(config.batch_size))
+    n = len(good)
+    centres = np.stack([d.pixels for d in good])
+    chunks = [runtime(centres[i:i + step]) for i in range(0, n, step)]
+    out = {k: np.concatenate([c[k] for c in chunks]) for k in config.kinds}
+    if n_views:
+        for d in good:
+            if d.views is None or len(d.views) != n_views:
+                raise ValueError(f"internal: {d.item.relpath} was decoded without its {n_views} views")
+        views = np.concatenate([d.views for d in good])
+        chunks = [runtime(views[i:i + step]) for i in range(0, len(views), step)]
+        for key in vkeys:
+            kind = key.split("/", 1)[1]
+            out[key] = np.concatenate([c[kind] for c in chunks]).reshape(n, n_views, -1)
+    return rows_of_batch(batch, out, config.kinds + vkeys)
+
+
 def run_local(plan: Plan, log: Callable[[str], None] = print,
               runtime: Runtime | None = None) -> EngineReport:
     """Extract ``plan.todo`` into part files of ``plan.path``'s parts folder.
@@ -71,9 +141,9 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
         After committing finished rows (Ctrl-C or SIGTERM).
     """
     cfg = plan.config
-    rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log)
-    log(f"device: {rt.device}, runtime {rt.name}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
-    writer = cache.PartWriter(plan.path, plan.meta, {k: rt.shapes[k] for k in cfg.kinds}, cfg.checkpoint_rows,
+    rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log, batch_size=cfg.batch_size)
+    log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
+    writer = cache.PartWriter(plan.path, plan.meta, feature_shapes(rt, cfg), cfg.checkpoint_rows,
                               cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()})
     todo = plan.todo
     progress = Progress(len(todo), cfg.label, enabled=not cfg.quiet and sys.stderr.isatty())
@@ -85,10 +155,11 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
     total = 0.0
     last = time.perf_counter()
     try:
-        for batch in read_batches(plan.dataset.root, todo, size, cfg.resize, cfg.batch_size, cfg.workers):
-            good = [d for d in batch if d.pixels is not None]
-            out = rt(np.stack([d.pixels for d in good])) if good else {}
-            for row, feats in rows_of_batch(batch, out, cfg.kinds):
+        for batch in read_batches(plan.dataset.root, todo, size, cfg.resize, cfg.batch_size, cfg.workers,
+                                  cfg.views):
+            rows = run_batch(rt, batch, cfg)
+            writer.run_info.update(rt.describe())  # after the first real batch's parity check, which may switch runtime
+            for row, feats in rows:
                 if feats is None and cfg.strict and row["error"]:
                     raise DatasetError(f"{row['path']}: {row['error']} (--strict); finished rows are kept, rerun to "
                                        f"resume")

@@ -144,6 +144,8 @@ def _run(plan: Plan, log: Callable[[str], None]) -> ExtractResult:
         f"{f', {views.n} views ' + '+'.join(views.kinds) if views.n else ''}): {len(ds.items)} images; reusing "
         f"{plan.n_reused} finished rows{f' ({plan.n_resumed} from an interrupted run)' if plan.n_resumed else ''}, "
         f"extracting {len(plan.todo)}{retry}{f', dropping {plan.n_dropped} removed' if plan.n_dropped else ''}")
+    if views.n:
+        log(f"views: {views.describe()}")
 
     t0 = time.perf_counter()
     report = run_engine(plan, log) if plan.todo else None
@@ -161,7 +163,8 @@ def _run(plan: Plan, log: Callable[[str], None]) -> ExtractResult:
     rows = cache.assemble(plan.path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes)
     seconds = time.perf_counter() - t0
     all_failed = [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
-    run_s = rescanned.part_seconds - ex.part_seconds  # decoding + model of this run's rows
+    # decoding + model of this run's rows, summed over the engine's workers (each writes its own parts)
+    run_s = (rescanned.part_seconds - ex.part_seconds) / max(1, report.workers if report else 1)
     ips = f", {len(plan.todo) / run_s:.1f} images/s after start-up" if report and run_s > 0 else ""
     log(f"wrote {plan.path} ({len(rows)} rows, {len(all_failed)} failed) in {seconds:.1f}s{ips}")
     return ExtractResult(plan.path, len(ds.items), len(plan.todo), plan.n_reused, plan.n_dropped,

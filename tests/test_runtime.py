@@ -1,0 +1,390 @@
+"""Runtimes: ONNX Runtime gives Keras's features on every backbone, falls back with a reason, exports once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("tf2onnx")
+
+from conftest import REPO, V2_WEIGHTS, run_extract, write_image  # noqa: E402
+from pipeline.backbones import REGISTRY, WeightsInfo, build_feature_model  # noqa: E402
+from pipeline.data import load_image  # noqa: E402
+from pipeline.extract import onnx_export  # noqa: E402
+from pipeline.extract.config import ModelConfig, resolve_config  # noqa: E402
+from pipeline.extract.onnx_runtime import (CPU_PROVIDER, OnnxRuntime, choose_providers, intra_op_threads,  # noqa: E402
+                                           relative_difference)
+from pipeline.extract.runtime import (KerasRuntime, RuntimeUnavailableError, build_model, cpu_cores,  # noqa: E402
+                                      make_runtime)
+
+RANDOM = WeightsInfo("none", "", "")
+CUDA, TRT = "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def onnx_home(tmp_path_factory):
+    """Exported models of this module go to one temporary store (shared by its tests, gone afterwards)."""
+    home = tmp_path_factory.mktemp("headbench_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADBENCH_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small random-weight MobileNetV2 (32 px, avg only) and its Keras model."""
+    model = ModelConfig("mobilenet_v2", 32, 1.0, RANDOM, ("avg",))
+    return model, build_model(model, announce=lambda m: None)
+
+
+def _pixels(n: int, size: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _keras_outputs(built, px: np.ndarray) -> dict[str, np.ndarray]:
+    """The plain Keras model, eagerly, in float32."""
+    return {k: np.asarray(v) for k, v in built.model(px.astype("float32"), training=False).items()}
+
+
+def _layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+def _randomise_statistics(model, seed: int = 0) -> None:
+    """Non-trivial normalisation statistics (fresh layers hold mean 0, variance 1, which would hide a wrong
+    folding or a constant lost in the export)."""
+    rng = np.random.default_rng(seed)
+    for layer in _layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n).astype("float32"))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.3, n).astype("float32"))
+        elif isinstance(layer, keras.layers.Normalization) and getattr(layer, "adapt_mean", None) is not None:
+            n = layer.adapt_mean.shape
+            layer.adapt_mean.assign(rng.uniform(0.3, 0.6, n).astype("float32"))
+            layer.adapt_variance.assign(rng.uniform(0.04, 0.09, n).astype("float32"))
+            layer.finalize_state()  # the layer keeps them as tensors: what the export used to turn into inputs
+
+
+# ---- parity ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_onnx_matches_keras_on_every_registered_backbone(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADBENCH_HOME", str(tmp_path))  # statistics randomised: not the stored seeded model
+    spec = REGISTRY[name]
+    size = max(spec.min_input_size, 64)
+    alpha = min(spec.alphas) if spec.alphas else None
+    model = ModelConfig(name, size, alpha, RANDOM, ("avg", "max", "maps"))
+    built = build_feature_model(name, "none", size, alpha, maps=True, max_pool=True, announce=lambda m: None)
+    _randomise_statistics(built.model)
+    msgs: list[str] = []
+    rt = make_runtime(model, "onnx", log=msgs.append, built=built)
+    assert isinstance(rt, OnnxRuntime) and rt.provider == CPU_PROVIDER
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(rt.path)).graph
+    assert [i.name for i in graph.input] == ["pixels"]  # closed graph: no constant leaked as an input
+    px = _pixels(3, size)
+    ref = _keras_outputs(built, px)
+    out = rt(px)
+    for kind in ("avg", "max", "maps"):
+        scale = float(np.abs(ref[kind]).max())
+        assert scale > 0 and out[kind].shape == ref[kind].shape
+        assert float(np.abs(out[kind] - ref[kind]).max()) <= 1e-4 * scale, kind
+    info = rt.describe()
+    assert info["runtime"] == "onnxruntime" and info["note"] == "" and float(info["parity"]) <= 1e-4
+    assert not any(m.startswith("runtime:") for m in msgs)
+    assert rt.built is None  # checked: the Keras model is released
+
+
+def test_onnx_matches_keras_with_shared_mobilenet_v2_weights_on_real_images(shared_dir):
+    cfg = resolve_config(backbone="mobilenet_v2", weights=str(shared_dir / V2_WEIGHTS), max_pool=True,
+                         log=lambda m: None)
+    built = build_model(cfg.model, announce=lambda m: None)
+    rt = make_runtime(cfg.model, "onnx", log=lambda m: None, built=built)
+    root = shared_dir / "data/hymenoptera/val"
+    files = sorted((root / "ants").glob("*.jpg"))[:2] + sorted((root / "bees").glob("*.jpg"))[:2]
+    px = np.stack([load_image(f, 224) for f in files])
+    ref = _keras_outputs(built, px)
+    out = rt(px)
+    for kind in ("avg", "max"):
+        scale = float(np.abs(ref[kind]).max())
+        assert float(np.abs(out[kind] - ref[kind]).max()) <= 1e-4 * scale, kind
+    assert rt.describe()["note"] == ""
+
+
+def test_relative_difference():
+    a = {"avg": np.array([[1.0, -2.0], [0.5, 0.0]], np.float32)}
+    assert relative_difference(a, a) == 0.0
+    assert relative_difference({"avg": a["avg"] + 2e-4}, a) == pytest.approx(1e-4, rel=1e-3)
+    assert relative_difference({"avg": a["avg"][:1]}, a) == float("inf")  # shape differs
+    nan = {"avg": np.where(a["avg"] == 0, np.nan, a["avg"]).astype(np.float32)}
+    assert relative_difference(nan, a) == float("inf")  # a non-finite value where Keras has none
+
+
+# ---- fallbacks -------------------------------------------------------------------------------------------------
+
+
+def test_auto_falls_back_to_keras_when_onnxruntime_is_missing(small, monkeypatch):
+    model, built = small
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    msgs: list[str] = []
+    rt = make_runtime(model, "auto", log=msgs.append, built=built)
+    assert isinstance(rt, KerasRuntime)
+    assert msgs == ["runtime: keras, because ONNX Runtime is not available (onnxruntime is not installed; pip "
+                    "install onnxruntime tf2onnx)"]
+    assert rt.describe()["runtime"] == "keras" and "onnxruntime is not installed" in rt.describe()["note"]
+    with pytest.raises(RuntimeUnavailableError, match=r"^--runtime onnx needs ONNX Runtime \(onnxruntime is not "
+                                                      r"installed\): pip install onnxruntime"):
+        make_runtime(model, "onnx", log=msgs.append, built=built)
+
+
+def test_extract_with_runtime_onnx_and_no_onnxruntime_is_one_clear_line(tiny_dataset, tmp_path):
+    code = ("import sys; sys.modules['onnxruntime'] = None; import cli; cli.main()")
+    cmd = [sys.executable, "-c", code, "extract", str(tiny_dataset), "--runtime", "onnx", "--weights", "none",
+           "--input-size", "32", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --runtime onnx needs ONNX Runtime (onnxruntime is not installed): pip install "
+                      "onnxruntime tf2onnx (onnxruntime-gpu for a GPU), or use --runtime keras"]
+    assert "Traceback" not in proc.stderr and "device:" not in proc.stdout  # failed before building a model
+
+
+def test_failed_export_falls_back_with_its_reason(small, tmp_path, monkeypatch):
+    model, built = small
+    monkeypatch.setenv("HEADBENCH_HOME", str(tmp_path))  # nothing stored: the export must run
+
+    def broken(_built):
+        raise ValueError("op FancyOp has no ONNX converter\nsecond line")
+
+    monkeypatch.setattr(onnx_export, "_convert", broken)
+    msgs: list[str] = []
+    rt = make_runtime(model, "auto", log=msgs.append, built=built)
+    assert isinstance(rt, KerasRuntime)
+    assert msgs == ["runtime: keras, because ONNX export of mobilenet_v2-a1.0-32 failed (ValueError: op FancyOp "
+                    "has no ONNX converter)"]
+    assert "FancyOp" in rt.describe()["note"]
+    with pytest.raises(RuntimeUnavailableError, match="ONNX export of mobilenet_v2-a1.0-32 failed"):
+        make_runtime(model, "onnx", log=msgs.append, built=built)
+    assert not list(tmp_path.rglob("*.onnx")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_parity_failure_falls_back_to_keras_with_one_line(small):
+    model, built = small
+    msgs: list[str] = []
+    rt = make_runtime(model, "onnx", log=msgs.append, built=built, parity_tolerance=-1.0)  # no difference passes
+    assert isinstance(rt, OnnxRuntime)
+    rt(np.zeros((4, 32, 32, 3), np.uint8))  # the engines' warm-up batch: not a real batch, no check
+    assert rt.describe()["runtime"] == "onnxruntime" and not msgs[1:]
+    px = _pixels(4, 32)
+    out = rt(px)
+    lines = [m for m in msgs if m.startswith("runtime:")]
+    assert len(lines) == 1 and lines[0].startswith("runtime: keras, because ONNX Runtime (CPUExecutionProvider) "
+                                                   "differs from Keras by ")
+    assert "(tolerance -1e+00) on the first batch" in lines[0]
+    info = rt.describe()
+    assert info["runtime"] == "keras" and info["provider"] == "tensorflow" and "differs from Keras" in info["note"]
+    ref = _keras_outputs(built, px)
+    assert float(np.abs(out["avg"] - ref["avg"]).max()) <= 1e-4 * float(np.abs(ref["avg"]).max())
+    rt(px)  # later batches run on Keras, silently
+    assert len([m for m in msgs if m.startswith("runtime:")]) == 1
+
+
+# ---- the stored model ------------------------------------------------------------------------------------------
+
+
+def test_stored_model_is_reused_not_exported_again(small, tmp_path, monkeypatch):
+    model, built = small
+    monkeypatch.setenv("HEADBENCH_HOME", str(tmp_path))
+    exports: list[Path] = []
+    real = onnx_export.export_model
+
+    def counted(b, path, key):
+        exports.append(path)
+        return real(b, path, key)
+
+    monkeypatch.setattr(onnx_export, "export_model", counted)
+    msgs: list[str] = []
+    first = make_runtime(model, "onnx", log=msgs.append, built=built)
+    second = make_runtime(model, "onnx", log=msgs.append, built=built)
+    assert len(exports) == 1 and first.path == second.path == exports[0]
+    assert first.path.parent == tmp_path / "onnx" and first.path.name.startswith("mobilenet_v2-a1.0-32__random__avg__")
+    exported = [m for m in msgs if m.startswith("exported ")]
+    assert len(exported) == 1 and exported[0].startswith("exported mobilenet_v2-a1.0-32 to ONNX in ")
+    assert onnx_export.stored_key(first.path) == onnx_export.export_key(model)
+    assert not list(first.path.parent.glob("*.tmp"))
+    first.path.write_bytes(b"not an onnx model")  # a damaged file is exported again, not used
+    make_runtime(model, "onnx", log=msgs.append, built=built)
+    assert len(exports) == 2 and onnx_export.stored_key(first.path) == onnx_export.export_key(model)
+
+
+def test_every_part_of_the_key_names_another_file(small, monkeypatch):
+    model, _ = small
+    from dataclasses import replace
+
+    base = onnx_export.stored_model_path(model)
+    others = [replace(model, kinds=("avg", "max")), replace(model, input_size=48), replace(model, alpha=0.5),
+              replace(model, weights=WeightsInfo("file", "/x.h5", "ab" * 32)),
+              replace(model, weights=WeightsInfo("file", "/x.h5", "cd" * 32))]
+    paths = {onnx_export.stored_model_path(m) for m in others}
+    assert len(paths) == len(others) and base not in paths
+    for pkg in ("keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime"):
+        versions = {**onnx_export.tool_versions(), pkg: "0.0.1"}
+        monkeypatch.setattr(onnx_export, "tool_versions", lambda v=versions: v)
+        assert onnx_export.stored_model_path(model) != base, pkg
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_export, "FORMAT_VERSION", onnx_export.FORMAT_VERSION + 1)
+    assert onnx_export.stored_model_path(model) != base
+
+
+# ---- providers (fakes: no GPU here) ----------------------------------------------------------------------------
+
+
+def test_provider_choice_and_threads():
+    gpu_build = [TRT, CUDA, CPU_PROVIDER]
+    assert choose_providers([CPU_PROVIDER], tensorrt_libraries=True) == [CPU_PROVIDER]
+    assert choose_providers(gpu_build, tensorrt_libraries=False) == [CUDA, CPU_PROVIDER]
+    assert choose_providers(gpu_build, tensorrt_libraries=True) == gpu_build
+    assert choose_providers(["CoreMLExecutionProvider", CPU_PROVIDER], True) == [CPU_PROVIDER]
+    assert intra_op_threads(2, CPU_PROVIDER) == 2 and intra_op_threads(16, CPU_PROVIDER) == 16
+    assert intra_op_threads(16, CUDA) == 1 and intra_op_threads(16, TRT) == 1
+
+
+class FakeSession:
+    """Stands for an ONNX Runtime session: reports the providers it runs on and computes with ``fn``."""
+
+    def __init__(self, providers: list[str], fn):
+        self.providers, self.fn = providers, fn
+
+    def get_providers(self):
+        return self.providers
+
+    def get_inputs(self):
+        return [SimpleNamespace(name="pixels")]
+
+    def get_outputs(self):
+        return [SimpleNamespace(name="avg")]
+
+    def run(self, names, feeds):
+        return [self.fn(feeds["pixels"])]
+
+
+def _fake_factory(built, behaviour: dict[str, str], opened: list[list[str]]):
+    """Sessions whose first provider fails to start ("fail"), is silently dropped by ONNX Runtime ("dropped"),
+    computes in reduced precision ("tf32") or exactly ("exact")."""
+    exact = lambda px: _keras_outputs(built, px)["avg"]  # noqa: E731
+
+    def factory(path, providers, threads, input_size, batch_size):
+        opened.append(list(providers))
+        how = behaviour.get(providers[0], "exact")
+        if how == "fail":
+            raise RuntimeError("libcudnn.so.9: cannot open shared object file\nmore")
+        if how == "dropped":
+            return FakeSession([CPU_PROVIDER], exact)
+        if how == "tf32":
+            return FakeSession(list(providers), lambda px: exact(px) * (1 + 1e-3))
+        return FakeSession(list(providers), exact)
+
+    return factory
+
+
+def test_gpu_provider_that_cannot_start_is_skipped_with_one_line(small):
+    model, built = small
+    msgs, opened = [], []
+    rt = OnnxRuntime(model, built, Path("m.onnx"), [TRT, CUDA, CPU_PROVIDER], log=msgs.append,
+                     session_factory=_fake_factory(built, {TRT: "fail"}, opened))
+    assert opened == [[TRT, CUDA, CPU_PROVIDER], [CUDA, CPU_PROVIDER]]
+    assert msgs == ["runtime: TensorrtExecutionProvider cannot start (libcudnn.so.9: cannot open shared object "
+                    "file); trying CUDAExecutionProvider"]
+    assert (rt.provider, rt.device, rt.threads) == (CUDA, "GPU (CUDA)", 1)
+    rt(_pixels(2, 32))
+    assert rt.describe()["provider"] == CUDA and rt.describe()["device"] == "GPU (CUDA)"
+
+
+def test_provider_dropped_by_onnxruntime_is_reported(small):
+    model, built = small
+    msgs, opened = [], []
+    rt = OnnxRuntime(model, built, Path("m.onnx"), [CUDA, CPU_PROVIDER], log=msgs.append,
+                     session_factory=_fake_factory(built, {CUDA: "dropped"}, opened))
+    assert len(msgs) == 1 and msgs[0].startswith("runtime: CUDAExecutionProvider is installed but could not start")
+    assert (rt.provider, rt.device, rt.threads) == (CPU_PROVIDER, f"CPU ({cpu_cores()} cores)", cpu_cores())
+
+
+def test_reduced_precision_gpu_falls_back_to_the_next_provider(small):
+    model, built = small
+    msgs, opened = [], []
+    rt = OnnxRuntime(model, built, Path("m.onnx"), [CUDA, CPU_PROVIDER], log=msgs.append,
+                     session_factory=_fake_factory(built, {CUDA: "tf32"}, opened))
+    assert rt.provider == CUDA
+    px = _pixels(4, 32)
+    out = rt(px)
+    assert opened == [[CUDA, CPU_PROVIDER], [CPU_PROVIDER]]
+    assert len(msgs) == 1 and msgs[0].startswith("runtime: ONNX Runtime (CUDAExecutionProvider) differs from Keras by "
+                                                 "1.0e-03") and msgs[0].endswith("trying CPUExecutionProvider")
+    np.testing.assert_array_equal(out["avg"], _keras_outputs(built, px)["avg"])
+    info = rt.describe()
+    assert info["runtime"] == "onnxruntime" and info["provider"] == CPU_PROVIDER and float(info["parity"]) <= 1e-6
+    assert "CUDAExecutionProvider) differs" in info["note"]
+
+
+# ---- what the engine records, and predict ---------------------------------------------------------------------
+
+
+def test_engine_reports_the_runtime_it_ran(tiny_dataset, tmp_path, monkeypatch):
+    import pipeline.extract.run as run_mod
+
+    reports = []
+    real = run_mod.run_local
+
+    def spy(plan, log):
+        reports.append(real(plan, log=log))
+        return reports[-1]
+
+    monkeypatch.setattr(run_mod, "run_local", spy)
+    msgs: list[str] = []
+    run_extract(tiny_dataset, tmp_path / "c", log=msgs.append, weights="none", input_size=32, batch_size=4)
+    info = reports[0].runtime
+    assert {k: info[k] for k in ("runtime", "runtime_version", "device", "provider", "note")} == {
+        "runtime": "onnxruntime", "runtime_version": ort.__version__, "device": f"CPU ({cpu_cores()} cores)",
+        "provider": CPU_PROVIDER, "note": ""}
+    assert float(info["parity"]) <= 1e-4 and info["threads"] == str(cpu_cores())
+    assert any(m.startswith(f"device: CPU ({cpu_cores()} cores), runtime onnxruntime {ort.__version__} "
+                            f"(CPUExecutionProvider, {cpu_cores()} thread(s))") for m in msgs)
+
+
+def test_predict_gives_the_same_labels_with_both_runtimes(tmp_path):
+    from pipeline.fit import run_fit
+    from pipeline.predict import predict_images
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "colours"
+    for cls, base in (("red", (210, 40, 40)), ("blue", (40, 40, 210))):
+        for i in range(12):
+            img = np.clip(np.array(base) + rng.integers(-60, 60, (40, 48, 3)), 0, 255).astype(np.uint8)
+            write_image(root / cls / f"{i:02d}.jpg", img)
+    res = run_extract(root, tmp_path / "cache", weights="none", input_size=32, batch_size=8)
+    run = tmp_path / "run"
+    run_fit(caches=[res.path], heads=["logreg"], out=run, report=False, log=lambda m: None)
+    _, by_keras = predict_images(run, [root], head="logreg", runtime="keras", log=lambda m: None)
+    msgs: list[str] = []
+    _, by_onnx = predict_images(run, [root], head="logreg", runtime="onnx", log=msgs.append)
+    assert not any(m.startswith("exported ") for m in msgs)  # extract's export is reused
+    assert [r["label"] for r in by_onnx] == [r["label"] for r in by_keras] and len(by_onnx) == 24
+    for a, b in zip(by_keras, by_onnx):
+        assert abs(a["probability"] - b["probability"]) < 1e-4

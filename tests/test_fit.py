@@ -212,6 +212,42 @@ def test_several_datasets_need_dataset(fake_caches, tmp_path):
     assert doc["dataset"]["name"] == "birds" and len(doc["caches"]) == 1
 
 
+def test_two_datasets_of_one_name_are_told_apart_by_their_folder(fake_caches, tmp_path):
+    a = fake_caches("a", backbone="mobilenet", dataset="data")
+    b = fake_caches("b", backbone="mobilenet", dataset="data")
+    cache_mod.read_meta(b)["dataset_root"] = "/other/project/data"  # same folder name, another dataset
+    with pytest.raises(FitError) as e:
+        run_fit(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1", report=False)
+    msg = str(e.value)
+    assert "2 datasets are named data" in msg and "/data/data" in msg and "/other/project/data" in msg
+    assert "--dataset PATH" in msg and "\n" not in msg
+    with pytest.raises(FitError, match="--dataset PATH"):  # the name alone is still ambiguous
+        run_fit(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r2", report=False)
+    lines: list[str] = []
+    doc = run_fit(fake_caches.dir, dataset="/other/project/data", heads=["centroid"], out=tmp_path / "r3",
+                  report=False, log=lines.append).results
+    assert doc["dataset"]["root"] == "/other/project/data" and len(doc["caches"]) == 1
+    assert Path(doc["caches"][0]["path"]).name == b.name
+    # fit says where the features it compares came from
+    assert any(ln.startswith("dataset data from /other/project/data: mobilenet-a1.0-224 (b.h5)") for ln in lines)
+    assert a.exists()
+
+
+def test_no_usable_cache_says_why(tmp_path):
+    d = tmp_path / "cache"
+    d.mkdir()
+    (d / "flowers-0123abcd__mobilenet_v2-a1.0-224__crop__w0.h5.parts").mkdir()  # an extraction still running
+    with pytest.raises(CacheError) as e:
+        run_fit(d, out=tmp_path / "r", report=False)
+    assert "unfinished" in str(e.value) and "rerun the same extract command" in str(e.value)
+    (d / "birds-0123abcd__mobilenet_v2-a1.0-224__crop__w0.h5").write_bytes(b"not an HDF5 file")
+    with pytest.raises(CacheError) as e:
+        run_fit(d, out=tmp_path / "r", report=False)
+    msg = str(e.value)
+    assert "birds-0123abcd__mobilenet_v2-a1.0-224__crop__w0.h5 cannot be used" in msg and "unfinished" in msg
+    assert "\n" not in msg
+
+
 def test_backbone_option_filters_caches(fake_caches, tmp_path):
     fake_caches("a", backbone="mobilenet")
     fake_caches("b", backbone="mobilenet_v2")
@@ -325,9 +361,9 @@ def test_two_identical_fit_runs_give_identical_metrics(hymenoptera_v2_cache, tmp
 
 @pytest.fixture(scope="module")
 def flowers_run(flowers5_caches, tmp_path_factory):
-    """One fit over the MobileNet and MobileNetV2 caches of flowers5 (no split folders): the protocol on real data
-    with two backbones in one run. Two cheap heads are enough for what is checked here; the accuracy of every head
-    on real features is measured by the benchmarks (bench/heads.py, bench/fit_scale.py)."""
+    """One fit over the MobileNet and MobileNetV2 caches of a flowers5 subset (no split folders): the protocol on
+    real data with two backbones in one run. Two cheap heads are enough for what is checked here; the accuracy of
+    every head on real features is measured by the benchmarks (bench/heads.py, bench/fit_scale.py)."""
     out = tmp_path_factory.mktemp("fit") / "flowers5"
     lines: list[str] = []
     run = run_fit(caches=[flowers5_caches["mobilenet"], flowers5_caches["mobilenet_v2"]],
@@ -336,18 +372,19 @@ def flowers_run(flowers5_caches, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_flowers5_automatic_split_is_used_and_reported(flowers_run):
+def test_flowers5_automatic_split_is_used_and_reported(flowers_run, flowers5_subset):
     doc, _ = flowers_run
     ds = doc["dataset"]
     assert ds["split_source"] == "hash" and "sha1" in ds["split_rule"] and "stable" in ds["split_rule"]
     assert set(ds["counts"]) == {"train", "test"}
     n_train = sum(ds["counts"]["train"].values())
     n_test = sum(ds["counts"]["test"].values())
-    assert n_train + n_test == 4317 - len(ds["failed"]) and 0.27 < n_test / (n_train + n_test) < 0.33
+    n_images = sum(len(list(d.iterdir())) for d in flowers5_subset.iterdir())
+    assert n_train + n_test == n_images - len(ds["failed"]) and 0.27 < n_test / (n_train + n_test) < 0.33
     for cls in ds["class_names"]:
         assert 0.24 < ds["counts"]["test"][cls] / (ds["counts"]["test"][cls] + ds["counts"]["train"][cls]) < 0.36
     assert doc["protocol"]["selection"] == "cv" and doc["protocol"]["final_splits"] == ["test"]
-    assert doc["protocol"]["cv_folds"] == 3  # 3,000 training images: 3 folds
+    assert doc["protocol"]["cv_folds"] == 5  # fewer than 2,000 training images: 5 folds
     assert doc["protocol"]["search"] == {"train_rows": n_train, "search_rows": n_train, "subsample": False,
                                          "refit_rows": n_train}
     for r in doc["results"]:
@@ -360,7 +397,7 @@ def test_flowers5_automatic_split_is_used_and_reported(flowers_run):
 def test_flowers5_two_backbones_are_compared_on_the_same_rows(flowers_run):
     doc, lines = flowers_run
     assert [c["backbone"] for c in doc["caches"]] == ["mobilenet", "mobilenet_v2"]
-    assert len(doc["results"]) == 4 and len(lines) == 4
+    assert len(doc["results"]) == 4 and len([ln for ln in lines if not ln.startswith("dataset ")]) == 4
     assert all(c["sha256"] and len(c["sha256"]) == 64 for c in doc["caches"])  # content digests of cache v2
     by = {(doc["caches"][r["cache_index"]]["backbone"], r["head"]): r for r in doc["results"]}
     # the same folds and the same test images for both backbones
@@ -370,6 +407,6 @@ def test_flowers5_two_backbones_are_compared_on_the_same_rows(flowers_run):
         assert a["metrics"]["test"]["n"] == b["metrics"]["test"]["n"]
     # real ImageNet features: a linear probe is far above chance (0.2) on both backbones
     for backbone in ("mobilenet", "mobilenet_v2"):
-        assert by[(backbone, "logreg")]["metrics"]["test"]["accuracy"] >= 0.75, backbone
+        assert by[(backbone, "logreg")]["metrics"]["test"]["accuracy"] >= 0.6, backbone
     best = max(doc["results"], key=lambda r: r["selection"]["score"])
     assert doc["best"]["key"] == best["key"]

@@ -473,11 +473,9 @@ def test_run_errors_are_one_actionable_line(tmp_path: Path, binary_run: Path) ->
         load_run(bad)
     with pytest.raises(RunError, match="no run folder"):
         write_report([])
-    for exc in (RunError,):
-        try:
-            load_run(tmp_path / "nope")
-        except exc as e:
-            assert "\n" not in str(e)
+    with pytest.raises(RunError) as missing:
+        load_run(tmp_path / "nope")
+    assert "\n" not in str(missing.value)
     assert load_run(binary_run / "results.json").path == binary_run
 
 

@@ -14,24 +14,70 @@ from pipeline.errors import CacheError, FitError
 __all__ = ["Inputs", "open_inputs", "select_caches"]
 
 
+def _is_path(dataset: str) -> bool:
+    """``--dataset`` names a folder (a path) rather than a dataset name."""
+    return "/" in dataset or "\\" in dataset or dataset in (".", "..") or Path(dataset).is_dir()
+
+
+def _same_root(meta: dict[str, Any], dataset: str) -> bool:
+    try:
+        return Path(str(meta.get("dataset_root", ""))).resolve() == Path(dataset).expanduser().resolve()
+    except OSError:
+        return False
+
+
+def _why_none(cache_dir: Path, scan: Any, dataset: str | None, backbones: Sequence[str] | None) -> str:
+    """The most useful reason why no cache was found, as one line."""
+    hint = f"make one with `python cli.py extract DATA_DIR --cache-dir {cache_dir}`"
+    if scan.caches:  # there are caches, just none of that dataset / backbone
+        what = [f"dataset {dataset!r}" if dataset else "", f"backbone {', '.join(backbones)}" if backbones else ""]
+        there = sorted({f"{m.get('dataset_name')} ({m.get('backbone_label') or m.get('backbone')})"
+                        for m in (c.meta for c in scan.caches)})
+        return (f"no feature cache in {cache_dir} for {' and '.join(w for w in what if w)}; it holds "
+                f"{'; '.join(there)}")
+    reasons = []
+    if scan.unfinished:
+        names = ", ".join(p.name for p in scan.unfinished[:2]) + (" ..." if len(scan.unfinished) > 2 else "")
+        reasons.append(f"{len(scan.unfinished)} unfinished (rerun the same extract command to finish it: {names})")
+    if scan.problems:
+        path, why = scan.problems[0]
+        more = f" (and {len(scan.problems) - 1} more)" if len(scan.problems) > 1 else ""
+        reasons.append(f"{path.name} cannot be used{more}: {why}")
+    if reasons:
+        return f"no complete feature caches in {cache_dir}: " + "; ".join(reasons)
+    return f"no complete feature caches in {cache_dir}; {hint}"
+
+
 def select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequence[str] | None) -> list[Path]:
-    """Complete caches of ``cache_dir`` (of one dataset / backbones when given), or CacheError saying what to do."""
-    from pipeline.cache import find_caches
+    """Complete caches of ``cache_dir`` (of one dataset / backbones when given), or one line saying what to do.
+
+    ``dataset`` is a dataset name (its folder's name) or the dataset folder itself (a path), which tells apart two
+    datasets of the same name. Several datasets without ``dataset`` are refused (which one is meant cannot be
+    guessed); so is a name that two folders share.
+    """
+    from pipeline.cache import scan_folder
 
     cache_dir = Path(cache_dir)
+    scan = scan_folder(cache_dir)
+    metas = {c.path: c.meta for c in scan.caches}
+    found = list(metas)
+    if dataset is not None:
+        by_path = _is_path(dataset)
+        found = [p for p in found if (_same_root(metas[p], dataset) if by_path
+                                      else metas[p].get("dataset_name") == dataset)]
     if backbones:
-        found: list[Path] = []
-        for b in backbones:
-            for p in find_caches(cache_dir, dataset=dataset, backbone=b):
-                if p not in found:
-                    found.append(p)
-    else:
-        found = find_caches(cache_dir, dataset=dataset)
+        found = [p for p in found if any(b in (metas[p].get("backbone"), metas[p].get("backbone_label"))
+                                         for b in backbones)]
     if not found:
-        what = [f"dataset {dataset!r}" if dataset else "", f"backbone {', '.join(backbones)}" if backbones else ""]
-        what_s = " for " + " and ".join(w for w in what if w) if any(what) else ""
-        raise CacheError(f"no complete feature caches in {cache_dir}{what_s}; make one with "
-                         f"`python cli.py extract DATA_DIR --cache-dir {cache_dir}`")
+        raise CacheError(_why_none(cache_dir, scan, dataset, backbones))
+    datasets = sorted({(str(metas[p].get("dataset_name")), str(metas[p].get("dataset_root"))) for p in found})
+    if len(datasets) > 1:
+        names = sorted({name for name, _ in datasets})
+        if len(names) > 1 and dataset is None:
+            raise FitError(f"the caches hold several datasets: {', '.join(names)}; pick one with --dataset NAME "
+                           f"(or --dataset PATH, the dataset's folder)")
+        raise FitError(f"{len(datasets)} datasets are named {names[0]}: "
+                       f"{', '.join(root for _, root in datasets)}; pick one with --dataset PATH (its folder)")
     return found
 
 
@@ -39,9 +85,6 @@ def _check_one_dataset(metas: list[dict[str, Any]], searched: bool) -> None:
     """Refuse caches of several datasets (a dataset is its name and its folder)."""
     datasets = sorted({(str(m.get("dataset_name")), str(m.get("dataset_root"))) for m in metas})
     if len(datasets) > 1:
-        names = sorted({name for name, _ in datasets})
-        if searched and len(names) > 1:
-            raise FitError(f"the caches hold several datasets: {', '.join(names)}; pick one with --dataset NAME")
         listing = "; ".join(f"{name} ({root})" for name, root in datasets)
         raise FitError(f"caches of different datasets mixed: {listing}; fit one dataset at a time "
                        f"(pass caches of one dataset, or keep datasets in separate cache folders)")
@@ -142,6 +185,9 @@ def open_inputs(stack: contextlib.ExitStack, cache_dir: str | Path, caches: Sequ
     if dropped:
         say(f"note: {dropped} images are not in every cache; comparing on the {len(rel_paths)} common ones")
     base = readers[0]
+    say(f"dataset {base.meta.get('dataset_name')} from {base.meta.get('dataset_root')}: "
+        + ", ".join(f"{r.meta.get('backbone_label') or r.meta.get('backbone')} ({p.name})"
+                    for r, p in zip(readers, paths)))
     labels = np.asarray(base.labels, dtype=np.int64)[rows[0]]
     cached_splits = np.asarray(base.splits).astype(str)[rows[0]]
     return Inputs(paths, readers, rel_paths, rows, labels, cached_splits, class_names, dropped)

@@ -277,8 +277,11 @@ def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.nda
         metrics[s] = compute_metrics(labels[final_rows][m], proba[m], class_names)
         if views is not None:
             without = compute_metrics(labels[final_rows][m], proba_none[m], class_names)
-            views.final[s] = {"with": {k: metrics[s].get(k) for k in _VIEW_METRICS},
-                              "without": {k: without.get(k) for k in _VIEW_METRICS}}
+            w = {k: metrics[s].get(k) for k in _VIEW_METRICS}
+            wo = {k: without.get(k) for k in _VIEW_METRICS}
+            views.final[s] = {"with": w, "without": wo,
+                              "added": {k: (float(w[k]) - float(wo[k]) if w[k] is not None and wo[k] is not None
+                                            else None) for k in _VIEW_METRICS}}
     rep = splits[final_rows] == protocol.report_split
     wrong = mistakes(labels[final_rows][rep], proba[rep], [paths[i] for i in final_rows[rep]],
                      list(splits[final_rows][rep]), class_names)

@@ -79,7 +79,8 @@ class ViewChoice:
         Per offered mode: ``mean``, ``std`` and the per-fold ``scores`` on the selection split.
     final : dict
         Per final split: the chosen mode's and the centre-view model's ``accuracy``, ``balanced_accuracy``,
-        ``macro_f1`` and ``log_loss`` (``with`` and ``without``).
+        ``macro_f1`` and ``log_loss`` (``with`` and ``without``), and their differences (``added``: with minus
+        without).
     seconds : float
         Time spent scoring the modes and on the extra refit.
     """

@@ -21,7 +21,7 @@ from pipeline.fit.evaluate import evaluate_head
 from pipeline.fit.heads import HEADS, HeadSpec
 from pipeline.fit.protocol import plan_protocol, selection_folds
 from pipeline.fit.views import augmented_source, best_mode
-from test_fit import FakeReader, _feature_set
+from test_fit import FakeReader, _feature_set, quick_dense  # noqa: F401 (fixture)
 
 CLASSES = ["a", "b", "c"]
 
@@ -260,3 +260,31 @@ def test_predict_averages_over_the_cached_views(tiny_dataset, tmp_path):
     got = np.array([[r["probs"][c] for c in doc["dataset"]["class_names"]] for r in rows])
     np.testing.assert_allclose(got, manual, atol=2e-3)
     assert np.abs(manual - centre_only).max() > 10 * np.abs(got - manual).max()  # averaging is what was matched
+
+
+def test_export_averages_the_mirror_image_when_that_is_the_only_view(tiny_dataset, tmp_path, quick_dense):
+    import keras
+
+    from pipeline.data import read_image
+    from pipeline.extract.views import make_view_spec
+    from pipeline.predict import export_model, predict_images
+
+    res = run_extract(tiny_dataset, tmp_path / "cache", backbone="mobilenet_v2", weights="none", input_size=32,
+                      alpha=0.35, batch_size=4, views=make_view_spec(1, ("flip",)))
+    run_fit(caches=[res.path], heads=["dense"], out=tmp_path / "run", report=False, log=_quiet)
+    doc_path = tmp_path / "run" / "results.json"
+    doc = json.loads(doc_path.read_text())
+    doc["results"][0]["views"]["chosen"] = "tta"  # as if the selection split had chosen test-time views
+    doc_path.write_text(json.dumps(doc))
+
+    msgs: list[str] = []
+    out = export_model(tmp_path / "run", tmp_path / "model.keras", log=msgs.append)
+    assert any("averages the image and its mirror image" in m for m in msgs)
+    assert "mirror" in json.loads(out.with_suffix(".json").read_text())["tta"]
+    files = sorted(tiny_dataset.rglob("*.jpg"))[:4]
+    _, rows = predict_images(tmp_path / "run", files, log=_quiet)
+    names = doc["dataset"]["class_names"]
+    got = np.array([[r["probs"][c] for c in names] for r in rows])
+    pixels = np.stack([read_image(f, 32, "crop")[0] for f in files]).astype(np.float32)
+    exported = np.asarray(keras.models.load_model(out).predict(pixels, verbose=0))
+    np.testing.assert_allclose(exported, got, atol=1e-3)

@@ -328,7 +328,10 @@ def _choose_views(spec: HeadSpec, hp: HeadPlan, data: FitData, srows: SearchRows
     X = data.held_features(srows.rows)
     X = X if spec.takes_maps else flatten_features(X)
     V = data.held_views(srows.rows)
-    scores = score_view_modes(lambda src: form.fit(ctx, chosen, src, False, spec),
+    # heads refitted in place (the dense head: one compiled network) share one instance across the folds; each fold's
+    # estimator is used before the next fold refits it
+    shared = spec.build(ctx, chosen, False) if spec.search_path == "reuse" else None
+    scores = score_view_modes(lambda src: form.fit(ctx, chosen, src, False, spec, est=shared),
                               lambda est, Z: proba_in_class_order(est, Z, class_names),
                               X, V, labels[srows.rows], class_names, local, modes)
     choice.selection = {m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "scores": [float(x) for x in v]}

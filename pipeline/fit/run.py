@@ -234,7 +234,8 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
                 say(f"{label}: {cplan.reason}")
             data = _load(plan, ci, views, features)
             if data.view_spec is not None:
-                say(f"{label}: {int(data.view_spec['n'])} augmented views per image "
+                k = int(data.view_spec["n"])
+                say(f"{label}: {k} augmented view{'s' if k > 1 else ''} per image "
                     f"({', '.join(data.view_spec.get('kinds', []))}): "
                     + (f"not used: {data.views_note}" if data.views_note else
                        "each head chooses none / train / tta / both on the selection split"))

@@ -390,7 +390,9 @@ def test_flowers5_automatic_split_is_used_and_reported(flowers_run, flowers5_sub
     n_images = sum(len(list(d.iterdir())) for d in flowers5_subset.iterdir())
     assert n_train + n_test == n_images - len(ds["failed"]) and 0.27 < n_test / (n_train + n_test) < 0.33
     for cls in ds["class_names"]:
-        assert 0.24 < ds["counts"]["test"][cls] / (ds["counts"]["test"][cls] + ds["counts"]["train"][cls]) < 0.36
+        # each image's side comes from its own hash: about 30 % per class, within ~2.5 standard deviations for
+        # classes of ~100 images
+        assert 0.18 < ds["counts"]["test"][cls] / (ds["counts"]["test"][cls] + ds["counts"]["train"][cls]) < 0.42
     assert doc["protocol"]["selection"] == "cv" and doc["protocol"]["final_splits"] == ["test"]
     assert doc["protocol"]["cv_folds"] == 5  # fewer than 2,000 training images: 5 folds
     assert doc["protocol"]["search"] == {"train_rows": n_train, "search_rows": n_train, "subsample": False,

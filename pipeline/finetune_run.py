@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.errors import DatasetError, FitError, RunError
+from pipeline.errors import DatasetError, RunError
 from pipeline.finetune import FinetuneConfig, FinetuneData, FinetuneResult
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
@@ -112,8 +112,8 @@ def pick_start(results: dict[str, Any], head: str | None = None) -> dict[str, An
     names = ", ".join(r["key"] for r in ok) or "none"
     if head is None:
         if not ok:
-            raise RunError(f"the run has no head fine-tuning can start from (dense or logreg on avg features): fit "
-                           f"one with `python cli.py fit --head logreg`")
+            raise RunError("the run has no head fine-tuning can start from (dense or logreg on avg features): fit "
+                           "one with `python cli.py fit --head logreg`")
         scores = np.array([float(r["selection"]["score"]) for r in ok])
         return ok[int(np.flatnonzero(scores >= scores.max() - 1e-12)[0])]
     chosen = [r for r in results["results"] if r["key"] == head] or \
@@ -340,8 +340,10 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     resize = str(ex["resize"])
     data = FinetuneData(root, class_names, [(rows.rel_paths[i], int(rows.labels[i])) for i in rows.train],
                         [(rows.rel_paths[i], int(rows.labels[i])) for i in rows.select], resize)
-    log(f"{run.name}: starting from {start['key']} ({rows.select_name} accuracy "
-        f"{float(start['selection']['score']):.4f} in the run); selection on {rows.select_name} "
+    score = f"{results['protocol'].get('selection')} score {float(start['selection']['score']):.4f}"
+    if rows.select_name in start["metrics"]:
+        score += f", refitted {rows.select_name} accuracy {start['metrics'][rows.select_name]['accuracy']:.4f}"
+    log(f"{run.name}: starting from {start['key']} ({score} in the run); selection on {rows.select_name} "
         f"({len(data.select)} images), training on {len(data.train)} images of {root}")
 
     from pipeline.backbones import build_feature_model

@@ -99,6 +99,31 @@ def test_finetune_adds_a_documented_entry_by_the_runs_protocol(fitted, tuned):
     assert any("selection on train_holdout" in m for m in msgs)
 
 
+def test_saved_model_changed_only_its_unfrozen_layers(tuned):
+    """The backbone inside heads/<key>.keras against the one the cache was extracted with: batch norms and every layer
+    below the top 6 identical, the top layers with weights trained."""
+    import keras
+
+    from pipeline.backbones import build_feature_model
+
+    run, done, _ = tuned
+    saved = keras.models.load_model(run / done.entry["model_file"])
+    inner = [layer for layer in saved.layers if isinstance(layer, keras.Model)]
+    fresh = build_feature_model("mobilenet_v2", "none", SIZE, ALPHA, announce=lambda m: None)
+    base = [layer for layer in fresh.model.layers if isinstance(layer, keras.Model)][0]
+    assert len(inner) == 1 and [x.name for x in inner[0].layers][1:] == [x.name for x in base.layers][1:]
+    n = len(base.layers)
+    changed = []
+    for i, (a, b) in enumerate(zip(inner[0].layers, base.layers)):
+        same = all(np.array_equal(keras.ops.convert_to_numpy(u), keras.ops.convert_to_numpy(v))
+                   for u, v in zip(a.weights, b.weights))
+        if isinstance(a, keras.layers.BatchNormalization) or i < n - 6:
+            assert same, f"{a.name} changed"
+        elif a.weights:
+            changed.append(same is False)
+    assert changed and all(changed) and done.entry["params"]["best_epoch"] == 1
+
+
 def test_rerun_replaces_its_entry_and_report_shows_it(tuned, tmp_path):
     from pipeline.finetune_run import finetune_run
     from pipeline.report import write_report

@@ -287,6 +287,9 @@ def finetune(
         table, options=console.options.update_width(10_000)).maximum))
     console.print(table)
     e = done.entry
+    typer.echo(f"{e['head']}: selection on {e['selection_split']} ({e['cost']['selection_rows']} images), epoch "
+               f"{e['params']['best_epoch']} of {e['params']['epochs_run']} kept; fit s is the whole command and "
+               f"ms/1k runs from the image files (backbone included); best stays the frozen heads' choice")
     typer.echo(f"{'replaced' if done.replaced else 'added'} {e['key']} in {done.run_dir / 'results.json'} "
                f"({e['fit_seconds']:.0f} s); model {done.run_dir / e['model_file']}")
 

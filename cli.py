@@ -212,7 +212,8 @@ def extract(
 def fit(
     cache_dir: Annotated[Path, typer.Option(help="Folder of feature caches (written by `extract`).")] = Path("cache"),
     dataset: Annotated[Optional[str], typer.Option(
-        help="Dataset to fit when the folder holds several: its name, or its folder when two share a name.")] = None,
+        help="Dataset to fit when the folder holds several (default: the one extracted last): its name, or its "
+             "folder when two share a name.")] = None,
     backbone: Annotated[Optional[List[str]], typer.Option("--backbone", "-b",
                                                           help="Only caches of this backbone (name or label; "
                                                                "repeatable). Default: every cache of the dataset, "

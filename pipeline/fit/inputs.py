@@ -48,12 +48,30 @@ def _why_none(cache_dir: Path, scan: Any, dataset: str | None, backbones: Sequen
     return f"no complete feature caches in {cache_dir}; {hint}"
 
 
-def select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequence[str] | None) -> list[Path]:
+def _extracted_at(path: Path, meta: dict[str, Any]) -> float:
+    """When a cache was last assembled: its ``updated`` (or ``created``) attribute, else the file's mtime."""
+    from datetime import datetime
+
+    for key in ("updated", "created"):
+        for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S"):
+            try:
+                return datetime.strptime(str(meta.get(key)), fmt).timestamp()
+            except ValueError:
+                continue
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequence[str] | None,
+                  say: Callable[[str], None] = lambda _m: None) -> list[Path]:
     """Complete caches of ``cache_dir`` (of one dataset / backbones when given), or one line saying what to do.
 
     ``dataset`` is a dataset name (its folder's name) or the dataset folder itself (a path), which tells apart two
-    datasets of the same name. Several datasets without ``dataset`` are refused (which one is meant cannot be
-    guessed); so is a name that two folders share.
+    datasets of the same name. Without ``dataset``, a folder of several datasets gives the one extracted last, and
+    ``say`` is told which and how to pick another. A name that two dataset folders share is refused: which one is
+    meant cannot be guessed.
     """
     from pipeline.cache import scan_folder
 
@@ -70,13 +88,20 @@ def select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequenc
                                          for b in backbones)]
     if not found:
         raise CacheError(_why_none(cache_dir, scan, dataset, backbones))
-    datasets = sorted({(str(metas[p].get("dataset_name")), str(metas[p].get("dataset_root"))) for p in found})
-    if len(datasets) > 1:
-        names = sorted({name for name, _ in datasets})
-        if len(names) > 1 and dataset is None:
-            raise FitError(f"the caches hold several datasets: {', '.join(names)}; pick one with --dataset NAME "
-                           f"(or --dataset PATH, the dataset's folder)")
-        raise FitError(f"{len(datasets)} datasets are named {names[0]}: "
+    def ident(p: Path) -> tuple[str, str]:
+        return str(metas[p].get("dataset_name")), str(metas[p].get("dataset_root"))
+
+    datasets = sorted({ident(p) for p in found})
+    if len(datasets) > 1 and dataset is None:
+        last = max(found, key=lambda p: _extracted_at(p, metas[p]))
+        name, root = ident(last)
+        others = sorted({f"{n} ({r})" if n == name else n for n, r in datasets if (n, r) != (name, root)})
+        shared = any(n == name for n, r in datasets if r != root)
+        found = [p for p in found if ident(p) == (name, root)]
+        say(f"the cache folder holds several datasets: fitting {name} ({root}), the one extracted last; "
+            f"also there: {', '.join(others)} (pick one with --dataset {'PATH' if shared else 'NAME'})")
+    elif len(datasets) > 1:
+        raise FitError(f"{len(datasets)} datasets are named {datasets[0][0]}: "
                        f"{', '.join(root for _, root in datasets)}; pick one with --dataset PATH (its folder)")
     return found
 
@@ -170,7 +195,7 @@ def open_inputs(stack: contextlib.ExitStack, cache_dir: str | Path, caches: Sequ
     """
     from pipeline.cache import open_features
 
-    paths = [Path(p) for p in caches] if caches else select_caches(cache_dir, dataset, backbones)
+    paths = [Path(p) for p in caches] if caches else select_caches(cache_dir, dataset, backbones, say)
     readers = [stack.enter_context(open_features(p, kind=features)) for p in paths]
     _check_one_dataset([r.meta for r in readers], searched=not caches)
     class_names = list(readers[0].class_names)

@@ -119,7 +119,8 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     caches : sequence of path, optional
         Explicit cache files (all of one dataset).
     dataset : str, optional
-        Dataset name to pick when the folder holds caches of several datasets.
+        Dataset to pick when the folder holds caches of several datasets: its name, or its folder (a path) when
+        two datasets share a name. Default: the dataset extracted last (``log`` is told which).
     backbones : sequence of str, optional
         Keep only caches of these backbones (name like ``mobilenet_v2`` or label like ``mobilenet_v2-a1.0-224``).
     heads : sequence of str, optional
@@ -150,7 +151,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     Raises
     ------
     FitError
-        Unknown head, feature kind, class weight or memory size; several datasets without ``dataset``; caches of
+        Unknown head, feature kind, class weight or memory size; a ``dataset`` name two dataset folders share; caches of
         different datasets or class sets; data the protocol cannot use (see
         :func:`pipeline.fit.protocol.plan_protocol`); an existing non-empty ``out``; every head skipped.
     CacheError

@@ -77,6 +77,11 @@ class BackboneSpec:
         Smallest input side the architecture accepts.
     alphas : tuple of float
         Width multipliers with ImageNet weights (empty: no ``alpha`` argument).
+    stddev_twice : bool
+        The network's input Normalization divides by the variance, not the standard deviation, with pretrained
+        weights (EfficientNet: Keras adds a ``Rescaling(1 / stddev)`` layer only when built with
+        ``weights="imagenet"``, so a model built without weights and then loaded lacks it; see
+        :func:`_divide_by_variance`).
     imagenet_file : callable
         ``(alpha, input_size) -> (file name, URL, md5 or None)`` of the no-top ImageNet weights, as Keras names
         and caches them under ``$KERAS_HOME/models``.
@@ -95,6 +100,7 @@ class BackboneSpec:
     imagenet_file: Callable[[float, int], tuple[str, str, str | None]]
     summary: str
     alphas: tuple[float, ...] = field(default=())
+    stddev_twice: bool = False
 
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -173,6 +179,7 @@ REGISTRY: dict[str, BackboneSpec] = {
                 "50bc09e76180e00e4465e1a485ddc09d",
             ),
             summary="EfficientNetB0 (Tan & Le 2019); rescales inside the network",
+            stddev_twice=True,
         ),
         BackboneSpec(
             name="mobilenet_v3_small",
@@ -421,6 +428,26 @@ def preprocess_layers(spec: BackboneSpec) -> list:
     raise BackboneError(f"no preprocessing layers for mode {spec.preprocess_mode!r}")
 
 
+def _divide_by_variance(base: Any) -> None:
+    """Make the input Normalization of a network built without weights compute what ImageNet weights expect.
+
+    Keras's EfficientNet stores the ImageNet variance (stddev squared) in its Normalization layer, which divides by
+    sqrt(variance) = stddev; the original network divides by the variance, so Keras adds ``Rescaling(1 / stddev)``
+    after it, but only when the model is built with ``weights="imagenet"``. Built without weights (as here, so that
+    no download is hidden) and then loaded from a file, that layer is missing and every feature is silently off.
+    Squaring the loaded variance gives the same function, (x - mean) / variance, with standard layers only.
+    """
+    import keras
+
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.Normalization)]
+    if len(norms) != 1 or getattr(norms[0], "adapt_variance", None) is None:
+        raise BackboneError(f"{base.name}: expected one input Normalization layer with stored statistics, found "
+                            f"{len(norms)}; this Keras version builds the network differently")
+    norm = norms[0]
+    norm.adapt_variance.assign(np.square(np.asarray(norm.adapt_variance)))
+    norm.finalize_state()
+
+
 def build_feature_model(
     name: str,
     weights: str | WeightsInfo = "imagenet",
@@ -478,6 +505,8 @@ def build_feature_model(
                 f"weights file {info.path} does not fit {backbone_label(spec.name, a, size)} "
                 f"({weights_mismatch(exc)}); is it a file for this backbone and width multiplier?"
             ) from None
+        if spec.stddev_twice:
+            _divide_by_variance(base)
     base.trainable = False
     inputs = keras.Input((size, size, 3), name="pixels")
     x = inputs

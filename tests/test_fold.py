@@ -89,3 +89,26 @@ def test_only_exact_conv_then_norm_patterns_are_folded():
     ref, out = model(x, training=False), folded(x, training=False)
     for k in ("maps", "vec"):
         np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-5)
+
+
+def test_efficientnet_from_a_weights_file_divides_by_the_variance_as_its_imagenet_build_does(tmp_path):
+    """Keras's ImageNet EfficientNet divides its input by the variance (an extra Rescaling it adds only when built
+    with weights="imagenet"); built without weights and loaded from a file, the feature model must do the same."""
+    mean = np.array([0.485, 0.456, 0.406], dtype="float32")
+    var = np.array([0.229, 0.224, 0.225], dtype="float32") ** 2  # what Keras's ImageNet file stores
+    donor = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    (norm,) = [x for x in donor.layers if isinstance(x, keras.layers.Normalization)]
+    norm.adapt_mean.assign(mean)
+    norm.adapt_variance.assign(var)
+    norm.finalize_state()
+    path = tmp_path / "effnet.weights.h5"
+    donor.save_weights(path)
+
+    def norm_out(weights):
+        built = build_feature_model("efficientnet_b0", weights=weights, input_size=32, announce=lambda m: None)
+        base = next(x for x in built.model.layers if isinstance(x, keras.Model))
+        (n,) = [x for x in base.layers if isinstance(x, keras.layers.Normalization)]
+        return np.asarray(n(np.full((1, 1, 1, 3), 0.7, dtype="float32"))).ravel()
+
+    np.testing.assert_allclose(norm_out(str(path)), (0.7 - mean) / var, rtol=1e-5)  # not (0.7 - mean) / stddev
+    np.testing.assert_allclose(norm_out("none"), 0.7, rtol=1e-6)  # random weights: statistics 0 and 1, untouched

@@ -49,8 +49,10 @@ from typing import Any, Callable, Iterator
 from pipeline.backbones import BuiltBackbone
 from pipeline.extract.config import ModelConfig
 
-FORMAT_VERSION = 1
-"""Version of how this module exports (input name and dtype, outputs, freezing); bump it to re-export."""
+FORMAT_VERSION = 2
+"""Version of how this module exports (input name and dtype, outputs, freezing, and the feature model it is given);
+bump it to re-export. 2: EfficientNet from a weights file divides its input by the variance (models stored by
+version 1 lacked that)."""
 OPSET = 17
 """ONNX opset of the exported graphs (ONNX Runtime >= 1.13 runs it; every op these backbones use exists in it)."""
 KEY_PROP = "headbench_key"

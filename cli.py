@@ -96,6 +96,13 @@ def _memory_size(value: str | None) -> str | None:
     return value
 
 
+def _positive(value: float) -> float:
+    """A usage error (exit 2) for a value that must be above zero."""
+    if not value > 0:
+        raise typer.BadParameter(f"must be above 0, got {value:g}")
+    return value
+
+
 def _command() -> str:
     return " ".join(["python cli.py", *sys.argv[1:]])
 
@@ -246,6 +253,50 @@ def fit(
     typer.echo(f"run folder: {run.run_dir}")
     if run.report_path is not None:
         typer.echo(f"report: {run.report_path}")
+
+
+@app.command()
+def finetune(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `fit`; the fine-tuned model is added to it.")],
+    head: Annotated[Optional[str], typer.Option(help="Head to start from: a dense or logreg result key or head name "
+                                                     "(default: the run's best of those).")] = None,
+    unfreeze: Annotated[Optional[int], typer.Option(min=0, help="Top backbone layers to train (0: the head only; "
+                                                                "default: the backbone's last stage, see "
+                                                                "pipeline/finetune.py).")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs (the best on the selection split is kept; early "
+                                                    "stopping after 3 without progress).")] = 10,
+    learning_rate: Annotated[float, typer.Option(callback=_positive, help="Adam's learning rate (low: the head "
+                                                                          "has converged).")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 32,
+    weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved (must have "
+                                                        "the same SHA-256).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of shuffling, augmentation and dropout (default: the "
+                                                     "run's seed).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: CPU count).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (one line per epoch).")] = False,
+) -> None:
+    """Fine-tune the top of the backbone with a fitted head, from the image files, and add it to the run."""
+    from rich.console import Console
+
+    from pipeline.finetune import FinetuneConfig
+    from pipeline.finetune_run import finetune_run
+    from pipeline.fit.leaderboard import leaderboard_table
+
+    config = FinetuneConfig(unfreeze=unfreeze, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
+                            workers=workers, progress=not quiet)
+    done = finetune_run(run, head=head, weights=weights, config=config, seed=seed, command=_command(),
+                        log=lambda m: typer.echo(m, err=True))
+    table = leaderboard_table(done.results)
+    console = Console()
+    console = Console(width=max(console.width, console.measure(
+        table, options=console.options.update_width(10_000)).maximum))
+    console.print(table)
+    e = done.entry
+    typer.echo(f"{e['head']}: selection on {e['selection_split']} ({e['cost']['selection_rows']} images), epoch "
+               f"{e['params']['best_epoch']} of {e['params']['epochs_run']} kept; fit s is the whole command and "
+               f"ms/1k runs from the image files (backbone included); best stays the frozen heads' choice")
+    typer.echo(f"{'replaced' if done.replaced else 'added'} {e['key']} in {done.run_dir / 'results.json'} "
+               f"({e['fit_seconds']:.0f} s); model {done.run_dir / e['model_file']}")
 
 
 @app.command()

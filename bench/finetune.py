@@ -3,16 +3,17 @@
 1. **Frozen heads** -- ``extract`` (MobileNetV2 224, crop) then ``fit`` with every registered head, by the
    project's protocol: hymenoptera has ``train/`` and ``val/`` folders, so hyperparameters are chosen on ``val`` and
    the best head is the one with the highest ``val`` accuracy.
-2. **Fine-tuned** -- :func:`pipeline.finetune.finetune` from the run's better head of the two it can start from
-   (dense or logistic regression, by ``val`` accuracy; or ``--start``),
+2. **Fine-tuned** -- ``python cli.py finetune RUN`` (:func:`pipeline.finetune_run.finetune_run`) from the run's
+   better head of the two it can start from (dense or logistic regression, by ``val`` accuracy; or ``--start``),
    default settings (top layers per :data:`pipeline.finetune.UNFREEZE_FROM`, batch norms frozen, Adam 1e-5,
-   flip/rotation/zoom, at most 10 epochs, patience 3), training on ``train/``, the epoch kept chosen on ``val``,
-   once per seed (the seed moves shuffling, augmentation and dropout).
+   flip/rotation/zoom, at most 10 epochs, patience 3), training on ``train/``, the epoch kept chosen on ``val`` (the
+   run's selection split), once per seed (the seed moves shuffling, augmentation and dropout; each seed's command replaces the
+   previous seed's entry in the run, so its numbers are printed as it finishes).
 
 Both numbers are ``val`` accuracies of models chosen on ``val`` (hymenoptera has no test split), so both carry the
 same small optimism of a choice made on the split that scores it. Wall times: extraction (model build included)
-and the fit of every head for the frozen side; training and per-epoch scoring (model build excluded) for each
-fine-tuning run.
+and the fit of every head for the frozen side; for each fine-tuning run the whole command (its ``fit_seconds``:
+model build, training with per-epoch scoring, final predictions) and the training part alone.
 
 Usage::
 
@@ -47,10 +48,9 @@ def main() -> None:
     if not WEIGHTS.exists() or not DATA.exists():
         raise SystemExit("needs ../shared (weights and hymenoptera) beside the repository")
 
-    from pipeline.backbones import build_feature_model
-    from pipeline.data import discover
     from pipeline.extract import extract_dataset, resolve_config
-    from pipeline.finetune import FinetuneConfig, FinetuneData, finetune, load_head
+    from pipeline.finetune import FinetuneConfig
+    from pipeline.finetune_run import finetune_run
     from pipeline.fit import run_fit
 
     quiet = lambda m: None  # noqa: E731
@@ -74,38 +74,33 @@ def main() -> None:
         best_acc = float(best["metrics"]["val"]["accuracy"])
         print(f"best frozen head: {best['head']} val acc {best_acc:.4f}; extract + fit {extract_s + fit_s:.1f} s")
 
-        startable = [r for r in results if r["head"] in (("dense", "logreg") if args.start == "best" else
-                                                         (args.start,))]
-        start = max(startable, key=lambda r: r["metrics"]["val"]["accuracy"])  # dense first on a tie
-        ds = discover(DATA)
-        failed = {f["path"] for f in run.results["dataset"]["failed"]}  # images that did not decode
-        items = [(it.relpath, it.label) for it in ds.items if it.relpath not in failed]
-        split_of = {it.relpath: it.split for it in ds.items}
-        data = FinetuneData(ds.root, list(ds.classes), [x for x in items if split_of[x[0]] == "train"],
-                            [x for x in items if split_of[x[0]] == "val"], "crop")
         rows = []
         for seed in args.seeds:
-            built = build_feature_model("mobilenet_v2", str(WEIGHTS), 224, 1.0, announce=quiet)
-            head = load_head(Path(tmp) / "run" / start["model_file"])
-            cfg = FinetuneConfig(seed=seed, progress=False,
-                                 **({"epochs": args.epochs} if args.epochs else {}))
-            ft = finetune(built, head, data, cfg, log=lambda m: print("   ", m, flush=True))
-            rows.append(ft)
-            print(f"fine-tuned seed {seed}: val acc {ft.select_accuracy:.4f} (start {ft.select_accuracy_start:.4f}), "
-                  f"best epoch {ft.best_epoch} of {ft.epochs_run}, {ft.seconds:.1f} s "
-                  f"({ft.seconds / max(1, ft.epochs_run):.1f} s per epoch incl. scoring)", flush=True)
+            cfg = FinetuneConfig(progress=False, **({"epochs": args.epochs} if args.epochs else {}))
+            done = finetune_run(run.run_dir, head=None if args.start == "best" else args.start, config=cfg,
+                                seed=seed, command="bench/finetune.py",
+                                log=lambda m: print("   ", m, flush=True))
+            e = done.entry
+            rows.append(e)
+            start_acc = e["search"][0]["mean"]
+            print(f"fine-tuned seed {seed} from {e['params']['start']}: val acc {e['metrics']['val']['accuracy']:.4f} "
+                  f"(start {start_acc:.4f}), best epoch {e['params']['best_epoch']} of {e['params']['epochs_run']}, "
+                  f"{e['fit_seconds']:.1f} s in all, training {e['cost']['train_seconds']:.1f} s "
+                  f"({e['cost']['train_seconds'] / max(1, e['params']['epochs_run']):.1f} s per epoch incl. scoring)",
+                  flush=True)
 
-    accs = [r.select_accuracy for r in rows]
-    secs = [r.seconds for r in rows]
+    accs = [float(e["metrics"]["val"]["accuracy"]) for e in rows]
+    secs = [float(e["fit_seconds"]) for e in rows]
     print()
     print("| model | val accuracy | wall time |")
     print("|---|---|---|")
     print(f"| best frozen head ({best['head']}) | {best_acc:.4f} | {extract_s + fit_s:.0f} s (extract + fit of "
           f"{len(results)} heads) |")
     spread = f" (min {min(accs):.4f}, max {max(accs):.4f}, {len(accs)} seeds)" if len(accs) > 1 else ""
-    print(f"| fine-tuned MobileNetV2 from {start['head']}, top {rows[0].unfreeze} layers | median "
-          f"{statistics.median(accs):.4f}{spread} | median {statistics.median(secs):.0f} s per run, after the "
-          f"frozen head |")
+    print(f"| fine-tuned MobileNetV2 from {rows[0]['params']['start'].rsplit('__', 1)[-1]}, top "
+          f"{rows[0]['params']['unfreeze']} layers | median {statistics.median(accs):.4f}{spread} | median "
+          f"{statistics.median(secs):.0f} s per `finetune` (min {min(secs):.0f}, max {max(secs):.0f}), after the "
+          f"frozen heads |")
     print(f"fine-tuned minus best frozen head: {statistics.median(accs) - best_acc:+.4f} (median over seeds)")
 
 

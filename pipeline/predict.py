@@ -192,6 +192,8 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     """
     rh = select_head(run_dir, head)
     files = collect_images(inputs)
+    if is_finetuned(rh):
+        return rh, predict_finetuned(rh, files, batch_size)
     ex = rh.extraction
     tta = rh.tta_views
     model = run_model_config(rh, weights, log)
@@ -285,6 +287,8 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     from pipeline.backbones import build_feature_model
 
     rh = select_head(run_dir, head)
+    if is_finetuned(rh):
+        return export_finetuned(rh, out)
     if rh.model_path.suffix != ".keras":
         raise RunError(f"{rh.key} is a scikit-learn head; only Keras (dense) heads export to one .keras model")
     if rh.feature == "maps":
@@ -318,5 +322,67 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
             "input": "RGB pixels in [0, 255], shape (n, size, size, 3), resized by the resize rule",
             "backbone": ex["backbone"], "alpha": ex["alpha"], "weights_sha256": ex["weights_sha256"],
             "head": rh.key, "run": str(Path(run_dir).resolve()), "tta": tta_note}
+    path.with_suffix(".json").write_text(json.dumps(side, indent=1))
+    return path
+
+
+# ---- fine-tuned models (``python cli.py finetune``): pixels in, probabilities out, no backbone to rebuild --------
+
+
+def is_finetuned(rh: RunHead) -> bool:
+    """Whether a run's result is a fine-tuned model (its ``.keras`` file takes pixels, not features)."""
+    return rh.result.get("head") == "finetune"
+
+
+def _load_finetuned(rh: RunHead) -> Any:
+    import keras
+
+    if not rh.model_path.is_file():
+        raise RunError(f"fine-tuned model {rh.model_path} is missing from the run folder; rerun `python cli.py "
+                       f"finetune {rh.run_dir}`")
+    return keras.models.load_model(rh.model_path)
+
+
+def predict_finetuned(rh: RunHead, files: list[Path], batch_size: int = 32) -> list[dict[str, Any]]:
+    """:func:`predict_images` for a fine-tuned model: each file decoded and resized by the run's cache rule, then the
+    model; rows as :func:`predict_images` returns them."""
+    model = _load_finetuned(rh)
+    size, resize = int(rh.extraction["input_size"]), str(rh.extraction["resize"])
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        pixels, ok_rows = [], []
+        for f in files[start:start + batch_size]:
+            row: dict[str, Any] = {"path": str(f)}
+            try:
+                pixels.append(read_image(f, size, resize)[0])
+                ok_rows.append(row)
+            except ImageDecodeError as exc:  # recorded with its reason; the other images go on
+                row["error"] = str(exc)
+            rows.append(row)
+        if pixels:
+            probs = np.asarray(model(np.stack(pixels).astype(np.float32), training=False), np.float64)
+            for row, p in zip(ok_rows, probs):
+                k = int(np.argmax(p))
+                row["label"] = rh.class_names[k]
+                row["probability"] = float(p[k])
+                row["probs"] = {c: float(v) for c, v in zip(rh.class_names, p)}
+    return rows
+
+
+def export_finetuned(rh: RunHead, out: str | os.PathLike) -> Path:
+    """:func:`export_model` for a fine-tuned model: the run's ``.keras`` file (already pixels -> probabilities),
+    saved again at ``out`` with the same ``<out>.json`` sidecar."""
+    path = Path(out)
+    if path.suffix != ".keras":
+        raise RunError(f"--out must end in .keras, got {path.name}")
+    model = _load_finetuned(rh)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    ex = rh.extraction
+    side = {"class_names": rh.class_names, "input_size": int(ex["input_size"]), "resize": ex["resize"],
+            "input": "RGB pixels in [0, 255], shape (n, size, size, 3), resized by the resize rule",
+            "backbone": ex["backbone"], "alpha": ex["alpha"], "weights_sha256": ex["weights_sha256"],
+            "head": rh.key, "start": (rh.result.get("params") or {}).get("start"),
+            "run": str(Path(rh.run_dir).resolve())}
     path.with_suffix(".json").write_text(json.dumps(side, indent=1))
     return path

@@ -501,7 +501,18 @@ def _cost_notes(cost: Any) -> list[str]:
                      f"{cost.get('train_rows', 0):,} training rows; refitted on all {cost.get('refit_rows', 0):,}")
     if cost.get("index_rows") and cost.get("index_rows") != cost.get("train_rows"):
         notes.append(f"k-NN index of {cost['index_rows']:,} training rows")
+    if cost.get("note"):  # e.g. a fine-tuned model's: trained from the image files, not the cached features
+        notes.append(str(cost["note"]))
     return notes
+
+
+FROM_IMAGES = frozenset({"finetune"})
+"""Heads trained from the image files (``python cli.py finetune``), not from the cached features: shown beside the
+others with their own time, and left out of what the cache saved."""
+
+
+def _from_images(view: "ResultView") -> bool:
+    return view.head in FROM_IMAGES
 
 
 def _views_view(ri: int, idx: int, res: dict, final_splits: Sequence[str]) -> dict | None:
@@ -643,12 +654,13 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
     timing = []
     time_rows: list[tuple[str, float, bool]] = []
     for cache in caches:
-        heads = [v for v in ordered if v.cache_index == cache["index"]]
+        heads = [v for v in ordered if v.cache_index == cache["index"] and not _from_images(v)]
         extract = cache["extract"].value
         fits = [v.fit.value for v in heads if isinstance(v.fit.value, (int, float))]
         label = cache["c"]["backbone_label"] or cache["c"]["backbone"] or f"cache {cache['index']}"
         time_rows.append((f"extract {label}", extract, True))
         time_rows.extend((f"{v.head} ({label})" if len(caches) > 1 else v.head, v.fit.value, False) for v in heads)
+        time_rows.extend(_image_time_rows(ordered, cache["index"], label if len(caches) > 1 else ""))
         if isinstance(extract, (int, float)) and heads:
             with_cache = extract + sum(fits)
             without = extract * len(heads) + sum(fits)
@@ -677,6 +689,12 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         "budget": _budget(r.get("memory_budget")),
         "search": _search_note(protocol.get("search") if isinstance(protocol.get("search"), dict) else None),
     }
+
+
+def _image_time_rows(views: Sequence["ResultView"], cache_index: int, label: str) -> list[tuple[str, float, bool]]:
+    """Time-plot rows of the models trained from the image files on one backbone (their whole wall time)."""
+    return [(f"{v.head} from images" + (f" ({label})" if label else ""), v.fit.value, True)
+            for v in views if v.cache_index == cache_index and _from_images(v)]
 
 
 def _budget(budget: Any) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.errors import RunError
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
-           "jsonable"]
+           "jsonable", "put_result"]
 
 SCHEMA_VERSION = 2
 """The ``results.json`` schema version written by ``fit``. Version 2 added the chosen candidate and its selection
@@ -188,3 +188,34 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def put_result(run: Run, entry: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Add one result to a run's results.json, or replace the result with the same key; written atomically.
+
+    Used by ``finetune``, which adds a model to a run ``fit`` wrote. ``best`` is not changed. The new content is
+    checked as :func:`load_run` checks a file before it is written, so a failure leaves the old file as it was.
+
+    Parameters
+    ----------
+    run : Run
+        The run as :func:`load_run` read it (the file is not read again).
+    entry : dict
+        The result, with plain JSON values and at least the fields every reader relies on.
+
+    Returns
+    -------
+    (dict, bool)
+        The results as written, and whether an entry with that key was replaced.
+    """
+    doc = dict(run.results)
+    results = list(doc["results"])
+    same = [i for i, r in enumerate(results) if r.get("key") == entry.get("key")]
+    if same:
+        results[same[0]] = entry
+    else:
+        results.append(entry)
+    doc["results"] = results
+    _check(doc, run.path / RESULTS_FILE)
+    write_results(run.path, doc)
+    return doc, bool(same)

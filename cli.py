@@ -232,6 +232,9 @@ def fit(
     memory_budget: Annotated[Optional[str], typer.Option(
         callback=_memory_size, help="Memory the features may take, e.g. 2GB or 500MB (default: half of the "
                                     "machine's memory). Larger features are streamed from the cache.")] = None,
+    views: Annotated[bool, typer.Option("--views/--no-views",
+                                        help="When the caches hold augmented views (extract --views K), let each "
+                                             "head choose none/train/tta/both on the selection split.")] = True,
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from rich.console import Console
@@ -240,7 +243,8 @@ def fit(
 
     run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=[h.value for h in head] if head else None,
                   features=features.value, class_weight=class_weight.value, seed=seed, out=out, report=report,
-                  command=_command(), memory_budget_text=memory_budget, log=lambda m: typer.echo(m, err=True))
+                  command=_command(), memory_budget_text=memory_budget, log=lambda m: typer.echo(m, err=True),
+                  views=views)
     table = run.leaderboard()
     console = Console()
     need = console.measure(table, options=console.options.update_width(10_000)).maximum
@@ -363,7 +367,7 @@ def export(
     """Save backbone + dense head as one .keras model that plain Keras loads."""
     from pipeline.predict import export_model
 
-    typer.echo(f"wrote {export_model(run, out, head=head, weights=weights)}")
+    typer.echo(f"wrote {export_model(run, out, head=head, weights=weights, log=typer.echo)}")
 
 
 @app.command()

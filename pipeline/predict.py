@@ -44,6 +44,21 @@ class RunHead:
     def feature(self) -> str:
         return str(self.cache_entry.get("feature", "avg"))
 
+    @property
+    def tta_views(self):
+        """The :class:`~pipeline.extract.views.ViewSpec` whose views' probabilities ``predict`` averages with the
+        centre view's (the head chose test-time views: ``views.chosen`` is ``tta`` or ``both``), else None."""
+        from pipeline.extract.views import VIEW_RULE, ViewSpec
+
+        views = self.result.get("views")
+        if not isinstance(views, dict) or views.get("chosen") not in ("tta", "both"):
+            return None
+        spec = views.get("spec") or {}
+        if spec.get("rule") not in (None, VIEW_RULE):
+            raise RunError(f"{self.key} averages over views made by rule {spec.get('rule')!r}, but this headbench "
+                           f"renders {VIEW_RULE!r}; fit the run again on a cache extracted by this version")
+        return ViewSpec.from_json(spec)
+
 
 def select_head(run_dir: str | os.PathLike, head: str | None = None) -> RunHead:
     """Pick a result of a run: by key (``mobilenet_v2-a1.0-224__logreg``), by head name, or the run's best.
@@ -180,9 +195,13 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     if is_finetuned(rh):
         return rh, predict_finetuned(rh, files, batch_size)
     ex = rh.extraction
+    tta = rh.tta_views
     model = run_model_config(rh, weights, log)
     run = make_runtime(model, runtime, log=log, batch_size=batch_size)
     head_fn = _load_head(rh)
+    if tta is not None:
+        log(f"{rh.key} averages its probabilities over the centre view and {tta.describe()} (test-time views "
+            f"chosen by fit)")
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
@@ -190,21 +209,44 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
         for f in chunk:
             row: dict[str, Any] = {"path": str(f)}
             try:
-                px, _ = read_image(f, model.input_size, ex["resize"])
+                if tta is None:
+                    px, _ = read_image(f, model.input_size, ex["resize"])
+                else:  # centre view first, then the image's views: (K + 1, s, s, 3)
+                    px = image_with_views(f, model.input_size, ex["resize"], tta)
                 pixels.append(px)
                 ok_rows.append(row)
             except ImageDecodeError as exc:  # recorded with its reason; the other images go on
                 row["error"] = str(exc)
             rows.append(row)
-        if pixels:
+        if pixels and tta is not None:
+            feats = run(np.concatenate(pixels))[rh.feature].astype(np.float32)
+            probs = head_fn(feats).reshape(len(pixels), tta.n + 1, -1).mean(axis=1)
+        elif pixels:
             feats = run(np.stack(pixels))[rh.feature]
             probs = head_fn(feats.astype(np.float32))
+        if pixels:
             for row, p in zip(ok_rows, probs):
                 k = int(np.argmax(p))
                 row["label"] = rh.class_names[k]
                 row["probability"] = float(p[k])
                 row["probs"] = {c: float(v) for c, v in zip(rh.class_names, p)}
     return rh, rows
+
+
+def image_with_views(path: str | os.PathLike, size: int, resize: str, spec: Any) -> np.ndarray:
+    """An image's centre view followed by its ``spec.n`` augmented views, ``(n + 1, size, size, 3)`` uint8, made
+    exactly as extraction makes them (:func:`pipeline.extract.views.render_views`, keyed by the file's SHA-256)."""
+    from pipeline.data import decode_rgb, read_file, resize_region
+    from pipeline.extract.views import render_views
+
+    data, digest = read_file(path)
+    try:
+        image = decode_rgb(data, size)
+        centre = np.asarray(resize_region(image, size, resize), dtype=np.uint8).copy()
+        return np.concatenate([centre[None], render_views(image, centre, digest, spec, resize)])
+    except ImageDecodeError as exc:
+        exc.sha256 = digest  # type: ignore[attr-defined]
+        raise
 
 
 def write_predictions(rows: list[dict[str, Any]], class_names: list[str], out: str | os.PathLike) -> Path:
@@ -229,11 +271,16 @@ def write_predictions(rows: list[dict[str, Any]], class_names: list[str], out: s
 
 
 def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str | None = "dense",
-                 weights: str | None = None) -> Path:
+                 weights: str | None = None, log: Callable[[str], None] = lambda m: None) -> Path:
     """Save backbone + dense head as one ``.keras`` model that plain Keras loads.
 
     The model takes ``(n, s, s, 3)`` RGB pixels in [0, 255] already resized by the run's resize rule and returns
     class probabilities; a ``<out>.json`` beside it records class names, input size, resize rule and provenance.
+
+    When the head chose test-time views (``views.chosen`` ``tta`` or ``both``), the model averages them only if
+    they are the mirror image alone (``--views 1 --view-kinds flip``: exactly the input reversed left-right, done
+    in the graph); with any other views it is the centre-view model, and ``log`` receives one line saying so (the
+    sidecar records it as ``tta``). ``predict`` always applies the head's full choice.
     """
     import keras
 
@@ -253,6 +300,18 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     pixels = keras.Input((built.input_size, built.input_size, 3), name="pixels")
     feats = built.model(pixels)[rh.feature]
     probs = head_model(feats)
+    tta = rh.tta_views
+    tta_note = "none"
+    if tta is not None and tta.n == 1 and tuple(tta.kinds) == ("flip",):
+        mirrored = keras.ops.flip(pixels, axis=2)  # view 1 of a flip spec: the centre view's pixels reversed
+        probs = keras.layers.Average(name="mirror_tta")([probs, head_model(built.model(mirrored)[rh.feature])])
+        tta_note = "mirror image averaged in the model"
+        log(f"{rh.key} uses test-time views: the exported model averages the image and its mirror image, as "
+            f"predict does")
+    elif tta is not None:
+        tta_note = f"not exported: centre-view model; predict averages over {tta.describe()}"
+        log(f"note: {rh.key} averages over {tta.n} augmented views at predict; the exported model is the "
+            f"centre-view model (only mirror-only views export)")
     model = keras.Model(pixels, probs, name=f"{built.label}_{rh.result['head']}")
     path = Path(out)
     if path.suffix != ".keras":
@@ -262,7 +321,7 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     side = {"class_names": rh.class_names, "input_size": built.input_size, "resize": ex["resize"],
             "input": "RGB pixels in [0, 255], shape (n, size, size, 3), resized by the resize rule",
             "backbone": ex["backbone"], "alpha": ex["alpha"], "weights_sha256": ex["weights_sha256"],
-            "head": rh.key, "run": str(Path(run_dir).resolve())}
+            "head": rh.key, "run": str(Path(run_dir).resolve()), "tta": tta_note}
     path.with_suffix(".json").write_text(json.dumps(side, indent=1))
     return path
 

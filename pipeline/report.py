@@ -440,6 +440,7 @@ class ResultView:
     predictions_file: str = ""
     cost: list[str] = field(default_factory=list)
     approximate: bool = False
+    views: dict | None = None
 
 
 def _split_view(run: int, idx: int, res: dict, split: str, class_names: list[str]) -> dict:
@@ -514,6 +515,34 @@ def _from_images(view: "ResultView") -> bool:
     return view.head in FROM_IMAGES
 
 
+def _views_view(ri: int, idx: int, res: dict, final_splits: Sequence[str]) -> dict | None:
+    """What the page says of a head's augmented views (``results[].views``): the mode chosen, every mode's
+    selection score, and the final splits without and with views (None when the caches had no views)."""
+    v = res.get("views")
+    if not isinstance(v, dict):
+        return None
+    base = ("results", idx, "views")
+    spec = v.get("spec") if isinstance(v.get("spec"), dict) else {}
+    sel = v.get("selection") if isinstance(v.get("selection"), dict) else {}
+    modes = [{"mode": m, "chosen": m == v.get("chosen"),
+              "mean": Num(_get(sel, (m, "mean")), base + ("selection", m, "mean"), METRIC_FMT, ri),
+              "std": Num(_get(sel, (m, "std")), base + ("selection", m, "std"), METRIC_FMT, ri)
+              if len(_get(sel, (m, "scores")) or []) > 1 else Num(None)}
+             for m in (v.get("offered") or []) if m in sel]
+    final = []
+    for s in final_splits:
+        f = _get(v, ("final", s))
+        if isinstance(f, dict):
+            p = base + ("final", s)
+            final.append({"split": s,
+                          "without": Num(_get(f, ("without", "accuracy")), p + ("without", "accuracy"), METRIC_FMT, ri),
+                          "with": Num(_get(f, ("with", "accuracy")), p + ("with", "accuracy"), METRIC_FMT, ri),
+                          "added": Num(_get(f, ("added", "accuracy")), p + ("added", "accuracy"), "+.3f", ri)})
+    return {"chosen": str(v.get("chosen") or "none"), "n": spec.get("n") or v.get("available"),
+            "kinds": ", ".join(str(k) for k in spec.get("kinds") or []), "modes": modes, "final": final,
+            "notes": [str(n) for n in v.get("notes") or []], "used": len(v.get("offered") or []) > 1}
+
+
 def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | None]) -> dict:
     """Everything the template shows of one run."""
     r = run.results
@@ -560,6 +589,12 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         sel_std = Num(entry.get("std") if entry else None, base + ("search", j, "std"), METRIC_FMT, ri)
         if not entry or len(entry.get("scores") or []) < 2:
             sel_std = Num(None)  # one score (a validation split): no spread to show
+        vsel = _get(res, ("views", "selection", _get(res, ("views", "chosen")) or ""))
+        if isinstance(vsel, dict):  # the head chose among view modes: its selection score is the chosen mode's
+            vpath = base + ("views", "selection", res["views"]["chosen"])
+            sel_mean = Num(vsel.get("mean"), vpath + ("mean",), METRIC_FMT, ri)
+            sel_std = Num(vsel.get("std"), vpath + ("std",), METRIC_FMT, ri) if len(vsel.get("scores") or []) > 1 \
+                else Num(None)
         cells = {}
         for col in columns:
             value = _get(res, ("metrics", col.split, col.metric))
@@ -581,6 +616,7 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
             approximate=bool(isinstance(res.get("cost"), dict) and res["cost"].get("approximation")),
         )
         view.splits = [_split_view(ri, idx, res, s, class_names) for s in final_splits if s in res["metrics"]]
+        view.views = _views_view(ri, idx, res, final_splits)
         for k, e in enumerate(res.get("search") or []):
             if not isinstance(e, dict):
                 continue

@@ -4,7 +4,8 @@ Modules, one job each: :mod:`.heads` (the registry of classifier heads and their
 head), :mod:`.forms` (how heads are fitted at scale), :mod:`.linear` (the mini-batch linear solver and fitted
 scikit-learn objects from streamed statistics), :mod:`.stream` (rows in memory or read in blocks from a cache),
 :mod:`.plan` (the cost plan: memory budget, forms, search rows, skips), :mod:`.protocol` (splits, selection folds,
-hyperparameter search), :mod:`.metrics`, :mod:`.evaluate` (one head on one feature set), :mod:`.inputs` (caches
+hyperparameter search), :mod:`.views` (view modes of caches with augmented views, chosen on the selection
+split), :mod:`.metrics`, :mod:`.evaluate` (one head on one feature set), :mod:`.inputs` (caches
 opened once and aligned), :mod:`.output` (run folder and results.json content), :mod:`.leaderboard` and
 :mod:`.run` (plan -> evaluate -> write).
 """

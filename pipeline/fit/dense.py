@@ -267,12 +267,24 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     # -- helpers --
 
-    def _holdout(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Indices of training rows and early-stopping rows (empty when none can be held out)."""
+    def _holdout(self, y: np.ndarray, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of training rows and early-stopping rows (empty when none can be held out).
+
+        With ``groups`` (the image of each row, when rows include augmented views of their images), whole images
+        are held out: an image's views are never on the other side of its centre view.
+        """
         n = len(y)
         all_rows = np.arange(n)
         if not self.validation_fraction or self.validation_fraction <= 0:
             return all_rows, all_rows[:0]
+        if groups is not None:
+            groups = np.asarray(groups)
+            first, inverse = np.unique(groups, return_index=True)[1], np.unique(groups, return_inverse=True)[1]
+            g_fit, g_val = self._holdout(np.asarray(y)[first])
+            if not len(g_val):
+                return all_rows, all_rows[:0]
+            val = np.isin(inverse, g_val)
+            return all_rows[~val], all_rows[val]
         n_classes = int(y.max()) + 1
         counts = np.bincount(y, minlength=n_classes)
         n_val = min(int(math.ceil(self.validation_fraction * n)), int(self.validation_max_rows))
@@ -310,13 +322,15 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     # -- estimator API --
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "DenseHead":
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "DenseHead":
         """Train the network on ``X`` (rows x features, or rows x h x w x c maps) and labels ``y``.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features) or (n_samples, h, w, c)
         y : array-like of shape (n_samples,)
+        groups : array-like of shape (n_samples,), optional
+            The image of each row, when rows include augmented views: early stopping holds out whole images.
 
         Returns
         -------
@@ -327,7 +341,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         encoder = LabelEncoder().fit(y)
         if len(encoder.classes_) < 2:
             raise ValueError(f"DenseHead needs at least 2 classes to train; got 1 class: {encoder.classes_[0]!r}")
-        return self._fit(ArraySource(X, encoder.transform(y), encoder.classes_), encoder.classes_, in_memory=True)
+        return self._fit(ArraySource(X, encoder.transform(y), encoder.classes_), encoder.classes_, in_memory=True,
+                         groups=groups)
 
     def fit_source(self, source: RowSource) -> "DenseHead":
         """Train on the rows of a :class:`~pipeline.fit.stream.RowSource`, streamed in blocks.
@@ -342,9 +357,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if len(source.classes) < 2:
             raise ValueError("DenseHead needs at least 2 classes to train")
         self.n_features_in_ = int(source.shape[0])
-        return self._fit(source, np.asarray(source.classes), in_memory=False)
+        return self._fit(source, np.asarray(source.classes), in_memory=False, groups=getattr(source, "groups", None))
 
-    def _fit(self, source: RowSource, classes: np.ndarray, in_memory: bool) -> "DenseHead":
+    def _fit(self, source: RowSource, classes: np.ndarray, in_memory: bool,
+             groups: np.ndarray | None = None) -> "DenseHead":
         import keras
 
         self.classes_ = classes
@@ -352,7 +368,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.input_shape_ = tuple(int(s) for s in source.shape)
         y_all = np.asarray(source.labels, dtype=np.int64)
         keras.utils.set_random_seed(int(self.random_state))
-        fit_idx, val_idx = self._holdout(y_all)
+        fit_idx, val_idx = self._holdout(y_all, groups)
         y_fit = y_all[fit_idx]
         moments = class_moments(source.chunks(fit_idx), n_classes, per_channel=True)
         mean, var = moments.pooled()

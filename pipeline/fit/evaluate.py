@@ -21,6 +21,8 @@ from pipeline.fit.metrics import compute_metrics, mistakes
 from pipeline.fit.plan import CachePlan, CostPolicy, HeadPlan, MemoryBudget, plan_cache, plan_head
 from pipeline.fit.protocol import Candidate, Protocol, SearchRows, _quiet_fit_warnings, best_candidate, search
 from pipeline.fit.stream import ArraySource, ReaderSource, RowSource
+from pipeline.fit.views import (ViewChoice, augmented_source, best_mode, offered_modes, score_view_modes, tta_proba,
+                                uses_train, uses_tta)
 from pipeline.results import jsonable
 
 __all__ = ["HeadResult", "FitData", "evaluate_head", "evaluate_planned", "make_context", "proba_in_class_order"]
@@ -46,16 +48,26 @@ class HeadResult:
     selection_index: int = 0
     search_seconds: float = 0.0
     cost: dict[str, Any] = field(default_factory=dict)
+    views: ViewChoice | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The per-head fields of a results.json entry (without key, cache and file names)."""
+        """The per-head fields of a results.json entry (without key, cache and file names).
+
+        ``selection.score`` is the selection score of what was chosen: the candidate's search score, or, when the
+        head chose among view modes, the chosen mode's score (``views.selection``).
+        """
         chosen = self.search[self.selection_index]
+        score, std = chosen.mean, chosen.std
+        if self.views is not None and self.views.chosen in self.views.selection:
+            score = self.views.selection[self.views.chosen]["mean"]
+            std = self.views.selection[self.views.chosen]["std"]
         return {"head": self.head, "params": jsonable(self.params), "selection_split": self.selection_split,
-                "selection": {"index": int(self.selection_index), "score": chosen.mean, "std": chosen.std},
+                "selection": {"index": int(self.selection_index), "score": score, "std": std},
                 "search": [c.to_json() for c in self.search], "cost": jsonable(self.cost),
                 "search_seconds": float(self.search_seconds), "fit_seconds": float(self.fit_seconds),
                 "predict_ms_per_1000": float(self.predict_ms_per_1000), "metrics": self.metrics,
-                "history": self.history, "mistakes": self.mistakes}
+                "history": self.history, "mistakes": self.mistakes,
+                "views": self.views.to_json() if self.views is not None else None}
 
 
 @dataclass
@@ -79,6 +91,12 @@ class FitData:
     reader_rows : ndarray or None
         Reader row (index into ``reader.paths``) of every row of the run.
     plan : CachePlan
+    V : ndarray or None
+        Augmented views ``(len(held), K, d)`` of the rows in ``held``, when the cache has views and they are used.
+    view_spec : dict or None
+        The cache's view spec (None: the cache has no views).
+    views_note : str
+        Why the cache's views are not used (empty when they are, or when there are none).
     """
 
     labels: np.ndarray
@@ -89,6 +107,13 @@ class FitData:
     plan: CachePlan
     reader: Any = None
     reader_rows: np.ndarray | None = None
+    V: np.ndarray | None = None
+    view_spec: dict[str, Any] | None = None
+    views_note: str = ""
+
+    def held_views(self, rows: np.ndarray) -> np.ndarray:
+        """Views of rows held in memory (a copy in ``rows`` order)."""
+        return self.V[self._pos(np.asarray(rows, dtype=np.int64))]
 
     def _pos(self, rows: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self.held, rows)
@@ -221,12 +246,42 @@ def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.nda
         for pos, X in data.blocks(final_rows):
             proba[pos] = proba_in_class_order(est, as_input(X), class_names)
         elapsed = time.perf_counter() - t0
+
+        views, proba_none = None, proba
+        if data.view_spec is not None:
+            views = _choose_views(spec, hp, data, srows, local, chosen, class_names, labels, len(train))
+            if views.chosen != "none":
+                t_views = time.perf_counter()
+                if uses_train(views.chosen):
+                    src = augmented_source(as_input(data.held_features(train)), data.held_views(train),
+                                           labels[train], names)
+                    t0 = time.perf_counter()
+                    est = form.fit(ctx, chosen, src, False, spec)
+                    fit_seconds = time.perf_counter() - t0
+                    del src
+                t0 = time.perf_counter()
+                Xf = as_input(data.held_features(final_rows))
+                if uses_tta(views.chosen):
+                    proba = tta_proba(lambda Z: proba_in_class_order(est, Z, class_names), Xf,
+                                      data.held_views(final_rows))
+                else:
+                    proba = proba_in_class_order(est, Xf, class_names)
+                elapsed = time.perf_counter() - t0
+                del Xf
+                views.seconds += time.perf_counter() - t_views - elapsed
     ms_per_1000 = elapsed * 1000.0 * 1000.0 / max(1, len(final_rows))
 
     metrics = {}
     for s in protocol.final_splits:
         m = splits[final_rows] == s
         metrics[s] = compute_metrics(labels[final_rows][m], proba[m], class_names)
+        if views is not None:
+            without = compute_metrics(labels[final_rows][m], proba_none[m], class_names)
+            w = {k: metrics[s].get(k) for k in _VIEW_METRICS}
+            wo = {k: without.get(k) for k in _VIEW_METRICS}
+            views.final[s] = {"with": w, "without": wo,
+                              "added": {k: (float(w[k]) - float(wo[k]) if w[k] is not None and wo[k] is not None
+                                            else None) for k in _VIEW_METRICS}}
     rep = splits[final_rows] == protocol.report_split
     wrong = mistakes(labels[final_rows][rep], proba[rep], [paths[i] for i in final_rows[rep]],
                      list(splits[final_rows][rep]), class_names)
@@ -241,14 +296,57 @@ def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.nda
                       selection_score=cands[best].mean, search=cands, fit_seconds=fit_seconds,
                       predict_ms_per_1000=ms_per_1000, metrics=metrics, history=history, mistakes=wrong,
                       estimator=est, final_rows=final_rows, proba=proba, selection_index=best,
-                      search_seconds=search_seconds, cost=hp.to_json(srows.to_json()))
+                      search_seconds=search_seconds, cost=hp.to_json(srows.to_json()), views=views)
+
+
+_VIEW_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")
+"""Final-split metrics recorded with and without views (``views.final``)."""
+
+
+def _choose_views(spec: HeadSpec, hp: HeadPlan, data: FitData, srows: SearchRows,
+                  local: list[tuple[np.ndarray, np.ndarray]], chosen: dict[str, Any], class_names: list[str],
+                  labels: np.ndarray, n_train: int) -> ViewChoice:
+    """Score the offered view modes at the chosen candidate on the search folds and pick one (see
+    :mod:`pipeline.fit.views`)."""
+    vspec = dict(data.view_spec or {})
+    k = int(vspec.get("n", 0))
+    choice = ViewChoice(available=k, spec=vspec)
+    if data.V is None:
+        choice.notes.append(f"views not used: {data.views_note or 'no views of these features in the cache'}")
+        return choice
+    ctx, form = hp.ctx, hp.form
+    limit = spec.exact_max_rows
+    train_ok = not (form.exact and limit is not None and (k + 1) * n_train > limit)
+    why = (f"{n_train:,} training rows with their {k} views each exceed the {limit:,} rows of the head's exact form"
+           if not train_ok else "")
+    has_proba = hasattr(spec.build(ctx, chosen, False), "predict_proba")
+    modes, notes = offered_modes(k, has_proba, train_ok, why)
+    choice.offered, choice.notes = modes, notes
+    if len(modes) == 1:
+        return choice
+    t0 = time.perf_counter()
+    X = data.held_features(srows.rows)
+    X = X if spec.takes_maps else flatten_features(X)
+    V = data.held_views(srows.rows)
+    # heads refitted in place (the dense head: one compiled network) share one instance across the folds; each fold's
+    # estimator is used before the next fold refits it
+    shared = spec.build(ctx, chosen, False) if spec.search_path == "reuse" else None
+    scores = score_view_modes(lambda src: form.fit(ctx, chosen, src, False, spec, est=shared),
+                              lambda est, Z: proba_in_class_order(est, Z, class_names),
+                              X, V, labels[srows.rows], class_names, local, modes)
+    choice.selection = {m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "scores": [float(x) for x in v]}
+                        for m, v in scores.items()}
+    choice.chosen = best_mode(scores)
+    choice.seconds = time.perf_counter() - t0
+    return choice
 
 
 def evaluate_head(spec: HeadSpec, X: np.ndarray, labels: np.ndarray, splits: np.ndarray,
                   class_names: Sequence[str], paths: Sequence[str], protocol: Protocol,
                   folds: list[tuple[np.ndarray, np.ndarray]], seed: int = 0,
                   class_weight: str | None = None, budget: MemoryBudget | None = None,
-                  policy: CostPolicy | None = None) -> HeadResult:
+                  policy: CostPolicy | None = None, views: np.ndarray | None = None,
+                  view_spec: dict[str, Any] | None = None) -> HeadResult:
     """Search, refit on train, and evaluate one head on features in memory, by the module's protocol.
 
     Parameters
@@ -269,6 +367,10 @@ def evaluate_head(spec: HeadSpec, X: np.ndarray, labels: np.ndarray, splits: np.
     budget : MemoryBudget, optional
         Default: large enough to hold ``X`` in memory.
     policy : CostPolicy, optional
+    views : ndarray, optional
+        Augmented views ``(n, K, d)`` of every row: the head then chooses its view mode (:mod:`.views`).
+    view_spec : dict, optional
+        The view spec recorded with the result (default ``{"n": K}``).
 
     Returns
     -------
@@ -285,5 +387,6 @@ def evaluate_head(spec: HeadSpec, X: np.ndarray, labels: np.ndarray, splits: np.
     hp = plan_head(spec, ctx, cplan, srows.fit_rows, policy)
     if hp.skipped:
         raise ValueError(f"head {spec.name} is skipped: {hp.skipped}")
-    data = FitData(labels, list(class_names), shape, X, np.arange(len(X)), cplan)
+    spec_json = None if views is None else (view_spec or {"n": int(views.shape[1])})
+    data = FitData(labels, list(class_names), shape, X, np.arange(len(X)), cplan, V=views, view_spec=spec_json)
     return evaluate_planned(spec, hp, data, np.asarray(splits).astype(str), paths, protocol, srows)

@@ -66,7 +66,9 @@ def fit_exact(ctx: Any, params: dict[str, Any], source: RowSource, search: bool,
         raise TypeError("the exact form needs its rows in memory")
     X = source.array()
     est = est if est is not None else spec.build(ctx, params, search)
-    return est.fit(X if spec.takes_maps else _flat(X), _names(source))
+    groups = getattr(source, "groups", None)  # rows with augmented views: the image of each row
+    kw = {"groups": groups} if groups is not None and spec.kind == "keras" else {}
+    return est.fit(X if spec.takes_maps else _flat(X), _names(source), **kw)
 
 
 def _scaler(source: RowSource, rows: np.ndarray | None = None, pre: Callable | None = None):

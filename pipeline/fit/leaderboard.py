@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["leaderboard_table", "form_note"]
+__all__ = ["leaderboard_table", "form_note", "views_note"]
 
 
 def form_note(cost: dict[str, Any] | None) -> str:
@@ -19,6 +19,16 @@ def form_note(cost: dict[str, Any] | None) -> str:
     if cost.get("subsample"):
         notes.append(f"search {int(cost.get('search_rows', 0)):,}/{int(cost.get('train_rows', 0)):,}")
     return ", ".join(notes)
+
+
+def views_note(views: dict[str, Any] | None, split: str) -> str:
+    """``views tta +0.021``: the view mode a head chose and what it added to accuracy on ``split`` (empty when the
+    head chose among no view modes)."""
+    if not views or len(views.get("offered") or []) < 2:
+        return ""
+    fin = (views.get("final") or {}).get(split) or {}
+    gain = (fin.get("added") or {}).get("accuracy")
+    return f"views {views.get('chosen')}" + (f" {gain:+.3f}" if isinstance(gain, (int, float)) else "")
 
 
 def leaderboard_table(results: dict[str, Any]):
@@ -45,7 +55,7 @@ def leaderboard_table(results: dict[str, Any]):
              f"final numbers on {split}")
     table = Table(title=title, title_justify="left", caption="* best: highest selection score; fit s: final refit; "
                   "ms/1k: predict_proba time per 1,000 images; how: form when approximate, streamed features, "
-                  "search subsample", caption_justify="left")
+                  "search subsample, view mode chosen and its accuracy gain", caption_justify="left")
     widest = max(len(e["backbone_label"]) for e in [*entries, *skipped])
     for col, just, width in (("", "left", 1), ("head", "left", 10), ("backbone", "left", widest),
                              (f"{sel} acc", "right", 6), ("split", "left", 5), ("accuracy", "right", 8),
@@ -59,7 +69,8 @@ def leaderboard_table(results: dict[str, Any]):
         table.add_row(mark, e["head"], e["backbone_label"], f"{e['selection']['score']:.3f}", split,
                       f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}",
                       f"{m['log_loss']:.3f}", f"{e['fit_seconds']:.2f}", f"{e['predict_ms_per_1000']:.1f}",
-                      form_note(e.get("cost")), style="bold green" if mark else None)
+                      ", ".join(n for n in (form_note(e.get("cost")), views_note(e.get("views"), split)) if n),
+                      style="bold green" if mark else None)
     for s in skipped:
         table.add_row("", s["head"], s["backbone_label"], "-", split, "skipped", "", "", "", "", "",
                       s["reason"], style="yellow")

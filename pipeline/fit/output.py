@@ -90,6 +90,7 @@ def cache_entry(reader: Any, feature: str, data: str, feature_bytes: int) -> dic
         "extract_seconds": float(m.get("extract_seconds", 0.0) or 0.0), "versions": dict(m.get("versions", {})),
         "command": str(m.get("command", "")), "created": str(m.get("created", "")),
         "data": data, "feature_bytes": int(feature_bytes),
+        "views": dict(m["views"]) if isinstance(m.get("views"), dict) else None,
     }
 
 

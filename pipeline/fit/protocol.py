@@ -28,6 +28,9 @@ Protocol
    any choice), or ``test`` for hash splits. The best head of a run is the one with the highest selection score;
    its reported value comes from the last final split (``test`` when there is one).
 
+5. **Views.** When the cache holds augmented views, each head then chooses its view mode (none, train, tta, both)
+   at the chosen candidate on the same selection folds, ties to the simpler mode (:mod:`pipeline.fit.views`).
+
 Every metric is stored under the name of the split it was computed on. The predicted class is the most probable
 class of ``predict_proba`` (the same as ``predict`` for every registered head).
 """

@@ -36,7 +36,7 @@ from pipeline.fit.inputs import Inputs, open_inputs
 from pipeline.fit.leaderboard import leaderboard_table
 from pipeline.fit.output import (cache_entry, dataset_entry, default_out, prepare_run_dir, result_key, results_doc,
                                  save_head, slug, write_predictions)
-from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, memory_budget, plan_cache, plan_head
+from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, fmt_bytes, memory_budget, plan_cache, plan_head
 from pipeline.fit.protocol import Protocol, SearchRows, plan_protocol, search_rows
 from pipeline.results import SCHEMA_VERSION, write_results
 
@@ -91,8 +91,32 @@ def _plan(inputs: Inputs, seed: int, budget: MemoryBudget, policy: CostPolicy) -
     return _Plan(inputs, splits, protocol, srows, caches, budget, policy)
 
 
-def _load(plan: _Plan, ci: int) -> FitData:
-    """The features of cache ``ci``: every row used, in memory, or only the search rows (the rest is streamed)."""
+def _view_spec(reader: Any) -> dict[str, Any] | None:
+    """The cache's view spec, or None when it holds no augmented views (then results record ``views: null``)."""
+    spec = reader.meta.get("views")
+    return dict(spec) if isinstance(spec, dict) and int(spec.get("n", 0) or 0) > 0 else None
+
+
+def _views_note(reader: Any, cplan: CachePlan, policy: CostPolicy, use_views: bool, features: str) -> str:
+    """Why the cache's views cannot be used by this fit (empty when they can)."""
+    if not use_views:
+        return "turned off (--no-views)"
+    if not reader.n_views:
+        return (f"the cache stores no views of {features!r} features (views of spatial maps are never stored; fit "
+                f"--features avg or max to use them)")
+    if not cplan.in_memory:
+        return ("the features are streamed from the cache (over the memory budget); views are used by heads whose "
+                "features and views fit in memory")
+    need = policy.memory_factor * cplan.feature_bytes * (1 + reader.n_views)
+    if need > cplan.budget.bytes:
+        return (f"the features with their {reader.n_views} views per image would need {fmt_bytes(int(need))}, over "
+                f"the memory budget of {fmt_bytes(cplan.budget.bytes)}")
+    return ""
+
+
+def _load(plan: _Plan, ci: int, use_views: bool = True, features: str = "avg") -> FitData:
+    """The features of cache ``ci``: every row used, in memory, or only the search rows (the rest is streamed);
+    with the views of every row used when the cache has them and they fit in memory."""
     inputs, cplan = plan.inputs, plan.caches[ci]
     reader, rows = inputs.readers[ci], inputs.rows[ci]
     if cplan.in_memory:
@@ -100,8 +124,24 @@ def _load(plan: _Plan, ci: int) -> FitData:
     else:
         held = plan.search.rows
     X = reader.read(rows[held])
+    view_spec = _view_spec(reader)
+    note = _views_note(reader, cplan, plan.policy, use_views, features) if view_spec else ""
+    V = reader.read_views(rows[held]) if view_spec and not note else None
     return FitData(inputs.labels, inputs.class_names, tuple(reader.shape), X, held, cplan,
-                   reader=None if cplan.in_memory else reader, reader_rows=None if cplan.in_memory else rows)
+                   reader=None if cplan.in_memory else reader, reader_rows=None if cplan.in_memory else rows,
+                   V=V, view_spec=view_spec, views_note=note)
+
+
+def _views_line(res: Any, protocol: Protocol) -> str:
+    """The log's view part of a head's line: the selection and final score without and with views."""
+    v = res.views
+    if v is None or len(v.offered) < 2:
+        return ""
+    sel = v.selection
+    split = protocol.report_split
+    fin = v.final.get(split, {})
+    return (f"  views {v.chosen}: {protocol.selection} {sel['none']['mean']:.3f} -> {sel[v.chosen]['mean']:.3f}, "
+            f"{split} {fin['without']['accuracy']:.3f} -> {fin['with']['accuracy']:.3f}")
 
 
 def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | None = None,
@@ -109,7 +149,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
             heads: Sequence[str] | None = None, features: str = "avg", class_weight: str = "none", seed: int = 0,
             out: str | Path | None = None, report: bool = True, command: str = "",
             memory_budget_text: str | None = None, policy: CostPolicy | None = None,
-            log: Callable[[str], None] | None = None) -> FitRun:
+            log: Callable[[str], None] | None = None, views: bool = True) -> FitRun:
     """Fit and compare heads on cached features and write a run folder.
 
     Parameters
@@ -143,6 +183,9 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
         Thresholds of the cost plan (default: the documented ones).
     log : callable, optional
         Receives one line per fitted or skipped head (progress).
+    views : bool, default True
+        Let every head choose among view modes when the caches hold augmented views (``extract --views K``; see
+        :mod:`pipeline.fit.views`); False fits on centre views only (recorded as turned off).
 
     Returns
     -------
@@ -190,7 +233,13 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
             used_labels.add(slug_label)
             if not cplan.in_memory:
                 say(f"{label}: {cplan.reason}")
-            data = _load(plan, ci)
+            data = _load(plan, ci, views, features)
+            if data.view_spec is not None:
+                k = int(data.view_spec["n"])
+                say(f"{label}: {k} augmented view{'s' if k > 1 else ''} per image "
+                    f"({', '.join(data.view_spec.get('kinds', []))}): "
+                    + (f"not used: {data.views_note}" if data.views_note else
+                       "each head chooses none / train / tta / both on the selection split"))
             ctx = make_context(reader.shape, inputs.labels, splits, len(inputs.class_names), seed, cw)
             for name in head_list:
                 spec = HEADS[name]
@@ -211,7 +260,8 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
                 rep = res.metrics[protocol.report_split]
                 form = "" if hp.form is None or hp.form.exact else f" [{hp.form.name}]"
                 say(f"{label:<24} {name:<11} {protocol.selection} acc {res.selection_score:.3f}  "
-                    f"{protocol.report_split} acc {rep['accuracy']:.3f}  ({time.perf_counter() - t0:.1f} s){form}")
+                    f"{protocol.report_split} acc {rep['accuracy']:.3f}  ({time.perf_counter() - t0:.1f} s){form}"
+                    + _views_line(res, protocol))
                 del res
             del data
 

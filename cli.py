@@ -262,7 +262,7 @@ def finetune(
                                                      "(default: the run's best of those).")] = None,
     unfreeze: Annotated[Optional[int], typer.Option(min=0, help="Top backbone layers to train (0: the head only; "
                                                                 "default: the backbone's last stage, see "
-                                                                "pipeline/finetune.py).")] = None,
+                                                                "pipeline/finetune/train.py).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs (the best on the selection split is kept; early "
                                                     "stopping after 3 without progress).")] = 10,
     learning_rate: Annotated[float, typer.Option(callback=_positive, help="Adam's learning rate (low: the head "
@@ -279,7 +279,7 @@ def finetune(
     from rich.console import Console
 
     from pipeline.finetune import FinetuneConfig
-    from pipeline.finetune_run import finetune_run
+    from pipeline.finetune import finetune_run
     from pipeline.fit.leaderboard import leaderboard_table
 
     config = FinetuneConfig(unfreeze=unfreeze, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,

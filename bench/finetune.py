@@ -3,7 +3,7 @@
 1. **Frozen heads** -- ``extract`` (MobileNetV2 224, crop) then ``fit`` with every registered head, by the
    project's protocol: hymenoptera has ``train/`` and ``val/`` folders, so hyperparameters are chosen on ``val`` and
    the best head is the one with the highest ``val`` accuracy.
-2. **Fine-tuned** -- ``python cli.py finetune RUN`` (:func:`pipeline.finetune_run.finetune_run`) from the run's
+2. **Fine-tuned** -- ``python cli.py finetune RUN`` (:func:`pipeline.finetune.finetune_run`) from the run's
    better head of the two it can start from (dense or logistic regression, by ``val`` accuracy; or ``--start``),
    default settings (top layers per :data:`pipeline.finetune.UNFREEZE_FROM`, batch norms frozen, Adam 1e-5,
    flip/rotation/zoom, at most 10 epochs, patience 3), training on ``train/``, the epoch kept chosen on ``val`` (the
@@ -50,7 +50,7 @@ def main() -> None:
 
     from pipeline.extract import extract_dataset, resolve_config
     from pipeline.finetune import FinetuneConfig
-    from pipeline.finetune_run import finetune_run
+    from pipeline.finetune import finetune_run
     from pipeline.fit import run_fit
 
     quiet = lambda m: None  # noqa: E731

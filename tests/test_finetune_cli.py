@@ -53,7 +53,7 @@ def fitted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuned(fitted, tmp_path_factory):
     """The run after `finetune` with one epoch (a copy: the other tests keep the fitted run as it was)."""
-    from pipeline.finetune_run import finetune_run
+    from pipeline.finetune import finetune_run
 
     run = tmp_path_factory.mktemp("tuned") / "run"
     shutil.copytree(fitted[0], run)
@@ -125,7 +125,7 @@ def test_saved_model_changed_only_its_unfrozen_layers(tuned):
 
 
 def test_rerun_replaces_its_entry_and_report_shows_it(tuned, tmp_path):
-    from pipeline.finetune_run import finetune_run
+    from pipeline.finetune import finetune_run
     from pipeline.report import write_report
 
     run, done, _ = tuned
@@ -174,7 +174,7 @@ def test_finetune_errors_are_one_line(fitted, tmp_path):
     from typer.testing import CliRunner
 
     import cli
-    from pipeline.finetune_run import finetune_run
+    from pipeline.finetune import finetune_run
 
     run, _ = fitted
     res = CliRunner().invoke(cli.app, ["finetune", str(run), "--head", "centroid"])

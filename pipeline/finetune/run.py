@@ -17,7 +17,7 @@ Steps (:func:`finetune_run`):
    :data:`HOLDOUT_FRACTION` of each class in expectation, by a seeded hash of the relative path, so the same
    images every time), which is then not trained on. At most :data:`SELECT_MAX_ROWS` selection images (the same
    hash picks them).
-5. **Fine-tuning** (:func:`pipeline.finetune.finetune`) from the image files under the run's dataset root with the
+5. **Fine-tuning** (:func:`pipeline.finetune.train.finetune`) from the image files under the run's dataset root with the
    cache's decoding and resize rule, streamed in batches.
 6. **Final numbers**: the kept model predicts every image of the run's final splits once, scored by the metric
    functions of every other head (:mod:`pipeline.fit.metrics`).
@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import DatasetError, RunError
-from pipeline.finetune import FinetuneConfig, FinetuneData, FinetuneResult
+from pipeline.finetune.train import FinetuneConfig, FinetuneData, FinetuneResult
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
            "pick_start", "holdout_split", "finetune_run"]
@@ -53,7 +53,7 @@ FINETUNE_HEAD = "finetune"
 
 STARTABLE = ("dense", "logreg")
 """Heads fine-tuning starts from (on ``avg`` features): a dense head is nested as it is, a logistic regression becomes
-one softmax layer (see :mod:`pipeline.finetune`)."""
+one softmax layer (see :mod:`pipeline.finetune.train`)."""
 
 HOLDOUT_FRACTION = 0.2
 """Share of ``train`` held out for selection when the run used cross-validation. The held-out images choose one of
@@ -267,7 +267,7 @@ class _Final:
 def _predict_rows(model: Any, root: Path, rows: _Rows, idx: np.ndarray, size: int, resize: str, batch_size: int,
                   workers: int, n_classes: int) -> np.ndarray:
     """Probabilities of ``model`` for the images of rows ``idx``, streamed from their files."""
-    from pipeline.finetune import image_batches
+    from pipeline.finetune.train import image_batches
 
     items = [(rows.rel_paths[i], int(rows.labels[i])) for i in idx]
     batches = image_batches(root, items, size, resize, batch_size, workers=workers)
@@ -315,7 +315,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     DatasetError
         An image that no longer decodes.
     """
-    from pipeline.finetune import finetune, load_head
+    from pipeline.finetune.train import finetune, load_head
     from pipeline.predict import resolve_run_weights
     from pipeline.results import load_run, put_result
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -148,9 +147,6 @@ def _run_head(run_dir: Path, results: dict[str, Any], result: dict[str, Any]) ->
 # ---- rows and splits -------------------------------------------------------------------------------------------
 
 
-def _hash(rel_path: str, seed: int) -> float:
-    key = f"{HOLDOUT_SALT}:{int(seed)}:{str(rel_path).replace(chr(92), '/')}"
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
 def holdout_split(paths: Sequence[str], labels: np.ndarray, fraction: float = HOLDOUT_FRACTION,
@@ -174,18 +170,12 @@ def holdout_split(paths: Sequence[str], labels: np.ndarray, fraction: float = HO
     ndarray of bool
         True for held-out images.
     """
+    from pipeline.fit.protocol import hash_side
+
     labels = np.asarray(labels)
-    u = np.array([_hash(p, seed) for p in paths], dtype=np.float64)
-    held = u < fraction
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        if len(rows) < 2:
-            held[rows] = False
-            continue
-        if not held[rows].any():
-            held[rows[np.argmin(u[rows])]] = True
-        if held[rows].all():
-            held[rows[np.argmax(u[rows])]] = False
+    held, _ = hash_side(paths, labels, fraction, seed, HOLDOUT_SALT)
+    classes, counts = np.unique(labels, return_counts=True)
+    held[np.isin(labels, classes[counts < 2])] = False  # a single image is trained on, never held out
     return held
 
 
@@ -193,7 +183,9 @@ def _cap(paths: Sequence[str], rows: np.ndarray, seed: int, limit: int = SELECT_
     """At most ``limit`` of ``rows``: the lowest by the hold-out hash (stratified in expectation)."""
     if len(rows) <= limit:
         return rows
-    u = np.array([_hash(paths[i], seed + 1) for i in rows])
+    from pipeline.fit.protocol import path_hash
+
+    u = np.array([path_hash(paths[i], seed + 1, HOLDOUT_SALT) for i in rows])
     return np.sort(rows[np.argsort(u, kind="stable")[:limit]])
 
 

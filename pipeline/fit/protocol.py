@@ -78,9 +78,32 @@ def _quiet_fit_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*zero standard deviation.*", category=UserWarning)
 
 
-def _path_hash(rel_path: str, seed: int) -> float:
-    key = f"{SPLIT_SALT}:{int(seed)}:{str(rel_path).replace(chr(92), '/')}"
+def path_hash(rel_path: str, seed: int, salt: str = SPLIT_SALT) -> float:
+    """``sha1('<salt>:<seed>:<relative path>')`` read as a number in [0, 1) (``\\`` and ``/`` hash alike)."""
+    key = f"{salt}:{int(seed)}:{str(rel_path).replace(chr(92), '/')}"
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
+def hash_side(paths: Sequence[str], labels: np.ndarray, fraction: float, seed: int,
+              salt: str = SPLIT_SALT) -> tuple[np.ndarray, np.ndarray]:
+    """Which images fall on the small side of a seeded per-image hash split, and their hashes.
+
+    An image is on the small side when :func:`path_hash` is below ``fraction``; a class with two or more images
+    keeps at least one on each side (the lowest hash moved in, the highest moved out). Returns the boolean side and
+    the hashes.
+    """
+    labels = np.asarray(labels)
+    u = np.array([path_hash(p, seed, salt) for p in paths], dtype=np.float64)
+    side = u < fraction
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < 2:
+            continue
+        if not side[rows].any():
+            side[rows[np.argmin(u[rows])]] = True
+        if side[rows].all():
+            side[rows[np.argmax(u[rows])]] = False
+    return side, u
 
 
 def hash_split(paths: Sequence[str], labels: np.ndarray, test_fraction: float = TEST_FRACTION,
@@ -102,17 +125,7 @@ def hash_split(paths: Sequence[str], labels: np.ndarray, test_fraction: float = 
         ``"train"`` or ``"test"``. An image's split depends only on its path and the seed (stable when images are
         added); a class with two or more images keeps at least one on each side.
     """
-    labels = np.asarray(labels)
-    u = np.array([_path_hash(p, seed) for p in paths], dtype=np.float64)
-    test = u < test_fraction
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        if len(rows) < 2:
-            continue
-        if not test[rows].any():
-            test[rows[np.argmin(u[rows])]] = True
-        if test[rows].all():
-            test[rows[np.argmax(u[rows])]] = False
+    test, _ = hash_side(paths, labels, test_fraction, seed)
     return np.where(test, "test", "train").astype(str)
 
 

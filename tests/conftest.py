@@ -112,6 +112,43 @@ def flowers5_caches(flowers5_subset, cache_root) -> dict[str, Path]:
     return out
 
 
+# ---- Keras model helpers (tests that compare a model with a transformed or exported copy) --------------------
+
+
+def model_layers(model):
+    """Every layer of a Keras model, nested models flattened."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from model_layers(layer)
+        else:
+            yield layer
+
+
+def randomise_statistics(model, seed: int = 0, inputs: bool = True) -> None:
+    """Non-trivial normalisation statistics (fresh layers hold mean 0, variance 1, which would hide a wrong
+    folding or a constant lost in the export); ``inputs=False`` leaves input Normalization layers alone."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n).astype("float32"))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.3, n).astype("float32"))
+        elif (inputs and isinstance(layer, keras.layers.Normalization)
+              and getattr(layer, "adapt_mean", None) is not None):
+            n = layer.adapt_mean.shape
+            layer.adapt_mean.assign(rng.uniform(0.3, 0.6, n).astype("float32"))
+            layer.adapt_variance.assign(rng.uniform(0.04, 0.09, n).astype("float32"))
+            layer.finalize_state()  # the layer keeps them as tensors: what the export used to turn into inputs
+
+
 def write_image(path: Path, rgb: np.ndarray, fmt: str | None = None, **kw) -> Path:
     """Save an array as an image file (format from the suffix unless given)."""
     from PIL import Image

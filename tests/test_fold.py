@@ -10,28 +10,7 @@ keras = pytest.importorskip("keras")
 from pipeline.backbones import REGISTRY, build_feature_model  # noqa: E402
 from pipeline.extract.runtime import make_runner  # noqa: E402
 from pipeline.extract.fold import PassThrough, fold_batch_norm  # noqa: E402
-
-
-def _layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _layers(layer)
-        else:
-            yield layer
-
-
-def _randomise_norms(model, seed=0):
-    """Give every normalisation non-trivial statistics (fresh layers hold mean 0, variance 1: folding is ~identity)."""
-    rng = np.random.default_rng(seed)
-    for layer in _layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n).astype("float32"))
-            if layer.scale:
-                layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            if layer.center:
-                layer.beta.assign(rng.normal(0, 0.3, n).astype("float32"))
+from conftest import model_layers, randomise_statistics  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -40,15 +19,15 @@ def test_every_registered_backbone_folds_to_the_same_features(name):
     size = max(spec.min_input_size, 75)
     built = build_feature_model(name, weights="none", input_size=size, alpha=min(spec.alphas) if spec.alphas else None,
                                 maps=True, max_pool=True, announce=lambda m: None)
-    _randomise_norms(built.model)
+    randomise_statistics(built.model, inputs=False)
     before = [w.copy() for w in built.model.get_weights()]
     px = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
 
     folded = fold_batch_norm(built.model)
-    n_norms = sum(isinstance(x, keras.layers.BatchNormalization) for x in _layers(built.model))
+    n_norms = sum(isinstance(x, keras.layers.BatchNormalization) for x in model_layers(built.model))
     assert n_norms > 0
-    assert sum(isinstance(x, PassThrough) for x in _layers(folded)) == n_norms  # every one is a conv -> BN pair
-    assert not any(isinstance(x, keras.layers.BatchNormalization) for x in _layers(folded))
+    assert sum(isinstance(x, PassThrough) for x in model_layers(folded)) == n_norms  # every one is a conv -> BN pair
+    assert not any(isinstance(x, keras.layers.BatchNormalization) for x in model_layers(folded))
 
     ref = {k: np.asarray(v) for k, v in built.model(px.astype("float32"), training=False).items()}
     out = make_runner(built)(px)  # the default runner is the folded one
@@ -76,7 +55,7 @@ def test_only_exact_conv_then_norm_patterns_are_folded():
     f = keras.layers.BatchNormalization(name="bn_after_dense")(f)
     merged = keras.layers.Concatenate()([a, b, c, d, d_conv, e])
     model = keras.Model(inp, {"maps": merged, "vec": f})
-    _randomise_norms(model, seed=3)
+    randomise_statistics(model, seed=3, inputs=False)
 
     folded = fold_batch_norm(model)
     kinds = {layer.name: type(layer) for layer in folded.layers}

@@ -14,7 +14,7 @@ keras = pytest.importorskip("keras")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
 
-from conftest import REPO, V2_WEIGHTS, run_extract, write_image  # noqa: E402
+from conftest import REPO, V2_WEIGHTS, randomise_statistics, run_extract, write_image  # noqa: E402
 from pipeline.backbones import REGISTRY, WeightsInfo, build_feature_model  # noqa: E402
 from pipeline.data import load_image  # noqa: E402
 from pipeline.extract import onnx_export  # noqa: E402
@@ -53,34 +53,6 @@ def _keras_outputs(built, px: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in built.model(px.astype("float32"), training=False).items()}
 
 
-def _layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _layers(layer)
-        else:
-            yield layer
-
-
-def _randomise_statistics(model, seed: int = 0) -> None:
-    """Non-trivial normalisation statistics (fresh layers hold mean 0, variance 1, which would hide a wrong
-    folding or a constant lost in the export)."""
-    rng = np.random.default_rng(seed)
-    for layer in _layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n).astype("float32"))
-            if layer.scale:
-                layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            if layer.center:
-                layer.beta.assign(rng.normal(0, 0.3, n).astype("float32"))
-        elif isinstance(layer, keras.layers.Normalization) and getattr(layer, "adapt_mean", None) is not None:
-            n = layer.adapt_mean.shape
-            layer.adapt_mean.assign(rng.uniform(0.3, 0.6, n).astype("float32"))
-            layer.adapt_variance.assign(rng.uniform(0.04, 0.09, n).astype("float32"))
-            layer.finalize_state()  # the layer keeps them as tensors: what the export used to turn into inputs
-
-
 # ---- parity ----------------------------------------------------------------------------------------------------
 
 
@@ -92,7 +64,7 @@ def test_onnx_matches_keras_on_every_registered_backbone(name, tmp_path, monkeyp
     alpha = min(spec.alphas) if spec.alphas else None
     model = ModelConfig(name, size, alpha, RANDOM, ("avg", "max", "maps"))
     built = build_feature_model(name, "none", size, alpha, maps=True, max_pool=True, announce=lambda m: None)
-    _randomise_statistics(built.model)
+    randomise_statistics(built.model)
     msgs: list[str] = []
     rt = make_runtime(model, "onnx", log=msgs.append, built=built)
     assert isinstance(rt, OnnxRuntime) and rt.provider == CPU_PROVIDER

@@ -236,6 +236,18 @@ def test_two_datasets_of_one_name_are_told_apart_by_their_folder(fake_caches, tm
                   report=False, log=lines.append).results
     assert doc["dataset"]["root"] == "/other/project/data" and len(doc["caches"]) == 1
     assert Path(doc["caches"][0]["path"]).name == b.name
+    here = tmp_path / "project"  # a bare word that is a folder here means that folder: `fit --dataset data`
+    (here / "data").mkdir(parents=True)
+    cache_mod.read_meta(a)["dataset_root"] = str(here / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(here)
+        doc = run_fit(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r4", report=False).results
+    assert doc["dataset"]["root"] == str(here / "data")
+    elsewhere = tmp_path / "elsewhere"  # a folder here that is neither dataset: the word is a name again
+    (elsewhere / "data").mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(FitError, match="2 datasets are named data"):
+        mp.chdir(elsewhere)
+        run_fit(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r5", report=False)
     # fit says where the features it compares came from
     assert any(ln.startswith("dataset data from /other/project/data: mobilenet-a1.0-224 (b.h5)") for ln in lines)
     assert a.exists()

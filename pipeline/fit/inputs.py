@@ -14,9 +14,9 @@ from pipeline.errors import CacheError, FitError
 __all__ = ["Inputs", "open_inputs", "select_caches"]
 
 
-def _is_path(dataset: str) -> bool:
-    """``--dataset`` names a folder (a path) rather than a dataset name."""
-    return "/" in dataset or "\\" in dataset or dataset in (".", "..") or Path(dataset).is_dir()
+def _has_separator(dataset: str) -> bool:
+    """``--dataset`` can only be a path (a name never holds a separator)."""
+    return "/" in dataset or "\\" in dataset or dataset in (".", "..")
 
 
 def _same_root(meta: dict[str, Any], dataset: str) -> bool:
@@ -80,14 +80,17 @@ def select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequenc
     metas = {c.path: c.meta for c in scan.caches}
     found = list(metas)
     if dataset is not None:
-        by_path = _is_path(dataset)
-        found = [p for p in found if (_same_root(metas[p], dataset) if by_path
-                                      else metas[p].get("dataset_name") == dataset)]
+        # a path names one dataset folder; a bare word is a folder here (`data`) or a dataset name
+        by_root = [p for p in found if _same_root(metas[p], dataset)] \
+            if _has_separator(dataset) or Path(dataset).is_dir() else []
+        found = by_root if by_root or _has_separator(dataset) else \
+            [p for p in found if metas[p].get("dataset_name") == dataset]
     if backbones:
         found = [p for p in found if any(b in (metas[p].get("backbone"), metas[p].get("backbone_label"))
                                          for b in backbones)]
     if not found:
         raise CacheError(_why_none(cache_dir, scan, dataset, backbones))
+
     def ident(p: Path) -> tuple[str, str]:
         return str(metas[p].get("dataset_name")), str(metas[p].get("dataset_root"))
 
@@ -106,7 +109,7 @@ def select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequenc
     return found
 
 
-def _check_one_dataset(metas: list[dict[str, Any]], searched: bool) -> None:
+def _check_one_dataset(metas: list[dict[str, Any]]) -> None:
     """Refuse caches of several datasets (a dataset is its name and its folder)."""
     datasets = sorted({(str(m.get("dataset_name")), str(m.get("dataset_root"))) for m in metas})
     if len(datasets) > 1:
@@ -197,7 +200,7 @@ def open_inputs(stack: contextlib.ExitStack, cache_dir: str | Path, caches: Sequ
 
     paths = [Path(p) for p in caches] if caches else select_caches(cache_dir, dataset, backbones, say)
     readers = [stack.enter_context(open_features(p, kind=features)) for p in paths]
-    _check_one_dataset([r.meta for r in readers], searched=not caches)
+    _check_one_dataset([r.meta for r in readers])
     class_names = list(readers[0].class_names)
     for r in readers[1:]:
         if list(r.class_names) != class_names:

@@ -202,34 +202,18 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     if tta is not None:
         log(f"{rh.key} averages its probabilities over the centre view and {tta.describe()} (test-time views "
             f"chosen by fit)")
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        pixels, ok_rows = [], []
-        for f in chunk:
-            row: dict[str, Any] = {"path": str(f)}
-            try:
-                if tta is None:
-                    px, _ = read_image(f, model.input_size, ex["resize"])
-                else:  # centre view first, then the image's views: (K + 1, s, s, 3)
-                    px = image_with_views(f, model.input_size, ex["resize"], tta)
-                pixels.append(px)
-                ok_rows.append(row)
-            except ImageDecodeError as exc:  # recorded with its reason; the other images go on
-                row["error"] = str(exc)
-            rows.append(row)
-        if pixels and tta is not None:
+    def load(f: Path) -> np.ndarray:
+        if tta is None:
+            return read_image(f, model.input_size, ex["resize"])[0]
+        return image_with_views(f, model.input_size, ex["resize"], tta)  # centre view first: (K + 1, s, s, 3)
+
+    def score(pixels: list[np.ndarray]) -> np.ndarray:
+        if tta is not None:
             feats = run(np.concatenate(pixels))[rh.feature].astype(np.float32)
-            probs = head_fn(feats).reshape(len(pixels), tta.n + 1, -1).mean(axis=1)
-        elif pixels:
-            feats = run(np.stack(pixels))[rh.feature]
-            probs = head_fn(feats.astype(np.float32))
-        if pixels:
-            for row, p in zip(ok_rows, probs):
-                k = int(np.argmax(p))
-                row["label"] = rh.class_names[k]
-                row["probability"] = float(p[k])
-                row["probs"] = {c: float(v) for c, v in zip(rh.class_names, p)}
+            return head_fn(feats).reshape(len(pixels), tta.n + 1, -1).mean(axis=1)
+        return head_fn(run(np.stack(pixels))[rh.feature].astype(np.float32))
+
+    rows = _rows_by_batch(files, batch_size, load, score, rh.class_names)
     return rh, rows
 
 
@@ -348,24 +332,32 @@ def predict_finetuned(rh: RunHead, files: list[Path], batch_size: int = 32) -> l
     model; rows as :func:`predict_images` returns them."""
     model = _load_finetuned(rh)
     size, resize = int(rh.extraction["input_size"]), str(rh.extraction["resize"])
+    return _rows_by_batch(files, batch_size, lambda f: read_image(f, size, resize)[0],
+                          lambda px: np.asarray(model(np.stack(px).astype(np.float32), training=False), np.float64),
+                          rh.class_names)
+
+
+def _rows_by_batch(files: list[Path], batch_size: int, load: Callable[[Path], np.ndarray],
+                   score: Callable[[list[np.ndarray]], np.ndarray], class_names: list[str]) -> list[dict[str, Any]]:
+    """One row per file: ``load`` decodes it (an undecodable file is a row with its ``error``; the others go on),
+    ``score`` turns a batch of loaded images into class probabilities."""
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         pixels, ok_rows = [], []
         for f in files[start:start + batch_size]:
             row: dict[str, Any] = {"path": str(f)}
             try:
-                pixels.append(read_image(f, size, resize)[0])
+                pixels.append(load(f))
                 ok_rows.append(row)
-            except ImageDecodeError as exc:  # recorded with its reason; the other images go on
+            except ImageDecodeError as exc:
                 row["error"] = str(exc)
             rows.append(row)
         if pixels:
-            probs = np.asarray(model(np.stack(pixels).astype(np.float32), training=False), np.float64)
-            for row, p in zip(ok_rows, probs):
+            for row, p in zip(ok_rows, score(pixels)):
                 k = int(np.argmax(p))
-                row["label"] = rh.class_names[k]
+                row["label"] = class_names[k]
                 row["probability"] = float(p[k])
-                row["probs"] = {c: float(v) for c, v in zip(rh.class_names, p)}
+                row["probs"] = {c: float(v) for c, v in zip(class_names, p)}
     return rows
 
 

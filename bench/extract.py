@@ -14,8 +14,9 @@ Model construction and the one-time ONNX export (done before the rounds, its tim
 pipelines' figures are their recorded ``extract_seconds`` (decoding + model + HDF5 writes). Prints medians, every
 run, the ratios (of the medians and per round: the phases of a round run back to back under the same load), the
 CPU time per image (all threads; a shared machine's other load changes it far less than images/s), peak RSS, and
-decode-only throughput (the reader alone, 1 thread and one per core), which says how fast a GPU could be
-fed. The machine's load average is printed before and after, since these machines are shared.
+decode-only throughput (the reader alone, 1 thread and the default thread count: one per core, at most 8), which
+says how fast a GPU could be fed (``bench/gpu_node.py`` measures that on a GPU node). The machine's load average is
+printed before and after, since these machines are shared.
 
 Usage::
 
@@ -152,16 +153,16 @@ def phase_keras(root: Path, backbone: str, batch: int) -> dict:
 
 
 def phase_decode(root: Path, backbone: str, batch: int) -> dict:
-    """The reader alone (read + hash + decode + resize), 1 thread and one thread per core."""
+    """The reader alone (read + hash + decode + resize), 1 thread and the default decoding threads."""
     from pipeline.backbones import get_spec
     from pipeline.data import discover
     from pipeline.extract.reader import read_batches
-    from pipeline.extract.runtime import cpu_cores
+    from pipeline.extract.runtime import cpu_cores, decode_threads
 
     ds = discover(root)
     size = get_spec(backbone).default_input_size
     out = {"cores": cpu_cores()}
-    for workers in (1, cpu_cores()):
+    for workers in sorted({1, decode_threads()}):
         for _ in read_batches(ds.root, ds.items[:batch], size, "crop", batch, workers):  # warm the file cache
             pass
         t, c = time.perf_counter(), time.process_time()

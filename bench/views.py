@@ -9,6 +9,10 @@ cross-validation folds). Printed per backbone and seed: the best head of each ru
 ``fit`` picks it), its test accuracy, and the wall time of each fit run; then the median and range over seeds of
 the gain on test. Per head, the chosen view mode and its test accuracy without and with views.
 
+``--plain-probe`` also repeats the measurement that set the target, outside the protocol: a logistic regression on
+the centre views (no scaling, C in {0.01, 0.03, 0.1}) on ``fit``'s train/test split of each seed, tested without
+and with its predicted probabilities averaged with the mirror image's (needs ``flip`` among the view kinds).
+
 Usage::
 
     nice python bench/views.py [--data DIR] [--views 1] [--view-kinds flip] [--seeds 0 1 2]
@@ -47,6 +51,33 @@ def best(doc: dict) -> dict:
     return next(r for r in doc["results"] if r["key"] == doc["best"]["key"])
 
 
+def plain_probe(path: Path, name: str, seeds: list[int]) -> None:
+    """Logistic regression on centre views (no scaling), tested without and with the mirror image averaged in."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline import cache
+    from pipeline.fit.protocol import hash_split
+
+    fs = cache.read_features(path, views=True)
+    spec = cache.read_meta(path).get("views") or {}
+    kinds = spec.get("kinds", []) if isinstance(spec, dict) else []
+    if "flip" not in kinds:
+        print(f"{name}: plain probe skipped (no mirror view among {kinds})")
+        return
+    x, mirror, y = fs.features, fs.views[:, 0], np.asarray(fs.labels)  # view 1 is the mirror image with flip
+    for seed in seeds:
+        test = hash_split(fs.paths, y, seed=seed) == "test"
+        out = []
+        for c in (0.01, 0.03, 0.1):
+            clf = LogisticRegression(C=c, max_iter=1000).fit(x[~test], y[~test])
+            a0 = float((clf.predict(x[test]) == y[test]).mean())
+            p = (clf.predict_proba(x[test]) + clf.predict_proba(mirror[test])) / 2
+            a1 = float((p.argmax(1) == y[test]).mean())
+            out.append(f"C {c}: {a0:.4f} -> {a1:.4f} ({100 * (a1 - a0):+.2f})")
+        print(f"{name:<13} seed {seed} plain probe, mirror test-time average: " + "; ".join(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "flowers5")
@@ -55,6 +86,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--heads", default="logreg,knn,centroid")
     ap.add_argument("--per-class", type=int, default=None, help="use the first N images of each class (quick check)")
+    ap.add_argument("--plain-probe", action="store_true", help="also the unscaled probe with mirror test-time views")
     args = ap.parse_args()
     if not args.data.exists() or not all(w.exists() for w in BACKBONES.values()):
         raise SystemExit("needs ../shared (weights and data) beside the repository")
@@ -103,6 +135,9 @@ def main() -> None:
                     fin = v["final"]["test"]
                     print(f"    {r['head']:<10} chose {v['chosen']:<5} (cv: {sel}); test {fin['without']['accuracy']:.4f}"
                           f" -> {fin['with']['accuracy']:.4f}; view scoring + refit {v['seconds']:.1f} s")
+        if args.plain_probe:
+            for name, path in caches.items():
+                plain_probe(path, name, args.seeds)
         print("gain of the best head with views over the best without, test accuracy, points:")
         for name, g in gains.items():
             pts = [100 * x for x in g]

@@ -14,7 +14,6 @@ the cache *signature* (:meth:`ExtractConfig.signature`) is what makes two sets o
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -108,7 +107,7 @@ class ExtractOptions:
     batch_size : int
         Images per forward pass. 32 is within noise of 16 and 64 on CPU and fits any GPU for these models.
     workers : int or None
-        Decoding threads (default: one per CPU core).
+        Decoding threads (default: one per CPU core, at most 8: :func:`pipeline.extract.runtime.decode_threads`).
     strict : bool
         Stop at the first image that cannot be decoded instead of recording it.
     retry_failed : bool
@@ -235,6 +234,8 @@ def resolve_config(options: ExtractOptions | None = None, log: Callable[[str], N
     """
     from dataclasses import replace
 
+    from pipeline.extract.runtime import decode_threads
+
     opts = replace(options or ExtractOptions(), **overrides)
     check_run_options(opts)
     spec = get_spec(opts.backbone)
@@ -244,7 +245,7 @@ def resolve_config(options: ExtractOptions | None = None, log: Callable[[str], N
     return ExtractConfig(
         model=ModelConfig(spec.name, size, alpha, weights, kinds), resize=opts.resize, maps_dtype=opts.maps_dtype,
         views=opts.views, runtime=opts.runtime, engine=opts.engine, ray=opts.ray, batch_size=opts.batch_size,
-        workers=opts.workers or os.cpu_count() or 1, strict=opts.strict, retry_failed=opts.retry_failed,
+        workers=opts.workers or decode_threads(), strict=opts.strict, retry_failed=opts.retry_failed,
         checkpoint_rows=opts.checkpoint_rows, checkpoint_seconds=opts.checkpoint_seconds,
         cache_dir=Path(opts.cache_dir), command=opts.command, quiet=opts.quiet,
     )

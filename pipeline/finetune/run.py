@@ -347,7 +347,9 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     from pipeline.fit.metrics import compute_metrics, mistakes
 
     final_rows = np.flatnonzero(np.isin(rows.splits, rows.protocol.final_splits))
-    workers = cfg.workers or os.cpu_count() or 1
+    from pipeline.extract.runtime import decode_threads
+
+    workers = cfg.workers or decode_threads()
     t0 = time.perf_counter()
     proba = _predict_rows(ft.model, root, rows, final_rows, built.input_size, resize, cfg.batch_size, workers,
                           len(class_names))

@@ -505,7 +505,9 @@ def finetune(built: Any, head: Any, data: FinetuneData, config: FinetuneConfig |
     trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=float(cfg.learning_rate)),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"], run_eagerly=bool(cfg.run_eagerly))
 
-    workers = cfg.workers or os.cpu_count() or 1
+    from pipeline.extract.runtime import decode_threads
+
+    workers = cfg.workers or decode_threads()
     size = built.input_size
     train = image_batches(data.root, data.train, size, data.resize, cfg.batch_size, shuffle=True, seed=cfg.seed,
                           workers=workers)

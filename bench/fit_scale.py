@@ -14,7 +14,10 @@ no two rows are copies. Rows are written with split folders (70 % ``train``, 30 
 its own source images), so no test row is a near-copy of a training row. The protocol is then 3-fold
 cross-validation on ``train`` (on the search subsample) and one evaluation on ``test``.
 
-What is run, each ``fit`` in a fresh process whose peak RSS is read from the kernel (``ru_maxrss`` of the child):
+What is run, each ``fit`` in a fresh process whose peak RSS is the kernel's high-water mark of that process
+(``VmHWM`` of ``/proc/self/status``, read by the child as it ends; each log line of the child shows it so far).
+Not ``ru_maxrss``: Linux keeps a process's ``ru_maxrss`` across ``execve``, so a child started by this script
+would report this script's own peak (writing a million-row cache) whenever that is the larger:
 
 * ``--rows 50000``: ``fit --head all`` (the default cost plan); then the batch forms the plan does not use at this
   size, forced (the mini-batch logistic regression, and the dense head streamed: ``--memory-budget 320MB`` streams
@@ -152,25 +155,46 @@ def source_features(source: Path | None, tmp: Path) -> tuple[np.ndarray, np.ndar
 # ---- one fit in a child process ------------------------------------------------------------------------------------
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` (Linux), else ``ru_maxrss``.
+
+    ``VmHWM`` belongs to the process's own address space, which ``execve`` replaces; ``ru_maxrss`` survives
+    ``execve`` on Linux, so in a child it is at least the parent's peak at the time the child was started.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
+
+
 def run_fit_child(cache_dir: Path, out: Path, heads: list[str], budget: str | None = None,
                   policy: dict | None = None, tag: str = "", seed: int = 0) -> dict:
     """``fit`` in a fresh process; returns its results, wall time and peak RSS (MB)."""
     args = {"cache_dir": str(cache_dir), "out": str(out), "heads": heads, "budget": budget, "policy": policy or {},
             "seed": seed}
     code = ("import json, sys; sys.path.insert(0, %r); a = json.loads(sys.argv[1]);"
+            "import importlib.util as u; s = u.spec_from_file_location('fit_scale_bench', %r);"
+            "b = u.module_from_spec(s); s.loader.exec_module(b); peak_rss_mib = b.peak_rss_mib;"
             "from pipeline.fit import run_fit; from pipeline.fit.plan import CostPolicy;"
             "p = CostPolicy(**a['policy']) if a['policy'] else None;"
             "run_fit(a['cache_dir'], heads=a['heads'], out=a['out'], report=False, memory_budget_text=a['budget'],"
-            " seed=a['seed'],"
-            " policy=p, command='bench/fit_scale.py', log=lambda m: print(m, flush=True));"
-            "import resource; print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % str(REPO)
+            " seed=a['seed'], policy=p, command='bench/fit_scale.py',"
+            " log=lambda m: print(f'[peak {peak_rss_mib():5.0f} MiB] {m}', flush=True));"
+            "print('PEAK_RSS_MIB', peak_rss_mib())") % (str(REPO), str(Path(__file__).resolve()))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     peak_mb = float("nan")
     for line in proc.stdout.splitlines():
-        if line.startswith("PEAK_RSS_KB"):
-            peak_mb = int(line.split()[1]) / 1024  # Linux reports kilobytes
+        if line.startswith("PEAK_RSS_MIB"):
+            peak_mb = float(line.split()[1])
         else:
             print(f"  {tag}| {line}")
     if proc.returncode != 0:
@@ -185,7 +209,7 @@ def _acc(r: dict) -> float:
 
 
 def table(doc: dict, wall: float, peak_mb: float, title: str) -> None:
-    print(f"\n{title}: fit wall {wall:.1f} s, peak RSS {peak_mb:.0f} MB")
+    print(f"\n{title}: fit wall {wall:.1f} s, peak RSS of the fit process {peak_mb:.0f} MiB")
     print(f"{'head':<11} {'form':<14} {'data':<9} {'search':>13} {'search s':>9} {'fit s':>8} {'pred ms/1k':>10} "
           f"{'test acc':>9}")
     for r in doc["results"]:
@@ -239,7 +263,8 @@ def main() -> None:
         path = write_cache(cache_dir / f"{name}.h5", recipe.rows, recipe.labels, recipe.splits, classes, meta)
         print(f"wrote {path.name}: {args.rows:,} rows x 1,280 ({path.stat().st_size / 1e9:.2f} GB) in "
               f"{time.perf_counter() - t0:.0f} s; train {int((recipe.splits == 'train').sum()):,}, "
-              f"test {int((recipe.splits == 'test').sum()):,}")
+              f"test {int((recipe.splits == 'test').sum()):,}; this script's peak RSS so far {peak_rss_mib():.0f} MiB "
+              f"(not counted in the fits' figures)")
         if args.rows >= 200_000:
             budget = args.budget or "1GB"
             res = run_fit_child(cache_dir, tmp / "run_main", ["logreg", "linear_svm", "dense"], budget, tag="1M")

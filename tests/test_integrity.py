@@ -101,6 +101,19 @@ def test_flipped_bits_in_labels_and_edited_paths_are_caught(tiny_dataset, tmp_pa
     cache.read_features(again.path)
 
 
+def test_row_digest_is_the_same_whatever_its_block_size(monkeypatch):
+    """The row checksum is hashed a block of rows at a time; the stored checksum of a schema-2 file (one join of
+    every value) must still match with blocks of 2 rows, and an edited path must still fail it."""
+    v2 = REPO / "tests" / "data" / "cache_v2_tiny.h5"
+    meta = cache.read_meta(v2)
+    rows = cache.read_rows(v2)
+    assert len(rows) > 4 and rows.digest() == meta["rows_sha256"]
+    monkeypatch.setattr(cache, "_DIGEST_BLOCK", 2)
+    assert rows.digest() == meta["rows_sha256"]
+    rows.path[3] = rows.path[3] + "x"
+    assert rows.digest() != meta["rows_sha256"]
+
+
 def test_non_finite_features_are_failed_rows_never_usable_ones(tiny_dataset, tmp_path, monkeypatch):
     import pipeline.extract.local as local
 

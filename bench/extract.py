@@ -61,6 +61,16 @@ def flat_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS in MiB (``VmHWM``; ``ru_maxrss`` would include the parent's peak, since Linux keeps
+    it across ``execve``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: kB on most systems
+
+
 def _cpu() -> float:
     """CPU seconds used by this process so far, all threads (user + system)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -206,7 +216,7 @@ def main() -> None:
         fn = {**PHASES, **HELPERS}[args.phase]
         extra = {"workers": args.workers} if args.phase.startswith("pl-") else {}
         res = fn(args.data, args.backbones[0], args.batch_size, **extra)
-        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(res))
         return
 

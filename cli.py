@@ -133,7 +133,8 @@ def extract(
              "onnx when installed, else keras. ONNX is checked against Keras on the first batch of every run and "
              "falls back to it if they differ.")] = Runtime("auto"),
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: one per core, at most 8).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, help="Decoding threads (default: one per core, at most 8).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed/--no-retry-failed",
                                                help="Retry images that failed in an earlier run.")] = True,
@@ -272,7 +273,8 @@ def finetune(
                                                         "the same SHA-256).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of shuffling, augmentation and dropout (default: the "
                                                      "run's seed).")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: one per core, at most 8).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, help="Decoding threads (default: one per core, at most 8).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (one line per epoch).")] = False,
 ) -> None:
     """Fine-tune the top of the backbone with a fitted head, from the image files, and add it to the run."""

@@ -37,10 +37,10 @@ def cpu_cores() -> int:
 
 
 MAX_DECODE_THREADS = 8
-"""Most decoding threads by default. Each image still holds the GIL for its Python steps (~0.5 ms), so a thread
-pool tops out near 1,700 hymenoptera photos/s whatever the core count; past ~8 threads the threads only queue on
-the GIL and slow each other (measured on a 16-core GPU node, docs/benchmarks.md: 16 threads decoded at 0.87x and fed
-a GPU at 0.62x the rate of 8; beside ONNX Runtime on the CPU, 8 decoding threads gave 1.25x the rate of 16)."""
+"""Most decoding threads by default. Each image still holds the GIL for its Python steps, so a thread pool tops out
+near 1,900 hymenoptera photos/s whatever the core count; past ~8 threads the threads only queue on the GIL and slow
+each other (measured on a 16-core GPU node, docs/benchmarks.md "Feeding a GPU": 16 threads decoded at 0.79x and fed
+a GPU at 0.68x the rate of 8; beside ONNX Runtime on the CPU, 8 decoding threads gave 1.18x the rate of 16)."""
 
 
 def decode_threads(cores: int | None = None) -> int:

@@ -183,8 +183,7 @@ def main() -> None:
                 warm(bs, 2048)
         set_tf32(False)
         gpu_threads = sorted({cores, decode_threads(), max(1, cores // 2), max(1, cores // 4)}, reverse=True)
-        for w in gpu_threads:
-            warm(128, len(items))
+        warm(128, len(items))  # the reader's batch shapes (full and last)
         for _ in range(args.rounds):
             for tf32 in (False, True):
                 set_tf32(tf32)

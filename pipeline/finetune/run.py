@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import DatasetError, RunError
+from pipeline.extract.runtime import decode_threads
 from pipeline.finetune.train import FinetuneConfig, FinetuneData, FinetuneResult
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
@@ -145,8 +146,6 @@ def _run_head(run_dir: Path, results: dict[str, Any], result: dict[str, Any]) ->
 
 
 # ---- rows and splits -------------------------------------------------------------------------------------------
-
-
 
 
 def holdout_split(paths: Sequence[str], labels: np.ndarray, fraction: float = HOLDOUT_FRACTION,
@@ -347,8 +346,6 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     from pipeline.fit.metrics import compute_metrics, mistakes
 
     final_rows = np.flatnonzero(np.isin(rows.splits, rows.protocol.final_splits))
-    from pipeline.extract.runtime import decode_threads
-
     workers = cfg.workers or decode_threads()
     t0 = time.perf_counter()
     proba = _predict_rows(ft.model, root, rows, final_rows, built.input_size, resize, cfg.batch_size, workers,

@@ -63,6 +63,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import DatasetError, FitError, ImageDecodeError
+from pipeline.extract.runtime import decode_threads
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetuneResult", "image_batches", "UNFREEZE_FROM", "default_unfreeze",
            "logreg_dense_weights", "build_finetune_model", "finetune", "save_finetuned", "load_head"]
@@ -504,8 +505,6 @@ def finetune(built: Any, head: Any, data: FinetuneData, config: FinetuneConfig |
     trainer = keras.Model(inputs, model(x), name="finetune_trainer")
     trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=float(cfg.learning_rate)),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"], run_eagerly=bool(cfg.run_eagerly))
-
-    from pipeline.extract.runtime import decode_threads
 
     workers = cfg.workers or decode_threads()
     size = built.input_size

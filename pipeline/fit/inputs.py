@@ -81,10 +81,12 @@ def select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequenc
     found = list(metas)
     if dataset is not None:
         # a path names one dataset folder; a bare word is a folder here (`data`) or a dataset name
-        by_root = [p for p in found if _same_root(metas[p], dataset)] \
-            if _has_separator(dataset) or Path(dataset).is_dir() else []
-        found = by_root if by_root or _has_separator(dataset) else \
-            [p for p in found if metas[p].get("dataset_name") == dataset]
+        path_only = _has_separator(dataset)
+        by_root = [p for p in found if _same_root(metas[p], dataset)] if path_only or Path(dataset).is_dir() else []
+        if by_root or path_only:
+            found = by_root
+        else:
+            found = [p for p in found if metas[p].get("dataset_name") == dataset]
     if backbones:
         found = [p for p in found if any(b in (metas[p].get("backbone"), metas[p].get("backbone_label"))
                                          for b in backbones)]

@@ -848,6 +848,9 @@ class FeatureReader:
     class_names : list of str
     paths : list of str
         Relative paths of the usable (ok) rows, in cache order.
+    digests : list of str
+        SHA-256 of each usable row's image file content (aligned with ``paths``): the same picture under two
+        names has the same digest.
     labels : np.ndarray
         ``(n,)`` int64 class indices of the ok rows.
     splits : np.ndarray
@@ -898,6 +901,7 @@ class FeatureReader:
         self._ok_index = np.flatnonzero(ok)
         self.class_names = list(meta["class_names"])
         self.paths = [rows.path[i] for i in self._ok_index]
+        self.digests = [str(rows.sha256[i]) for i in self._ok_index]
         self.labels = np.asarray(rows.label, dtype=np.int64)[self._ok_index]
         self.splits = np.asarray(rows.split, dtype=object)[self._ok_index].astype(str)
         self.failed = [(q, e) for q, o, e in zip(rows.path, rows.ok, rows.error) if not o]

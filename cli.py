@@ -53,6 +53,22 @@ Features = _choices("Features", ("avg", "max", "maps"))
 ClassWeight = _choices("ClassWeight", ("none", "balanced"))
 
 
+def _pick_rules() -> tuple[tuple[str, ...], str]:
+    from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
+
+    return PICK_RULES, DEFAULT_RULE
+
+
+def _select_on() -> tuple[str, ...]:
+    from pipeline.fit.protocol import SELECT_ON
+
+    return SELECT_ON
+
+
+PickRule = _choices("PickRule", _pick_rules()[0])
+SelectOn = _choices("SelectOn", _select_on())
+
+
 def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
     raise KeyboardInterrupt
 
@@ -236,6 +252,15 @@ def fit(
     views: Annotated[bool, typer.Option("--views/--no-views",
                                         help="When the caches hold augmented views (extract --views K), let each "
                                              "head choose none/train/tta/both on the selection split.")] = True,
+    pick: Annotated[PickRule, typer.Option(help="How the recommended result is picked from the selection scores: "  # type: ignore
+                                                "one_se (within one standard error of the best, the strongest "
+                                                "head), one_se_simple (the simplest head within it) or best (the "
+                                                "highest score). See docs/protocol.md.")
+                    ] = PickRule(_pick_rules()[1]),
+    select_on: Annotated[SelectOn, typer.Option(help="Where hyperparameters and the pick are chosen: auto (val "  # type: ignore
+                                                     "when a test split exists, else cross-validation on train, so "
+                                                     "val stays untouched), cv, or val (then val numbers are "
+                                                     "selection scores).")] = SelectOn("auto"),
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from rich.console import Console
@@ -245,7 +270,7 @@ def fit(
     run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=[h.value for h in head] if head else None,
                   features=features.value, class_weight=class_weight.value, seed=seed, out=out, report=report,
                   command=_command(), memory_budget_text=memory_budget, log=lambda m: typer.echo(m, err=True),
-                  views=views)
+                  views=views, pick=pick.value, select_on=select_on.value)
     table = run.leaderboard()
     console = Console()
     need = console.measure(table, options=console.options.update_width(10_000)).maximum

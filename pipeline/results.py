@@ -18,15 +18,21 @@ from pipeline.errors import RunError
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
            "jsonable", "put_result"]
 
-SCHEMA_VERSION = 2
-"""The ``results.json`` schema version written by ``fit``. Version 2 added the chosen candidate and its selection
+SCHEMA_VERSION = 3
+"""The ``results.json`` schema version written by ``fit``. Version 3 added how sure every number is: the 95 %
+intervals and image counts of every final-split metric (``results[].metrics[<split>].intervals``, ``.n``), the
+selection score's standard error and fold scores (``results[].selection.se``, ``.scores``, ``.n``), every result
+compared with the pick on the same images (``results[].vs_pick``), the pick rule and its reason (``best.rule``,
+``best.reason``, ``best.tied_with``, ``best.interval``, ``best.n``), how intervals were computed (``statistics``),
+where selection was asked for (``protocol.select_on``), the data audit (``audit``) and ``splits.csv``. Version 2
+added the chosen candidate and its selection
 score (``results[].selection``), how each head was fitted (``results[].cost``: form, approximation, streamed or in
 memory, search subsample), the heads that were skipped with the reason (``skipped``) and the memory budget; a
 version-1 reader would silently show neither the skipped heads nor the approximations."""
 
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 """Schema versions :func:`load_run` reads (version 1 is brought to version 2's shape in memory: see
-:func:`upgrade`)."""
+:func:`upgrade`; versions 1 and 2 lack every version-3 field, which readers show as absent)."""
 
 RESULTS_FILE = "results.json"
 

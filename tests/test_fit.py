@@ -23,7 +23,7 @@ from pipeline.fit.heads import HEADS
 
 CLASSES = ["ant", "bee", "wasp"]
 TOP_KEYS = {"schema_version", "created", "command", "seed", "versions", "memory_budget", "dataset", "protocol",
-            "caches", "results", "skipped", "best"}
+            "statistics", "caches", "results", "skipped", "best"}
 RESULT_KEYS = {"key", "cache_index", "backbone_label", "head", "params", "selection_split", "selection", "search",
                "cost", "search_seconds", "fit_seconds", "predict_ms_per_1000", "metrics", "history", "mistakes",
                "model_file", "predictions_file", "views"}
@@ -126,7 +126,7 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
     run = run_fit(fake_caches.dir, heads=["logreg", "knn", "dense"], out=out, report=False, command="test",
                   log=_quiet)
     doc = json.loads((out / "results.json").read_text())
-    assert doc == run.results and set(doc) == TOP_KEYS and doc["schema_version"] == 2
+    assert doc == run.results and set(doc) == TOP_KEYS and doc["schema_version"] == 3
     ds = doc["dataset"]
     assert ds["split_source"] == "hash" and ds["class_names"] == CLASSES and set(ds["counts"]) == {"train", "test"}
     assert ds["failed"] == [{"path": "bee/broken.jpg", "reason": "cannot identify image file"}]
@@ -136,7 +136,12 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
     assert doc["caches"][0]["feature"] == "avg" and doc["caches"][0]["feature_shape"] == [16]
     assert len(doc["results"]) == 6
     for r in doc["results"]:
-        assert set(r) == RESULT_KEYS, set(r) ^ RESULT_KEYS
+        assert set(r) - {"vs_pick"} == RESULT_KEYS, set(r) ^ RESULT_KEYS
+        assert ("vs_pick" in r) == (r["key"] != doc["best"]["key"])
+        iv = r["metrics"]["test"]["intervals"]
+        assert iv["accuracy"][0] <= r["metrics"]["test"]["accuracy"] <= iv["accuracy"][1]
+        assert set(iv) == {"accuracy", "balanced_accuracy", "macro_f1", "log_loss"}
+        assert r["selection"]["se"] > 0 and len(r["selection"]["scores"]) == 5
         assert r["key"] == f"{r['backbone_label']}__{r['head']}"
         assert set(r["metrics"]) == {"test"} and METRIC_KEYS <= set(r["metrics"]["test"])
         assert r["selection_split"] == "cv" and all(len(c["scores"]) == 5 for c in r["search"])
@@ -152,9 +157,24 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
         assert r["selection"]["score"] == chosen["mean"] == max(c["mean"] for c in r["search"])
         assert all(r["params"][k] == v for k, v in chosen["params"].items())
         assert r["cost"]["form"] == "exact" and r["cost"]["data"] == "memory" and not r["cost"]["subsample"]
-    best = max(doc["results"], key=lambda r: r["selection"]["score"])
-    assert doc["best"] == {"key": best["key"], "split": "test", "metric": "accuracy",
-                           "value": best["metrics"]["test"]["accuracy"]}
+    # the pick: by the default rule from the selection scores, read on the final split with its interval
+    from pipeline.fit.pick import pick
+
+    best = doc["results"][pick(doc["results"], "one_se").index]
+    b = doc["best"]
+    assert (b["key"], b["split"], b["metric"], b["rule"]) == (best["key"], "test", "accuracy", "one_se")
+    assert b["value"] == best["metrics"]["test"]["accuracy"] and b["n"] == best["metrics"]["test"]["n"]
+    assert b["interval"] == best["metrics"]["test"]["intervals"]["accuracy"] and b["reason"]
+    assert set(b["tied_with"]) == {r["key"] for r in doc["results"] if r.get("vs_pick", {}).get("tied")}
+    for r in doc["results"]:
+        if "vs_pick" in r:
+            vs = r["vs_pick"]
+            assert vs["split"] == "test" and vs["n"] == b["n"] and vs["p_holm"] >= vs["p_value"]
+            assert vs["selection"]["method"] == "nadeau_bengio" and vs["selection"]["folds"] == 5
+    with open(out / "splits.csv") as f:
+        split_rows = list(csv.DictReader(f))
+    assert len(split_rows) == sum(sum(c.values()) for c in ds["counts"].values())
+    assert set(split_rows[0]) == {"path", "split", "class", "sha256"}
     # heads load without this project's code: joblib pipeline predicts class names, .keras is plain Keras
     X = _feature_set(tmp_path / "x", "mobilenet").features[:5]
     logreg = joblib.load(out / "heads" / "mobilenet-a1.0-224__logreg.joblib")
@@ -183,6 +203,24 @@ def test_maps_go_flat_to_sklearn_heads_and_whole_to_dense(fake_caches, quick_den
 
     model = keras.models.load_model(tmp_path / "run" / dense["model_file"])
     assert tuple(model.input_shape[1:]) == (2, 2, 4)
+
+
+def test_train_val_without_test_selects_by_cv_and_keeps_val_untouched(fake_caches, tmp_path):
+    """The tutorials' layout: the number that chose the head is never its headline (unless asked for)."""
+    splits = np.array(["train", "train", "val"] * 50)
+    fake_caches("tv", backbone="mobilenet", n=150, splits=splits)
+    doc = run_fit(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run", report=False,
+                  log=_quiet).results
+    assert doc["protocol"]["selection"] == "cv" and doc["protocol"]["final_splits"] == ["val"]
+    assert doc["protocol"]["select_on"] == "auto" and not doc["best"]["selection_is_final"]
+    assert all(r["selection_split"] == "cv" and len(r["selection"]["scores"]) == 5 for r in doc["results"])
+    old = run_fit(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run2", report=False, log=_quiet,
+                  select_on="val").results
+    assert old["protocol"]["selection"] == "val" and old["best"]["selection_is_final"]
+    assert "selection score" in old["protocol"]["description"]
+    assert all(r["selection"]["n"] == 50 for r in old["results"])
+    other = next(r for r in old["results"] if "vs_pick" in r)
+    assert other["vs_pick"]["selection"]["method"] == "paired_bootstrap_val"
 
 
 def test_val_folders_select_on_val_and_report_val_and_test(fake_caches, tmp_path):
@@ -345,9 +383,12 @@ def hym_cli(hymenoptera_v2_cache, tmp_path_factory):
 def test_hymenoptera_fit_all_heads_best_val_accuracy(hym_cli):
     res, out, doc = hym_cli
     assert len({r["head"] for r in doc["results"]}) >= 5
-    assert doc["protocol"]["selection"] == "val" and doc["protocol"]["final_splits"] == ["val"]
+    # train/ + val/ and no test/: chosen by cross-validation on train, val untouched for the headline
+    assert doc["protocol"]["selection"] == "cv" and doc["protocol"]["final_splits"] == ["val"]
     assert doc["dataset"]["split_source"] == "folders"
-    assert doc["best"]["split"] == "val" and doc["best"]["value"] >= 0.93
+    assert doc["best"]["split"] == "val" and doc["best"]["value"] >= 0.93 and doc["best"]["n"] == 153
+    lo, hi = doc["best"]["interval"]
+    assert lo < doc["best"]["value"] < hi and hi - lo > 0.04  # 153 images: several points wide
     assert doc["caches"][0]["sha256"] and len(doc["caches"][0]["weights_sha256"]) == 64
     assert {"numpy", "scikit-learn", "keras"} <= set(doc["versions"])
 
@@ -356,7 +397,9 @@ def test_hymenoptera_fit_all_heads_best_val_accuracy(hym_cli):
 def test_hymenoptera_leaderboard_and_report_print(hym_cli):
     res, out, doc = hym_cli
     text = res.stdout
-    assert "hymenoptera" in text and "* best" in text and "logreg" in text and "linear_svm" in text
+    assert "hymenoptera" in text and "* pick (rule one_se)" in text and "logreg" in text and "linear_svm" in text
+    b = doc["best"]
+    assert f"{b['value']:.3f} [{b['interval'][0]:.3f}, {b['interval'][1]:.3f}]" in text
     for r in doc["results"]:
         assert r["head"] in text
     assert f"run folder: {out}" in text
@@ -419,7 +462,8 @@ def test_flowers5_automatic_split_is_used_and_reported(flowers_run, flowers5_sub
 def test_flowers5_two_backbones_are_compared_on_the_same_rows(flowers_run):
     doc, lines = flowers_run
     assert [c["backbone"] for c in doc["caches"]] == ["mobilenet", "mobilenet_v2"]
-    assert len(doc["results"]) == 4 and len([ln for ln in lines if not ln.startswith("dataset ")]) == 4
+    assert len(doc["results"]) == 4
+    assert len([ln for ln in lines if not ln.startswith(("dataset ", "pick "))]) == 4
     assert all(c["sha256"] and len(c["sha256"]) == 64 for c in doc["caches"])  # content digests of cache v2
     by = {(doc["caches"][r["cache_index"]]["backbone"], r["head"]): r for r in doc["results"]}
     # the same folds and the same test images for both backbones

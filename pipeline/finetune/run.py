@@ -222,14 +222,16 @@ def _run_rows(results: dict[str, Any]) -> _Rows:
         rel_paths = [p for p, k in zip(rel_paths, keep) if k]
         labels, cached = labels[keep], cached[keep]
     seed = int(results.get("seed", 0))
-    splits, protocol = plan_protocol(cached, labels, class_names, rel_paths, seed)
+    run_protocol = results.get("protocol") or {}
+    # the run's own selection ("cv" or "val") makes its protocol again, whatever --select-on asked for
+    select_on = run_protocol.get("selection") if run_protocol.get("selection") in ("cv", "val") else "auto"
+    splits, protocol = plan_protocol(cached, labels, class_names, rel_paths, seed, select_on)
     recorded = results["dataset"].get("counts") or {}
     for s, per_class in recorded.items():
         now = np.bincount(labels[splits == s], minlength=len(class_names))
         if [int(per_class.get(c, 0)) for c in class_names] != [int(v) for v in now]:
             raise RunError(f"the run's caches now hold other {s} images than when it was fitted ({int(now.sum())} "
                            f"vs {sum(int(v) for v in per_class.values())}); rerun `python cli.py fit` first")
-    run_protocol = results.get("protocol") or {}
     if protocol.selection != run_protocol.get("selection") or \
             list(protocol.final_splits) != list(run_protocol.get("final_splits") or []):
         raise RunError("the run's protocol cannot be made again from its caches; rerun `python cli.py fit` first")

@@ -24,6 +24,7 @@ from pipeline.fit.stream import ArraySource, ReaderSource, RowSource
 from pipeline.fit.views import (ViewChoice, augmented_source, best_mode, offered_modes, score_view_modes, tta_proba,
                                 uses_train, uses_tta)
 from pipeline.results import jsonable
+from pipeline.stats import selection_se
 
 __all__ = ["HeadResult", "FitData", "evaluate_head", "evaluate_planned", "make_context", "proba_in_class_order"]
 
@@ -49,6 +50,8 @@ class HeadResult:
     search_seconds: float = 0.0
     cost: dict[str, Any] = field(default_factory=dict)
     views: ViewChoice | None = None
+    selection_rows: int = 0
+    selection_fit_rows: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The per-head fields of a results.json entry (without key, cache and file names).
@@ -57,12 +60,16 @@ class HeadResult:
         head chose among view modes, the chosen mode's score (``views.selection``).
         """
         chosen = self.search[self.selection_index]
-        score, std = chosen.mean, chosen.std
+        score, std, scores = chosen.mean, chosen.std, list(chosen.scores)
         if self.views is not None and self.views.chosen in self.views.selection:
             score = self.views.selection[self.views.chosen]["mean"]
             std = self.views.selection[self.views.chosen]["std"]
+            scores = list(self.views.selection[self.views.chosen]["scores"])
+        se = selection_se(scores, self.selection_rows, self.selection_fit_rows)
         return {"head": self.head, "params": jsonable(self.params), "selection_split": self.selection_split,
-                "selection": {"index": int(self.selection_index), "score": score, "std": std},
+                "selection": {"index": int(self.selection_index), "score": score, "std": std,
+                              "se": se if np.isfinite(se) else None, "scores": [float(v) for v in scores],
+                              "n": int(self.selection_rows)},
                 "search": [c.to_json() for c in self.search], "cost": jsonable(self.cost),
                 "search_seconds": float(self.search_seconds), "fit_seconds": float(self.fit_seconds),
                 "predict_ms_per_1000": float(self.predict_ms_per_1000), "metrics": self.metrics,
@@ -274,7 +281,7 @@ def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.nda
     metrics = {}
     for s in protocol.final_splits:
         m = splits[final_rows] == s
-        metrics[s] = compute_metrics(labels[final_rows][m], proba[m], class_names)
+        metrics[s] = compute_metrics(labels[final_rows][m], proba[m], class_names, seed=ctx.seed)
         if views is not None:
             without = compute_metrics(labels[final_rows][m], proba_none[m], class_names)
             w = {k: metrics[s].get(k) for k in _VIEW_METRICS}
@@ -296,7 +303,9 @@ def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.nda
                       selection_score=cands[best].mean, search=cands, fit_seconds=fit_seconds,
                       predict_ms_per_1000=ms_per_1000, metrics=metrics, history=history, mistakes=wrong,
                       estimator=est, final_rows=final_rows, proba=proba, selection_index=best,
-                      search_seconds=search_seconds, cost=hp.to_json(srows.to_json()), views=views)
+                      search_seconds=search_seconds, cost=hp.to_json(srows.to_json()), views=views,
+                      selection_rows=int(sum(len(sc) for _, sc in srows.folds)),
+                      selection_fit_rows=int(sum(len(f) for f, _ in srows.folds)))
 
 
 _VIEW_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")

@@ -226,6 +226,12 @@ class HeadSpec:
     exact_max_rows : int or None
         Training rows above which :attr:`batch_form` replaces :attr:`exact_form` (None: exact at any size that fits
         in memory).
+    strength_rank : int
+        Place in the order of the ``one_se`` pick rule (:mod:`pipeline.fit.pick`): among heads whose selection
+        scores are within noise of the best, the lowest rank is picked. Strong, well-regularised heads first.
+    simplicity_rank : int
+        Place in the order of the ``one_se_simple`` pick rule: simplest (fewest parameters, cheapest to predict)
+        first, the classic one-standard-error rule.
     """
 
     name: str
@@ -241,6 +247,8 @@ class HeadSpec:
     exact_form: Form = EXACT
     batch_form: Form | None = None
     exact_max_rows: int | None = None
+    strength_rank: int = 99
+    simplicity_rank: int = 99
 
 
 def _calibration_folds(ctx: HeadContext) -> int:
@@ -328,6 +336,7 @@ HEADS: dict[str, HeadSpec] = {
         summary="Keras Normalization -> Dense(256, relu) -> Dropout(0.5) -> softmax, early stopping (maps: flatten)",
         fixed=lambda ctx: {"hidden": 256, "dropout": 0.5, "learning_rate": _dense_lr(ctx), "batch_size": 64,
                            "patience": 5, "validation_fraction": 0.1, "class_weight": _cw(ctx)},
+        strength_rank=2, simplicity_rank=5,
         batch_form=Form("streamed", "the same network, trained on blocks of rows read from the cache (rows shuffled "
                         "within buffers of 16 random blocks)", forms.fit_dense_streamed, exact=False),
     ),
@@ -338,7 +347,7 @@ HEADS: dict[str, HeadSpec] = {
         fixed=lambda ctx: {"class_weight": _cw(ctx), "solver": "lbfgs" if ctx.form == "exact" else "minibatch"},
         batch_form=Form("minibatch", "multinomial logistic regression: " + MINIBATCH_SUMMARY,
                         forms.fit_logreg_minibatch),
-        exact_max_rows=LOGREG_EXACT_MAX_ROWS,
+        exact_max_rows=LOGREG_EXACT_MAX_ROWS, strength_rank=0, simplicity_rank=1,
     ),
     "linear_svm": HeadSpec(
         name="linear_svm", build=_build_linear_svm, grid=lambda ctx: [{"C": c} for c in LINEAR_SVM_C],
@@ -350,7 +359,7 @@ HEADS: dict[str, HeadSpec] = {
                         + MINIBATCH_SUMMARY + "; sigmoid calibration on 10 % of the training rows held out "
                         "(at most 10,000)",
                         forms.fit_linear_svm_minibatch),
-        exact_max_rows=LINEAR_SVM_EXACT_MAX_ROWS,
+        exact_max_rows=LINEAR_SVM_EXACT_MAX_ROWS, strength_rank=3, simplicity_rank=2,
     ),
     "svm": HeadSpec(
         name="svm", build=_build_svm, search_path="kernel",
@@ -366,7 +375,7 @@ HEADS: dict[str, HeadSpec] = {
                         "(stratified, seeded), standardised, then the mini-batch linear SVM; sigmoid calibration on "
                         "10 % of the training rows held out (at most 10,000)", forms.fit_svm_nystroem,
                         score_fold=forms.score_svm_nystroem_fold),
-        exact_max_rows=SVM_EXACT_MAX_ROWS,
+        exact_max_rows=SVM_EXACT_MAX_ROWS, strength_rank=1, simplicity_rank=4,
     ),
     "knn": HeadSpec(
         name="knn", build=_build_knn, grid=_knn_grid, uses_class_weight=False, search_path="neighbors",
@@ -375,11 +384,12 @@ HEADS: dict[str, HeadSpec] = {
                            "index_rows": min(ctx.n_rows, ctx.knn_index_rows or ctx.n_rows)},
         batch_form=Form("bounded_index", "k-NN over a stratified, seeded subsample of the training rows (the "
                         "index); standardisation fitted on every training row", forms.fit_knn_bounded),
-        exact_max_rows=KNN_EXACT_MAX_ROWS,
+        exact_max_rows=KNN_EXACT_MAX_ROWS, strength_rank=4, simplicity_rank=3,
     ),
     "centroid": HeadSpec(
         name="centroid", build=_build_centroid, grid=lambda ctx: [{}], uses_class_weight=False,
         summary="standardise + nearest class centroid (baseline, nothing to tune)",
+        strength_rank=5, simplicity_rank=0,
         exact_form=Form("exact", "class means and the pooled within-class deviation from per-class moments, one "
                         "pass over the rows (the same as NearestCentroid.fit)", forms.fit_centroid, exact=True),
     ),

@@ -11,6 +11,8 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
                              precision_recall_curve, precision_recall_fscore_support, roc_auc_score, roc_curve,
                              top_k_accuracy_score)
 
+from pipeline.stats import metric_intervals
+
 __all__ = ["compute_metrics", "mistakes", "MAX_CURVE_POINTS", "MAX_MISTAKES"]
 
 MAX_CURVE_POINTS = 200
@@ -23,7 +25,8 @@ def _downsample(*arrays: np.ndarray, limit: int = MAX_CURVE_POINTS) -> list[list
     return [[float(v) for v in np.asarray(a)[idx]] for a in arrays]
 
 
-def compute_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str],
+                    seed: int | None = None) -> dict[str, Any]:
     """Metrics of one split from true class indices and class probabilities.
 
     Parameters
@@ -33,6 +36,9 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence
     proba : ndarray of shape (n, n_classes)
         Probabilities, columns in ``class_names`` order. The prediction is the most probable class.
     class_names : sequence of str
+    seed : int, optional
+        When given, ``intervals`` holds the 95 % interval of each metric (:func:`pipeline.stats.metric_intervals`,
+        its bootstraps seeded with it).
 
     Returns
     -------
@@ -76,6 +82,9 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence
         p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
     out["per_class"] = {str(name): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                     "support": int(s[i])} for i, name in enumerate(class_names)}
+    if seed is not None:
+        intervals = metric_intervals(y_true, proba, k, int(seed))
+        out["intervals"] = {name: iv for name, iv in intervals.items() if name in out}
     return out
 
 

@@ -13,9 +13,11 @@ import numpy as np
 from pipeline import package_versions
 from pipeline.errors import FitError
 from pipeline.fit.evaluate import HeadResult
+from pipeline.fit.verdict import verdict
+from pipeline.stats import interval_spec
 
 __all__ = ["DEFAULT_RUNS_DIR", "slug", "result_key", "default_out", "prepare_run_dir", "save_head",
-           "write_predictions", "cache_entry", "dataset_entry", "results_doc"]
+           "write_predictions", "write_splits", "cache_entry", "dataset_entry", "results_doc"]
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
 
@@ -116,27 +118,44 @@ def dataset_entry(name: str, root: str, class_names: list[str], labels: np.ndarr
     }
 
 
+def write_splits(path: Path, paths: Sequence[str], splits: np.ndarray, labels: np.ndarray, class_names: list[str],
+                 digests: Sequence[str]) -> None:
+    """``splits.csv``: ``path,split,class,sha256`` for every image of the run (the final splits as fitted, and each
+    file's content digest, which ``compare`` matches images of two runs by)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "split", "class", "sha256"])
+        for p, s, y, d in zip(paths, splits, labels, digests):
+            w.writerow([p, s, class_names[int(y)], d])
+    tmp.replace(path)
+
+
 def results_doc(schema_version: int, command: str, seed: int, dataset: dict[str, Any], protocol: dict[str, Any],
                 caches: list[dict[str, Any]], results: list[dict[str, Any]], skipped: list[dict[str, Any]],
-                memory_budget: dict[str, Any], report_split: str) -> dict[str, Any]:
-    """The whole results.json: ``best`` is the result with the highest selection score (the first on a tie)."""
+                memory_budget: dict[str, Any], report_split: str, correct: dict[str, dict[str, np.ndarray]],
+                rule: str, audit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole results.json: ``best`` is the result the pick rule chose, with every other result compared with it
+    on the same images (:func:`pipeline.fit.verdict.verdict`)."""
     if not results:
         why = "; ".join(f"{s['head']} on {s['backbone_label']}: {s['reason']}" for s in skipped[:3])
         raise FitError(f"every head was skipped ({why}); pass a larger --memory-budget")
-    scores = np.array([r["selection"]["score"] for r in results])
-    best = results[int(np.flatnonzero(scores >= np.max(scores) - 1e-12)[0])]
-    return {
+    best = verdict(results, correct, report_split, str(protocol["selection"]), rule, seed)
+    doc = {
         "schema_version": schema_version,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "seed": int(seed),
-        "versions": package_versions(("numpy", "scikit-learn", "keras", "tensorflow", "h5py", "joblib")),
+        "versions": package_versions(("numpy", "scikit-learn", "scipy", "keras", "tensorflow", "h5py", "joblib")),
         "memory_budget": memory_budget,
         "dataset": dataset,
         "protocol": protocol,
+        "statistics": interval_spec(seed),
         "caches": caches,
         "results": results,
         "skipped": skipped,
-        "best": {"key": best["key"], "split": report_split, "metric": "accuracy",
-                 "value": float(best["metrics"][report_split]["accuracy"])},
+        "best": best,
     }
+    if audit is not None:
+        doc["audit"] = audit
+    return doc

@@ -9,24 +9,28 @@ Protocol
    reported), and an image's split depends only on its own path and the seed, so adding images later never moves
    the ones already there. A class with at least two images always keeps one on each side (its lowest-hash image
    goes to ``test`` if the hash sent none there, its highest to ``train`` if it sent all there).
-2. **Selection.** Hyperparameters are chosen on the validation split when there is one (one score per candidate),
-   otherwise by stratified k-fold cross-validation on the training split, shuffled with the run's seed: k = 5
-   below 2,000 training images and k = 3 from 2,000 on (every training image is scored once either way; with
-   thousands of images a fold already scores over 600 of them, and a sweep costs k fits per candidate), never
-   more than the number of training images of the smallest class. The selection score is accuracy; among
-   candidates with the same mean score the first in the head's grid order wins (grids list the simplest or most
-   regularised candidate first). Every candidate's score is recorded. With more training images than the search
-   allows (10,000 by default, fewer under a small memory budget: :mod:`pipeline.fit.plan`), the folds are drawn
-   from a stratified, seeded subsample of the training images (and at most as many ``val`` images are scored);
-   folds are drawn over images (:func:`search_rows`). The search scores the same form of a head (exact or batch)
-   as the final fit uses.
+2. **Selection.** Hyperparameters, and the run's pick among heads and backbones, are chosen by stratified k-fold
+   cross-validation on the training split, shuffled with the run's seed: k = 5 below 2,000 training images and
+   k = 3 from 2,000 on (every training image is scored once either way; with thousands of images a fold already
+   scores over 600 of them, and a sweep costs k fits per candidate), never more than the number of training images
+   of the smallest class. With a ``test`` split beside ``val`` (``--select-on auto``, the default), selection is on
+   ``val`` instead (one score per candidate) and ``test`` gives the final numbers. With ``train`` + ``val`` and no
+   ``test`` (the Keras tutorials' layout), selection is by cross-validation on ``train`` and ``val`` stays untouched
+   for the final numbers: a number that chose the head is never its headline. ``--select-on val`` keeps selection
+   on ``val`` then; every ``val`` number is then a selection score, and says so. The selection score is accuracy;
+   among candidates with the same mean score the first in the head's grid order wins (grids list the simplest or
+   most regularised candidate first). Every candidate's score is recorded. With more training images than the
+   search allows (10,000 by default, fewer under a small memory budget: :mod:`pipeline.fit.plan`), the folds are
+   drawn from a stratified, seeded subsample of the training images (and at most as many ``val`` images are
+   scored); folds are drawn over images (:func:`search_rows`). The search scores the same form of a head (exact or
+   batch) as the final fit uses.
 3. **Refit.** The head with the chosen hyperparameters is refitted on every image of the training split, and on
    the training split only (also when selection used the validation split, so that validation numbers come from a
    model that never trained on those images).
-4. **Final numbers.** The refitted head predicts the final splits once: ``val`` and ``test`` when they exist
-   (``val`` numbers are those of the selection split, reported for comparison; ``test`` numbers are untouched by
-   any choice), or ``test`` for hash splits. The best head of a run is the one with the highest selection score;
-   its reported value comes from the last final split (``test`` when there is one).
+4. **Final numbers.** The refitted head predicts the final splits once: ``val`` and ``test`` when they exist, or
+   ``test`` for hash splits. Numbers of a split that took part in the selection are marked as such. The run's pick
+   is made by a pick rule on the selection scores (:mod:`pipeline.fit.pick`); its reported value comes from the
+   last final split (``test`` when there is one), with its interval (:mod:`pipeline.stats`).
 
 5. **Views.** When the cache holds augmented views, each head then chooses its view mode (none, train, tta, both)
    at the chosen candidate on the same selection folds, ties to the simpler mode (:mod:`pipeline.fit.views`).
@@ -51,12 +55,13 @@ from sklearn.svm import SVC
 
 from pipeline.errors import FitError
 from pipeline.fit.heads import Form, HeadContext, HeadSpec
+from pipeline.fit.pick import first_best
 from pipeline.fit.stream import ArraySource, stratified_subsample
 from pipeline.results import jsonable
 
 __all__ = [
     "Protocol", "Candidate", "hash_split", "plan_protocol", "selection_folds", "search", "best_candidate",
-    "TEST_FRACTION", "CV_FOLDS",
+    "TEST_FRACTION", "CV_FOLDS", "SELECT_ON",
 ]
 
 TEST_FRACTION = 0.3
@@ -65,6 +70,10 @@ CV_FOLDS_LARGE = 3
 CV_LARGE_ROWS = 2000
 SPLIT_SALT = "headbench-split"
 SPLIT_ORDER = ("train", "val", "test")
+SELECT_ON = ("auto", "cv", "val")
+"""Where hyperparameters and the pick are chosen (``fit --select-on``): ``auto`` is ``val`` when a ``test`` split
+exists beside it and cross-validation on ``train`` otherwise; ``cv`` always cross-validates on ``train``; ``val``
+selects on ``val`` even when it is also the last final split."""
 
 
 # ---- splits and protocol ---------------------------------------------------------------------------------------
@@ -146,6 +155,8 @@ class Protocol:
         Human-readable rule of how images were assigned to splits.
     description : str
         The whole protocol in one paragraph (copied into results.json).
+    select_on : {"auto", "cv", "val"}
+        What was asked (:data:`SELECT_ON`).
     """
 
     selection: str
@@ -154,6 +165,7 @@ class Protocol:
     split_source: str
     split_rule: str
     description: str
+    select_on: str = "auto"
 
     @property
     def report_split(self) -> str:
@@ -163,7 +175,7 @@ class Protocol:
     def to_json(self) -> dict[str, Any]:
         """The ``protocol`` object of results.json."""
         return {"selection": self.selection, "cv_folds": self.cv_folds, "final_splits": list(self.final_splits),
-                "description": self.description}
+                "select_on": self.select_on, "description": self.description}
 
 
 def _class_list(class_names: Sequence[str], idx: np.ndarray) -> str:
@@ -171,7 +183,7 @@ def _class_list(class_names: Sequence[str], idx: np.ndarray) -> str:
 
 
 def plan_protocol(splits: np.ndarray, labels: np.ndarray, class_names: Sequence[str], paths: Sequence[str],
-                  seed: int = 0) -> tuple[np.ndarray, Protocol]:
+                  seed: int = 0, select_on: str = "auto") -> tuple[np.ndarray, Protocol]:
     """Decide the splits and the protocol of a run, and check the data can support it.
 
     Parameters
@@ -184,6 +196,8 @@ def plan_protocol(splits: np.ndarray, labels: np.ndarray, class_names: Sequence[
     paths : sequence of str
         Relative image paths (used by the hash split).
     seed : int
+    select_on : {"auto", "cv", "val"}
+        See :data:`SELECT_ON`.
 
     Returns
     -------
@@ -237,15 +251,22 @@ def plan_protocol(splits: np.ndarray, labels: np.ndarray, class_names: Sequence[
                 raise FitError(f"class {_class_list(class_names, missing)} has no images in {s}/; add some, or "
                                f"remove the {s}/ folder (selection then uses cross-validation on train)")
 
-    if "val" in present:
-        final = ["val"] + (["test"] if "test" in present else [])
-        description = ("Hyperparameters chosen by accuracy on the val split; the chosen head is refitted on "
-                       "train only and evaluated once on " + " and ".join(final) + "."
+    if select_on not in SELECT_ON:
+        raise ValueError(f"internal: select_on {select_on!r} is not one of {SELECT_ON}")
+    if select_on == "val" and "val" not in present:
+        raise FitError("--select-on val needs a val/ split folder; the dataset has "
+                       + (", ".join(s + "/" for s in SPLIT_ORDER if s in present) if source == "folders"
+                          else "no split folders") + ": use --select-on auto")
+    final = [s for s in ("val", "test") if s in present]
+    on_val = "val" in present and (select_on == "val" or (select_on == "auto" and "test" in present))
+    if on_val:
+        description = ("Hyperparameters and the pick chosen by accuracy on the val split; the chosen head is "
+                       "refitted on train only and evaluated once on " + " and ".join(final) + "."
                        + (" val numbers are those of the selection split (optimistic); test numbers are untouched "
                           "by any choice." if "test" in present else
-                          " With no test split, val numbers are those of the selection split (mildly optimistic "
-                          "for the best of several heads)."))
-        return splits, Protocol("val", None, final, source, rule, description)
+                          " With no test split (--select-on val), every val number is a selection score: the "
+                          "best of several heads on the split that chose it, optimistic by construction."))
+        return splits, Protocol("val", None, final, source, rule, description, select_on)
     train_counts = np.bincount(labels[splits == "train"], minlength=n_classes)
     k = CV_FOLDS if train_counts.sum() < CV_LARGE_ROWS else CV_FOLDS_LARGE
     folds = int(min(k, train_counts.min()))
@@ -253,9 +274,11 @@ def plan_protocol(splits: np.ndarray, labels: np.ndarray, class_names: Sequence[
         small = np.flatnonzero(train_counts < 2)
         raise FitError(f"class {_class_list(class_names, small)} has fewer than 2 training images; "
                        f"cross-validation needs at least 2 per class")
-    description = (f"Hyperparameters chosen by {folds}-fold stratified cross-validation accuracy on the train split "
-                   f"(no val split); the chosen head is refitted on all of train and evaluated once on test.")
-    return splits, Protocol("cv", folds, ["test"], source, rule, description)
+    untouched = " and ".join(final)
+    description = (f"Hyperparameters and the pick chosen by {folds}-fold stratified cross-validation accuracy on "
+                   f"the train split; the chosen head is refitted on all of train and evaluated once on {untouched}, "
+                   f"which took no part in any choice.")
+    return splits, Protocol("cv", folds, final, source, rule, description, select_on)
 
 
 @dataclass
@@ -504,6 +527,4 @@ def search(spec: HeadSpec, ctx: HeadContext, X: np.ndarray, y: np.ndarray,
 
 def best_candidate(cands: list[Candidate]) -> int:
     """Index of the highest mean score; ties go to the earliest in grid order."""
-    means = np.array([c.mean for c in cands])
-    top = np.nanmax(means)
-    return int(np.flatnonzero(means >= top - 1e-12)[0])
+    return first_best([c.mean for c in cands])

@@ -35,9 +35,10 @@ from pipeline.fit.heads import HEADS, resolve_heads
 from pipeline.fit.inputs import Inputs, open_inputs
 from pipeline.fit.leaderboard import leaderboard_table
 from pipeline.fit.output import (cache_entry, dataset_entry, default_out, prepare_run_dir, result_key, results_doc,
-                                 save_head, slug, write_predictions)
+                                 save_head, slug, write_predictions, write_splits)
+from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
 from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, fmt_bytes, memory_budget, plan_cache, plan_head
-from pipeline.fit.protocol import Protocol, SearchRows, plan_protocol, search_rows
+from pipeline.fit.protocol import SELECT_ON, Protocol, SearchRows, plan_protocol, search_rows
 from pipeline.results import SCHEMA_VERSION, write_results
 
 __all__ = ["FitRun", "run_fit", "leaderboard_table", "result_key", "FEATURE_KINDS", "CLASS_WEIGHTS"]
@@ -82,8 +83,9 @@ class _Plan:
     policy: CostPolicy
 
 
-def _plan(inputs: Inputs, seed: int, budget: MemoryBudget, policy: CostPolicy) -> _Plan:
-    splits, protocol = plan_protocol(inputs.cached_splits, inputs.labels, inputs.class_names, inputs.rel_paths, seed)
+def _plan(inputs: Inputs, seed: int, budget: MemoryBudget, policy: CostPolicy, select_on: str = "auto") -> _Plan:
+    splits, protocol = plan_protocol(inputs.cached_splits, inputs.labels, inputs.class_names, inputs.rel_paths, seed,
+                                     select_on)
     used = int(np.isin(splits, ["train", *protocol.final_splits]).sum())
     caches = [plan_cache(used, tuple(r.shape), budget, policy) for r in inputs.readers]
     max_rows = min(c.search_max_rows for c in caches)
@@ -144,12 +146,27 @@ def _views_line(res: Any, protocol: Protocol) -> str:
             f"{split} {fin['without']['accuracy']:.3f} -> {fin['with']['accuracy']:.3f}")
 
 
+def _correct_by_split(res: Any, labels: np.ndarray, splits: np.ndarray) -> dict[str, np.ndarray]:
+    """Per final split, whether the head got each image right (images in run order: the same for every head)."""
+    rows = res.final_rows
+    right = np.argmax(res.proba, axis=1) == np.asarray(labels)[rows]
+    return {str(s): right[splits[rows] == s] for s in np.unique(splits[rows])}
+
+
+def _digests(inputs: Inputs) -> list[str]:
+    """Each image's content digest, from the first cache (every cache of a run holds the same files)."""
+    reader, rows = inputs.readers[0], inputs.rows[0]
+    digests = getattr(reader, "digests", None) or [""] * len(reader.paths)
+    return [str(digests[i]) for i in rows]
+
+
 def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | None = None,
             dataset: str | None = None, backbones: Sequence[str] | None = None,
             heads: Sequence[str] | None = None, features: str = "avg", class_weight: str = "none", seed: int = 0,
             out: str | Path | None = None, report: bool = True, command: str = "",
             memory_budget_text: str | None = None, policy: CostPolicy | None = None,
-            log: Callable[[str], None] | None = None, views: bool = True) -> FitRun:
+            log: Callable[[str], None] | None = None, views: bool = True, pick: str = DEFAULT_RULE,
+            select_on: str = "auto") -> FitRun:
     """Fit and compare heads on cached features and write a run folder.
 
     Parameters
@@ -186,6 +203,10 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     views : bool, default True
         Let every head choose among view modes when the caches hold augmented views (``extract --views K``; see
         :mod:`pipeline.fit.views`); False fits on centre views only (recorded as turned off).
+    pick : str, default "one_se"
+        The rule that picks the recommended result from the selection scores (:mod:`pipeline.fit.pick`).
+    select_on : {"auto", "cv", "val"}
+        Where hyperparameters and the pick are chosen (:data:`pipeline.fit.protocol.SELECT_ON`).
 
     Returns
     -------
@@ -202,6 +223,10 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     """
     say = log or (lambda _m: None)
     head_list = resolve_heads(list(heads) if heads else None)
+    if pick not in PICK_RULES:
+        raise FitError(f"unknown --pick {pick!r}; choose one of {', '.join(PICK_RULES)}")
+    if select_on not in SELECT_ON:
+        raise FitError(f"unknown --select-on {select_on!r}; choose one of {', '.join(SELECT_ON)}")
     if features not in FEATURE_KINDS:
         raise FitError(f"unknown --features {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
     if class_weight not in CLASS_WEIGHTS:
@@ -213,7 +238,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     with contextlib.ExitStack() as stack:
         # ---- plan
         inputs = open_inputs(stack, cache_dir, caches, dataset, backbones, features, say)
-        plan = _plan(inputs, seed, budget, policy)
+        plan = _plan(inputs, seed, budget, policy, select_on)
         run_dir = prepare_run_dir(Path(out) if out is not None else default_out(inputs.dataset_name))
         splits, protocol = plan.splits, plan.protocol
         if plan.search.subsample:
@@ -222,6 +247,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
 
         # ---- evaluate (and write each head's files as it finishes)
         cache_json, results, skipped = [], [], []
+        correct: dict[str, dict[str, np.ndarray]] = {}
         used_labels: set[str] = set()
         for ci, reader in enumerate(inputs.readers):
             cplan = plan.caches[ci]
@@ -257,6 +283,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
                                   inputs.labels, inputs.class_names)
                 results.append({"key": key, "cache_index": ci, "backbone_label": label, **res.to_json(),
                                 "model_file": model_file, "predictions_file": f"predictions/{key}.csv"})
+                correct[key] = _correct_by_split(res, inputs.labels, splits)
                 rep = res.metrics[protocol.report_split]
                 form = "" if hp.form is None or hp.form.exact else f" [{hp.form.name}]"
                 say(f"{label:<24} {name:<11} {protocol.selection} acc {res.selection_score:.3f}  "
@@ -272,7 +299,14 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
             SCHEMA_VERSION, command or f"run_fit(heads={head_list}, features={features!r}, seed={seed})", seed,
             dataset_entry(inputs.dataset_name, str(inputs.meta.get("dataset_root", "")), inputs.class_names,
                           inputs.labels, splits, protocol, inputs.failed()),
-            protocol_json, cache_json, results, skipped, budget.to_json(), protocol.report_split)
+            protocol_json, cache_json, results, skipped, budget.to_json(), protocol.report_split, correct, pick)
+        b = doc["best"]
+        iv = b.get("interval")
+        say(f"pick ({pick}): {b['key']}, {b['split']} accuracy {b['value']:.3f}"
+            + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "") + f" on {b['n']} images: {b['reason']}"
+            + (f" Tied with it on {b['split']}: {', '.join(b['tied_with'])}." if b["tied_with"] else ""))
+        write_splits(run_dir / "splits.csv", inputs.rel_paths, splits, inputs.labels, inputs.class_names,
+                     _digests(inputs))
     write_results(run_dir, doc)
 
     run = FitRun(run_dir=run_dir, results=doc)

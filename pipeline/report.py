@@ -441,6 +441,38 @@ class ResultView:
     cost: list[str] = field(default_factory=list)
     approximate: bool = False
     views: dict | None = None
+    intervals: dict[tuple[str, str], tuple[Num, Num]] = field(default_factory=dict)
+    vs: dict | None = None
+    sel_is_se: bool = False
+
+
+def _interval(res: dict, idx: int, split: str, metric: str, run: int) -> tuple[Num, Num] | None:
+    """The recorded 95 % interval of one metric, as two tagged numbers (None when not recorded)."""
+    iv = _get(res, ("metrics", split, "intervals", metric))
+    if not (isinstance(iv, list) and len(iv) == 2):
+        return None
+    p = ("results", idx, "metrics", split, "intervals", metric)
+    return Num(iv[0], p + (0,), METRIC_FMT, run), Num(iv[1], p + (1,), METRIC_FMT, run)
+
+
+def _vs_view(res: dict, idx: int, run: int) -> dict | None:
+    """How a result compares with the pick on the same images (``vs_pick``), as tagged numbers."""
+    vs = res.get("vs_pick")
+    if not isinstance(vs, dict):
+        return None
+    p = ("results", idx, "vs_pick")
+    iv = vs.get("delta_interval") if isinstance(vs.get("delta_interval"), list) else [None, None]
+    sel = vs.get("selection") if isinstance(vs.get("selection"), dict) else None
+    return {"tied": bool(vs.get("tied")), "split": str(vs.get("split", "")),
+            "delta": Num(vs.get("delta"), p + ("delta",), "+.3f", run),
+            "lo": Num(iv[0], p + ("delta_interval", 0), "+.3f", run),
+            "hi": Num(iv[1], p + ("delta_interval", 1), "+.3f", run),
+            "p": Num(vs.get("p_holm"), p + ("p_holm",), ".3g", run),
+            "pick_only": Num(vs.get("pick_only_right"), p + ("pick_only_right",), COUNT_FMT, run),
+            "other_only": Num(vs.get("other_only_right"), p + ("other_only_right",), COUNT_FMT, run),
+            "sel_tied": None if sel is None else bool(sel.get("tied")),
+            "sel_method": "" if sel is None else str(sel.get("method", "")),
+            "sel_p": Num(None) if sel is None else Num(sel.get("p_value"), p + ("selection", "p_value"), ".3g", run)}
 
 
 def _split_view(run: int, idx: int, res: dict, split: str, class_names: list[str]) -> dict:
@@ -485,6 +517,14 @@ def _selection(res: dict) -> tuple[int | None, dict | None]:
     if isinstance(j, int) and 0 <= j < len(search) and isinstance(search[j], dict):
         return j, search[j]
     return None, None
+
+
+def _selection_scores(res: dict, entry: dict | None) -> list:
+    """The scores behind a selection score: the chosen view mode's, else the chosen candidate's."""
+    vsel = _get(res, ("views", "selection", _get(res, ("views", "chosen")) or ""))
+    if isinstance(vsel, dict):
+        return list(vsel.get("scores") or [])
+    return list((entry or {}).get("scores") or [])
 
 
 def _cost_notes(cost: Any) -> list[str]:
@@ -585,16 +625,21 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
     for idx, res in enumerate(r["results"]):
         base = ("results", idx)
         j, entry = _selection(res)
-        sel_mean = Num(entry.get("mean") if entry else None, base + ("search", j, "mean"), METRIC_FMT, ri)
-        sel_std = Num(entry.get("std") if entry else None, base + ("search", j, "std"), METRIC_FMT, ri)
-        if not entry or len(entry.get("scores") or []) < 2:
-            sel_std = Num(None)  # one score (a validation split): no spread to show
-        vsel = _get(res, ("views", "selection", _get(res, ("views", "chosen")) or ""))
-        if isinstance(vsel, dict):  # the head chose among view modes: its selection score is the chosen mode's
-            vpath = base + ("views", "selection", res["views"]["chosen"])
-            sel_mean = Num(vsel.get("mean"), vpath + ("mean",), METRIC_FMT, ri)
-            sel_std = Num(vsel.get("std"), vpath + ("std",), METRIC_FMT, ri) if len(vsel.get("scores") or []) > 1 \
-                else Num(None)
+        sel = res.get("selection") if isinstance(res.get("selection"), dict) else {}
+        sel_is_se = isinstance(sel.get("se"), (int, float))
+        written = int(r.get("schema_version") or 1) >= 2  # version 1 files hold no selection: made up on reading
+        if written and isinstance(sel.get("score"), (int, float)):  # the selection score as fit wrote it
+            sel_mean = Num(sel["score"], base + ("selection", "score"), METRIC_FMT, ri)
+        else:
+            sel_mean = Num(entry.get("mean") if entry else None, base + ("search", j, "mean"), METRIC_FMT, ri)
+        if sel_is_se:
+            sel_std = Num(sel["se"], base + ("selection", "se"), METRIC_FMT, ri)
+        elif written and isinstance(sel.get("std"), (int, float)) and len(_selection_scores(res, entry)) > 1:
+            sel_std = Num(sel["std"], base + ("selection", "std"), METRIC_FMT, ri)
+        elif entry and len(entry.get("scores") or []) > 1:
+            sel_std = Num(entry.get("std"), base + ("search", j, "std"), METRIC_FMT, ri)
+        else:
+            sel_std = Num(None)  # one score (a validation split) and no standard error recorded: no spread
         cells = {}
         for col in columns:
             value = _get(res, ("metrics", col.split, col.metric))
@@ -614,6 +659,9 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
             model_file=str(res.get("model_file") or ""), predictions_file=str(res.get("predictions_file") or ""),
             cost=_cost_notes(res.get("cost")),
             approximate=bool(isinstance(res.get("cost"), dict) and res["cost"].get("approximation")),
+            intervals={(c.split, c.metric): iv for c in columns
+                       if (iv := _interval(res, idx, c.split, c.metric, ri)) is not None},
+            vs=_vs_view(res, idx, ri), sel_is_se=sel_is_se,
         )
         view.splits = [_split_view(ri, idx, res, s, class_names) for s in final_splits if s in res["metrics"]]
         view.views = _views_view(ri, idx, res, final_splits)
@@ -680,6 +728,8 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         "imbalance_warn": isinstance(ratio, (int, float)) and ratio >= IMBALANCE_WARN,
         "caches": caches, "results": ordered, "best": best_view,
         "best_value": Num(best.get("value"), ("best", "value"), METRIC_FMT, ri),
+        "best_facts": _best_facts(best, ri),
+        "tied_views": [v for v in ordered if v.vs and v.vs["tied"]],
         "best_split": best.get("split", ""), "best_metric": best.get("metric", "accuracy"),
         "final_splits": final_splits, "timing": timing,
         "time_plot": _plot_times(time_rows, salt=f"r{ri}-times"),
@@ -689,6 +739,21 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         "budget": _budget(r.get("memory_budget")),
         "search": _search_note(protocol.get("search") if isinstance(protocol.get("search"), dict) else None),
     }
+
+
+def _best_facts(best: dict, ri: int) -> dict:
+    """What the pick box says beyond the value: its rule and reason, interval, images, detectable difference."""
+    iv = best.get("interval") if isinstance(best.get("interval"), list) else None
+    mdd = best.get("min_detectable") if isinstance(best.get("min_detectable"), dict) else {}
+    reason = best.get("reason") if isinstance(best.get("reason"), str) else None
+    return {"rule": str(best.get("rule") or ""), "reason": Num(reason, ("best", "reason"), "", ri),
+            "lo": Num(iv[0], ("best", "interval", 0), METRIC_FMT, ri) if iv else None,
+            "hi": Num(iv[1], ("best", "interval", 1), METRIC_FMT, ri) if iv else None,
+            "n": Num(best.get("n"), ("best", "n"), COUNT_FMT, ri),
+            "mdd_images": Num(mdd.get("images"), ("best", "min_detectable", "images"), COUNT_FMT, ri),
+            "mdd": Num(mdd.get("delta"), ("best", "min_detectable", "delta"), ".3f", ri),
+            "within": [str(k) for k in best.get("within_one_se") or []],
+            "selection_is_final": bool(best.get("selection_is_final"))}
 
 
 def _image_time_rows(views: Sequence["ResultView"], cache_index: int, label: str) -> list[tuple[str, float, bool]]:
@@ -783,6 +848,8 @@ def render_report(runs: Sequence[Run]) -> str:
         n_results=sum(len(v["results"]) for v in views),
         selection_splits=sorted({r.selection_split for v in views for r in v["results"]}),
         has_spread=any(r.sel_std.value is not None for v in views for r in v["results"]),
+        has_se=any(r.sel_is_se for v in views for r in v["results"]),
+        has_vs=any(r.vs is not None for v in views for r in v["results"]),
         written=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         version=__version__,
         lower_is_better=LOWER_IS_BETTER,

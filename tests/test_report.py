@@ -458,8 +458,8 @@ def test_run_errors_are_one_actionable_line(tmp_path: Path, binary_run: Path) ->
     with pytest.raises(RunError, match="cannot be read as JSON"):
         load_run(bad)
     data = json.loads((binary_run / "results.json").read_text())
-    (bad / "results.json").write_text(json.dumps(dict(data, schema_version=3)))
-    with pytest.raises(RunError, match="schema_version 3, this headbench reads 1, 2"):
+    (bad / "results.json").write_text(json.dumps(dict(data, schema_version=4)))
+    with pytest.raises(RunError, match="schema_version 4, this headbench reads 1, 2, 3"):
         load_run(bad)
     no_selection = dict(data, results=[{k: v for k, v in r.items() if k != "selection"} for r in data["results"]])
     (bad / "results.json").write_text(json.dumps(no_selection))
@@ -507,6 +507,25 @@ def test_real_fit_run_on_hymenoptera(hymenoptera_v2_cache: Path, tmp_path: Path)
     for c in _best_containers(doc):
         assert not re.search(r"\d\.\d\d", _untagged_text(c))
     best = next(r for r in results["results"] if r["key"] == results["best"]["key"])
+    # schema 3 on the page: the pick's interval, rule and reason; intervals in the leaderboard; tie marks
+    pick_box = _text(doc.find(".//div[@class='pick']"))
+    b = results["best"]
+    assert f"95% interval [{b['interval'][0]:.3f}, {b['interval'][1]:.3f}]" in pick_box
+    assert f"pick rule {b['rule']}" in pick_box and b["reason"] in pick_box
+    assert f"rests on {b['n']} images" in pick_box and "no paired test on them can call a difference" in pick_box
+    board = doc.find(".//table[@id='board']")
+    assert "vs pick" in _text(board.find(".//thead"))
+    rows = board.findall("./tbody/tr")
+    for res in results["results"]:
+        row = next(r for r in rows if r.get("data-key") == res["key"])
+        lo, hi = res["metrics"]["val"]["intervals"]["accuracy"]
+        assert f"[{lo:.3f}, {hi:.3f}]" in _text(row)
+        vs = res.get("vs_pick")
+        assert ("= tied" in _text(row)) == bool(vs and vs["tied"])
+    ties = [r["key"] for r in results["results"] if r.get("vs_pick", {}).get("tied")]
+    assert sorted(ties) == sorted(b["tied_with"])
+    if ties:
+        assert "Tied with it on the same val images" in pick_box
     assert html.count("<img ") == len(best["mistakes"]) > 0  # real photos, all still on disk
     assert html.count('aria-label="Training and validation curves"') == 1  # the dense head
     assert not URL_RE.search(html) and "http://" not in html and "https://" not in html

@@ -348,9 +348,51 @@ def report(
                                                                     "reports/<run>.html).")] = None,
 ) -> None:
     """Write one self-contained HTML page comparing the heads (and backbones) of one or several fit runs."""
-    from pipeline.report import write_report
+    from pipeline.compare import compare_runs, write_compare
+    from pipeline.errors import RunError
+    from pipeline.report import default_report_path, write_report
 
-    typer.echo(str(write_report(runs, out)))
+    html = out if out is not None else default_report_path(runs)
+    href = None
+    if len(runs) > 1:  # several runs: also the paired comparison on their shared images, linked from the page
+        try:
+            page, _ = write_compare(compare_runs(runs), html.with_name(html.stem + ".compare.html"))
+            href = page.name
+        except RunError as exc:
+            typer.echo(f"note: no compare page: {exc}", err=True)
+    typer.echo(str(write_report(runs, html, compare_href=href)))
+
+
+@app.command()
+def compare(
+    runs: Annotated[List[Path], typer.Argument(help="Two or more run folders written by `fit`; the first is the "
+                                                    "baseline.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file to write; compare.json goes beside "
+                                                                    "it (default: reports/<runs>.compare.html).")
+                   ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the paired bootstraps.")] = 0,
+) -> None:
+    """Compare the same results of several runs on the images they share (paired, matched by content)."""
+    from pipeline.compare import compare_runs, write_compare
+    from pipeline.report import default_report_path
+
+    if len(runs) < 2:
+        raise typer.BadParameter("give at least two run folders", param_hint="RUNS")
+    html = out if out is not None else default_report_path(runs)
+    if out is None:
+        html = html.with_name(html.stem + ".compare.html")
+    doc = compare_runs(runs, seed=seed)
+    page, js = write_compare(doc, html)
+    for pair in doc["pairs"]:
+        typer.echo(f"{pair['other']} vs {pair['base']}: {pair['shared_images']} shared images"
+                   + (f" ({pair['matched_by_digest_only']} matched by content digest only)"
+                      if pair["matched_by_digest_only"] else ""))
+        for r in pair["rows"]:
+            iv = r["delta_interval"]
+            typer.echo(f"  {r['key']:<40} {r['base_accuracy']:.3f} -> {r['other_accuracy']:.3f}  "
+                       f"{r['delta']:+.3f}" + (f" [{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else "")
+                       + f"  p={r['p_holm']:.3g}  {'tied' if r['tied'] else 'different'}")
+    typer.echo(f"wrote {page} and {js}")
 
 
 @app.command()

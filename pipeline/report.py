@@ -94,7 +94,8 @@ def default_report_path(run_dirs: Sequence[Path | str], out_dir: Path | str = "r
     return Path(out_dir) / f"{name}.html"
 
 
-def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = None) -> Path:
+def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = None,
+                 compare_href: str | None = None) -> Path:
     """Render one self-contained HTML report of one or several run folders.
 
     Parameters
@@ -104,6 +105,8 @@ def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = N
         folder may be passed as it is.
     out_html : Path or str, optional
         Output file; default :func:`default_report_path` (``reports/<run name>.html``).
+    compare_href : str, optional
+        Link to the runs' compare page, shown at the top of the page.
 
     Returns
     -------
@@ -120,7 +123,7 @@ def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = N
         raise RunError("no run folder given: pass one or more folders written by `python cli.py fit`")
     runs = [load_run(d) for d in run_dirs]
     out = Path(out_html) if out_html is not None else default_report_path([r.path for r in runs])
-    html = render_report(runs)
+    html = render_report(runs, compare_href)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(html, encoding="utf-8")
@@ -815,13 +818,22 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_report(runs: Sequence[Run]) -> str:
+def render_compare(doc: dict[str, Any]) -> str:
+    """Render the ``compare`` page of a comparison already made (:func:`pipeline.compare.compare_runs`)."""
+    template = _environment().get_template("compare.html.j2")
+    return template.render(doc=doc, written=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                           version=__version__)
+
+
+def render_report(runs: Sequence[Run], compare_href: str | None = None) -> str:
     """Render the HTML page of already loaded runs.
 
     Parameters
     ----------
     runs : sequence of Run
         Runs from :func:`load_run`, in the order they are shown.
+    compare_href : str, optional
+        Link to the runs' compare page (written by ``report`` with several runs), shown at the top.
 
     Returns
     -------
@@ -854,4 +866,5 @@ def render_report(runs: Sequence[Run]) -> str:
         version=__version__,
         lower_is_better=LOWER_IS_BETTER,
         thumb_px=THUMB_PX,
+        compare_href=compare_href,
     )

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.errors import RunError
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
-           "jsonable", "put_result"]
+           "jsonable", "put_result", "read_splits", "read_predictions", "SPLITS_FILE"]
 
 SCHEMA_VERSION = 3
 """The ``results.json`` schema version written by ``fit``. Version 3 added how sure every number is: the 95 %
@@ -225,3 +225,52 @@ def put_result(run: Run, entry: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     _check(doc, run.path / RESULTS_FILE)
     write_results(run.path, doc)
     return doc, bool(same)
+
+
+SPLITS_FILE = "splits.csv"
+
+
+def read_splits(run: Run) -> list[dict[str, str]] | None:
+    """The run's ``splits.csv`` rows (``path``, ``split``, ``class``, ``sha256``), or None when the run has none
+    (runs written before schema 3).
+
+    Raises
+    ------
+    RunError
+        The file exists but cannot be read or lacks its columns.
+    """
+    return _read_csv(run.path / SPLITS_FILE, ("path", "split", "class", "sha256"))
+
+
+def read_predictions(run: Run, entry: dict[str, Any]) -> list[dict[str, str]]:
+    """The per-image predictions of one result (``path``, ``split``, ``true``, ``pred``, ``p_<class>``...).
+
+    Raises
+    ------
+    RunError
+        The file is missing, unreadable or lacks its columns.
+    """
+    file = run.path / str(entry.get("predictions_file") or "")
+    rows = _read_csv(file, ("path", "split", "true", "pred")) if entry.get("predictions_file") else None
+    if rows is None:
+        raise RunError(f"{file} is missing: the predictions of {entry.get('key')} in {run.path} are gone; rerun "
+                       f"`python cli.py fit`")
+    return rows
+
+
+def _read_csv(file: Path, columns: tuple[str, ...]) -> list[dict[str, str]] | None:
+    import csv
+
+    if not file.is_file():
+        return None
+    try:
+        with open(file, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RunError(f"{file} cannot be read ({exc}): rerun `python cli.py fit`") from None
+    missing = [c for c in columns if c not in fields]
+    if missing:
+        raise RunError(f"{file} lacks the column(s) {', '.join(missing)}: rerun `python cli.py fit`")
+    return rows

@@ -148,6 +148,26 @@ def make_run(base: Path, name: str = "synthetic_20250101-120000", *, classes: tu
                           "data": "streamed" if approx else "memory", "train_rows": 50000,
                           "search_rows": 10000 if approx else 50000, "subsample": approx, "refit_rows": 50000,
                           "reason": "synthetic"})
+    if schema >= 3:  # intervals, standard errors, every result against the pick, the pick's reason
+        for r in results:
+            r["selection"]["se"] = float(rng.uniform(0.005, 0.03))
+            r["selection"]["scores"] = r["search"][r["selection"]["index"]]["scores"]
+            for m in r["metrics"].values():
+                a = m["accuracy"]
+                m["intervals"] = {"accuracy": [max(0.0, a - 0.04), min(1.0, a + 0.03)],
+                                  "macro_f1": [max(0.0, m["macro_f1"] - 0.05), min(1.0, m["macro_f1"] + 0.04)]}
+        pick_i = 1 if len(results) > 1 else 0
+        for i, r in enumerate(results):
+            if i == pick_i:
+                continue
+            tied = i % 2 == 0
+            d = float(rng.uniform(-0.02, 0.0) if tied else rng.uniform(-0.12, -0.05))
+            r["vs_pick"] = {"split": final_splits[-1], "n": 40 * len(classes), "pick_only_right": 9,
+                            "other_only_right": 7 if tied else 1, "p_value": 0.8 if tied else 0.004,
+                            "p_holm": 1.0 if tied else 0.02, "delta": d,
+                            "delta_interval": [d - 0.03, d + 0.03] if tied else [d - 0.03, d + 0.02],
+                            "tied": tied, "selection": {"method": "nadeau_bengio", "folds": 5, "delta": d,
+                                                        "se": 0.01, "p_value": 0.5, "tied": True}}
     skipped_json = [{"key": f"{backbones[0]}__{h}", "cache_index": 0, "backbone_label": backbones[0], "head": h,
                      "reason": f"{h} does not fit the memory budget (synthetic)", "cost": None} for h in skipped]
     best_i = 1 if len(results) > 1 else 0
@@ -170,6 +190,17 @@ def make_run(base: Path, name: str = "synthetic_20250101-120000", *, classes: tu
     }
     if schema >= 2:
         out.update(skipped=skipped_json, memory_budget={"bytes": 2_000_000_000, "source": "--memory-budget 2GB"})
+    if schema >= 3:
+        split = final_splits[-1]
+        out["best"] = {"key": best["key"], "split": split, "metric": "accuracy",
+                       "value": best["metrics"][split]["accuracy"],
+                       "interval": best["metrics"][split]["intervals"]["accuracy"], "n": 40 * len(classes),
+                       "rule": "one_se", "reason": "the strongest head among the 3 results within one standard "
+                                                   "error of the best selection score (synthetic).",
+                       "tied_with": [r["key"] for r in results if r.get("vs_pick", {}).get("tied")],
+                       "within_one_se": [results[0]["key"]], "min_detectable": {"images": 6,
+                                                                                "delta": 6 / (40 * len(classes))},
+                       "selection_is_final": False}
     (run / "results.json").write_text(json.dumps(out, indent=1))
     return run
 
@@ -668,6 +699,11 @@ def render_in_chromium(html_file: Path, screenshot: Path, width: int = 1280, hei
                     svgs: document.querySelectorAll('svg').length,
                     title: document.title};
         })()""")
+        facts.update(browser.evaluate("""(() => {
+            const txt = s => Array.from(document.querySelectorAll(s)).map(e => e.textContent);
+            return {intervals: txt('#board tbody td small.ci').length, ties: txt('#board tbody .tie').length,
+                    pick_text: (document.querySelector('.pick') || {textContent: ''}).textContent};
+        })()"""))
         browser.screenshot(screenshot, full_page, max_height)
         # sorting works: click "Fit" header, fit seconds come out ascending
         facts["sorted_fit"] = browser.evaluate("""(() => {
@@ -684,7 +720,12 @@ def render_in_chromium(html_file: Path, screenshot: Path, width: int = 1280, hei
 
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (tests/setup_browser.sh installs Debian's)")
-def test_report_in_headless_chromium(multiclass_run: Path, tmp_path: Path) -> None:
+def test_report_in_headless_chromium(tmp_path: Path) -> None:
+    multiclass_run = make_run(tmp_path, "flowers_20250102-090000",
+                              classes=("daisy", "dandelion", "rose", "sunflower", "tulip"),
+                              backbones=("mobilenet_v2-a1.0-224", "mobilenet-a1.0-224"), final_splits=("val", "test"),
+                              selection="val", heads=("logreg", "linear_svm", "knn", "random_forest", "dense"),
+                              n_mistakes=12, dataset_name="flowers5", schema=3)
     out = write_report([multiclass_run], tmp_path / "browser.html")
     results = json.loads((multiclass_run / "results.json").read_text())
     html = out.read_text(encoding="utf-8")
@@ -697,7 +738,39 @@ def test_report_in_headless_chromium(multiclass_run: Path, tmp_path: Path) -> No
     assert facts["svgs"] >= 3
     assert facts["sorted_fit"] == sorted(facts["sorted_fit"])
     assert (ARTIFACTS / "report_synthetic.png").stat().st_size > 10_000
+    # schema 3 as a reader sees it: intervals in the leaderboard, tie marks, the pick box's reason and ties
+    # per row: accuracy and macro-F1 on test, accuracy on val are leaderboard columns with recorded intervals
+    assert facts["intervals"] == 3 * len(results["results"])
+    assert facts["ties"] == len(results["best"]["tied_with"]) > 0
+    assert results["best"]["reason"] in facts["pick_text"] and "pick rule one_se" in facts["pick_text"]
+    assert "Tied with it on the same test images" in facts["pick_text"]
 
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (tests/setup_browser.sh installs Debian's)")
+def test_compare_page_in_headless_chromium(tmp_path: Path) -> None:
+    from test_compare import CLASSES as CMP_CLASSES, make_run as make_cmp_run
+
+    from pipeline.compare import compare_runs, write_compare
+
+    imgs = [(f"{CMP_CLASSES[i % 2]}/{i}.jpg", f"{i:064x}", CMP_CLASSES[i % 2]) for i in range(60)]
+    truth = [t for *_, t in imgs]
+    wrong = ["bee" if t == "ant" else "ant" for t in truth]
+    a = make_cmp_run(tmp_path / "a", imgs, {"bb__logreg": truth, "bb__knn": wrong[:30] + truth[30:]},
+                     best="bb__logreg")
+    b = make_cmp_run(tmp_path / "b", imgs, {"bb__logreg": truth, "bb__knn": truth}, best="bb__knn")
+    page, _ = write_compare(compare_runs([a, b]), tmp_path / "cmp.html")
+    browser = Chromium(CHROMIUM, 1100, 700)
+    try:
+        browser.open(page.resolve().as_uri())
+        facts = browser.evaluate("""(() => ({rows: Array.from(document.querySelectorAll('.compare-table tbody tr'))
+                                              .map(r => [r.dataset.key, r.cells[7].textContent.trim()])}))()""")
+        browser.screenshot(ARTIFACTS / "compare_synthetic.png", True, None)
+        problems = browser.problems()
+    finally:
+        browser.close()
+    assert problems == {"console": [], "exceptions": [], "log": [], "requests": []}
+    assert dict(facts["rows"]) == {"bb__logreg": "= tied", "bb__knn": "other better", "picks": "= tied"}
 
 if __name__ == "__main__":  # screenshot of a real report for the docs: python tests/test_report.py REPORT.html OUT.png
     import sys

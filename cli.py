@@ -119,6 +119,15 @@ def _positive(value: float) -> float:
     return value
 
 
+def _print_table(table) -> None:  # noqa: ANN001 - a rich Table
+    """Print a rich table at its full width (a leaderboard is never cropped to the terminal)."""
+    from rich.console import Console
+
+    console = Console()
+    need = console.measure(table, options=console.options.update_width(10_000)).maximum
+    Console(width=max(console.width, need)).print(table)
+
+
 def _command() -> str:
     return " ".join(["python cli.py", *sys.argv[1:]])
 
@@ -263,19 +272,13 @@ def fit(
                                                      "selection scores).")] = SelectOn("auto"),
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
-    from rich.console import Console
-
     from pipeline.fit import run_fit
 
     run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=[h.value for h in head] if head else None,
                   features=features.value, class_weight=class_weight.value, seed=seed, out=out, report=report,
                   command=_command(), memory_budget_text=memory_budget, log=lambda m: typer.echo(m, err=True),
                   views=views, pick=pick.value, select_on=select_on.value)
-    table = run.leaderboard()
-    console = Console()
-    need = console.measure(table, options=console.options.update_width(10_000)).maximum
-    console = Console(width=max(console.width, need))  # never crop the table
-    console.print(table)
+    _print_table(run.leaderboard())
     typer.echo(f"run folder: {run.run_dir}")
     if run.report_path is not None:
         typer.echo(f"report: {run.report_path}")
@@ -303,8 +306,6 @@ def finetune(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (one line per epoch).")] = False,
 ) -> None:
     """Fine-tune the top of the backbone with a fitted head, from the image files, and add it to the run."""
-    from rich.console import Console
-
     from pipeline.finetune import FinetuneConfig
     from pipeline.finetune import finetune_run
     from pipeline.fit.leaderboard import leaderboard_table
@@ -313,11 +314,7 @@ def finetune(
                             workers=workers, progress=not quiet)
     done = finetune_run(run, head=head, weights=weights, config=config, seed=seed, command=_command(),
                         log=lambda m: typer.echo(m, err=True))
-    table = leaderboard_table(done.results)
-    console = Console()
-    console = Console(width=max(console.width, console.measure(
-        table, options=console.options.update_width(10_000)).maximum))
-    console.print(table)
+    _print_table(leaderboard_table(done.results))
     e = done.entry
     typer.echo(f"{e['head']}: selection on {e['selection_split']} ({e['cost']['selection_rows']} images), epoch "
                f"{e['params']['best_epoch']} of {e['params']['epochs_run']} kept; fit s is the whole command and "
@@ -445,12 +442,10 @@ def demo() -> None:
 
     The sample and its cache live in cache/demo/, apart from your own caches.
     """
-    from rich.console import Console
-
     from pipeline.demo import run_demo
 
     out = run_demo(log=typer.echo)
-    Console(width=max(120, Console().width)).print(out["fit"].leaderboard())
+    _print_table(out["fit"].leaderboard())
     typer.echo(f"run folder: {out['run']}")
     if out["report"] is not None:
         typer.echo(f"report: {out['report']}")

@@ -121,7 +121,6 @@ def pick(entries: Sequence[dict[str, Any]], rule: str = DEFAULT_RULE) -> Pick:
                     within)
     order, what = _ORDERS[rule]
     chosen = min(within, key=lambda i: (order(str(entries[i]["head"])), -scores[i], i))
-    e = entries[chosen]
     if chosen == top:
         if len(within) == 1:
             reason = (f"highest selection score ({_fmt(scores[top])} \u00b1 {_fmt(ses[top])}), more than one "

@@ -4,7 +4,7 @@ images (results.json's ``best`` and ``results[].vs_pick``; rules in :mod:`pipeli
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 

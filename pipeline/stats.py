@@ -106,12 +106,12 @@ def bootstrap_interval(statistic: Callable[..., np.ndarray], data: Sequence[np.n
     Returns
     -------
     [low, high] or None
-        None when a sample is empty or the statistic is undefined on some resample.
+        None when a sample has fewer than two values or the statistic is undefined on some resample.
     """
     from scipy.stats import bootstrap
 
     arrays = [np.asarray(a) for a in data]
-    if any(len(a) == 0 for a in arrays):
+    if any(len(a) < 2 for a in arrays):  # one image: no spread to resample
         return None
     n = max(len(a) for a in arrays)
     batch = max(1, min(int(n_resamples), _BATCH_ELEMENTS // max(1, n)))

@@ -356,7 +356,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     metrics = {}
     for s in rows.protocol.final_splits:
         m = rows.splits[final_rows] == s
-        metrics[s] = compute_metrics(rows.labels[final_rows][m], proba[m], class_names)
+        metrics[s] = compute_metrics(rows.labels[final_rows][m], proba[m], class_names, seed=int(results.get("seed", 0)))
     rep = rows.splits[final_rows] == rows.protocol.report_split
     wrong = mistakes(rows.labels[final_rows][rep], proba[rep], [rows.rel_paths[i] for i in final_rows[rep]],
                      list(rows.splits[final_rows][rep]), class_names)

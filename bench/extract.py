@@ -167,7 +167,7 @@ def phase_decode(root: Path, backbone: str, batch: int) -> dict:
     from pipeline.backbones import get_spec
     from pipeline.data import discover
     from pipeline.extract.reader import read_batches
-    from pipeline.extract.runtime import cpu_cores, decode_threads
+    from pipeline.machine import cpu_cores, decode_threads
 
     ds = discover(root)
     size = get_spec(backbone).default_input_size

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.data import discover  # noqa: E402
 from pipeline.extract.reader import read_batches  # noqa: E402
-from pipeline.extract.runtime import cpu_cores, decode_threads  # noqa: E402
+from pipeline.machine import cpu_cores, decode_threads  # noqa: E402
 
 SIZE = 224
 V2_WEIGHTS = REPO.parent / "shared" / "weights" / "coralq_mobilenet_v2_1.0_224_no_top.weights.h5"

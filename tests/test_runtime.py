@@ -240,13 +240,13 @@ def test_provider_choice_and_threads():
 
 def test_decoding_threads_default(monkeypatch):
     """One decoding thread per core up to 8 (more only queue on the GIL), and the resolved config uses the rule."""
-    from pipeline.extract import runtime
+    from pipeline import machine
 
-    assert [runtime.decode_threads(c) for c in (1, 2, 8, 16, 64)] == [1, 2, 8, 8, 8]
-    monkeypatch.setattr(runtime, "cpu_cores", lambda: 16)
+    assert [machine.decode_threads(c) for c in (1, 2, 8, 16, 64)] == [1, 2, 8, 8, 8]
+    monkeypatch.setattr(machine, "cpu_cores", lambda: 16)
     assert resolve_config(backbone="mobilenet_v2", weights="none", log=lambda m: None).workers == 8
     assert resolve_config(backbone="mobilenet_v2", weights="none", workers=12, log=lambda m: None).workers == 12
-    monkeypatch.setattr(runtime, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(machine, "cpu_cores", lambda: 2)
     assert resolve_config(backbone="mobilenet_v2", weights="none", log=lambda m: None).workers == 2
 
 

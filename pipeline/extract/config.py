@@ -22,6 +22,7 @@ from pipeline.backbones import BackboneSpec, WeightsInfo, backbone_label, check_
 from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES
 from pipeline.errors import BackboneError
 from pipeline.extract.views import NO_VIEWS, ViewSpec
+from pipeline.machine import decode_threads
 
 PIXEL_RULE = "headbench-pixels-3"
 """Version of :mod:`pipeline.data`'s decoding rule; bump it when pixels change: old caches are then rebuilt."""
@@ -107,7 +108,7 @@ class ExtractOptions:
     batch_size : int
         Images per forward pass. 32 is within noise of 16 and 64 on CPU and fits any GPU for these models.
     workers : int or None
-        Decoding threads (default: one per CPU core, at most 8: :func:`pipeline.extract.runtime.decode_threads`).
+        Decoding threads (default: one per CPU core, at most 8: :func:`pipeline.machine.decode_threads`).
     strict : bool
         Stop at the first image that cannot be decoded instead of recording it.
     retry_failed : bool
@@ -234,7 +235,6 @@ def resolve_config(options: ExtractOptions | None = None, log: Callable[[str], N
     """
     from dataclasses import replace
 
-    from pipeline.extract.runtime import decode_threads
 
     opts = replace(options or ExtractOptions(), **overrides)
     check_run_options(opts)

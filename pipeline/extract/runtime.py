@@ -16,7 +16,6 @@ export works, Keras otherwise, and says why in one line.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import numpy as np
@@ -24,28 +23,9 @@ import numpy as np
 from pipeline.backbones import BuiltBackbone, build_feature_model
 from pipeline.errors import HeadbenchError
 from pipeline.extract.config import ModelConfig
+from pipeline.machine import cpu_cores
 
 RUNTIME_CHOICES = ("auto", "onnx", "keras")
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-MAX_DECODE_THREADS = 8
-"""Most decoding threads by default. Each image still holds the GIL for its Python steps, so a thread pool tops out
-near 1,900 hymenoptera photos/s whatever the core count; past ~8 threads the threads only queue on the GIL and slow
-each other (measured on a 16-core GPU node, docs/benchmarks.md "Feeding a GPU": 16 threads decoded at 0.79x and fed
-a GPU at 0.68x the rate of 8; beside ONNX Runtime on the CPU, 8 decoding threads gave 1.18x the rate of 16)."""
-
-
-def decode_threads(cores: int | None = None) -> int:
-    """Default decoding threads: one per core available to the process, at most :data:`MAX_DECODE_THREADS`."""
-    return max(1, min(cpu_cores() if cores is None else cores, MAX_DECODE_THREADS))
 
 
 def gpu_available() -> bool:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import DatasetError, RunError
-from pipeline.extract.runtime import decode_threads
+from pipeline.machine import decode_threads
 from pipeline.finetune.train import FinetuneConfig, FinetuneData, FinetuneResult
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",

@@ -63,7 +63,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import DatasetError, FitError, ImageDecodeError
-from pipeline.extract.runtime import decode_threads
+from pipeline.machine import decode_threads
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetuneResult", "image_batches", "UNFREEZE_FROM", "default_unfreeze",
            "logreg_dense_weights", "build_finetune_model", "finetune", "save_finetuned", "load_head"]

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.errors import RunError
+from pipeline.errors import CacheError, RunError
 from pipeline.report import render_compare
 from pipeline.results import Run, load_run, read_predictions, read_splits
 from pipeline.stats import holm, paired_difference
@@ -51,7 +51,7 @@ def _digests(run: Run) -> dict[str, str]:
             try:
                 with open_features(path, kind=str(c.get("feature") or "avg")) as reader:
                     return dict(zip(reader.paths, reader.digests))
-            except Exception:  # a damaged or changed cache: try the next one
+            except (CacheError, OSError):  # a damaged or changed cache: try the next one
                 continue
     raise RunError(f"run {run.path} has no splits.csv and none of its caches can be read, so its images cannot be "
                    f"matched by content: rerun `python cli.py fit` on it")

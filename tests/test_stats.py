@@ -154,7 +154,7 @@ def test_pick_rules_on_constructed_tables():
     # two backbones within noise, same head: the higher score of that head
     two = _entries([("m1__logreg", "logreg", 0.91, 0.02), ("m2__logreg", "logreg", 0.92, 0.02),
                     ("m2__svm", "svm", 0.93, 0.02)])
-    assert table and pick(two, "one_se").index == 1
+    assert pick(two, "one_se").index == 1
     with pytest.raises(ValueError):
         pick(table, "nope")
 

@@ -270,14 +270,24 @@ def fit(
                                                      "when a test split exists, else cross-validation on train, so "
                                                      "val stays untouched), cv, or val (then val numbers are "
                                                      "selection scores).")] = SelectOn("auto"),
+    audit: Annotated[bool, typer.Option("--audit/--no-audit",
+                                        help="Audit the images: duplicates, leaks across splits, suspect labels, "
+                                             "outliers (audit/ in the run folder; docs/audit.md).")] = True,
+    exclude_leaks: Annotated[bool, typer.Option("--exclude-leaks",
+                                                help="Take every val/test image with a duplicate in train out of "
+                                                     "the final split (recorded in results.json).")] = False,
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from pipeline.fit import run_fit
 
+    if exclude_leaks and not audit:
+        raise typer.BadParameter("--exclude-leaks needs the audit: drop --no-audit", param_hint="--exclude-leaks")
+
     run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=[h.value for h in head] if head else None,
                   features=features.value, class_weight=class_weight.value, seed=seed, out=out, report=report,
                   command=_command(), memory_budget_text=memory_budget, log=lambda m: typer.echo(m, err=True),
-                  views=views, pick=pick.value, select_on=select_on.value)
+                  views=views, pick=pick.value, select_on=select_on.value, audit=audit,
+                  exclude_leaks=exclude_leaks)
     _print_table(run.leaderboard())
     typer.echo(f"run folder: {run.run_dir}")
     if run.report_path is not None:

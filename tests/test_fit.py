@@ -23,7 +23,7 @@ from pipeline.fit.heads import HEADS
 
 CLASSES = ["ant", "bee", "wasp"]
 TOP_KEYS = {"schema_version", "created", "command", "seed", "versions", "memory_budget", "dataset", "protocol",
-            "statistics", "caches", "results", "skipped", "best"}
+            "statistics", "caches", "results", "skipped", "best", "audit"}
 RESULT_KEYS = {"key", "cache_index", "backbone_label", "head", "params", "selection_split", "selection", "search",
                "cost", "search_seconds", "fit_seconds", "predict_ms_per_1000", "metrics", "history", "mistakes",
                "model_file", "predictions_file", "views"}
@@ -175,6 +175,15 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
         split_rows = list(csv.DictReader(f))
     assert len(split_rows) == sum(sum(c.values()) for c in ds["counts"].values())
     assert set(split_rows[0]) == {"path", "split", "class", "sha256"}
+    # the audit (on by default): which cache, why, its files in the run folder
+    au = doc["audit"]
+    assert au["images"] == len(split_rows) and au["cache"]["backbone_label"] in {c["backbone_label"]
+                                                                                   for c in doc["caches"]}
+    assert au["cache"]["chosen_by"].startswith("best out-of-fold accuracy")
+    assert set(au["duplicates"]["clusters"]) == {"across_classes", "across_splits", "within_split"}
+    for name, rel in au["files"].items():
+        with open(out / rel) as f:
+            assert next(csv.reader(f))[0] in ("cluster", "path"), name
     # heads load without this project's code: joblib pipeline predicts class names, .keras is plain Keras
     X = _feature_set(tmp_path / "x", "mobilenet").features[:5]
     logreg = joblib.load(out / "heads" / "mobilenet-a1.0-224__logreg.joblib")
@@ -463,7 +472,8 @@ def test_flowers5_two_backbones_are_compared_on_the_same_rows(flowers_run):
     doc, lines = flowers_run
     assert [c["backbone"] for c in doc["caches"]] == ["mobilenet", "mobilenet_v2"]
     assert len(doc["results"]) == 4
-    assert len([ln for ln in lines if not ln.startswith(("dataset ", "pick "))]) == 4
+    assert len([ln for ln in lines if not ln.startswith(("dataset ", "pick ", "audit"))]) == 4
+    assert len([ln for ln in lines if ln.startswith("audit")]) == 4  # one line per kind
     assert all(c["sha256"] and len(c["sha256"]) == 64 for c in doc["caches"])  # content digests of cache v2
     by = {(doc["caches"][r["cache_index"]]["backbone"], r["head"]): r for r in doc["results"]}
     # the same folds and the same test images for both backbones

@@ -199,10 +199,11 @@ class _Rows:
     select_name: str
 
 
-def _run_rows(results: dict[str, Any]) -> _Rows:
-    """The run's rows and splits, made again as ``fit`` made them (see the module docstring, step 3 and 4)."""
+def _run_rows(results: dict[str, Any], excluded: set[str] | None = None) -> _Rows:
+    """The run's rows and splits, made again as ``fit`` made them (see the module docstring, step 3 and 4); the
+    images ``fit --exclude-leaks`` took out of the final split (``excluded``, from splits.csv) stay out."""
     from pipeline.fit.inputs import open_inputs
-    from pipeline.fit.protocol import plan_protocol
+    from pipeline.fit.protocol import EXCLUDED, plan_protocol
 
     caches = results["caches"]
     feature = str(caches[0].get("feature", "avg"))
@@ -226,6 +227,9 @@ def _run_rows(results: dict[str, Any]) -> _Rows:
     # the run's own selection ("cv" or "val") makes its protocol again, whatever --select-on asked for
     select_on = run_protocol.get("selection") if run_protocol.get("selection") in ("cv", "val") else "auto"
     splits, protocol = plan_protocol(cached, labels, class_names, rel_paths, seed, select_on)
+    if excluded:
+        splits = np.where(np.isin(splits, protocol.final_splits) & np.array([p in excluded for p in rel_paths]),
+                          EXCLUDED, splits)
     recorded = results["dataset"].get("counts") or {}
     for s, per_class in recorded.items():
         now = np.bincount(labels[splits == s], minlength=len(class_names))
@@ -310,7 +314,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     """
     from pipeline.finetune.train import finetune, load_head
     from pipeline.predict import resolve_run_weights
-    from pipeline.results import load_run, put_result
+    from pipeline.results import load_run, put_result, read_splits
 
     t_start = time.perf_counter()
     cfg = config or FinetuneConfig()
@@ -327,7 +331,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     model_path = run.path / start["model_file"]
     if not model_path.is_file():
         raise RunError(f"saved head {model_path} is missing from the run folder")
-    rows = _run_rows(results)
+    rows = _run_rows(results, {r["path"] for r in read_splits(run) or [] if r["split"] == "excluded"})
     class_names = list(results["dataset"]["class_names"])
     ex = rh.extraction
     resize = str(ex["resize"])

@@ -141,6 +141,9 @@ def results_doc(schema_version: int, command: str, seed: int, dataset: dict[str,
         why = "; ".join(f"{s['head']} on {s['backbone_label']}: {s['reason']}" for s in skipped[:3])
         raise FitError(f"every head was skipped ({why}); pass a larger --memory-budget")
     best = verdict(results, correct, report_split, str(protocol["selection"]), rule, seed)
+    chosen = next((r for r in results if r["key"] == best["key"]), {})
+    if isinstance(chosen.get("leak_free"), dict) and best["split"] in chosen["leak_free"]:
+        best["leak_free"] = chosen["leak_free"][best["split"]]
     doc = {
         "schema_version": schema_version,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

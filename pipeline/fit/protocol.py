@@ -61,7 +61,7 @@ from pipeline.results import jsonable
 
 __all__ = [
     "Protocol", "Candidate", "hash_split", "plan_protocol", "selection_folds", "search", "best_candidate",
-    "TEST_FRACTION", "CV_FOLDS", "SELECT_ON",
+    "TEST_FRACTION", "CV_FOLDS", "SELECT_ON", "EXCLUDED",
 ]
 
 TEST_FRACTION = 0.3
@@ -70,6 +70,8 @@ CV_FOLDS_LARGE = 3
 CV_LARGE_ROWS = 2000
 SPLIT_SALT = "headbench-split"
 SPLIT_ORDER = ("train", "val", "test")
+EXCLUDED = "excluded"
+"""The split of a final-split image that ``fit --exclude-leaks`` took out (it has a duplicate in train)."""
 SELECT_ON = ("auto", "cv", "val")
 """Where hyperparameters and the pick are chosen (``fit --select-on``): ``auto`` is ``val`` when a ``test`` split
 exists beside it and cross-validation on ``train`` otherwise; ``cv`` always cross-validates on ``train``; ``val``

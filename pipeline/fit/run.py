@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pipeline.audit import Audit, AuditConfig, AuditImages, AuditSource, run_audit, write_audit
 from pipeline.errors import FitError
 from pipeline.fit.evaluate import FitData, evaluate_planned, make_context
 from pipeline.fit.heads import HEADS, resolve_heads
@@ -38,8 +39,9 @@ from pipeline.fit.output import (cache_entry, dataset_entry, default_out, prepar
                                  save_head, slug, write_predictions, write_splits)
 from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
 from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, fmt_bytes, memory_budget, plan_cache, plan_head
-from pipeline.fit.protocol import SELECT_ON, Protocol, SearchRows, plan_protocol, search_rows
+from pipeline.fit.protocol import EXCLUDED, SELECT_ON, Protocol, SearchRows, plan_protocol, search_rows
 from pipeline.results import SCHEMA_VERSION, write_results
+from pipeline.stats import wilson_interval
 
 __all__ = ["FitRun", "run_fit", "leaderboard_table", "result_key", "FEATURE_KINDS", "CLASS_WEIGHTS"]
 
@@ -83,9 +85,8 @@ class _Plan:
     policy: CostPolicy
 
 
-def _plan(inputs: Inputs, seed: int, budget: MemoryBudget, policy: CostPolicy, select_on: str = "auto") -> _Plan:
-    splits, protocol = plan_protocol(inputs.cached_splits, inputs.labels, inputs.class_names, inputs.rel_paths, seed,
-                                     select_on)
+def _plan(inputs: Inputs, splits: np.ndarray, protocol: Protocol, seed: int, budget: MemoryBudget,
+          policy: CostPolicy) -> _Plan:
     used = int(np.isin(splits, ["train", *protocol.final_splits]).sum())
     caches = [plan_cache(used, tuple(r.shape), budget, policy) for r in inputs.readers]
     max_rows = min(c.search_max_rows for c in caches)
@@ -160,13 +161,53 @@ def _digests(inputs: Inputs) -> list[str]:
     return [str(digests[i]) for i in rows]
 
 
+def _audit_images(inputs: Inputs, splits: np.ndarray, protocol: Protocol) -> AuditImages:
+    return AuditImages(inputs.rel_paths, inputs.labels, splits, inputs.class_names, _digests(inputs),
+                       protocol.final_splits)
+
+
+def _audit_sources(inputs: Inputs) -> list[AuditSource]:
+    def reader_of(reader: Any, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda idx: reader.read(rows[np.asarray(idx, dtype=np.int64)])
+
+    return [AuditSource(str(r.meta.get("backbone_label") or r.meta.get("backbone")), Path(p).name, reader_of(r, rows))
+            for r, p, rows in zip(inputs.readers, inputs.paths, inputs.rows)]
+
+
+def _exclude_leaks(splits: np.ndarray, leaked: np.ndarray, final_splits: Sequence[str]) -> np.ndarray:
+    """The splits with every leaked final-split image moved to :data:`EXCLUDED` (train is never touched)."""
+    out = np.where(leaked & np.isin(splits, list(final_splits)), EXCLUDED, splits)
+    for s in final_splits:
+        if (splits == s).any() and not (out == s).any():
+            raise FitError(f"every {s} image has a duplicate in train: --exclude-leaks would leave nothing to "
+                           f"report on; see the audit without --exclude-leaks")
+    return out
+
+
+def _leak_free(res: Any, splits: np.ndarray, leaked: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Per final split with leaks, the accuracy on its images without a duplicate in train (with its interval)."""
+    rows = res.final_rows
+    right = np.argmax(res.proba, axis=1) == np.asarray(labels)[rows]
+    out = {}
+    for s in np.unique(splits[rows]):
+        m = splits[rows] == s
+        leak = leaked[rows][m]
+        if leak.any():
+            ok = right[m][~leak]
+            out[str(s)] = {"n": int(len(ok)), "leaked": int(leak.sum()),
+                           "accuracy": float(ok.mean()) if len(ok) else None,
+                           "interval": wilson_interval(int(ok.sum()), int(len(ok)))}
+    return out
+
+
 def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | None = None,
             dataset: str | None = None, backbones: Sequence[str] | None = None,
             heads: Sequence[str] | None = None, features: str = "avg", class_weight: str = "none", seed: int = 0,
             out: str | Path | None = None, report: bool = True, command: str = "",
             memory_budget_text: str | None = None, policy: CostPolicy | None = None,
             log: Callable[[str], None] | None = None, views: bool = True, pick: str = DEFAULT_RULE,
-            select_on: str = "auto") -> FitRun:
+            select_on: str = "auto", audit: bool = True, exclude_leaks: bool = False,
+            audit_config: AuditConfig | None = None) -> FitRun:
     """Fit and compare heads on cached features and write a run folder.
 
     Parameters
@@ -207,6 +248,14 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
         The rule that picks the recommended result from the selection scores (:mod:`pipeline.fit.pick`).
     select_on : {"auto", "cv", "val"}
         Where hyperparameters and the pick are chosen (:data:`pipeline.fit.protocol.SELECT_ON`).
+    audit : bool, default True
+        Audit the images once the splits are fixed (duplicates, leaks, suspect labels, outliers:
+        :mod:`pipeline.audit`), into ``audit/`` and results.json's ``audit``.
+    exclude_leaks : bool, default False
+        Move every final-split image with a duplicate in train out of the final split (its split becomes
+        ``excluded``); needs ``audit``.
+    audit_config : AuditConfig, optional
+        The audit's settings (default: the documented rules).
 
     Returns
     -------
@@ -232,13 +281,25 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     if class_weight not in CLASS_WEIGHTS:
         raise FitError(f"unknown --class-weight {class_weight!r}; choose one of {', '.join(CLASS_WEIGHTS)}")
     cw = "balanced" if class_weight == "balanced" else None
+    if exclude_leaks and not audit:
+        raise FitError("--exclude-leaks needs the audit (drop --no-audit)")
     budget = memory_budget(memory_budget_text)
     policy = policy or CostPolicy()
 
     with contextlib.ExitStack() as stack:
         # ---- plan
         inputs = open_inputs(stack, cache_dir, caches, dataset, backbones, features, say)
-        plan = _plan(inputs, seed, budget, policy, select_on)
+        splits, protocol = plan_protocol(inputs.cached_splits, inputs.labels, inputs.class_names, inputs.rel_paths,
+                                         seed, select_on)
+        found: Audit | None = None
+        if audit:
+            found = run_audit(_audit_images(inputs, splits, protocol), _audit_sources(inputs),
+                              audit_config or AuditConfig(seed=seed), exclude_leaks)
+            for line in found.lines():
+                say(line)
+            if exclude_leaks:
+                splits = _exclude_leaks(splits, found.leaked, protocol.final_splits)
+        plan = _plan(inputs, splits, protocol, seed, budget, policy)
         run_dir = prepare_run_dir(Path(out) if out is not None else default_out(inputs.dataset_name))
         splits, protocol = plan.splits, plan.protocol
         if plan.search.subsample:
@@ -283,6 +344,8 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
                                   inputs.labels, inputs.class_names)
                 results.append({"key": key, "cache_index": ci, "backbone_label": label, **res.to_json(),
                                 "model_file": model_file, "predictions_file": f"predictions/{key}.csv"})
+                if found is not None and not exclude_leaks and found.leaked.any():
+                    results[-1]["leak_free"] = _leak_free(res, splits, found.leaked, inputs.labels)
                 correct[key] = _correct_by_split(res, inputs.labels, splits)
                 rep = res.metrics[protocol.report_split]
                 form = "" if hp.form is None or hp.form.exact else f" [{hp.form.name}]"
@@ -299,12 +362,19 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
             SCHEMA_VERSION, command or f"run_fit(heads={head_list}, features={features!r}, seed={seed})", seed,
             dataset_entry(inputs.dataset_name, str(inputs.meta.get("dataset_root", "")), inputs.class_names,
                           inputs.labels, splits, protocol, inputs.failed()),
-            protocol_json, cache_json, results, skipped, budget.to_json(), protocol.report_split, correct, pick)
+            protocol_json, cache_json, results, skipped, budget.to_json(), protocol.report_split, correct, pick,
+            None if found is None else found.to_json(write_audit(run_dir, found)))
         b = doc["best"]
         iv = b.get("interval")
         say(f"pick ({pick}): {b['key']}, {b['split']} accuracy {b['value']:.3f}"
             + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "") + f" on {b['n']} images: {b['reason']}"
             + (f" Tied with it on {b['split']}: {', '.join(b['tied_with'])}." if b["tied_with"] else ""))
+        lf = b.get("leak_free")
+        if lf:
+            say(f"  without leaks: {b['split']} accuracy " + (f"{lf['accuracy']:.3f}" if lf["accuracy"] is not None
+                                                               else "n/a")
+                + (f" [{lf['interval'][0]:.3f}, {lf['interval'][1]:.3f}]" if lf.get("interval") else "")
+                + f" on the {lf['n']:,} {b['split']} images without a duplicate in train")
         write_splits(run_dir / "splits.csv", inputs.rel_paths, splits, inputs.labels, inputs.class_names,
                      _digests(inputs))
     write_results(run_dir, doc)

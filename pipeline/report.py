@@ -32,7 +32,7 @@ from markupsafe import Markup
 
 from pipeline import __version__
 from pipeline.errors import RunError
-from pipeline.results import Run, load_run
+from pipeline.results import Run, load_run, read_audit
 
 THUMB_PX = 96
 """Longest side, in pixels, of an embedded mistake thumbnail."""
@@ -741,7 +741,72 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
                      "reason": str(sk.get("reason", ""))} for sk in (r.get("skipped") or []) if isinstance(sk, dict)],
         "budget": _budget(r.get("memory_budget")),
         "search": _search_note(protocol.get("search") if isinstance(protocol.get("search"), dict) else None),
+        "audit": _audit_view(ri, run, thumbs),
     }
+
+
+AUDIT_SHOWN = 8
+"""Duplicate pairs, suspect labels and outliers shown with thumbnails (the files hold them all)."""
+
+
+def _audit_view(ri: int, run: Run, thumbs: dict[str, str | None]) -> dict | None:
+    """The "Data audit" section of one run: its counts from results.json, its top items from the audit files."""
+    au = run.results.get("audit")
+    if not isinstance(au, dict):
+        return None
+    files = read_audit(run) or {}
+    root = _get(run.results, ("dataset", "root"))
+
+    def item(row: dict[str, str]) -> dict[str, Any]:
+        return {**row, "src": _thumbnail(root, row.get("path", ""), thumbs)}
+
+    dups = files.get("duplicates", [])
+    where = {r["path"]: r for r in dups}
+    pairs, seen = [], set()
+    for r in dups:
+        if r["cluster"] in seen or len(pairs) >= AUDIT_SHOWN:
+            continue
+        seen.add(r["cluster"])
+        other = where.get(r["nearest"], {"path": r["nearest"], "split": "", "class": ""})
+        pairs.append({"kind": r["kind"].replace("_", " "), "distance": r["distance"], "a": item(r),
+                      "b": item(other), "size": sum(1 for x in dups if x["cluster"] == r["cluster"])})
+    d = au.get("duplicates") if isinstance(au.get("duplicates"), dict) else {}
+    leaks = _get(au, ("leaks", "counts")) or {}
+    return {
+        "cache": str(_get(au, ("cache", "backbone_label")) or ""), "chosen_by": str(_get(au, ("cache", "chosen_by")) or ""),
+        "images": Num(au.get("images"), ("audit", "images"), COUNT_FMT, ri),
+        "exact": Num(d.get("exact_pairs"), ("audit", "duplicates", "exact_pairs"), COUNT_FMT, ri),
+        "near": Num(d.get("near_pairs"), ("audit", "duplicates", "near_pairs"), COUNT_FMT, ri),
+        "clusters": [(k.replace("_", " "), Num(v, ("audit", "duplicates", "clusters", k), COUNT_FMT, ri))
+                     for k, v in (d.get("clusters") or {}).items()],
+        "dup_rule": str(d.get("rule") or ""),
+        "leaks": [(s, Num(v, ("audit", "leaks", "counts", s), COUNT_FMT, ri)) for s, v in leaks.items()],
+        "leaked": sum(v for v in leaks.values() if isinstance(v, int)),
+        "excluded": bool(_get(au, ("leaks", "excluded"))),
+        "labels_n": Num(_get(au, ("label_issues", "count")), ("audit", "label_issues", "count"), COUNT_FMT, ri),
+        "label_rule": str(_get(au, ("label_issues", "rule")) or ""),
+        "outliers_n": Num(_get(au, ("outliers", "count")), ("audit", "outliers", "count"), COUNT_FMT, ri),
+        "outlier_rule": str(_get(au, ("outliers", "rule")) or ""),
+        "skipped": [str(x) for x in au.get("skipped") or []],
+        "pairs": pairs,
+        "labels": [item(r) for r in files.get("label_issues", [])[:AUDIT_SHOWN]],
+        "outliers": [item(r) for r in files.get("outliers", [])[:AUDIT_SHOWN]],
+        "files": [str(v) for v in (au.get("files") or {}).values()],
+    }
+
+
+def _leak_free(best: dict, ri: int) -> dict | None:
+    """The pick's number on the images of its split without a duplicate in train (``best.leak_free``)."""
+    lf = best.get("leak_free")
+    if not isinstance(lf, dict):
+        return None
+    iv = lf.get("interval") if isinstance(lf.get("interval"), list) else None
+    base = ("best", "leak_free")
+    return {"accuracy": Num(lf.get("accuracy"), base + ("accuracy",), METRIC_FMT, ri),
+            "n": Num(lf.get("n"), base + ("n",), COUNT_FMT, ri),
+            "leaked": Num(lf.get("leaked"), base + ("leaked",), COUNT_FMT, ri),
+            "lo": Num(iv[0], base + ("interval", 0), METRIC_FMT, ri) if iv else None,
+            "hi": Num(iv[1], base + ("interval", 1), METRIC_FMT, ri) if iv else None}
 
 
 def _best_facts(best: dict, ri: int) -> dict:
@@ -755,7 +820,7 @@ def _best_facts(best: dict, ri: int) -> dict:
             "n": Num(best.get("n"), ("best", "n"), COUNT_FMT, ri),
             "mdd_images": Num(mdd.get("images"), ("best", "min_detectable", "images"), COUNT_FMT, ri),
             "mdd": Num(mdd.get("delta"), ("best", "min_detectable", "delta"), ".3f", ri),
-            "within": [str(k) for k in best.get("within_one_se") or []],
+            "within": [str(k) for k in best.get("within_one_se") or []], "leak_free": _leak_free(best, ri),
             "selection_is_final": bool(best.get("selection_is_final"))}
 
 

@@ -16,7 +16,12 @@ from typing import Any
 from pipeline.errors import RunError
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
-           "jsonable", "put_result", "read_splits", "read_predictions", "SPLITS_FILE"]
+           "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS"]
+
+AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
+                 "label_issues": ("path", "split", "class", "suggested", "score"),
+                 "outliers": ("path", "split", "class", "score")}
+"""The columns of each audit file (docs/audit.md)."""
 
 SCHEMA_VERSION = 3
 """The ``results.json`` schema version written by ``fit``. Version 3 added how sure every number is: the 95 %
@@ -256,6 +261,32 @@ def read_predictions(run: Run, entry: dict[str, Any]) -> list[dict[str, str]]:
         raise RunError(f"{file} is missing: the predictions of {entry.get('key')} in {run.path} are gone; rerun "
                        f"`python cli.py fit`")
     return rows
+
+
+def read_audit(run: Run) -> dict[str, list[dict[str, str]]] | None:
+    """The rows of the run's audit files (``duplicates``, ``label_issues``, ``outliers``), ranked as written, or None
+    when the run has no audit (``fit --no-audit``, or runs written before the audit existed).
+
+    Raises
+    ------
+    RunError
+        results.json names an audit file that is missing, unreadable or lacks its columns.
+    """
+    audit = run.results.get("audit")
+    files = audit.get("files") if isinstance(audit, dict) else None
+    if not isinstance(files, dict):
+        return None
+    out = {}
+    for kind, columns in AUDIT_COLUMNS.items():
+        rel = files.get(kind)
+        if not isinstance(rel, str):
+            continue
+        rows = _read_csv(run.path / rel, columns)
+        if rows is None:
+            raise RunError(f"{run.path / rel} is missing: the audit of {run.path} is incomplete; rerun "
+                           f"`python cli.py fit`")
+        out[kind] = rows
+    return out
 
 
 def _read_csv(file: Path, columns: tuple[str, ...]) -> list[dict[str, str]] | None:

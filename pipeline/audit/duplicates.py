@@ -138,13 +138,20 @@ def find_duplicates(Z: np.ndarray, nn: Neighbours, digests: Sequence[str], label
     return Duplicates(rows, int(len(both)), len(exact_set), counts)
 
 
-def find_leaks(nn_train: Neighbours, final_rows: np.ndarray, train_rows: np.ndarray, digests: Sequence[str],
+def find_leaks(nn: Neighbours, splits: np.ndarray, final_splits: Sequence[str], digests: Sequence[str],
                threshold: float) -> np.ndarray:
-    """Boolean mask over ``final_rows``: the image has an exact or near duplicate among ``train_rows``.
+    """Boolean mask over all rows: a final-split image with an exact duplicate in train, or a training image among
+    its neighbours ``nn`` (of all rows, each row's ``k`` nearest) within ``threshold``.
 
-    ``nn_train`` holds each final row's nearest training rows (indices into ``train_rows``).
+    A near duplicate is closer than nearly every other image, so it is among the ``k`` nearest unless more than
+    ``k`` other images are nearer still (then they are near duplicates themselves, and the image is reported in
+    their cluster).
     """
-    train_digests = {str(digests[i]) for i in train_rows if digests[i]}
-    same = np.array([bool(digests[i]) and str(digests[i]) in train_digests for i in final_rows], dtype=bool)
-    near = (nn_train.index[:, 0] >= 0) & (nn_train.distance[:, 0] <= threshold) if len(final_rows) else same
-    return same | near
+    splits = np.asarray(splits).astype(str)
+    final = np.isin(splits, list(final_splits))
+    train = splits == "train"
+    train_digests = {str(d) for d, t in zip(digests, train) if t and d}
+    same = np.array([bool(f and d and str(d) in train_digests) for d, f in zip(digests, final)], dtype=bool)
+    ok = nn.index >= 0
+    near = ok & (nn.distance <= threshold) & train[np.where(ok, nn.index, 0)]
+    return same | (final & near.any(axis=1))

@@ -101,13 +101,13 @@ def _faiss(Q: np.ndarray, R: np.ndarray, k: int, self_search: bool, method: str
     sim, idx = index.search(np.ascontiguousarray(Q, dtype=np.float32), min(len(R), k + extra))
     idx = idx.astype(np.int64)
     if self_search:  # drop each row itself (wherever the index placed it among equal distances)
-        keep = idx != np.arange(len(Q))[:, None]
-        out_i = np.full((len(Q), k), -1, dtype=np.int64)
-        out_s = np.full((len(Q), k), -np.inf, dtype=np.float32)
-        for r in range(len(Q)):
-            ii, ss = idx[r][keep[r]][:k], sim[r][keep[r]][:k]
-            out_i[r, :len(ii)], out_s[r, :len(ss)] = ii, ss
-        idx, sim = out_i, out_s
+        is_self = idx == np.arange(len(Q))[:, None]
+        order = np.argsort(is_self, axis=1, kind="stable")[:, :k]  # non-self first, in the index's order
+        idx, sim = np.take_along_axis(idx, order, axis=1), np.take_along_axis(sim, order, axis=1)
+        pad = k - idx.shape[1]
+        if pad > 0:
+            idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+            sim = np.pad(sim, ((0, 0), (0, pad)), constant_values=-np.inf)
     else:
         pad = k - idx.shape[1]
         if pad > 0:

@@ -12,6 +12,7 @@ duplicates and leaks (:mod:`~pipeline.audit.duplicates`), outliers (:mod:`~pipel
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -40,6 +41,8 @@ class AuditConfig:
     search: str | None = None
     """Force a search method of :func:`pipeline.audit.neighbors.choose_search` (default: by size)."""
     full_dim_rows: int = FULL_DIM_ROWS
+    block_bytes: int = 256 * 2**20
+    """Memory for one block of similarities in the exact search (``fit`` sets it from its memory budget)."""
     make_model: Callable[[], Any] = default_model
 
 
@@ -89,6 +92,7 @@ class Audit:
     config: AuditConfig
     skipped: list[str] = field(default_factory=list)
     excluded: bool = False
+    seconds: float = 0.0
 
     @property
     def n_outliers(self) -> int:
@@ -99,7 +103,7 @@ class Audit:
         """One line per kind, as ``fit`` prints them."""
         d, c = self.duplicates, self.duplicates.counts
         leaks = self.leak_counts()
-        out = [f"audit ({self.source.label}, {len(self.images.paths):,} images): "
+        out = [f"audit ({self.source.label}, {len(self.images.paths):,} images, {self.seconds:.1f} s): "
                + (f"{d.exact_pairs} exact and {d.pairs - d.exact_pairs} near-duplicate pairs in "
                   f"{sum(c.values())} clusters ({c['across_classes']} across classes, {c['across_splits']} across "
                   f"splits, {c['within_split']} within a split)" if self.search != "skipped" else
@@ -127,6 +131,7 @@ class Audit:
         return {
             "cache": {"backbone_label": self.source.label, "file": self.source.file, "chosen_by": self.chosen_by},
             "images": len(self.images.paths),
+            "seconds": round(float(self.seconds), 3),
             "embedding": self.embedding.to_json(),
             "search": {"method": self.search, "k": self.config.k, "exact_max_rows": EXACT_MAX_ROWS},
             "duplicates": {
@@ -144,8 +149,8 @@ class Audit:
                 "model": "StandardScaler + LogisticRegression(C=0.01), out-of-fold",
                 "class_thresholds": {names[j]: (float(t) if np.isfinite(t) else None)
                                      for j, t in enumerate(self.class_thresholds)},
-                "rule": "confident learning: another class's out-of-fold probability >= that class's mean "
-                        "self-probability; ranked by 1 - p(given class)",
+                "rule": "the held-out prediction is another class, or (confident learning) another class's "
+                        "out-of-fold probability >= that class's mean self-probability; ranked by 1 - p(given class)",
             },
             "outliers": {"count": self.n_outliers, "fence": (self.fence if np.isfinite(self.fence) else None),
                          "iqr_factor": self.config.outlier_iqr,
@@ -165,6 +170,7 @@ def _prepare(src: AuditSource, n: int, labels: np.ndarray, n_classes: int, cfg: 
 def run_audit(images: AuditImages, sources: Sequence[AuditSource], config: AuditConfig | None = None,
               exclude_leaks: bool = False) -> Audit:
     """Audit the run's images from the first-best of ``sources`` (see the module docstring)."""
+    t0 = time.perf_counter()
     cfg = config or AuditConfig()
     n = len(images.paths)
     labels = np.asarray(images.labels, dtype=np.int64)
@@ -189,7 +195,7 @@ def run_audit(images: AuditImages, sources: Sequence[AuditSource], config: Audit
     skipped: list[str] = []
     method = cfg.search or choose_search(n)
     k = max(1, min(cfg.k, n - 1))
-    nn = knn(Z, k, method=method)
+    nn = knn(Z, k, method=method, block_bytes=cfg.block_bytes)
     if method == "skipped":
         skipped.append(f"near duplicates, leaks by likeness and outliers skipped: {n:,} rows are over the exact "
                        f"search's {EXACT_MAX_ROWS:,}; pip install 'headbench[audit]' (faiss-cpu) for the "
@@ -198,17 +204,11 @@ def run_audit(images: AuditImages, sources: Sequence[AuditSource], config: Audit
     else:
         threshold, median = near_threshold(nn.distance[:, 0], cfg.near_factor)
     dups = find_duplicates(Z, nn, images.digests, labels, splits, threshold if method != "skipped" else -1.0)
-    final = np.flatnonzero(np.isin(splits, list(images.final_splits)))
-    train = np.flatnonzero(splits == "train")
-    leaked = np.zeros(n, dtype=bool)
-    if len(final) and len(train):
-        nn_train = knn(Z[train], 1, Z[final], method=method if method != "skipped" else "skipped")
-        leaked[final] = find_leaks(nn_train, final, train, images.digests,
-                                   threshold if method != "skipped" else -1.0)
+    leaked = find_leaks(nn, splits, images.final_splits, images.digests, threshold if method != "skipped" else -1.0)
     rows, suggested, scores, class_t = label_issues(oof, labels)
     out_score = outlier_scores(nn) if method != "skipped" else np.full(n, np.nan)
     fence = outlier_fence(out_score, cfg.outlier_iqr)
     finite = np.flatnonzero(np.isfinite(out_score))
     out_rows = finite[np.lexsort((finite, -out_score[finite]))]
     return Audit(images, src, chosen_by, emb, oof, method, dups, threshold, median, leaked, rows, suggested, scores,
-                 class_t, out_rows, out_score, fence, cfg, skipped, bool(exclude_leaks))
+                 class_t, out_rows, out_score, fence, cfg, skipped, bool(exclude_leaks), time.perf_counter() - t0)

@@ -1,11 +1,13 @@
 """The audit's embedding of every image: the cache's pooled vector, L2-normalised, reduced for large caches.
 
 Cosine distance on the backbone's pooled features is the audit's notion of "looks alike" (the same as FiftyOne's and
-cleanlab's image audits use). Spatial maps are pooled by their mean first. Each vector is normalised, the mean
-vector is subtracted and the result normalised again: pooled ReLU features all point into one orthant, and
-centring spreads their cosines over the whole range. Up to :data:`FULL_DIM_ROWS` rows the
+cleanlab's image audits use). Spatial maps are pooled by their mean first. The vectors are not centred: the mean
+of a dataset is its typical image, and subtracting it drags an image unlike the rest (a photo of a rocket among
+ants) towards the others (measured in docs/audit.md: the five unrelated photos planted in hymenoptera rank 1-7 of
+413 among outliers uncentred, 8-31 centred). Up to :data:`FULL_DIM_ROWS` rows the
 vectors keep every dimension; above it they are projected on their first :data:`REDUCED_DIM` principal components
-(fitted on a seeded sample of :data:`PCA_SAMPLE` rows) and normalised again: the exact search then costs a tenth
+(a truncated SVD of the unit vectors, uncentred like the rest, fitted on a seeded sample of :data:`PCA_SAMPLE`
+rows) and normalised again: the exact search then costs a tenth
 of the full-width one, and near-duplicates, which are near in every direction, stay near.
 """
 
@@ -44,9 +46,8 @@ class Embedding:
     def to_json(self) -> dict[str, object]:
         """How the audit's vectors were made, for results.json."""
         return {"source_dim": int(self.source_dim), "dim": int(self.Z.shape[1]), "reduced": bool(self.reduced),
-                "how": (f"pooled features, normalised, projected on their first {self.Z.shape[1]} principal "
-                        f"components, normalised" if self.reduced else "pooled features, normalised, centred, "
-                        "normalised")}
+                "how": (f"pooled features, normalised, projected on their first {self.Z.shape[1]} singular "
+                        f"vectors, normalised" if self.reduced else "pooled features, normalised")}
 
 
 def _pooled(block: np.ndarray) -> np.ndarray:
@@ -79,13 +80,11 @@ def embed(read: Callable[[np.ndarray], np.ndarray], n: int, seed: int = 0,
     blocks: Iterable[np.ndarray] = (np.arange(s, min(n, s + BLOCK_ROWS)) for s in range(0, n, BLOCK_ROWS))
     if n <= full_dim_rows:
         X = np.concatenate([_unit(_pooled(read(b))) for b in blocks]) if n else np.zeros((0, 1), np.float32)
-        return Embedding(_unit(X - X.mean(axis=0, keepdims=True)) if n else X, X.shape[1], False)
+        return Embedding(X, X.shape[1], False)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, PCA_SAMPLE), replace=False))
     S = _unit(_pooled(read(sample))).astype(np.float64)
-    mean = S.mean(axis=0)
-    _, _, vt = np.linalg.svd(S - mean, full_matrices=False)
+    _, _, vt = np.linalg.svd(S, full_matrices=False)
     comps = vt[:min(REDUCED_DIM, vt.shape[0])].T.astype(np.float32)
-    mean32 = mean.astype(np.float32)
-    Z = np.concatenate([_unit((_unit(_pooled(read(b))) - mean32) @ comps) for b in blocks])
+    Z = np.concatenate([_unit(_unit(_pooled(read(b))) @ comps) for b in blocks])
     return Embedding(Z, S.shape[1], True)

@@ -174,6 +174,11 @@ def _audit_sources(inputs: Inputs) -> list[AuditSource]:
             for r, p, rows in zip(inputs.readers, inputs.paths, inputs.rows)]
 
 
+def _audit_block(budget: MemoryBudget) -> int:
+    """The audit's similarity block: an eighth of the memory budget, between 16 MB and 256 MB."""
+    return int(min(256 * 2**20, max(16 * 2**20, budget.bytes // 8)))
+
+
 def _exclude_leaks(splits: np.ndarray, leaked: np.ndarray, final_splits: Sequence[str]) -> np.ndarray:
     """The splits with every leaked final-split image moved to :data:`EXCLUDED` (train is never touched)."""
     out = np.where(leaked & np.isin(splits, list(final_splits)), EXCLUDED, splits)
@@ -294,7 +299,8 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
         found: Audit | None = None
         if audit:
             found = run_audit(_audit_images(inputs, splits, protocol), _audit_sources(inputs),
-                              audit_config or AuditConfig(seed=seed), exclude_leaks)
+                              audit_config or AuditConfig(seed=seed, block_bytes=_audit_block(budget)),
+                              exclude_leaks)
             for line in found.lines():
                 say(line)
             if exclude_leaks:

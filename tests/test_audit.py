@@ -313,3 +313,13 @@ def test_exclude_leaks_changes_only_the_final_split_and_no_audit_writes_none(pla
     assert json.loads((tmp_path / "none/results.json").read_text()).keys() == none.results.keys()
     with pytest.raises(FitError, match="needs the audit"):
         _fit(cache, tmp_path / "bad", audit=False, exclude_leaks=True)
+
+
+def test_cli_refuses_exclude_leaks_without_the_audit_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    res = CliRunner().invoke(cli.app, ["fit", "--cache-dir", str(tmp_path), "--no-audit", "--exclude-leaks"])
+    assert res.exit_code == 2 and "--exclude-leaks needs the audit" in res.output
+    assert "no complete feature caches" not in res.output  # refused before the caches are looked for

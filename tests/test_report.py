@@ -557,7 +557,14 @@ def test_real_fit_run_on_hymenoptera(hymenoptera_v2_cache: Path, tmp_path: Path)
     assert sorted(ties) == sorted(b["tied_with"])
     if ties:
         assert "Tied with it on the same val images" in pick_box
-    assert html.count("<img ") == len(best["mistakes"]) > 0  # real photos, all still on disk
+    mistakes_section = html[html.index('<section id="mistakes">'):]
+    mistakes_section = mistakes_section[:mistakes_section.index("</section>")]
+    assert mistakes_section.count("<img ") == len(best["mistakes"]) > 0  # real photos, all still on disk
+    audit_section = html[html.index('<section id="audit">'):]
+    audit_section = audit_section[:audit_section.index("</section>")]
+    shown = (min(8, results["audit"]["label_issues"]["count"]) + min(8, results["audit"]["outliers"]["count"])
+             + 2 * min(8, sum(results["audit"]["duplicates"]["clusters"].values())))
+    assert audit_section.count("<img ") == shown and html.count("<img ") == len(best["mistakes"]) + shown
     assert html.count('aria-label="Training and validation curves"') == 1  # the dense head
     assert not URL_RE.search(html) and "http://" not in html and "https://" not in html
     assert len(html.encode()) < 1_000_000

@@ -22,10 +22,12 @@ Suggested classes are only reported, never applied.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
@@ -35,11 +37,15 @@ __all__ = ["OutOfFold", "out_of_fold_proba", "label_issues", "default_model", "M
 
 FOLDS = 5
 MAX_FIT_ROWS = 20_000
+MAX_ITER = 100
+"""L-BFGS iterations of one fold's fit (tolerance 1e-3). The audit ranks images; it needs probabilities, not the
+last digit of the optimum. On 10,000 rows of 1,280 features, 1,000 iterations took 185 s; 100 took 9 s, for the
+same out-of-fold accuracy (0.892 against 0.893)."""
 
 
 def default_model() -> Any:
     """Standardised features into an L2-regularised logistic regression (C = 0.01: the best-calibrated of 0.003, 0.01, 0.1, 1 by out-of-fold log loss on flowers5 and within 0.012 of the best on hymenoptera)."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=1000))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=MAX_ITER, tol=1e-3))
 
 
 @dataclass
@@ -99,7 +105,9 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, seed: i
         if len(fit_rows) > max_fit_rows:
             fit_rows = np.sort(rng.choice(fit_rows, size=max_fit_rows, replace=False))
         model = make_model()
-        model.fit(Z[fit_rows], labels[fit_rows])
+        with warnings.catch_warnings():  # the iteration cap is deliberate (MAX_ITER)
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(Z[fit_rows], labels[fit_rows])
         p = np.zeros((len(held), n_classes))
         p[:, np.asarray(model.classes_, dtype=np.int64)] = model.predict_proba(Z[held])
         proba[held] = p

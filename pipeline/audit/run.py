@@ -146,7 +146,7 @@ class Audit:
             "label_issues": {
                 "count": int(len(self.label_rows)), "folds": int(self.oof.folds),
                 "oof_accuracy": None if not np.isfinite(self.oof.accuracy) else float(self.oof.accuracy),
-                "model": "StandardScaler + LogisticRegression(C=0.01), out-of-fold",
+                "model": "StandardScaler + LogisticRegression(C=0.01, max_iter=100, tol=1e-3), out-of-fold",
                 "class_thresholds": {names[j]: (float(t) if np.isfinite(t) else None)
                                      for j, t in enumerate(self.class_thresholds)},
                 "rule": "the held-out prediction is another class, or (confident learning) another class's "

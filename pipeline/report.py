@@ -773,7 +773,8 @@ def _audit_view(ri: int, run: Run, thumbs: dict[str, str | None]) -> dict | None
     d = au.get("duplicates") if isinstance(au.get("duplicates"), dict) else {}
     leaks = _get(au, ("leaks", "counts")) or {}
     return {
-        "cache": str(_get(au, ("cache", "backbone_label")) or ""), "chosen_by": str(_get(au, ("cache", "chosen_by")) or ""),
+        "cache": str(_get(au, ("cache", "backbone_label")) or ""),
+        "chosen_by": str(_get(au, ("cache", "chosen_by")) or ""),
         "images": Num(au.get("images"), ("audit", "images"), COUNT_FMT, ri),
         "exact": Num(d.get("exact_pairs"), ("audit", "duplicates", "exact_pairs"), COUNT_FMT, ri),
         "near": Num(d.get("near_pairs"), ("audit", "duplicates", "near_pairs"), COUNT_FMT, ri),

@@ -90,7 +90,7 @@ def test_duplicate_clusters_are_told_apart_within_across_splits_and_across_class
     rng = np.random.default_rng(5)
     splits = np.array(["train"] * 20 + ["test"] * 10 + ["train"] * 20 + ["test"] * 10 + ["train"] * 20 + ["test"] * 10)
     digests = [f"d{i}" for i in range(len(y))]
-    # three planted pairs: a near copy within train; a near copy of a train image in test; an exact copy in another class
+    # planted pairs: a near copy within train; a near copy of a train image in test; an exact copy in another class
     X[1] = X[0] + 0.01 * rng.standard_normal(X.shape[1])            # 0, 1: class 0, train, train
     X[25] = X[2] + 0.01 * rng.standard_normal(X.shape[1])           # 2 train, 25 test, class 0: a leak
     X[35] = X[3]

@@ -1,8 +1,8 @@
 """Suspect labels, from out-of-sample probabilities only.
 
 Every image's class probabilities come from a model that never saw it: the images are split into stratified,
-seeded folds (5, fewer when a class has fewer images), and each fold is predicted by a logistic regression fitted on
-the other folds (on a seeded subsample of at most :data:`MAX_FIT_ROWS` of them on large sets). Logistic regression
+seeded folds (5, or 3 from 2,000 images on; fewer when a class has fewer images), and each fold is predicted by a
+logistic regression fitted on the other folds (on a seeded subsample of at most :data:`MAX_FIT_ROWS` of them on large sets). Logistic regression
 is cheap, convex (the same answer every run) and reasonably calibrated, which the scores below rely on; a head's
 probabilities on its own training rows are never used (they would call every memorised label right).
 
@@ -36,6 +36,10 @@ from sklearn.preprocessing import StandardScaler
 __all__ = ["OutOfFold", "out_of_fold_proba", "label_issues", "default_model", "MAX_FIT_ROWS", "FOLDS"]
 
 FOLDS = 5
+FOLDS_LARGE = 3
+LARGE_ROWS = 2000
+"""From this many images on, 3 folds (as the fit's own cross-validation, docs/protocol.md section 2): each fold's
+model still fits on thousands of images, for 40 % of the cost."""
 MAX_FIT_ROWS = 20_000
 MAX_ITER = 100
 """L-BFGS iterations of one fold's fit (tolerance 1e-3). The audit ranks images; it needs probabilities, not the
@@ -44,7 +48,11 @@ same out-of-fold accuracy (0.892 against 0.893)."""
 
 
 def default_model() -> Any:
-    """Standardised features into an L2-regularised logistic regression (C = 0.01: the best-calibrated of 0.003, 0.01, 0.1, 1 by out-of-fold log loss on flowers5 and within 0.012 of the best on hymenoptera)."""
+    """Standardised features into an L2-regularised logistic regression.
+
+    C = 0.01 was the best calibrated of 0.003, 0.01, 0.1 and 1 by out-of-fold log loss on flowers5, and within
+    0.012 of the best on hymenoptera.
+    """
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=MAX_ITER, tol=1e-3))
 
 
@@ -72,7 +80,7 @@ class OutOfFold:
 
 
 def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0,
-                      make_model: Callable[[], Any] = default_model, folds: int = FOLDS,
+                      make_model: Callable[[], Any] = default_model, folds: int | None = None,
                       max_fit_rows: int = MAX_FIT_ROWS) -> OutOfFold:
     """Each image's class probabilities from a model fitted on the other folds only.
 
@@ -85,7 +93,8 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, seed: i
         Seed of the folds and of the fit subsample.
     make_model : callable
         Returns a fresh estimator with ``fit`` / ``predict_proba`` / ``classes_`` (a seam for tests).
-    folds : int
+    folds : int, optional
+        Number of folds (default :data:`FOLDS`, :data:`FOLDS_LARGE` from :data:`LARGE_ROWS` images on).
     max_fit_rows : int
         Largest number of rows one fold's model is fitted on.
     """
@@ -95,7 +104,8 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, seed: i
     counts = np.bincount(labels, minlength=n_classes)
     usable = counts[labels] >= 2
     present = counts[counts >= 2]
-    k = int(min(folds, present.min())) if len(present) else 0
+    wanted = folds if folds is not None else (FOLDS if n < LARGE_ROWS else FOLDS_LARGE)
+    k = int(min(wanted, present.min())) if len(present) else 0
     if k < 2 or len(np.unique(labels[usable])) < 2:
         return OutOfFold(proba, 0, float("nan"))
     rows = np.flatnonzero(usable)

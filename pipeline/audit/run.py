@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.audit.duplicates import KINDS, NEAR_FACTOR, Duplicates, find_duplicates, find_leaks, near_threshold
-from pipeline.audit.labels import FOLDS, OutOfFold, default_model, label_issues, out_of_fold_proba
+from pipeline.audit.labels import OutOfFold, default_model, label_issues, out_of_fold_proba
 from pipeline.audit.neighbors import EXACT_MAX_ROWS, choose_search, knn
 from pipeline.audit.outliers import OUTLIER_IQR, outlier_fence, outlier_scores
 from pipeline.audit.space import FULL_DIM_ROWS, Embedding, embed
@@ -36,7 +36,8 @@ class AuditConfig:
     k: int = K_NEIGHBOURS
     near_factor: float = NEAR_FACTOR
     outlier_iqr: float = OUTLIER_IQR
-    folds: int = FOLDS
+    folds: int | None = None
+    """Folds of the out-of-fold probabilities (default: 5, or 3 from 2,000 images on)."""
     seed: int = 0
     search: str | None = None
     """Force a search method of :func:`pipeline.audit.neighbors.choose_search` (default: by size)."""

@@ -73,18 +73,25 @@ def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
     raise KeyboardInterrupt
 
 
-def main() -> None:
-    """Console-script entry point: run the app, turning expected errors into one line on stderr."""
+def main(args: list[str] | None = None, application: typer.Typer | None = None, quiet_native: bool = True) -> None:
+    """Console-script entry point: run the app, turning expected errors into one line on stderr.
+
+    ``args`` (default: the command line), ``application`` (default: :data:`app`) and ``quiet_native`` (filter
+    TensorFlow's native stderr chatter; it replaces the process's stderr) are seams for tests.
+    """
+    import click
+
     from pipeline.quiet import filter_native_stderr
 
-    filter_native_stderr()  # TensorFlow's native CUDA-probing chatter would drown the tool's own lines
+    if quiet_native:
+        filter_native_stderr()  # TensorFlow's native CUDA-probing chatter would drown the tool's own lines
     signal.signal(signal.SIGTERM, _terminate)  # a polite kill stops like Ctrl-C: finished work is committed
     try:
-        status = app(standalone_mode=False)
+        status = (application or app)(args=args, standalone_mode=False)
     except HeadbenchError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C inside a command into Abort
         typer.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
@@ -96,6 +103,8 @@ def main() -> None:
         else:
             typer.echo(f"error: {exc.format_message()} (see --help)", err=True)
         sys.exit(exc.exit_code)
+    if status == EXIT_INTERRUPTED:  # typer turns Ctrl-C (and SIGTERM, via _terminate) into a silent exit 130
+        typer.echo("interrupted: rerun the same command to resume", err=True)
     sys.exit(status if isinstance(status, int) else 0)
 
 

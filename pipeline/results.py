@@ -16,7 +16,8 @@ from typing import Any
 from pipeline.errors import RunError
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
-           "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS"]
+           "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS",
+           "partial_dir"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),
@@ -66,6 +67,17 @@ class Run:
         return self.path.name
 
 
+def partial_dir(run_dir: str | os.PathLike) -> Path:
+    """Where ``fit`` builds a run until it is complete: ``.<name>.partial`` beside the run folder (hidden, so a
+    glob like ``reports/runs/*`` never picks it up); the run appears at ``run_dir`` in one rename at the end."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(f".{run_dir.name}.partial")
+
+
+def _unfinished(path: Path) -> bool:
+    return (path.name.startswith(".") and path.name.endswith(".partial")) or partial_dir(path).is_dir()
+
+
 def load_run(run_dir: str | os.PathLike) -> Run:
     """Read and check the ``results.json`` of one run folder.
 
@@ -87,6 +99,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     path = Path(run_dir).expanduser()
     if path.is_file() and path.name == RESULTS_FILE:
         path = path.parent
+    if _unfinished(path) and not (path / RESULTS_FILE).is_file():
+        raise RunError(f"run folder {path} is unfinished: its fit was interrupted or failed (or is still running); "
+                       f"rerun the same `python cli.py fit` command to make it")
     if not path.is_dir():
         raise RunError(f"run folder {path} does not exist, so it is not a run folder: pass a folder written by "
                        f"`python cli.py fit`")

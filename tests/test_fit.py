@@ -486,3 +486,71 @@ def test_flowers5_two_backbones_are_compared_on_the_same_rows(flowers_run):
         assert by[(backbone, "logreg")]["metrics"]["test"]["accuracy"] >= 0.6, backbone
     best = max(doc["results"], key=lambda r: r["selection"]["score"])
     assert doc["best"]["key"] == best["key"]
+
+
+# ---- an unfinished run never looks complete ------------------------------------------------------------------------
+
+
+def test_an_interrupted_fit_leaves_no_run_folder_and_the_same_command_runs_again(fake_caches, tmp_path):
+    from pipeline.errors import RunError
+    from pipeline.results import load_run, partial_dir
+
+    fake_caches("toy", backbone="mobilenet")
+    out = tmp_path / "run"
+
+    def interrupt(line: str) -> None:
+        if "centroid" in line:  # Ctrl-C after the first head's files were written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(fake_caches.dir, heads=["logreg", "centroid"], out=out, report=False, log=interrupt)
+    assert not out.exists() and not partial_dir(out).exists()
+    # a kill -9 leaves the hidden unfinished folder: readers say so, and the same fit replaces it
+    (partial_dir(out) / "heads").mkdir(parents=True)
+    (partial_dir(out) / "heads" / "stale.joblib").write_bytes(b"half")
+    with pytest.raises(RunError, match="unfinished: its fit was interrupted"):
+        load_run(out)
+    lines: list[str] = []
+    run = run_fit(fake_caches.dir, heads=["logreg", "centroid"], out=out, report=False, log=lines.append)
+    assert any("replacing the unfinished run folder" in ln for ln in lines)
+    assert run.run_dir == out and (out / "results.json").is_file() and not partial_dir(out).exists()
+    assert not (out / "heads" / "stale.joblib").exists() and load_run(out).results["best"]["key"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failed_fit_keeps_nothing_and_blocks_no_rerun(fake_caches, tmp_path):
+    from pipeline.results import partial_dir
+
+    fake_caches("toy", backbone="mobilenet")
+    out = tmp_path / "run"
+    with pytest.raises(FitError, match="--memory-budget"):
+        run_fit(fake_caches.dir, heads=["logreg"], out=out, report=False, log=_quiet, memory_budget_text="1KB")
+    assert not out.exists() and not partial_dir(out).exists()
+    assert run_fit(fake_caches.dir, heads=["logreg"], out=out, report=False, log=_quiet).run_dir == out
+    # an --out that cannot be made is one line, before any head is fitted
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(FitError, match="cannot create the run folder") as err:
+        run_fit(fake_caches.dir, heads=["logreg"], out=blocker / "run", report=False, log=_quiet)
+    assert "\n" not in str(err.value)
+
+
+def test_ctrl_c_in_any_command_prints_one_line_and_exits_130(capsys):
+    import typer
+
+    import cli
+
+    app = typer.Typer()
+
+    @app.command()
+    def slow() -> None:
+        raise KeyboardInterrupt
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["slow"], application=app, quiet_native=False)
+    assert done.value.code == cli.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted: rerun the same command to resume")

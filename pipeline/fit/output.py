@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import re
+import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -14,9 +15,11 @@ from pipeline import package_versions
 from pipeline.errors import FitError
 from pipeline.fit.evaluate import HeadResult
 from pipeline.fit.verdict import verdict
+from pipeline.results import partial_dir
 from pipeline.stats import interval_spec
 
-__all__ = ["DEFAULT_RUNS_DIR", "slug", "result_key", "default_out", "prepare_run_dir", "save_head",
+__all__ = ["DEFAULT_RUNS_DIR", "slug", "result_key", "default_out", "prepare_run_dir", "publish_run_dir",
+           "discard_run_dir", "partial_dir", "save_head",
            "write_predictions", "write_splits", "cache_entry", "dataset_entry", "results_doc"]
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
@@ -37,19 +40,49 @@ def default_out(dataset: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = DEFAULT_RUNS_DIR / f"{slug(dataset)}_{stamp}"
     out, i = base, 2
-    while out.exists():
+    while out.exists() or partial_dir(out).exists():  # a fit started in the same second is building it
         out = base.with_name(f"{base.name}-{i}")
         i += 1
     return out
 
 
-def prepare_run_dir(run_dir: Path) -> Path:
-    """Create the run folder with ``heads/`` and ``predictions/``; FitError when it exists and is not empty."""
+def prepare_run_dir(run_dir: Path, say: Callable[[str], None] = lambda _m: None) -> Path:
+    """Make the folder a run is built in (:func:`partial_dir` of ``run_dir``, with ``heads/`` and ``predictions/``)
+    and return it; :func:`publish_run_dir` makes the run appear complete at ``run_dir``.
+
+    An unfinished folder of an earlier, interrupted fit into the same ``run_dir`` is replaced, and ``say`` is told.
+
+    Raises
+    ------
+    FitError
+        ``run_dir`` exists and is not empty (a finished run is never overwritten), or cannot be created.
+    """
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise FitError(f"run folder {run_dir} already exists and is not empty; pass another --out")
-    (run_dir / "heads").mkdir(parents=True, exist_ok=True)
-    (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
-    return run_dir
+    work = partial_dir(run_dir)
+    try:
+        if work.exists():
+            say(f"replacing the unfinished run folder of an interrupted fit into {run_dir}")
+            shutil.rmtree(work)
+        (work / "heads").mkdir(parents=True)
+        (work / "predictions").mkdir(parents=True)
+    except OSError as exc:
+        raise FitError(f"cannot create the run folder {run_dir} ({exc.strerror or exc}); pass a writable --out") \
+            from None
+    return work
+
+
+def publish_run_dir(work: Path, run_dir: Path) -> None:
+    """Move a complete run from its :func:`partial_dir` to ``run_dir`` in one rename (an empty ``run_dir`` is
+    replaced)."""
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    work.replace(run_dir)
+
+
+def discard_run_dir(work: Path) -> None:
+    """Remove an unfinished run folder (after a failure or an interruption: nothing in it resumes)."""
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def write_predictions(path: Path, res: HeadResult, paths: Sequence[str], splits: np.ndarray, labels: np.ndarray,

@@ -35,8 +35,9 @@ from pipeline.fit.evaluate import FitData, evaluate_planned, make_context
 from pipeline.fit.heads import HEADS, resolve_heads
 from pipeline.fit.inputs import Inputs, open_inputs
 from pipeline.fit.leaderboard import leaderboard_table
-from pipeline.fit.output import (cache_entry, dataset_entry, default_out, prepare_run_dir, result_key, results_doc,
-                                 save_head, slug, write_predictions, write_splits)
+from pipeline.fit.output import (cache_entry, dataset_entry, default_out, discard_run_dir, prepare_run_dir,
+                                 publish_run_dir, result_key, results_doc, save_head, slug, write_predictions,
+                                 write_splits)
 from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
 from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, fmt_bytes, memory_budget, plan_cache, plan_head
 from pipeline.fit.protocol import EXCLUDED, SELECT_ON, Protocol, SearchRows, plan_protocol, search_rows
@@ -174,6 +175,21 @@ def _audit_sources(inputs: Inputs) -> list[AuditSource]:
             for r, p, rows in zip(inputs.readers, inputs.paths, inputs.rows)]
 
 
+def _discard_on_error(run_dir: Path, final_dir: Path) -> Callable[..., bool]:
+    """An exit callback for the fit's ExitStack: an error or interruption before the run is complete removes its
+    unfinished folder (a fit does not resume head by head; the same command starts it again); a file that could
+    not be written (disk full, permissions) becomes one line."""
+    def on_exit(exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None:
+            discard_run_dir(run_dir)
+            if issubclass(exc_type, OSError):
+                raise FitError(f"cannot write the run folder {final_dir} ({exc.strerror or exc}); nothing of this "
+                               f"run was kept: free space or pass a writable --out, then rerun") from None
+        return False
+
+    return on_exit
+
+
 def _audit_block(budget: MemoryBudget) -> int:
     """The audit's similarity block: an eighth of the memory budget, between 16 MB and 256 MB."""
     return int(min(256 * 2**20, max(16 * 2**20, budget.bytes // 8)))
@@ -306,7 +322,9 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
             if exclude_leaks:
                 splits = _exclude_leaks(splits, found.leaked, protocol.final_splits)
         plan = _plan(inputs, splits, protocol, seed, budget, policy)
-        run_dir = prepare_run_dir(Path(out) if out is not None else default_out(inputs.dataset_name))
+        final_dir = Path(out) if out is not None else default_out(inputs.dataset_name)
+        run_dir = prepare_run_dir(final_dir, say)  # built hidden; appears at final_dir only when complete
+        stack.push(_discard_on_error(run_dir, final_dir))
         splits, protocol = plan.splits, plan.protocol
         if plan.search.subsample:
             say(f"hyperparameter search on a stratified subsample of {plan.search.fit_rows:,} of "
@@ -383,11 +401,19 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
                 + f" on the {lf['n']:,} {b['split']} images without a duplicate in train")
         write_splits(run_dir / "splits.csv", inputs.rel_paths, splits, inputs.labels, inputs.class_names,
                      _digests(inputs))
-    write_results(run_dir, doc)
+    try:
+        write_results(run_dir, doc)
+        publish_run_dir(run_dir, final_dir)
+    except BaseException as exc:
+        discard_run_dir(run_dir)
+        if isinstance(exc, OSError):
+            raise FitError(f"cannot write the run folder {final_dir} ({exc.strerror or exc}); nothing of this run "
+                           f"was kept: free space or pass a writable --out, then rerun") from None
+        raise
 
-    run = FitRun(run_dir=run_dir, results=doc)
+    run = FitRun(run_dir=final_dir, results=doc)
     if report:
         from pipeline.report import write_report
 
-        run.report_path = write_report([run_dir])  # reports/<run name>.html, as `python cli.py report RUN` does
+        run.report_path = write_report([final_dir])  # reports/<run name>.html, as `python cli.py report RUN` does
     return run

@@ -8,6 +8,7 @@ not be read (``extract`` and ``predict``), 130 when interrupted.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from enum import Enum
@@ -106,6 +107,26 @@ def main(args: list[str] | None = None, application: typer.Typer | None = None, 
     if status == EXIT_INTERRUPTED:  # typer turns Ctrl-C (and SIGTERM, via _terminate) into a silent exit 130
         typer.echo("interrupted: rerun the same command to resume", err=True)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def _output_file(*suffixes: str):
+    """An ``--out`` callback: the file must end in one of ``suffixes`` and its folder must be creatable and
+    writable, checked before anything runs (a usage error, exit 2), not after all the work."""
+    def check(value: Path | None) -> Path | None:
+        if value is None:
+            return value
+        if value.suffix.lower() not in suffixes:
+            raise typer.BadParameter(f"must end in {' or '.join(suffixes)}, got {value.name}")
+        if value.is_dir():
+            raise typer.BadParameter(f"{value} is a folder; name a file ending in {' or '.join(suffixes)}")
+        folder = value.expanduser().resolve().parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise typer.BadParameter(f"cannot write {value}: {folder} is not a writable folder")
+        return value
+
+    return check
 
 
 def _memory_size(value: str | None) -> str | None:
@@ -416,7 +437,8 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder written by `fit`.")],
     images: Annotated[List[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     head: Annotated[Optional[str], typer.Option(help="Head name or result key (default: the run's best).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write predictions to a .csv or .json file.")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=_output_file(".csv", ".json"),
+                                                help="Write predictions to a .csv or .json file.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved (must have "
                                                         "the same SHA-256).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
@@ -445,7 +467,8 @@ def predict(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `fit`.")],
-    out: Annotated[Path, typer.Option(help="Output .keras file (a sidecar .json records classes and input rules).")],
+    out: Annotated[Path, typer.Option(callback=_output_file(".keras"),
+                                      help="Output .keras file (a sidecar .json records classes and input rules).")],
     head: Annotated[str, typer.Option(help="Keras head to export (dense).")] = "dense",
     weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved.")] = None,
 ) -> None:

@@ -468,9 +468,16 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
         try:
             with h5py.File(path, "r") as f:
                 m = _attrs_to_dict(f.attrs)
+                newer = m.get("schema_version")
+                if isinstance(newer, int) and newer > SCHEMA_VERSION:  # a newer headbench's file: never overwrite
+                    raise CacheError(f"cache {path} has schema_version {newer}, newer than this headbench writes "
+                                     f"({SCHEMA_VERSION}); upgrade headbench, or extract into another --cache-dir")
                 if m.get("complete") and m.get("schema_version") == SCHEMA_VERSION and _signature(m) == sig:
                     r = _read_rows(f["rows"])
-                    if r.digest() != m.get("rows_sha256"):
+                    lost = [k for k in m.get("feature_kinds", []) if f"features/{k}" not in f]
+                    if lost:
+                        discarded = f"its features/{lost[0]} dataset is missing"
+                    elif r.digest() != m.get("rows_sha256"):
                         discarded = "its row metadata does not match its checksum"
                     else:
                         final_meta, final_rows = m, _records(r)
@@ -907,7 +914,10 @@ class FeatureReader:
         self.failed = [(q, e) for q, o, e in zip(rows.path, rows.ok, rows.error) if not o]
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise corrupt_error(p, "a label outside the class list", root)
-        self._dset = f[f"features/{self.kind}"]
+        try:
+            self._dset = f[f"features/{self.kind}"]
+        except (KeyError, OSError):
+            raise corrupt_error(p, f"its features/{self.kind} dataset is missing or unreadable", root) from None
         self.shape = tuple(int(s) for s in self._dset.shape[1:])
         self.dtype = self._dset.dtype
         vname = f"views/{self.kind}"

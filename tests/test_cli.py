@@ -120,3 +120,27 @@ def test_extract_several_backbones_in_one_command_then_up_to_date(tiny_dataset, 
 
     again = CliRunner().invoke(cli.app, args)  # the rerun in this process: no second TensorFlow start-up
     assert again.exit_code == 0 and again.output.count("up to date") == 2, again.output
+
+
+def test_predict_and_export_outputs_are_checked_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    missing_run = tmp_path / "no_such_run"  # the run is never opened: the --out check comes first
+    for args, why in ((["predict", str(missing_run), str(tmp_path), "--out", "p.txt"], "must end in .csv or .json"),
+                      (["export", str(missing_run), "--out", "m.h5"], "must end in .keras"),
+                      (["predict", str(missing_run), str(tmp_path), "--out", str(tmp_path)], "must end in")):
+        res = CliRunner().invoke(cli.app, args)
+        assert res.exit_code == 2 and why in _flat(res.output), res.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(cli.app, ["predict", str(missing_run), str(tmp_path), "--out", str(blocker / "p.csv")])
+    assert res.exit_code == 2 and "is not a writable folder" in _flat(res.output)
+
+
+def _flat(text: str) -> str:
+    """A usage error's text without the panel's frame and line breaks."""
+    import re
+
+    return re.sub(r"[\u2500-\u257f\s]+", " ", text)

@@ -252,3 +252,27 @@ def test_temporary_files_of_a_killed_write_are_cleaned_up(tiny_dataset, tmp_path
     assert res.n_extracted == 1 and not leftover.exists()
     assert any("discarded 1 leftover" in m for m in msgs)
     assert len(cache.read_features(res.path).paths) == 13
+
+
+def test_extract_never_overwrites_a_cache_of_a_newer_schema(tiny_dataset, tmp_path):
+    res, _ = _run(tiny_dataset, tmp_path)
+    with h5py.File(res.path, "a") as f:  # as if a newer headbench sharing the folder had written it
+        f.attrs["schema_version"] = 99
+    before = res.path.read_bytes()
+    with pytest.raises(CacheError, match="schema_version 99, newer than this headbench") as err:
+        _run(tiny_dataset, tmp_path)
+    assert "\n" not in str(err.value) and res.path.read_bytes() == before
+
+
+def test_a_cache_without_its_features_dataset_is_called_damaged_and_rebuilt(tiny_dataset, tmp_path):
+    res, _ = _run(tiny_dataset, tmp_path)
+    want = _features_by_path(res.path)
+    with h5py.File(res.path, "a") as f:
+        del f["features/avg"]
+    with pytest.raises(CacheError, match="features/avg dataset is missing") as err:
+        cache.open_features(res.path)
+    assert "\n" not in str(err.value)
+    again, msgs = _run(tiny_dataset, tmp_path)  # extract rebuilds it, saying why
+    assert any("features/avg dataset is missing" in m for m in msgs), msgs
+    got = _features_by_path(again.path)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

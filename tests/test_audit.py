@@ -323,3 +323,14 @@ def test_cli_refuses_exclude_leaks_without_the_audit_before_any_work(tmp_path):
     res = CliRunner().invoke(cli.app, ["fit", "--cache-dir", str(tmp_path), "--no-audit", "--exclude-leaks"])
     assert res.exit_code == 2 and "--exclude-leaks needs the audit" in res.output
     assert "no complete feature caches" not in res.output  # refused before the caches are looked for
+
+
+def test_a_search_over_the_memory_budget_is_skipped_with_one_line():
+    X, y = _blobs()
+    images = AuditImages([f"{i}.jpg" for i in range(len(y))], y, np.array(["train"] * len(y)), ["a", "b", "c"],
+                         [""] * len(y), ["test"])
+    a = run_audit(images, [AuditSource("toy", "toy.h5", lambda i: X[i])],
+                  AuditConfig(search="exact", memory_bytes=1000, block_bytes=1 << 20))
+    assert a.search == "skipped" and a.duplicates.pairs == 0
+    assert [ln for ln in a.lines() if "over the memory budget" in ln and "--memory-budget" in ln]
+    assert a.oof.scored.all() and a.oof.accuracy > 0.9  # suspect labels still ran

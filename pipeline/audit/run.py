@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.audit.duplicates import KINDS, NEAR_FACTOR, Duplicates, find_duplicates, find_leaks, near_threshold
 from pipeline.audit.labels import OutOfFold, default_model, label_issues, out_of_fold_proba
-from pipeline.audit.neighbors import EXACT_MAX_ROWS, choose_search, knn
+from pipeline.audit.neighbors import EXACT_MAX_ROWS, HNSW_LINKS, choose_search, knn
 from pipeline.audit.outliers import OUTLIER_IQR, outlier_fence, outlier_scores
 from pipeline.audit.space import FULL_DIM_ROWS, Embedding, embed
 
@@ -44,6 +44,9 @@ class AuditConfig:
     full_dim_rows: int = FULL_DIM_ROWS
     block_bytes: int = 256 * 2**20
     """Memory for one block of similarities in the exact search (``fit`` sets it from its memory budget)."""
+    memory_bytes: int | None = None
+    """The memory the neighbour search may take (``fit``: its memory budget); above it the search is skipped with
+    one line. None: no limit."""
     make_model: Callable[[], Any] = default_model
 
 
@@ -162,6 +165,14 @@ class Audit:
         }
 
 
+def search_bytes(n: int, dim: int, k: int, method: str, block_bytes: int) -> int:
+    """Memory of the neighbour search: the index's copy of the vectors (faiss), its graph links (HNSW), the
+    neighbour lists and one block of similarities (exact)."""
+    index = n * dim * 4 if method.startswith("faiss") else 0
+    links = n * 2 * HNSW_LINKS * 4 if method == "faiss-hnsw" else 0
+    return int(index + links + n * k * 12 + (block_bytes if method == "exact" else 0))
+
+
 def _prepare(src: AuditSource, n: int, labels: np.ndarray, n_classes: int, cfg: AuditConfig
              ) -> tuple[Embedding, OutOfFold]:
     emb = embed(src.read, n, cfg.seed, cfg.full_dim_rows)
@@ -196,8 +207,14 @@ def run_audit(images: AuditImages, sources: Sequence[AuditSource], config: Audit
     skipped: list[str] = []
     method = cfg.search or choose_search(n)
     k = max(1, min(cfg.k, n - 1))
+    need = search_bytes(n, Z.shape[1], k, method, cfg.block_bytes)
+    if cfg.memory_bytes is not None and method != "skipped" and need > cfg.memory_bytes:
+        skipped.append(f"near duplicates, leaks by likeness and outliers skipped: the neighbour search of {n:,} "
+                       f"rows needs about {need / 2**20:,.0f} MiB, over the memory budget of "
+                       f"{cfg.memory_bytes / 2**20:,.0f} MiB (pass a larger --memory-budget)")
+        method = "skipped"
     nn = knn(Z, k, method=method, block_bytes=cfg.block_bytes)
-    if method == "skipped":
+    if method == "skipped" and not skipped:
         skipped.append(f"near duplicates, leaks by likeness and outliers skipped: {n:,} rows are over the exact "
                        f"search's {EXACT_MAX_ROWS:,}; pip install 'headbench[audit]' (faiss-cpu) for the "
                        f"approximate index (exact copies and suspect labels are still checked)")

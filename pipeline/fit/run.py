@@ -315,7 +315,8 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
         found: Audit | None = None
         if audit:
             found = run_audit(_audit_images(inputs, splits, protocol), _audit_sources(inputs),
-                              audit_config or AuditConfig(seed=seed, block_bytes=_audit_block(budget)),
+                              audit_config or AuditConfig(seed=seed, block_bytes=_audit_block(budget),
+                                                       memory_bytes=budget.bytes),
                               exclude_leaks)
             for line in found.lines():
                 say(line)

@@ -144,7 +144,9 @@ class BackboneSpec:
         Relative cost on CPU, from ``bench/backbones.py`` (docs/benchmarks.md): CPU time per image as a multiple
         of MobileNetV2's at each one's native input size.
     family : str
-        Architecture family (one backbone per family is checked through ONNX Runtime in the default tests).
+        Architecture lineage: ``mobilenet`` (v1-v3), ``inception`` (InceptionV3, Xception, InceptionResNetV2),
+        ``resnet`` (v1, v2), ``efficientnet`` (V1, V2), ``convnext``, ``densenet``, ``nasnet``. The default tests run
+        one backbone of each family through ONNX Runtime (``--every-backbone``: all of them).
     """
 
     name: str
@@ -225,7 +227,7 @@ for _spec in (
         ),
         BackboneSpec(
             name="mobilenet_v2",
-            family="mobilenet_v2",
+            family="mobilenet",
             builder="keras.applications.MobileNetV2",
             preprocess="keras.applications.mobilenet_v2.preprocess_input",
             preprocess_mode="tf",
@@ -239,7 +241,7 @@ for _spec in (
         ),
         BackboneSpec(
             name="inception_v3",
-            family="inception_v3",
+            family="inception",
             builder="keras.applications.InceptionV3",
             preprocess="keras.applications.inception_v3.preprocess_input",
             preprocess_mode="tf",
@@ -291,7 +293,7 @@ for _spec in (
         ),
         BackboneSpec(
             name="mobilenet_v3_small",
-            family="mobilenet_v3",
+            family="mobilenet",
             builder="keras.applications.MobileNetV3Small",
             preprocess="keras.applications.mobilenet_v3.preprocess_input",
             preprocess_mode="in-model",
@@ -304,7 +306,7 @@ for _spec in (
         ),
         BackboneSpec(
             name="mobilenet_v3_large",
-            family="mobilenet_v3",
+            family="mobilenet",
             builder="keras.applications.MobileNetV3Large",
             preprocess="keras.applications.mobilenet_v3.preprocess_input",
             preprocess_mode="in-model",
@@ -345,7 +347,7 @@ for _spec in (
                 map_side=side,
                 min_input_size=32,
                 imagenet_file=_efficientnet_file("efficientnet_v2", f"efficientnetv2-{v}", v if v != "s" else "-s"),
-                family="efficientnet_v2",
+                family="efficientnet",
                 summary=f"EfficientNetV2-{v.upper()} (Tan & Le 2021); {what}; takes [0, 255], rescales inside",
             )
             for v, size, dim, side, what in (
@@ -384,7 +386,7 @@ for _spec in (
                 map_side=7,
                 min_input_size=32,
                 imagenet_file=_resnet_file(f"resnet{depth}v2"),
-                family="resnet_v2",
+                family="resnet",
                 summary=f"ResNet{depth}V2 (He et al. 2016, pre-activation); {what}; x / 127.5 - 1",
             )
             for depth, what in ((50, "24 M weights"), (101, "43 M weights"))
@@ -401,7 +403,7 @@ for _spec in (
             imagenet_file=_module_url_file("xception", "WEIGHTS_PATH_NO_TOP",
                                            "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
                                            "b0042744bf5b25fce3cb969f33bebb97"),
-            family="xception",
+            family="inception",
             summary="Xception (Chollet 2017); depthwise-separable Inception, 21 M weights, 10x10 maps at 299",
         ),
         BackboneSpec(
@@ -416,7 +418,7 @@ for _spec in (
             imagenet_file=_module_url_file("inception_resnet_v2", "BASE_WEIGHT_URL",
                                            "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
                                            "d19885ff4a710c122648d3b5c3b684e4"),
-            family="inception_resnet_v2",
+            family="inception",
             summary="InceptionResNetV2 (Szegedy et al. 2016); Inception with residual connections, 54 M weights",
         ),
         *(

@@ -245,7 +245,7 @@ def _frozen_graph_def(concrete: Any) -> tuple[Any, list[str], list[str]]:
 
     n_in = len(concrete.structured_input_signature[0])
     try:
-        data = c2c._FunctionConverterDataInEager(func=concrete, lower_control_flow=False)
+        data = c2c._FunctionConverterDataInEager(func=concrete, lower_control_flow=False, aggressive_inlining=False)
         graph_def, _ = c2c._replace_variables_by_constants(converter_data=data)
         return graph_def, [t.name for t in concrete.inputs[:n_in]], [t.name for t in concrete.outputs]
     except (AttributeError, TypeError):

@@ -19,7 +19,7 @@ import importlib
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -458,6 +458,20 @@ for _spec in (
 ):
     register_backbone(_spec)
 del _spec
+
+MEASURED_COST = {
+    "mobilenet": 1.3, "mobilenet_v2": 1.0, "inception_v3": 10.1, "resnet50": 8.1, "efficientnet_b0": 2.0,
+    "mobilenet_v3_small": 0.4, "mobilenet_v3_large": 1.1, "convnext_tiny": 13.2, "convnext_small": 25.2,
+    "convnext_base": 52.0, "efficientnet_v2_b0": 1.9, "efficientnet_v2_b1": 3.0, "efficientnet_v2_b2": 4.0,
+    "efficientnet_v2_b3": 8.4, "efficientnet_v2_s": 18.1, "efficientnet_b1": 3.0, "efficientnet_b2": 3.7,
+    "efficientnet_b3": 8.0, "resnet50_v2": 6.3, "resnet101_v2": 17.4, "xception": 17.6, "inception_resnet_v2": 27.9,
+    "densenet121": 5.9, "densenet201": 9.2, "nasnet_mobile": 2.7,
+}
+"""ONNX Runtime CPU time per image over MobileNetV2's, each at its native input size (``bench/backbones.py`` on 2
+cores, 2026-12-02, docs/benchmarks.md): the ``cost`` column of ``python cli.py backbones``."""
+for _name, _ratio in MEASURED_COST.items():
+    _REGISTRY[_name] = replace(_REGISTRY[_name], cost=f"x{_ratio:g}")
+del _name, _ratio
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -591,14 +591,14 @@ def resolve_weights(
     if w.lower() in ("none", "random"):
         return WeightsInfo("none", "", "")
     if w.lower() == "imagenet":
-        fname, url, md5 = spec.imagenet_file(alpha if alpha is not None else 1.0, input_size)
+        fname, url, file_hash = spec.imagenet_file(alpha if alpha is not None else 1.0, input_size)
         local = keras_models_dir() / fname
         if not local.exists():
             announce(f"downloading ImageNet weights for {spec.name}: {url} -> {local}")
             try:
                 import keras
 
-                got = keras.utils.get_file(fname, origin=url, cache_subdir="models", file_hash=md5)
+                got = keras.utils.get_file(fname, origin=url, cache_subdir="models", file_hash=file_hash)
             except Exception as exc:  # network errors surface as bare Exception from Keras
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 reason = text.rsplit(" -- ", 1)[-1] if " -- " in text else text.replace(url, "").strip(" :")

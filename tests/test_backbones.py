@@ -38,13 +38,27 @@ def _test_size(spec: BackboneSpec) -> int:
     return max(spec.min_input_size, 32)
 
 
-def _perturb(model, seed: int = 0) -> None:
+def _perturb(model, seed: int = 0, mild: bool = False) -> None:
     """Random normalisation statistics (see conftest) and random scales of every other ``gamma`` (ConvNeXt's
-    LayerScale starts at 1e-6, which would hide its residual branches, and LayerNormalization's at 1)."""
+    LayerScale starts at 1e-6, which would hide its residual branches, and LayerNormalization's at 1).
+
+    ``mild``: batch-norm statistics near the identity (means N(0, 0.1), variances in [0.5, 2], scales in [0.8, 1.2]).
+    With conftest's wider ones, the deepest networks (EfficientNetV2-B3 and -S: 40+ blocks) amplify float rounding
+    until folding the normalisations alone (TensorFlow against TensorFlow) changes the features by ~5e-3, which
+    says nothing about a runtime; compared across runtimes (which fold), the statistics stay mild.
+    """
     randomise_statistics(model, seed=seed)
     rng = np.random.default_rng(seed + 1)
     for layer in model_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
+            if mild:
+                n = layer.moving_mean.shape[0]
+                layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
+                layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype("float32"))
+                if layer.scale:
+                    layer.gamma.assign(rng.uniform(0.8, 1.2, n).astype("float32"))
+                if layer.center:
+                    layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
             continue
         for w in layer.weights:
             if w.path.rsplit("/", 1)[-1] == "gamma":
@@ -179,7 +193,7 @@ def test_every_backbone_onnx_runtime_matches_keras(name, tmp_path, monkeypatch):
     size = max(spec.min_input_size, 64)
     alpha = min(spec.alphas) if spec.alphas else None
     built = build_feature_model(name, "none", size, alpha, maps=True, max_pool=True, announce=lambda m: None)
-    _perturb(built.model)
+    _perturb(built.model, mild=True)
     model = ModelConfig(name, size, alpha, WeightsInfo("none", "", ""), ("avg", "max", "maps"))
     rt = make_runtime(model, "onnx", log=lambda m: None, built=built)
     assert isinstance(rt, OnnxRuntime)

@@ -19,7 +19,7 @@ test: $(VENV)/.installed
 	bash tests/setup_browser.sh
 	$(PY) -m pytest -q
 
-# Every registered backbone through ONNX Runtime, and its ImageNet file against Keras's own (about 15 minutes).
+# Every registered backbone through ONNX Runtime, and its ImageNet file against Keras's own (about 11 minutes).
 test-backbones: $(VENV)/.installed
 	$(PY) -m pytest -q tests/test_backbones.py --every-backbone -k every
 

@@ -23,7 +23,7 @@ V1_WEIGHTS = "weights/coralq_mobilenet_1_0_224_tf_no_top.weights.h5"
 def pytest_addoption(parser):
     parser.addoption("--every-backbone", action="store_true", default=False,
                      help="also run the every_backbone tests (each registered backbone through ONNX Runtime, and "
-                          "each ImageNet file against Keras's own; about 15 minutes on 2 cores)")
+                          "each ImageNet file against Keras's own; about 11 minutes on 2 cores)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-backbones bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ test: $(VENV)/.installed
 	bash tests/setup_browser.sh
 	$(PY) -m pytest -q
 
+# Every registered backbone through ONNX Runtime, and its ImageNet file against Keras's own (about 11 minutes).
+test-backbones: $(VENV)/.installed
+	$(PY) -m pytest -q tests/test_backbones.py --every-backbone -k every
+
 bench: $(VENV)/.installed
 	$(PY) bench/extract.py
 	$(PY) bench/heads.py
+	$(PY) bench/backbones.py
 
 clean:
 	rm -rf $(VENV) cache/*.h5 reports/*.html runs

@@ -33,9 +33,9 @@ def _choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
 
 
 def _registry_names() -> list[str]:
-    from pipeline.backbones import REGISTRY
+    from pipeline.backbones import list_backbones
 
-    return list(REGISTRY)
+    return list_backbones()
 
 
 def _head_names() -> list[str]:
@@ -365,15 +365,19 @@ def finetune(
 
 @app.command()
 def backbones() -> None:
-    """List the registered backbones with their input size, preprocessing and feature shapes."""
-    from pipeline.backbones import REGISTRY
+    """List the registered backbones: input size, preprocessing, feature shapes, what each is and its CPU cost."""
+    from pipeline.backbones import get_spec, list_backbones
 
-    for spec in REGISTRY.values():
+    typer.echo("cost: CPU time per image relative to mobilenet_v2, each at its own input size "
+               "(bench/backbones.py, docs/benchmarks.md)")
+    for name in list_backbones():
+        spec = get_spec(name)
         side = spec.map_side
         alphas = f"  alpha {{{', '.join(f'{a:g}' for a in spec.alphas)}}}" if spec.alphas else ""
+        maps = f"{side}x{side}x{spec.feature_dim}"
         typer.echo(
-            f"{spec.name:<20} {spec.default_input_size}px  pooled {spec.feature_dim:<5} maps {side}x{side}x"
-            f"{spec.feature_dim:<5} {spec.preprocess}{alphas}\n{'':<21}{spec.summary}"
+            f"{spec.name:<20} {spec.default_input_size}px  pooled {spec.feature_dim:<5} maps {maps:<11} "
+            f"cost {spec.cost or '?':<6} {spec.preprocess}{alphas}\n{'':<21}{spec.summary}"
         )
 
 

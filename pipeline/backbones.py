@@ -5,9 +5,11 @@ builds it, its own ``preprocess_input`` (and the equivalent per-pixel affine map
 model, so pixels in ``[0, 255]`` go in and no caller can feed the wrong preprocessing), its default input size,
 its pooled feature dimension and where its ImageNet weights come from.
 
-:func:`get_spec` is the one lookup; an unknown name raises :class:`~pipeline.errors.BackboneError` listing the
-registered ones. :func:`build_feature_model` is the one factory. Keras is imported lazily so that listing the
-registry is instant.
+:func:`register_backbone` adds a spec (this module registers the built-in ones; a test or a plug-in can add its
+own), :func:`list_backbones` lists them (the command line's ``-b`` choices) and :func:`get_spec` is the one
+lookup; an unknown name raises :class:`~pipeline.errors.BackboneError` listing the registered ones.
+:func:`build_feature_model` is the one factory. Keras is imported lazily so that listing the registry is instant;
+where Keras's application modules expose the ImageNet weights' URL and hash, they are read from there when needed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import importlib
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +51,57 @@ def _mobilenet_v3_file(kind: str) -> Callable[[float, int], tuple[str, str, str 
     hashes = {"small": "d3e8ec802a04aa4fc771ee12a9a9b836", "large": "07fb09a5933dd0c8eaafa16978110389"}
     name = f"weights_mobilenet_v3_{kind}_224_1.0_float_no_top_v2.h5"
     return _fixed_file(name, _KERAS_APPS + "mobilenet_v3/" + name, hashes[kind])
+
+
+def _keras_module(name: str) -> Any:
+    """``keras.src.applications.<name>``: where Keras keeps each application's weight URLs and hashes."""
+    return importlib.import_module(f"keras.src.applications.{name}")
+
+
+def _convnext_file(variant: str) -> Callable[[float, int], tuple[str, str, str | None]]:
+    """ConvNeXt no-top weights: ``BASE_WEIGHTS_PATH`` and ``WEIGHTS_HASHES`` (SHA-256) of Keras's module."""
+
+    def files(alpha: float, size: int) -> tuple[str, str, str | None]:
+        m = _keras_module("convnext")
+        name = f"convnext_{variant}_notop.h5"
+        return name, m.BASE_WEIGHTS_PATH + name, m.WEIGHTS_HASHES[f"convnext_{variant}"][1]
+
+    return files
+
+
+def _efficientnet_file(module: str, model: str, key: str) -> Callable[[float, int], tuple[str, str, str | None]]:
+    """EfficientNet (V1 or V2) no-top weights: Keras names the file after the model (``efficientnetb1``,
+    ``efficientnetv2-s``) and keeps the hashes under the variant (``b1``, ``-s``)."""
+
+    def files(alpha: float, size: int) -> tuple[str, str, str | None]:
+        m = _keras_module(module)
+        name = f"{model}_notop.h5"
+        return name, m.BASE_WEIGHTS_PATH + name, m.WEIGHTS_HASHES[key][1]
+
+    return files
+
+
+def _resnet_file(weights_name: str) -> Callable[[float, int], tuple[str, str, str | None]]:
+    """ResNet / ResNetV2 no-top weights from ``keras.src.applications.resnet`` (which ResNetV2 loads through)."""
+
+    def files(alpha: float, size: int) -> tuple[str, str, str | None]:
+        m = _keras_module("resnet")
+        name = f"{weights_name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        return name, m.BASE_WEIGHTS_PATH + name, m.WEIGHTS_HASHES[weights_name][1]
+
+    return files
+
+
+def _module_url_file(module: str, url_attr: str, name: str, md5: str) -> Callable[[float, int],
+                                                                                    tuple[str, str, str | None]]:
+    """Weights whose URL Keras's module exposes (``url_attr``, a full URL or a base to which ``name`` is added)
+    but whose hash it only passes inline to ``get_file``: the hash here is the one in that call (Keras 3.15)."""
+
+    def files(alpha: float, size: int) -> tuple[str, str, str | None]:
+        url = getattr(_keras_module(module), url_attr)
+        return name, url if url.endswith(".h5") else url + name, md5
+
+    return files
 
 
 @dataclass(frozen=True)
@@ -83,10 +136,17 @@ class BackboneSpec:
         ``weights="imagenet"``, so a model built without weights and then loaded lacks it; see
         :func:`_divide_by_variance`).
     imagenet_file : callable
-        ``(alpha, input_size) -> (file name, URL, md5 or None)`` of the no-top ImageNet weights, as Keras names
-        and caches them under ``$KERAS_HOME/models``.
+        ``(alpha, input_size) -> (file name, URL, hash or None)`` of the no-top ImageNet weights, as Keras names
+        and caches them under ``$KERAS_HOME/models`` (the hash is MD5 or SHA-256, as Keras checks it).
     summary : str
-        One line for ``python cli.py backbones``.
+        One line for ``python cli.py backbones``: what it is.
+    cost : str
+        Relative cost on CPU, from ``bench/backbones.py`` (docs/benchmarks.md): CPU time per image as a multiple
+        of MobileNetV2's at each one's native input size.
+    family : str
+        Architecture lineage: ``mobilenet`` (v1-v3), ``inception`` (InceptionV3, Xception, InceptionResNetV2),
+        ``resnet`` (v1, v2), ``efficientnet`` (V1, V2), ``convnext``, ``densenet``, ``nasnet``. The default tests run
+        one backbone of each family through ONNX Runtime (``--every-backbone``: all of them).
     """
 
     name: str
@@ -101,13 +161,59 @@ class BackboneSpec:
     summary: str
     alphas: tuple[float, ...] = field(default=())
     stddev_twice: bool = False
+    cost: str = ""
+    family: str = ""
 
 
-REGISTRY: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def register_backbone(spec: BackboneSpec, replace: bool = False) -> BackboneSpec:
+    """Add ``spec`` to the registry (the command line's ``-b`` choices and ``backbones`` come from it).
+
+    Parameters
+    ----------
+    spec : BackboneSpec
+        Its ``name`` must be lower case with underscores (how :func:`get_spec` looks names up).
+    replace : bool
+        Allow replacing a backbone registered under the same name.
+
+    Returns
+    -------
+    BackboneSpec
+        ``spec``, so that the call can decorate a module-level constant.
+
+    Raises
+    ------
+    BackboneError
+        The name is not in registry form, or is taken and ``replace`` is False.
+    """
+    if _key(spec.name) != spec.name or not spec.name:
+        raise BackboneError(f"backbone name {spec.name!r} must be lower case with underscores")
+    if spec.name in _REGISTRY and not replace:
+        raise BackboneError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_backbone(name: str) -> None:
+    """Remove a registered backbone (tests that registered a toy one); unknown names are ignored."""
+    _REGISTRY.pop(_key(name), None)
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered backbones, in registration order."""
+    return list(_REGISTRY)
+
+
+for _spec in (
         BackboneSpec(
             name="mobilenet",
+            family="mobilenet",
             builder="keras.applications.MobileNet",
             preprocess="keras.applications.mobilenet.preprocess_input",
             preprocess_mode="tf",
@@ -121,6 +227,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             name="mobilenet_v2",
+            family="mobilenet",
             builder="keras.applications.MobileNetV2",
             preprocess="keras.applications.mobilenet_v2.preprocess_input",
             preprocess_mode="tf",
@@ -134,6 +241,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             name="inception_v3",
+            family="inception",
             builder="keras.applications.InceptionV3",
             preprocess="keras.applications.inception_v3.preprocess_input",
             preprocess_mode="tf",
@@ -150,6 +258,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             name="resnet50",
+            family="resnet",
             builder="keras.applications.ResNet50",
             preprocess="keras.applications.resnet50.preprocess_input",
             preprocess_mode="caffe",
@@ -166,6 +275,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             name="efficientnet_b0",
+            family="efficientnet",
             builder="keras.applications.EfficientNetB0",
             preprocess="keras.applications.efficientnet.preprocess_input",
             preprocess_mode="in-model",
@@ -183,6 +293,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             name="mobilenet_v3_small",
+            family="mobilenet",
             builder="keras.applications.MobileNetV3Small",
             preprocess="keras.applications.mobilenet_v3.preprocess_input",
             preprocess_mode="in-model",
@@ -195,6 +306,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             name="mobilenet_v3_large",
+            family="mobilenet",
             builder="keras.applications.MobileNetV3Large",
             preprocess="keras.applications.mobilenet_v3.preprocess_input",
             preprocess_mode="in-model",
@@ -205,8 +317,161 @@ REGISTRY: dict[str, BackboneSpec] = {
             imagenet_file=_mobilenet_v3_file("large"),
             summary="MobileNetV3-Large (Howard et al. 2019); rescales inside the network",
         ),
-    )
+        *(
+            BackboneSpec(
+                name=f"convnext_{v}",
+                builder=f"keras.applications.ConvNeXt{v.title()}",
+                preprocess="keras.applications.convnext.preprocess_input",
+                preprocess_mode="in-model",
+                default_input_size=224,
+                feature_dim=dim,
+                map_side=7,
+                min_input_size=32,
+                imagenet_file=_convnext_file(v),
+                family="convnext",
+                summary=f"ConvNeXt-{v.title()} (Liu et al. 2022), ImageNet-1k; {what}; takes [0, 255], "
+                        f"normalises inside",
+            )
+            for v, dim, what in (("tiny", 768, "28 M weights, LayerNorm, no batch norm"),
+                                 ("small", 768, "50 M weights, Tiny with 27 blocks in stage 3"),
+                                 ("base", 1024, "88 M weights, Small at 4/3 the width"))
+        ),
+        *(
+            BackboneSpec(
+                name=f"efficientnet_v2_{v}",
+                builder=f"keras.applications.EfficientNetV2{v.upper()}",
+                preprocess="keras.applications.efficientnet_v2.preprocess_input",
+                preprocess_mode="in-model",
+                default_input_size=size,
+                feature_dim=dim,
+                map_side=side,
+                min_input_size=32,
+                imagenet_file=_efficientnet_file("efficientnet_v2", f"efficientnetv2-{v}", v if v != "s" else "-s"),
+                family="efficientnet",
+                summary=f"EfficientNetV2-{v.upper()} (Tan & Le 2021); {what}; takes [0, 255], rescales inside",
+            )
+            for v, size, dim, side, what in (
+                ("b0", 224, 1280, 7, "6 M weights, fused-MBConv early stages"),
+                ("b1", 240, 1280, 8, "7 M weights"),
+                ("b2", 260, 1408, 9, "9 M weights"),
+                ("b3", 300, 1536, 10, "13 M weights"),
+                ("s", 384, 1280, 12, "20 M weights"),
+            )
+        ),
+        *(
+            BackboneSpec(
+                name=f"efficientnet_{v}",
+                builder=f"keras.applications.EfficientNet{v.upper()}",
+                preprocess="keras.applications.efficientnet.preprocess_input",
+                preprocess_mode="in-model",
+                default_input_size=size,
+                feature_dim=dim,
+                map_side=side,
+                min_input_size=32,
+                imagenet_file=_efficientnet_file("efficientnet", f"efficientnet{v}", v),
+                family="efficientnet",
+                summary=f"EfficientNet{v.upper()} (Tan & Le 2019); B0 scaled to {size} px; rescales inside the network",
+                stddev_twice=True,
+            )
+            for v, size, dim, side in (("b1", 240, 1280, 8), ("b2", 260, 1408, 9), ("b3", 300, 1536, 10))
+        ),
+        *(
+            BackboneSpec(
+                name=f"resnet{depth}_v2",
+                builder=f"keras.applications.ResNet{depth}V2",
+                preprocess="keras.applications.resnet_v2.preprocess_input",
+                preprocess_mode="tf",
+                default_input_size=224,
+                feature_dim=2048,
+                map_side=7,
+                min_input_size=32,
+                imagenet_file=_resnet_file(f"resnet{depth}v2"),
+                family="resnet",
+                summary=f"ResNet{depth}V2 (He et al. 2016, pre-activation); {what}; x / 127.5 - 1",
+            )
+            for depth, what in ((50, "24 M weights"), (101, "43 M weights"))
+        ),
+        BackboneSpec(
+            name="xception",
+            builder="keras.applications.Xception",
+            preprocess="keras.applications.xception.preprocess_input",
+            preprocess_mode="tf",
+            default_input_size=299,
+            feature_dim=2048,
+            map_side=10,
+            min_input_size=71,
+            imagenet_file=_module_url_file("xception", "WEIGHTS_PATH_NO_TOP",
+                                           "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                           "b0042744bf5b25fce3cb969f33bebb97"),
+            family="inception",
+            summary="Xception (Chollet 2017); depthwise-separable Inception, 21 M weights, 10x10 maps at 299",
+        ),
+        BackboneSpec(
+            name="inception_resnet_v2",
+            builder="keras.applications.InceptionResNetV2",
+            preprocess="keras.applications.inception_resnet_v2.preprocess_input",
+            preprocess_mode="tf",
+            default_input_size=299,
+            feature_dim=1536,
+            map_side=8,
+            min_input_size=75,
+            imagenet_file=_module_url_file("inception_resnet_v2", "BASE_WEIGHT_URL",
+                                           "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                           "d19885ff4a710c122648d3b5c3b684e4"),
+            family="inception",
+            summary="InceptionResNetV2 (Szegedy et al. 2016); Inception with residual connections, 54 M weights",
+        ),
+        *(
+            BackboneSpec(
+                name=f"densenet{depth}",
+                builder=f"keras.applications.DenseNet{depth}",
+                preprocess="keras.applications.densenet.preprocess_input",
+                preprocess_mode="torch",
+                default_input_size=224,
+                feature_dim=dim,
+                map_side=7,
+                min_input_size=32,
+                imagenet_file=_module_url_file("densenet", f"DENSENET{depth}_WEIGHT_PATH_NO_TOP",
+                                               f"densenet{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5", md5),
+                family="densenet",
+                summary=f"DenseNet{depth} (Huang et al. 2017); {what}; torch-style x / 255, minus mean, over std",
+            )
+            for depth, dim, md5, what in (
+                (121, 1024, "30ee3e1110167f948a6b9946edeeb738", "7 M weights"),
+                (201, 1920, "c13680b51ded0fb44dff2d8f86ac8bb1", "18 M weights"),
+            )
+        ),
+        BackboneSpec(
+            name="nasnet_mobile",
+            builder="keras.applications.NASNetMobile",
+            preprocess="keras.applications.nasnet.preprocess_input",
+            preprocess_mode="tf",
+            default_input_size=224,
+            feature_dim=1056,
+            map_side=7,
+            min_input_size=32,
+            imagenet_file=_module_url_file("nasnet", "NASNET_MOBILE_WEIGHT_PATH_NO_TOP", "nasnet_mobile_no_top.h5",
+                                           "1ed92395b5b598bdda52abe5c0dbfd63"),
+            family="nasnet",
+            summary="NASNet-A Mobile (Zoph et al. 2018); architecture-searched cells, 4 M weights, many small ops",
+        ),
+):
+    register_backbone(_spec)
+del _spec
+
+MEASURED_COST = {
+    "mobilenet": 1.3, "mobilenet_v2": 1.0, "inception_v3": 10.1, "resnet50": 8.1, "efficientnet_b0": 2.0,
+    "mobilenet_v3_small": 0.4, "mobilenet_v3_large": 1.1, "convnext_tiny": 13.2, "convnext_small": 25.2,
+    "convnext_base": 52.0, "efficientnet_v2_b0": 1.9, "efficientnet_v2_b1": 3.0, "efficientnet_v2_b2": 4.0,
+    "efficientnet_v2_b3": 8.4, "efficientnet_v2_s": 18.1, "efficientnet_b1": 3.0, "efficientnet_b2": 3.7,
+    "efficientnet_b3": 8.0, "resnet50_v2": 6.3, "resnet101_v2": 17.4, "xception": 17.6, "inception_resnet_v2": 27.9,
+    "densenet121": 5.9, "densenet201": 9.2, "nasnet_mobile": 2.7,
 }
+"""ONNX Runtime CPU time per image over MobileNetV2's, each at its native input size (``bench/backbones.py`` on 2
+cores, 2026-12-02, docs/benchmarks.md): the ``cost`` column of ``python cli.py backbones``."""
+for _name, _ratio in MEASURED_COST.items():
+    _REGISTRY[_name] = replace(_REGISTRY[_name], cost=f"x{_ratio:g}")
+del _name, _ratio
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -217,10 +482,10 @@ def get_spec(name: str) -> BackboneSpec:
     BackboneError
         If ``name`` is not registered; the message lists what is.
     """
-    key = name.strip().lower().replace("-", "_")
-    if key not in REGISTRY:
-        raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(REGISTRY)}")
-    return REGISTRY[key]
+    key = _key(name)
+    if key not in _REGISTRY:
+        raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key]
 
 
 def backbone_label(name: str, alpha: float | None, input_size: int) -> str:
@@ -326,14 +591,14 @@ def resolve_weights(
     if w.lower() in ("none", "random"):
         return WeightsInfo("none", "", "")
     if w.lower() == "imagenet":
-        fname, url, md5 = spec.imagenet_file(alpha if alpha is not None else 1.0, input_size)
+        fname, url, file_hash = spec.imagenet_file(alpha if alpha is not None else 1.0, input_size)
         local = keras_models_dir() / fname
         if not local.exists():
             announce(f"downloading ImageNet weights for {spec.name}: {url} -> {local}")
             try:
                 import keras
 
-                got = keras.utils.get_file(fname, origin=url, cache_subdir="models", file_hash=md5)
+                got = keras.utils.get_file(fname, origin=url, cache_subdir="models", file_hash=file_hash)
             except Exception as exc:  # network errors surface as bare Exception from Keras
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 reason = text.rsplit(" -- ", 1)[-1] if " -- " in text else text.replace(url, "").strip(" :")
@@ -407,8 +672,8 @@ def weights_mismatch(exc: BaseException) -> str:
 def preprocess_layers(spec: BackboneSpec) -> list:
     """Keras layers that do exactly what ``spec``'s ``preprocess_input`` does, for pixels in [0, 255].
 
-    Built from standard layers only (Rescaling, a fixed 1x1 convolution for the BGR flip), so a saved feature or
-    exported model loads in plain Keras without custom objects.
+    Built from standard layers only (Rescaling, per channel for ``"torch"``; a fixed 1x1 convolution for the BGR
+    flip), so a saved feature or exported model loads in plain Keras without custom objects.
     """
     import keras
 
@@ -425,6 +690,11 @@ def preprocess_layers(spec: BackboneSpec) -> list:
         conv.build((None, None, None, 3))
         conv.set_weights([kernel, -mean_bgr])
         return [keras.layers.Rescaling(1.0, name="to_float"), conv]
+    if spec.preprocess_mode == "torch":  # (x / 255 - mean) / std per channel, as one affine map
+        mean = np.array([0.485, 0.456, 0.406], dtype="float64")
+        std = np.array([0.229, 0.224, 0.225], dtype="float64")
+        return [keras.layers.Rescaling(scale=(1.0 / (255.0 * std)).tolist(), offset=(-mean / std).tolist(),
+                                       name="preprocess_torch")]
     raise BackboneError(f"no preprocessing layers for mode {spec.preprocess_mode!r}")
 
 
@@ -463,7 +733,7 @@ def build_feature_model(
     Parameters
     ----------
     name : str
-        Registered backbone name (see :data:`REGISTRY`).
+        Registered backbone name (see :func:`list_backbones`).
     weights : str or WeightsInfo
         ``"imagenet"``, ``"none"`` or a path (see :func:`resolve_weights`), or already resolved weights.
     input_size : int, optional

@@ -20,6 +20,21 @@ V2_WEIGHTS = "weights/coralq_mobilenet_v2_1.0_224_no_top.weights.h5"
 V1_WEIGHTS = "weights/coralq_mobilenet_1_0_224_tf_no_top.weights.h5"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--every-backbone", action="store_true", default=False,
+                     help="also run the every_backbone tests (each registered backbone through ONNX Runtime, and "
+                          "each ImageNet file against Keras's own; about 11 minutes on 2 cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--every-backbone"):
+        return
+    skip = pytest.mark.skip(reason="needs --every-backbone")
+    for item in items:
+        if "every_backbone" in item.keywords:
+            item.add_marker(skip)
+
+
 def _quiet(_msg: str) -> None:
     pass
 

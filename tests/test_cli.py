@@ -35,6 +35,14 @@ def test_backbones_lists_the_registry():
     for name in ("mobilenet ", "mobilenet_v2", "inception_v3", "efficientnet_b0", "resnet50"):
         assert name in proc.stdout
     assert "8x8x2048" in proc.stdout  # InceptionV3 at 299
+    from pipeline.backbones import get_spec, list_backbones
+
+    rows = [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith((" ", "cost:"))]
+    assert [r.split()[0] for r in rows] == list_backbones()  # the registry, in its order
+    for row in rows:
+        spec = get_spec(row.split()[0])
+        assert spec.cost and f"cost {spec.cost} " in row and f"{spec.map_side}x{spec.map_side}x{spec.feature_dim}" in row
+    assert "ConvNeXt-Tiny" in proc.stdout and "cost x52 " in proc.stdout  # convnext_base, from bench/backbones.py
 
 
 @pytest.mark.parametrize("setup, args, expect", [

@@ -118,3 +118,75 @@ class PassThrough(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
+
+
+def portable_copy(model: Any) -> Any:
+    """A copy of a functional Keras ``model`` in ops every ONNX exporter knows, or ``model`` itself when it has none
+    to replace.
+
+    Two layers of ConvNeXt trace to TensorFlow ops that tf2onnx cannot convert:
+
+    * a ``Conv2D`` with ``groups`` equal to its input and output channels (a depthwise convolution written as a
+      grouped one) runs, on TensorFlow, inside a nested XLA-compiled function (``StatefulPartitionedCall``); the
+      copy has the equivalent ``DepthwiseConv2D`` (kernel ``(kh, kw, 1, c)`` -> ``(kh, kw, c, 1)``, same bias);
+    * the exact ``gelu`` activation is ``0.5 x erfc(-x / sqrt 2)`` on TensorFlow, and ONNX has no ``Erfc``; the copy
+      computes ``0.5 x (1 + erf(x / sqrt 2))``, the same function.
+
+    Nested functional models are rewritten too; layer names are kept; ``model`` is not modified.
+    """
+    if not _needs_portable(model):
+        return model
+    cloned: dict[str, Any] = {}
+
+    def clone(layer: Any) -> Any:
+        if isinstance(layer, keras.Model):
+            return portable_copy(layer)
+        if _is_depthwise_as_grouped(layer):
+            new = keras.layers.DepthwiseConv2D(layer.kernel_size, strides=layer.strides, padding=layer.padding,
+                                               depth_multiplier=1, dilation_rate=layer.dilation_rate,
+                                               use_bias=layer.use_bias, activation=layer.activation,
+                                               name=layer.name)
+        elif _is_exact_gelu(layer):
+            new = keras.layers.Activation(_gelu_erf, name=layer.name)
+        else:
+            new = layer.__class__.from_config(layer.get_config())
+        cloned[layer.name] = new
+        return new
+
+    out = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        if layer.name not in cloned or not layer.weights:
+            continue
+        target = out.get_layer(layer.name)
+        if _is_depthwise_as_grouped(layer):
+            kernel = np.asarray(layer.kernel.numpy())
+            weights = [np.transpose(kernel, (0, 1, 3, 2))] + ([layer.bias.numpy()] if layer.use_bias else [])
+            target.set_weights(weights)
+        else:
+            target.set_weights(layer.get_weights())
+    return out
+
+
+def _is_depthwise_as_grouped(layer: Any) -> bool:
+    groups = getattr(layer, "groups", 1)
+    return (type(layer) is keras.layers.Conv2D and groups > 1 and layer.data_format == "channels_last"
+            and int(layer.kernel.shape[2]) == 1 and int(layer.filters) == groups)
+
+
+def _is_exact_gelu(layer: Any) -> bool:
+    return isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.gelu
+
+
+def _gelu_erf(x: Any) -> Any:
+    """Exact GELU through ``erf`` (ONNX's ``Erf``), not TensorFlow's ``erfc``."""
+    return 0.5 * x * (1.0 + keras.ops.erf(x * 0.7071067811865476))
+
+
+def _needs_portable(model: Any) -> bool:
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            if _needs_portable(layer):
+                return True
+        elif _is_depthwise_as_grouped(layer) or _is_exact_gelu(layer):
+            return True
+    return False

@@ -15,7 +15,9 @@ keep a derived constant as a plain tensor rather than a variable therefore leak 
 ``normalization/Sub/y`` and ``normalization/Sqrt/x`` that ONNX Runtime then asks the caller to feed. Freezing first
 (``convert_variables_to_constants_v2`` turns variables *and* captured tensors into constants) and converting the
 frozen ``GraphDef`` with the one real input closes the graph whatever a layer keeps; it works for every registered
-backbone. TensorFlow's graph optimiser (which tf2onnx runs) already folds batch normalisations into the
+backbone. Two ConvNeXt layers trace to ops tf2onnx cannot convert (a depthwise convolution written as a grouped
+``Conv2D``, which TensorFlow runs in a nested XLA function, and the exact gelu's ``Erfc``): the export traces a copy
+with the same function in convertible ops (:func:`pipeline.extract.fold.portable_copy`). TensorFlow's graph optimiser (which tf2onnx runs) already folds batch normalisations into the
 convolutions, so the exported model is the plain one, not :mod:`pipeline.extract.fold`'s copy.
 
 Where the exported models live
@@ -202,7 +204,9 @@ def _convert(built: BuiltBackbone) -> Any:
     except ImportError:
         raise ExportError("the ONNX exporter tf2onnx is not installed (pip install tf2onnx)") from None
 
-    model = built.model
+    from pipeline.extract.fold import portable_copy
+
+    model = portable_copy(built.model)  # ConvNeXt's grouped convolutions and exact gelu, in ops ONNX has
     size = built.input_size
     fn = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False))
     spec = tf.TensorSpec((None, size, size, 3), tf.uint8, name=INPUT_NAME)
@@ -241,7 +245,7 @@ def _frozen_graph_def(concrete: Any) -> tuple[Any, list[str], list[str]]:
 
     n_in = len(concrete.structured_input_signature[0])
     try:
-        data = c2c._FunctionConverterDataInEager(func=concrete, lower_control_flow=False)
+        data = c2c._FunctionConverterDataInEager(func=concrete, lower_control_flow=False, aggressive_inlining=False)
         graph_def, _ = c2c._replace_variables_by_constants(converter_data=data)
         return graph_def, [t.name for t in concrete.inputs[:n_in]], [t.name for t in concrete.outputs]
     except (AttributeError, TypeError):

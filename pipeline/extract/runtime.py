@@ -158,10 +158,10 @@ def make_runner(built: BuiltBackbone, fold: bool = True) -> Callable[[np.ndarray
 
     model = built.model
     if fold:
-        from pipeline.extract.fold import fold_batch_norm
+        from pipeline.extract.fold import fold_batch_norm, portable_copy
 
-        try:
-            model = fold_batch_norm(model)
+        try:  # and ConvNeXt's grouped convolutions as depthwise ones (TensorFlow runs a grouped one through XLA)
+            model = portable_copy(fold_batch_norm(model))
         except Exception:  # noqa: BLE001 - a Keras release whose graph internals moved: the unfolded model is
             model = built.model  # the same function, only slower (tests/test_fold.py catches such a release)
     if keras.backend.backend() == "tensorflow":

@@ -44,7 +44,14 @@ By default the backbone's last stage after the block that downsamples to the fin
 convolution: the layers whose features are the most specific to ImageNet's classes and the least transferable
 (Yosinski et al. 2014); the backward pass runs through these layers only. For MobileNetV2 that is
 blocks 14-16 and ``Conv_1`` (29 layers, 1.5 M of 2.2 M weights); for InceptionV3 the last two inception blocks,
-the Keras guide's choice (62 layers). ``unfreeze`` sets the number of top layers instead (0: only the head).
+the Keras guide's choice (62 layers); for ConvNeXt its stage 4 after the last downsampling layer, for DenseNet dense
+block 5, for ResNetV2 (which downsamples at the end of stage 4) all of stage 5. ``unfreeze`` sets the number of top
+layers instead (0: only the head).
+
+ConvNeXt has no batch normalisation: its LayerNormalization layers normalise each position over its own channels,
+with no statistics that depend on the batch, so they behave alike in training and inference and are trained
+with the unfrozen layers. Every other normalisation layer with moving statistics (``BatchNormalization``) stays
+frozen, in inference mode, as above.
 
 The returned model is a plain Keras model (built-in layers only) that ``keras.models.load_model`` reloads without
 custom objects.
@@ -71,13 +78,24 @@ __all__ = ["FinetuneConfig", "FinetuneData", "FinetuneResult", "image_batches", 
 UNFREEZE_FROM = {
     "mobilenet": "conv_dw_13",
     "mobilenet_v2": "block_14_expand",
-    "inception_v3": "conv2d_80",  # the first layer after mixed8: blocks mixed9 and mixed10
+    "inception_v3": ">mixed8",  # blocks mixed9 and mixed10 (their layers have numbered names: conv2d_80, ...)
     "resnet50": "conv5_block2_1_conv",
     "efficientnet_b0": "block6b_expand_conv",
     "mobilenet_v3_small": "expanded_conv_9_expand",
     "mobilenet_v3_large": "expanded_conv_13_expand",
+    **{f"convnext_{v}": f"convnext_{v}_stage_3_block_0_depthwise_conv" for v in ("tiny", "small", "base")},
+    **{f"efficientnet_v2_{v}": "block6b_expand_conv" for v in ("b0", "b1", "b2", "b3", "s")},
+    **{f"efficientnet_{v}": "block6b_expand_conv" for v in ("b1", "b2", "b3")},
+    "resnet50_v2": "conv5_block1_preact_bn",  # ResNetV2 downsamples in the last block of stage 4: all of stage 5
+    "resnet101_v2": "conv5_block1_preact_bn",
+    "xception": "block14_sepconv1",  # the exit flow after block 13's pooling
+    "inception_resnet_v2": ">mixed_7a",  # the ten block8 modules and conv_7b
+    "densenet121": "conv5_block1_0_bn",  # dense block 5 after transition pool4
+    "densenet201": "conv5_block1_0_bn",
+    "nasnet_mobile": ">reduction_concat_reduce_8",  # normal cells 9-12
 }
-"""First backbone layer unfrozen by default: the last stage after its downsampling block (see module docstring)."""
+"""First backbone layer unfrozen by default: the last stage after its downsampling block (see module docstring).
+A name after ``>`` means the layers after that one (where the first layer of the stage has a numbered name)."""
 
 
 @dataclass(frozen=True)
@@ -372,11 +390,12 @@ def _base_of(built: Any) -> Any:
 def default_unfreeze(backbone: str, base: Any) -> int:
     """Number of top layers of ``base`` that :data:`UNFREEZE_FROM` unfreezes for ``backbone``."""
     names = [layer.name for layer in base.layers]
-    first = UNFREEZE_FROM.get(backbone)
-    if first not in names:
+    first = UNFREEZE_FROM.get(backbone) or ""
+    after = first.startswith(">")
+    if first.lstrip(">") not in names:
         raise FitError(f"no default --unfreeze for {backbone}; pass --unfreeze N (top layers of its "
                        f"{len(names)})")
-    return len(names) - names.index(first)
+    return len(names) - names.index(first.lstrip(">")) - int(after)
 
 
 def build_finetune_model(built: Any, head: Any, class_names: Sequence[str], unfreeze: int | None = None) -> Any:

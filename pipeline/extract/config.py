@@ -39,7 +39,7 @@ class ModelConfig:
     Attributes
     ----------
     backbone : str
-        Registry name (:data:`pipeline.backbones.REGISTRY`).
+        Registry name (:func:`pipeline.backbones.list_backbones`).
     input_size : int
         Square input side in pixels.
     alpha : float or None

@@ -381,6 +381,11 @@ def backbones() -> None:
         )
 
 
+def _field(text: str) -> str:
+    """``text`` as one tab-separated field: backslash, tab, newline and carriage return as C escapes."""
+    return str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 @app.command()
 def report(
     runs: Annotated[List[Path], typer.Argument(help="Run folder(s) written by `fit`; several are compared on one "
@@ -401,7 +406,12 @@ def report(
             href = page.name
         except RunError as exc:
             typer.echo(f"note: no compare page: {exc}", err=True)
-    typer.echo(str(write_report(runs, html, compare_href=href)))
+    problems: list[str] = []
+    typer.echo(str(write_report(runs, html, compare_href=href, warn=problems.append)))
+    if problems:  # written, but it must not look like a page whose pick can be used
+        for line in problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()
@@ -459,9 +469,10 @@ def predict(
     if out is not None:
         typer.echo(f"wrote {write_predictions(rows, rh.class_names, out)} ({len(rows)} images, head {rh.key})")
     else:
-        for r in rows:
-            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}" if "label" in r
-                       else f"{r['path']}\tERROR\t{r['error']}")
+        for r in rows:  # one record per line: a tab, newline or backslash in a path is written as its C escape
+            path = _field(r["path"])
+            typer.echo(f"{path}\t{r['label']}\t{r['probability']:.4f}" if "label" in r
+                       else f"{path}\tERROR\t{_field(r['error'])}")
     bad = sum(1 for r in rows if "error" in r)
     if bad:
         typer.echo(f"{bad} of {len(rows)} image(s) could not be decoded", err=True)

@@ -19,7 +19,8 @@ from pipeline import cache
 from pipeline.extract.runtime import make_runtime
 from pipeline.data import looks_like_image, read_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
-from pipeline.results import load_run
+from pipeline.results import head_file, load_run
+from pipeline.saved_head import load_saved_head
 
 
 @dataclass
@@ -73,8 +74,8 @@ def select_head(run_dir: str | os.PathLike, head: str | None = None) -> RunHead:
     results = res["results"]
     keys = [r["key"] for r in results]
     if head is None:
-        best = res.get("best", {}).get("key")
-        chosen = [r for r in results if r["key"] == best] or results[:1]
+        best = res["best"].get("key")  # load_run checked that it names a result
+        chosen = [r for r in results if r["key"] == best] or results[:1]  # schema-1 files without best.key
     else:
         chosen = [r for r in results if r["key"] == head] or [r for r in results if r["head"] == head]
         if not chosen:
@@ -152,18 +153,11 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _load_head(rh: RunHead) -> Callable[[np.ndarray], np.ndarray]:
-    path = rh.model_path
-    if not path.exists():
-        raise RunError(f"saved head {path} is missing from the run folder")
-    if path.suffix == ".keras":
-        import keras
-
-        model = keras.models.load_model(path)
+    model = load_saved_head(head_file(rh.run_dir, rh.result), rh.cache_entry.get("feature_shape"),
+                            len(rh.class_names))
+    if rh.model_path.suffix == ".keras":
         return lambda x: np.asarray(model.predict(x, verbose=0, batch_size=256))
-    import joblib
-
-    est = joblib.load(path)
-    return lambda x: np.asarray(est.predict_proba(x))
+    return lambda x: np.asarray(model.predict_proba(x))
 
 
 def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], head: str | None = None,
@@ -196,9 +190,9 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
         return rh, predict_finetuned(rh, files, batch_size)
     ex = rh.extraction
     tta = rh.tta_views
+    head_fn = _load_head(rh)  # before the backbone is built: a missing, replaced or damaged file is one line
     model = run_model_config(rh, weights, log)
     run = make_runtime(model, runtime, log=log, batch_size=batch_size)
-    head_fn = _load_head(rh)
     if tta is not None:
         log(f"{rh.key} averages its probabilities over the centre view and {tta.describe()} (test-time views "
             f"chosen by fit)")
@@ -278,9 +272,10 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     if rh.feature == "maps":
         raise RunError("exporting heads fitted on spatial maps is not supported; fit the dense head on avg features")
     ex = rh.extraction
+    head_model = load_saved_head(head_file(rh.run_dir, rh.result), rh.cache_entry.get("feature_shape"),
+                                 len(rh.class_names))  # before the backbone is built: a bad file is one line
     built = build_feature_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]),
                                 ex["alpha"], max_pool=rh.feature == "max", announce=lambda m: None)
-    head_model = keras.models.load_model(rh.model_path)
     pixels = keras.Input((built.input_size, built.input_size, 3), name="pixels")
     feats = built.model(pixels)[rh.feature]
     probs = head_model(feats)
@@ -319,12 +314,8 @@ def is_finetuned(rh: RunHead) -> bool:
 
 
 def _load_finetuned(rh: RunHead) -> Any:
-    import keras
-
-    if not rh.model_path.is_file():
-        raise RunError(f"fine-tuned model {rh.model_path} is missing from the run folder; rerun `python cli.py "
-                       f"finetune {rh.run_dir}`")
-    return keras.models.load_model(rh.model_path)
+    size = int(rh.extraction["input_size"])
+    return load_saved_head(head_file(rh.run_dir, rh.result), (size, size, 3), len(rh.class_names))
 
 
 def predict_finetuned(rh: RunHead, files: list[Path], batch_size: int = 32) -> list[dict[str, Any]]:

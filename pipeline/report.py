@@ -25,14 +25,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jinja2
 from markupsafe import Markup
 
 from pipeline import __version__
 from pipeline.errors import RunError
-from pipeline.results import Run, load_run, read_audit
+from pipeline.results import Run, load_run, pick_file_problem, read_audit
 
 THUMB_PX = 96
 """Longest side, in pixels, of an embedded mistake thumbnail."""
@@ -95,7 +95,7 @@ def default_report_path(run_dirs: Sequence[Path | str], out_dir: Path | str = "r
 
 
 def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = None,
-                 compare_href: str | None = None) -> Path:
+                 compare_href: str | None = None, warn: Callable[[str], None] | None = None) -> Path:
     """Render one self-contained HTML report of one or several run folders.
 
     Parameters
@@ -107,6 +107,9 @@ def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = N
         Output file; default :func:`default_report_path` (``reports/<run name>.html``).
     compare_href : str, optional
         Link to the runs' compare page, shown at the top of the page.
+    warn : callable, optional
+        Told, one line each, of every run whose pick cannot be used (its saved head is missing, replaced or
+        damaged); the page says it in that run's pick box.
 
     Returns
     -------
@@ -123,7 +126,10 @@ def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = N
         raise RunError("no run folder given: pass one or more folders written by `python cli.py fit`")
     runs = [load_run(d) for d in run_dirs]
     out = Path(out_html) if out_html is not None else default_report_path([r.path for r in runs])
-    html = render_report(runs, compare_href)
+    problems = {i: p for i, run in enumerate(runs) if (p := pick_file_problem(run)) is not None}
+    for p in problems.values():
+        (warn or (lambda _m: None))(f"the pick cannot be used: {p}")
+    html = render_report(runs, compare_href, problems)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(html, encoding="utf-8")
@@ -891,7 +897,8 @@ def render_compare(doc: dict[str, Any]) -> str:
                            version=__version__)
 
 
-def render_report(runs: Sequence[Run], compare_href: str | None = None) -> str:
+def render_report(runs: Sequence[Run], compare_href: str | None = None,
+                  problems: dict[int, str] | None = None) -> str:
     """Render the HTML page of already loaded runs.
 
     Parameters
@@ -900,6 +907,8 @@ def render_report(runs: Sequence[Run], compare_href: str | None = None) -> str:
         Runs from :func:`load_run`, in the order they are shown.
     compare_href : str, optional
         Link to the runs' compare page (written by ``report`` with several runs), shown at the top.
+    problems : dict of int to str, optional
+        Run index -> why its pick cannot be used (:func:`pipeline.results.pick_file_problem`), shown in its pick box.
 
     Returns
     -------
@@ -909,6 +918,8 @@ def render_report(runs: Sequence[Run], compare_href: str | None = None) -> str:
     columns = _columns(runs)
     thumbs: dict[str, str | None] = {}
     views = [_run_view(i, run, columns, thumbs) for i, run in enumerate(runs)]
+    for i, v in enumerate(views):
+        v["pick_problem"] = (problems or {}).get(i)
     datasets = sorted({str((run.results.get("dataset") or {}).get("name", "")) for run in runs})
     backbones: list[str] = []
     for v in views:

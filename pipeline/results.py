@@ -7,17 +7,20 @@ written, :data:`READABLE_VERSIONS` the versions read.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from pipeline.errors import RunError
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
            "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS",
-           "partial_dir"]
+           "partial_dir", "LOCK_FILE", "run_lock", "file_sha256", "head_file", "commit_result", "staged_name",
+           "pick_file_problem"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),
@@ -146,6 +149,11 @@ def _check(results: Any, file: Path) -> None:
         if version >= 2 and not (isinstance(res.get("selection"), dict)
                                  and isinstance(res["selection"].get("index"), int)):
             raise RunError(f"{file}: results[{i}] lacks its selection: rerun `python cli.py fit`")
+    best = results["best"].get("key")
+    keys = [r["key"] for r in results["results"]]
+    if best is not None and best not in keys:
+        raise RunError(f"{file}: best names {best!r}, which is none of its results ({', '.join(map(str, keys))}): "
+                       f"the file was edited or mixed with another run's; rerun `python cli.py fit`")
     if version >= 2 and not isinstance(results.get("skipped", []), list):
         raise RunError(f"{file}: skipped is not in the results format: rerun `python cli.py fit`")
 
@@ -320,3 +328,191 @@ def _read_csv(file: Path, columns: tuple[str, ...]) -> list[dict[str, str]] | No
     if missing:
         raise RunError(f"{file} lacks the column(s) {', '.join(missing)}: rerun `python cli.py fit`")
     return rows
+
+
+# ---- the files a result names, and changing a run in place ----------------------------------------------------
+
+LOCK_FILE = ".lock"
+"""The run folder's lock file (``fcntl.flock``), taken by every command that changes a finished run."""
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (``results[].model_sha256`` binds each head file to its entry)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def head_file(run_dir: str | os.PathLike, entry: dict[str, Any]) -> Path:
+    """The saved model of one result, checked to be the very file results.json recorded.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run folder.
+    entry : dict
+        One ``results`` entry (``model_file``, and ``model_sha256`` in runs written since it was recorded).
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    RunError
+        The file is missing, or its SHA-256 is not the recorded one (replaced by another run's file, or damaged).
+    """
+    key = entry.get("key")
+    redo = "`python cli.py finetune` again" if entry.get("head") == "finetune" else "`python cli.py fit` again"
+    rel = entry.get("model_file")
+    path = Path(run_dir) / str(rel or "")
+    if not rel or not path.is_file():
+        raise RunError(f"saved head {path} of {key} is missing from the run folder; run {redo}")
+    recorded = entry.get("model_sha256")
+    if recorded:
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:
+            raise RunError(f"saved head {path} of {key} cannot be read ({exc.strerror or exc})") from None
+        if digest != recorded:
+            raise RunError(f"saved head {path} is not the file results.json records for {key} (SHA-256 "
+                           f"{digest[:12]}... instead of {str(recorded)[:12]}...): it was replaced or damaged; run "
+                           f"{redo}")
+    return path
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike, say: Callable[[str], None] = lambda _m: None) -> Iterator[None]:
+    """Hold the run folder's exclusive lock (:data:`LOCK_FILE`) for the duration of a block.
+
+    One writer at a time: a second command that changes the same run waits here (``say`` is told once) and then
+    reads results.json afresh, so neither loses the other's entry. The lock is the kernel's (``fcntl.flock``):
+    a killed holder releases it.
+
+    Raises
+    ------
+    RunError
+        The lock file cannot be opened (a read-only run folder).
+    """
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunError(f"cannot lock the run folder {Path(run_dir)} ({exc.strerror or exc}): changing a run needs a "
+                       f"writable run folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another command that is writing {Path(run_dir)}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # the lock file stays: unlinking it could let a third writer lock a different inode
+
+
+def staged_name(folder: Path, key: str, suffix: str) -> Path:
+    """Where a command writes a result's file before :func:`commit_result` moves it into place: hidden, named by
+    the writing process, so a leftover of a killed writer is recognised (and removed) by the next commit."""
+    return folder / f".{key}.{os.getpid()}.partial{suffix}"
+
+
+def _stale_temporary(path: Path) -> bool:
+    """Whether ``path`` is a :func:`staged_name` file of a process that is no longer alive."""
+    parts = path.name.split(".")
+    pid = parts[-3] if len(parts) >= 4 and parts[-2] == "partial" else ""
+    if not path.name.startswith(".") or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def commit_result(run_dir: str | os.PathLike, entry: dict[str, Any], staged: dict[str, Path],
+                  say: Callable[[str], None] = lambda _m: None) -> tuple[dict[str, Any], bool]:
+    """Add one result to a finished run (or replace the result of the same key), files and entry together.
+
+    Under :func:`run_lock`: results.json is read afresh (another command may have changed it since this one
+    started), each staged file is moved to the name its ``entry`` field gives (new names, never the old entry's),
+    results.json is replaced atomically, and only then are the replaced entry's files and the temporaries of killed
+    writers removed. A crash at any point leaves a run whose every entry names its own, intact files: before the
+    rename of results.json the old entry and its old files, after it the new ones (an orphaned new file is removed
+    by the next commit).
+
+    Parameters
+    ----------
+    run_dir : path
+        A finished run folder.
+    entry : dict
+        The result, with plain JSON values; ``model_file`` / ``predictions_file`` name where its files go.
+    staged : dict of str to Path
+        Entry field (``model_file``, ``predictions_file``) -> the written temporary to move there.
+    say : callable
+        Told when the command waits for another writer.
+
+    Returns
+    -------
+    (dict, bool)
+        The results as written, and whether an entry with that key was replaced.
+
+    Raises
+    ------
+    RunError
+        The run folder is not a finished run, or cannot be written.
+    """
+    with run_lock(run_dir, say):
+        run = load_run(run_dir)
+        old = next((r for r in run.results["results"] if r.get("key") == entry.get("key")), None)
+        try:
+            for field, tmp in staged.items():
+                os.replace(tmp, run.path / str(entry[field]))
+            doc, replaced = put_result(run, entry)
+        except OSError as exc:
+            raise RunError(f"cannot write the result {entry.get('key')} into {run.path} ({exc.strerror or exc}); "
+                           f"the run is as it was") from None
+        named = {str(r.get(f)) for r in doc["results"] for f in ("model_file", "predictions_file") if r.get(f)}
+        for field in ("model_file", "predictions_file"):
+            if old is not None and old.get(field) and str(old[field]) not in named:
+                (run.path / str(old[field])).unlink(missing_ok=True)
+        _sweep(run.path, str(entry.get("key")), named)
+    return doc, replaced
+
+
+def _sweep(run_dir: Path, key: str, named: set[str]) -> None:
+    """Remove the temporaries of killed writers and the files of ``key`` that no entry names (written by a commit
+    that was killed before its results.json)."""
+    for folder in ("heads", "predictions"):
+        base = run_dir / folder
+        if not base.is_dir():
+            continue
+        for p in base.iterdir():
+            rel = f"{folder}/{p.name}"
+            orphan = p.name.startswith(f"{key}.") and rel not in named
+            if p.is_file() and (orphan or _stale_temporary(p)):
+                p.unlink(missing_ok=True)
+
+
+def pick_file_problem(run: Run) -> str | None:
+    """Why the run's pick cannot be used as recorded (its saved head missing, replaced or damaged), or None.
+
+    ``report`` shows it in the pick box and exits 1, so a page never recommends a head ``predict`` would refuse.
+    """
+    best = run.results["best"].get("key")
+    entry = next((r for r in run.results["results"] if r["key"] == best), None)
+    if entry is None:
+        return None
+    try:
+        head_file(run.path, entry)
+    except RunError as exc:
+        return str(exc)
+    return None

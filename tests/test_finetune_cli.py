@@ -164,7 +164,8 @@ def test_predict_and_plain_keras_export_agree(tuned, fitted, tmp_path):
     expect = np.array([[r["probs"][c] for c in side["class_names"]] for r in rows if "probs" in r])
     assert np.abs(probs - expect).max() <= 1e-5
     # predictions of the final splits as recorded in the run
-    with open(run / done.entry["predictions_file"]) as f:
+    now = next(r for r in json.loads((run / "results.json").read_text())["results"] if r["key"] == key)
+    with open(run / now["predictions_file"]) as f:  # the entry as it is now (a rerun may have replaced it)
         recorded = {r["path"]: float(r["p_red"]) for r in csv.DictReader(f)}
     got = {str(Path(r["path"]).relative_to(root)): r["probs"]["red"] for r in rows if "probs" in r}
     assert max(abs(got[p] - v) for p, v in recorded.items()) < 1e-4

@@ -26,7 +26,7 @@ TOP_KEYS = {"schema_version", "created", "command", "seed", "versions", "memory_
             "statistics", "caches", "results", "skipped", "best", "audit"}
 RESULT_KEYS = {"key", "cache_index", "backbone_label", "head", "params", "selection_split", "selection", "search",
                "cost", "search_seconds", "fit_seconds", "predict_ms_per_1000", "metrics", "history", "mistakes",
-               "model_file", "predictions_file", "views"}
+               "model_file", "model_sha256", "predictions_file", "views"}
 METRIC_KEYS = {"n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "confusion_matrix", "per_class"}
 
 

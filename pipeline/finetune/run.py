@@ -21,9 +21,11 @@ Steps (:func:`finetune_run`):
    cache's decoding and resize rule, streamed in batches.
 6. **Final numbers**: the kept model predicts every image of the run's final splits once, scored by the metric
    functions of every other head (:mod:`pipeline.fit.metrics`).
-7. **Into the run**: ``heads/<key>.keras`` (pixels in [0, 255] -> probabilities; plain ``keras.models.load_model``),
-   ``predictions/<key>.csv`` and a ``results`` entry with head ``finetune`` and key ``<backbone slug>__finetune``
-   (:func:`pipeline.results.put_result`). A rerun on the same backbone replaces that entry and its files. ``best``
+7. **Into the run**: ``heads/<key>.<digest>.keras`` (pixels in [0, 255] -> probabilities; plain
+   ``keras.models.load_model``), ``predictions/<key>.<digest>.csv`` and a ``results`` entry with head ``finetune``,
+   key ``<backbone slug>__finetune`` and the model's ``model_sha256``, committed together under the run's lock
+   (:func:`pipeline.results.commit_result`: results.json read afresh, so two fine-tunes of one run both land). A
+   rerun on the same backbone replaces that entry, and its old files go once the new results.json is in place. ``best``
    is left as ``fit`` chose it among the frozen heads: the fine-tuned model's selection score is one split's score
    of the epoch it chose on that split (or a hold-out's when ``fit`` used cross-validation), not the same kind of
    number as the frozen heads' scores.
@@ -44,6 +46,7 @@ import numpy as np
 from pipeline.errors import DatasetError, RunError
 from pipeline.machine import decode_threads
 from pipeline.finetune.train import FinetuneConfig, FinetuneData, FinetuneResult
+from pipeline.saved_head import load_saved_head
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
            "pick_start", "holdout_split", "finetune_run"]
@@ -312,9 +315,9 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     DatasetError
         An image that no longer decodes.
     """
-    from pipeline.finetune.train import finetune, load_head
+    from pipeline.finetune.train import finetune
     from pipeline.predict import resolve_run_weights
-    from pipeline.results import load_run, put_result, read_splits
+    from pipeline.results import commit_result, head_file, load_run, read_splits
 
     t_start = time.perf_counter()
     cfg = config or FinetuneConfig()
@@ -328,11 +331,10 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     root = Path(str(results["dataset"].get("root", "")))
     if not root.is_dir():
         raise DatasetError(f"the run's dataset folder {root} is not there; fine-tuning trains from its image files")
-    model_path = run.path / start["model_file"]
-    if not model_path.is_file():
-        raise RunError(f"saved head {model_path} is missing from the run folder")
-    rows = _run_rows(results, {r["path"] for r in read_splits(run) or [] if r["split"] == "excluded"})
     class_names = list(results["dataset"]["class_names"])
+    start_head = load_saved_head(head_file(run.path, start),  # the very file fit recorded, loadable, of this run
+                                 results["caches"][start["cache_index"]].get("feature_shape"), len(class_names))
+    rows = _run_rows(results, {r["path"] for r in read_splits(run) or [] if r["split"] == "excluded"})
     ex = rh.extraction
     resize = str(ex["resize"])
     data = FinetuneData(root, class_names, [(rows.rel_paths[i], int(rows.labels[i])) for i in rows.train],
@@ -346,7 +348,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     from pipeline.backbones import build_feature_model
 
     built = build_feature_model(str(ex["backbone"]), resolved, int(ex["input_size"]), ex["alpha"], announce=log)
-    ft = finetune(built, load_head(model_path), data, cfg, log=log)
+    ft = finetune(built, start_head, data, cfg, log=log)
 
     # final numbers: every image of the final splits, once, with the kept model
     from pipeline.fit.metrics import compute_metrics, mistakes
@@ -369,8 +371,12 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     entry = _entry(key, start, ft, cfg, rows, metrics, wrong, len(final_rows), predict_s, command)
     entry["fit_seconds"] = round(time.perf_counter() - t_start, 3)
     entry["cost"]["build_and_final_seconds"] = round(entry["fit_seconds"] - ft.seconds, 3)
-    _write_files(run.path, key, ft, _Final(proba, final_rows), rows, class_names)
-    doc, replaced = put_result(run, entry)
+    staged = _stage_files(run.path, key, ft, _Final(proba, final_rows), rows, class_names, entry)
+    try:
+        doc, replaced = commit_result(run.path, entry, staged, say=log)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return FinetuneRun(run.path, entry, doc, replaced)
 
 
@@ -407,8 +413,9 @@ def _entry(key: str, start: dict[str, Any], ft: FinetuneResult, cfg: FinetuneCon
         "history": {"loss": _finite(ft.history["loss"][1:]), "accuracy": _finite(ft.history["accuracy"][1:]),
                     "val_loss": _finite(loss[1:]), "val_accuracy": _finite(acc[1:])},
         "mistakes": wrong,
-        "model_file": f"heads/{key}.keras",
-        "predictions_file": f"predictions/{key}.csv",
+        "model_file": None,  # named by the saved model's digest (_stage_files)
+        "model_sha256": None,
+        "predictions_file": None,
         "command": command,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
@@ -419,21 +426,40 @@ def _finite(values: Sequence[Any]) -> list[float | None]:
     return [float(v) if isinstance(v, (int, float)) and np.isfinite(v) else None for v in values]
 
 
-def _write_files(run_dir: Path, key: str, ft: FinetuneResult, final: _Final, rows: _Rows,
-                 class_names: list[str]) -> None:
-    """``heads/<key>.keras`` and ``predictions/<key>.csv``, each written aside and then moved into place."""
+def _stage_files(run_dir: Path, key: str, ft: FinetuneResult, final: _Final, rows: _Rows,
+                 class_names: list[str], entry: dict[str, Any]) -> dict[str, Path]:
+    """Write the model and its predictions aside (:func:`pipeline.results.staged_name`) and name them in ``entry``.
+
+    The files are named by the model's SHA-256 (``heads/<key>.<digest>.keras``, ``predictions/<key>.<digest>.csv``),
+    so a new model never takes the name of the one results.json still describes: the entry and its files change
+    together when :func:`pipeline.results.commit_result` replaces results.json.
+
+    Returns
+    -------
+    dict of str to Path
+        Entry field -> staged file, for :func:`pipeline.results.commit_result`.
+    """
     from pipeline.fit.output import write_predictions
+    from pipeline.results import file_sha256, staged_name
 
     heads, preds = run_dir / "heads", run_dir / "predictions"
-    heads.mkdir(exist_ok=True)
-    preds.mkdir(exist_ok=True)
-    tmp_model = heads / f"{key}.partial.keras"
-    tmp_csv = preds / f"{key}.partial.csv"
+    staged: dict[str, Path] = {}
     try:
-        ft.model.save(tmp_model)
-        write_predictions(tmp_csv, final, rows.rel_paths, rows.splits, rows.labels, class_names)  # type: ignore
-        tmp_model.replace(heads / f"{key}.keras")
-        tmp_csv.replace(preds / f"{key}.csv")
-    finally:
-        for p in (tmp_model, tmp_csv):
-            p.unlink(missing_ok=True)
+        heads.mkdir(exist_ok=True)
+        preds.mkdir(exist_ok=True)
+        staged["model_file"] = staged_name(heads, key, ".keras")
+        ft.model.save(staged["model_file"])
+        staged["predictions_file"] = staged_name(preds, key, ".csv")
+        write_predictions(staged["predictions_file"], final, rows.rel_paths, rows.splits, rows.labels,  # type: ignore
+                          class_names)
+        digest = file_sha256(staged["model_file"])
+    except BaseException as exc:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise RunError(f"cannot write the fine-tuned model into {run_dir} ({exc.strerror or exc}); the run is as "
+                           f"it was: free space, then rerun the same command") from None
+        raise
+    entry.update(model_file=f"heads/{key}.{digest[:12]}.keras", model_sha256=digest,
+                 predictions_file=f"predictions/{key}.{digest[:12]}.csv")
+    return staged

@@ -324,17 +324,14 @@ def image_batches(root: Path, items: Sequence[tuple[str, int]], size: int, resiz
 
 
 def load_head(path: str | os.PathLike) -> Any:
-    """A run's saved head: a ``.keras`` dense head (Keras model) or a ``.joblib`` scikit-learn pipeline."""
+    """A run's saved head: a ``.keras`` dense head (Keras model) or a ``.joblib`` scikit-learn pipeline (read by
+    :func:`pipeline.saved_head.load_saved_head`: a damaged file is one line)."""
+    from pipeline.saved_head import load_saved_head
+
     p = Path(path)
     if not p.exists():
         raise FitError(f"saved head {p} does not exist")
-    if p.suffix == ".keras":
-        import keras
-
-        return keras.models.load_model(p)
-    import joblib
-
-    return joblib.load(p)
+    return load_saved_head(p)
 
 
 def logreg_dense_weights(pipeline: Any, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

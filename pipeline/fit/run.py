@@ -41,7 +41,7 @@ from pipeline.fit.output import (cache_entry, dataset_entry, default_out, discar
 from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
 from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, fmt_bytes, memory_budget, plan_cache, plan_head
 from pipeline.fit.protocol import EXCLUDED, SELECT_ON, Protocol, SearchRows, plan_protocol, search_rows
-from pipeline.results import SCHEMA_VERSION, write_results
+from pipeline.results import SCHEMA_VERSION, file_sha256, write_results
 from pipeline.stats import wilson_interval
 
 __all__ = ["FitRun", "run_fit", "leaderboard_table", "result_key", "FEATURE_KINDS", "CLASS_WEIGHTS"]
@@ -368,7 +368,8 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
                 write_predictions(run_dir / "predictions" / f"{key}.csv", res, inputs.rel_paths, splits,
                                   inputs.labels, inputs.class_names)
                 results.append({"key": key, "cache_index": ci, "backbone_label": label, **res.to_json(),
-                                "model_file": model_file, "predictions_file": f"predictions/{key}.csv"})
+                                "model_file": model_file, "model_sha256": file_sha256(run_dir / model_file),
+                                "predictions_file": f"predictions/{key}.csv"})
                 if found is not None and not exclude_leaks and found.leaked.any():
                     results[-1]["leak_free"] = _leak_free(res, splits, found.leaked, inputs.labels)
                 correct[key] = _correct_by_split(res, inputs.labels, splits)

@@ -213,6 +213,18 @@ def _num(value: Any) -> float:
     return float("-inf")
 
 
+def _stopping_view(res: dict, base: tuple, run: int) -> dict[str, Any] | None:
+    """How the dense head's number of epochs was chosen, as recorded in its params (``stopping*``), or ``None``."""
+    params = res.get("params") if isinstance(res.get("params"), dict) else {}
+    rule = params.get("stopping")
+    if rule not in ("holdout", "cv", "none"):
+        return None
+    return {"rule": rule,
+            "rows": Num(params.get("stopping_rows"), base + ("params", "stopping_rows"), "d", run),
+            "folds": Num(params.get("stopping_folds"), base + ("params", "stopping_folds"), "d", run),
+            "epochs": Num(params.get("best_epoch"), base + ("params", "best_epoch"), "d", run)}
+
+
 def _param(value: Any, path: tuple, run: int) -> Num | str:
     """A hyperparameter value as shown: numbers and strings tagged with their path, null as ``none``."""
     if value is None:
@@ -444,6 +456,7 @@ class ResultView:
     search: list[dict] = field(default_factory=list)
     curves: Markup | None = None
     history: Markup | None = None
+    stopping: dict[str, Any] | None = None
     mistakes: list[dict] = field(default_factory=list)
     model_file: str = ""
     predictions_file: str = ""
@@ -689,6 +702,7 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
             view.curves = _plot_curves(res, final_splits, salt=f"{view.anchor}-curves")
         if isinstance(res.get("history"), dict):
             view.history = _plot_history(res["history"], salt=f"{view.anchor}-history")
+        view.stopping = _stopping_view(res, base, ri)
         for k, mk in enumerate(res.get("mistakes") or []):
             if not isinstance(mk, dict):
                 continue

@@ -146,6 +146,10 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
         assert set(r["metrics"]) == {"test"} and METRIC_KEYS <= set(r["metrics"]["test"])
         assert r["selection_split"] == "cv" and all(len(c["scores"]) == 5 for c in r["search"])
         assert (r["history"] is not None) == (r["head"] == "dense")
+        if r["head"] == "dense":  # a small set: epochs chosen by 3-fold CV, then every training row trained on
+            assert (r["params"]["stopping"], r["params"]["stopping_folds"]) == ("cv", 3)
+            assert r["params"]["stopping_rows"] > 0 and r["history"]["val_loss"] == []
+            assert r["params"]["epochs_run"] == r["params"]["best_epoch"]
         assert (out / r["model_file"]).is_file() and (out / r["predictions_file"]).is_file()
         with open(out / r["predictions_file"]) as f:
             rows = list(csv.DictReader(f))

@@ -158,7 +158,9 @@ def test_dense_head_early_stopping_history_and_saved_model(tmp_path):
     import keras
 
     X, y = _data(300, 10)
-    head = DenseHead(hidden=16, epochs=200, patience=3, learning_rate=0.01, random_state=0).fit(X, y)
+    head = DenseHead(hidden=16, epochs=200, patience=3, learning_rate=0.01, random_state=0,
+                     validation_min_rows=30).fit(X, y)
+    assert head.early_stopping_ == {"rule": "holdout", "rows": 30, "folds": 0}
     h = head.history_
     assert set(h) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert len(h["loss"]) == len(h["val_loss"]) == head.n_epochs_ < 200  # stopped early
@@ -168,6 +170,31 @@ def test_dense_head_early_stopping_history_and_saved_model(tmp_path):
     p = model.predict(X, verbose=0)
     assert np.allclose(p, head.predict_proba(X), atol=1e-5)
     assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_dense_head_chooses_epochs_by_cross_validation_on_small_sets():
+    # 60 rows: a 10 % held-out part would be 6 rows, too few to pick an epoch on (the floor is 50 rows)
+    X, y = _data(60, 10)
+    head = DenseHead(hidden=16, epochs=200, patience=3, learning_rate=0.01, random_state=0).fit(X, y)
+    es = head.early_stopping_
+    assert es["rule"] == "cv" and es["folds"] == 3 and es["rows"] == 20 and len(es["fold_best_epochs"]) == 3
+    assert all(1 <= b < 200 for b in es["fold_best_epochs"])
+    # then every row is trained on, for the median best epoch, without a held-out part
+    assert head.n_epochs_ == head.best_epoch_ == int(round(float(np.median(es["fold_best_epochs"]))))
+    assert "val_loss" not in head.history_ and len(head.history_["loss"]) == head.n_epochs_
+    # the folds are disjoint, stratified and cover every row once
+    codes = np.unique(y, return_inverse=True)[1]
+    folds = head._epoch_folds(codes, None)
+    held = np.concatenate([v for _, v in folds])
+    assert sorted(held) == list(range(60))
+    assert all(np.array_equal(np.bincount(codes[v]), [7, 7, 6]) or sorted(np.bincount(codes[v])) == [6, 7, 7]
+               for _, v in folds)
+    # a class with too few rows for two folds: no held-out part at all, recorded as such
+    y_one = y.copy()
+    y_one[:] = "a"
+    y_one[0] = "b"
+    tiny = DenseHead(hidden=8, epochs=3, random_state=0).fit(X, y_one)
+    assert tiny.early_stopping_ == {"rule": "none", "rows": 0, "folds": 0} and tiny.n_epochs_ == 3
 
 
 def test_dense_head_takes_spatial_maps_by_flattening(tmp_path):

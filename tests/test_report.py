@@ -201,6 +201,8 @@ def make_run(base: Path, name: str = "synthetic_20250101-120000", *, classes: tu
                        "within_one_se": [results[0]["key"]], "min_detectable": {"images": 6,
                                                                                 "delta": 6 / (40 * len(classes))},
                        "selection_is_final": False}
+    for r in results:  # stand-ins for the saved heads: the report checks the pick's file is there
+        (run / r["model_file"]).write_bytes(b"synthetic head " + r["key"].encode())
     (run / "results.json").write_text(json.dumps(out, indent=1))
     return run
 
@@ -381,10 +383,33 @@ def test_minimal_results_json_renders(tmp_path: Path) -> None:
     assert len(doc.findall(".//table[@id='board']/tbody/tr")) == 2
     assert _check_numbers(doc, [results]) >= 10
     assert doc.find(".//*[@data-missing='x.jpg']") is not None
-    # a best key that names no result still renders, and says so
-    results["best"]["key"] = "gone"
+    # no best recorded renders, and says so; a best key that names no result is refused in one line
+    results["best"]["key"] = None
     (run / "results.json").write_text(json.dumps(results))
     assert "No best head recorded" in render_report([load_run(run)])
+    results["best"]["key"] = "gone"
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(RunError, match="best names 'gone', which is none of its results"):
+        load_run(run)
+
+
+def test_dense_stopping_rule_is_said_beside_its_curves(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "small", heads=("logreg", "dense"))
+    results = json.loads((run / "results.json").read_text())
+    dense = next(r for r in results["results"] if r["head"] == "dense")
+    dense["params"].update(stopping="cv", stopping_rows=20, stopping_folds=3, best_epoch=9, epochs_run=9)
+    dense["history"].update(val_loss=[], val_accuracy=[])
+    (run / "results.json").write_text(json.dumps(results))
+    doc = _parse_strict(render_report([load_run(run)]))
+    caption = _text(doc.find(f".//details[@data-key='{dense['key']}']//figcaption"))
+    assert ("its 9 epochs are the median best epoch of early stopping on 3 cross-validation folds (at least 20 "
+            "held-out rows each)") in caption
+    dense["params"].update(stopping="holdout", stopping_rows=120, stopping_folds=0)
+    (run / "results.json").write_text(json.dumps(results))
+    doc = _parse_strict(render_report([load_run(run)]))
+    caption = _text(doc.find(f".//details[@data-key='{dense['key']}']//figcaption"))
+    assert "held-out validation part (120 rows; epoch 9 kept)" in caption
+    assert _check_numbers(doc, [results]) > 10
 
 
 def test_skipped_heads_and_approximations_are_shown(tmp_path: Path) -> None:

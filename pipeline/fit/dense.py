@@ -1,7 +1,8 @@
 """The dense head: a small Keras network behind scikit-learn's estimator contract.
 
 ``Normalization -> [Flatten] -> Dense(hidden, relu) -> Dropout -> Dense(softmax)``, Adam, early stopping on the loss
-of a held-out, stratified, seeded part of the training rows, best weights restored. See :mod:`pipeline.fit.heads`
+of a held-out, stratified, seeded part of the training rows, best weights restored; on sets too small for a
+trustworthy held-out part (:data:`HOLDOUT_MIN_ROWS`), the number of epochs is cross-validated instead. See :mod:`pipeline.fit.heads`
 for why maps are standardised per channel and flattened, and why wide inputs get a smaller learning rate.
 
 Training runs its own loop rather than ``model.fit``: one compiled TensorFlow function trains on a whole block of
@@ -31,11 +32,21 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from pipeline.errors import FitError
 from pipeline.fit.stream import ArraySource, RowSource, class_moments
 
-__all__ = ["DenseHead", "HOLDOUT_MAX_ROWS"]
+__all__ = ["DenseHead", "HOLDOUT_MAX_ROWS", "HOLDOUT_MIN_ROWS", "EPOCH_FOLDS"]
 
 HOLDOUT_MAX_ROWS = 10_000
 """Most training rows held out for early stopping: 10 % of 100,000 rows already measures the held-out loss to
 about 1 %, and the held-out rows are kept in memory."""
+
+HOLDOUT_MIN_ROWS = 50
+"""Fewest held-out rows early stopping trusts. On fewer, one row moves the held-out accuracy by more than two points
+and the held-out loss of an epoch is mostly the luck of which rows were drawn, so the epoch it picks is noise
+(6 rows of a 60-row set kept epoch 1). Below this floor the number of epochs is chosen by cross-validation instead,
+and the network then trains on every row."""
+
+EPOCH_FOLDS = 3
+"""Folds used to choose the number of epochs below :data:`HOLDOUT_MIN_ROWS`: each fold holds out a third of the
+rows (20 of 60), and three early-stopping runs cost three small fits, cheap at this size."""
 
 PREDICT_ROWS = 4096
 
@@ -211,7 +222,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     validation_fraction : float, default=0.1
         Part of the training rows held out (stratified, seeded; at most ``validation_max_rows``) for early
         stopping. ``0`` trains for ``epochs`` epochs without early stopping; so does a training set too small to
-        hold out one row per class.
+        hold out one row per class. When the held-out part would be smaller than ``validation_min_rows``, the
+        number of epochs is the median best epoch of early stopping on each of :data:`EPOCH_FOLDS` stratified
+        folds instead (whole images with ``groups``), and the network then trains on every row for that many
+        epochs; ``early_stopping_`` says which rule was used.
     class_weight : {None, "balanced"} or dict, default=None
         ``"balanced"`` weights each class's loss by ``n_rows / (n_classes * n_rows_of_class)``; a dict maps class
         labels to weights (missing classes weigh 1).
@@ -224,6 +238,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         Print one line per epoch when positive.
     validation_max_rows : int, default=10_000
         Most rows held out for early stopping (they are kept in memory).
+    validation_min_rows : int, default=50
+        Fewest rows a held-out part may have for early stopping on it (:data:`HOLDOUT_MIN_ROWS`); below it the
+        number of epochs is cross-validated.
 
     Attributes
     ----------
@@ -241,12 +258,17 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         Epochs run.
     best_epoch_ : int
         1-based epoch whose weights were kept.
+    early_stopping_ : dict
+        How the number of epochs was chosen: ``rule`` (``"holdout"``: early stopping on ``rows`` held-out rows;
+        ``"cv"``: the median of ``fold_best_epochs``, early stopping on each of ``folds`` folds of at least
+        ``rows`` rows, then every row trained on; ``"none"``: no rows could be held out, ``epochs`` epochs run).
     """
 
     def __init__(self, hidden: int = 256, dropout: float = 0.5, epochs: int = 100, learning_rate: float = 1e-3,
                  batch_size: int = 64, patience: int = 5, validation_fraction: float = 0.1,
                  class_weight: str | dict | None = None, random_state: int = 0, run_eagerly: bool = False,
-                 verbose: int = 0, validation_max_rows: int = HOLDOUT_MAX_ROWS) -> None:
+                 verbose: int = 0, validation_max_rows: int = HOLDOUT_MAX_ROWS,
+                 validation_min_rows: int = HOLDOUT_MIN_ROWS) -> None:
         self.hidden = hidden
         self.dropout = dropout
         self.epochs = epochs
@@ -259,6 +281,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.run_eagerly = run_eagerly
         self.verbose = verbose
         self.validation_max_rows = validation_max_rows
+        self.validation_min_rows = validation_min_rows
 
     def __sklearn_tags__(self):  # noqa: D105
         tags = super().__sklearn_tags__()
@@ -368,11 +391,60 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.input_shape_ = tuple(int(s) for s in source.shape)
         y_all = np.asarray(source.labels, dtype=np.int64)
         keras.utils.set_random_seed(int(self.random_state))
+        engine = self._engine_for(self.input_shape_, n_classes)
+        all_rows = np.arange(len(y_all))
         fit_idx, val_idx = self._holdout(y_all, groups)
+        stopping: dict[str, Any] = {"rule": "holdout", "rows": int(len(val_idx)), "folds": 0}
+        epochs = int(self.epochs)
+        if self.validation_fraction and self.validation_fraction > 0 and len(val_idx) < int(self.validation_min_rows):
+            folds = self._epoch_folds(y_all, groups)
+            if folds:  # too few rows for one held-out part: choose the number of epochs by cross-validation
+                best = [self._train(engine, source, f, v, n_classes, in_memory, epochs)[1] for f, v in folds]
+                epochs = max(1, int(round(float(np.median(best)))))
+                stopping = {"rule": "cv", "rows": int(min(len(v) for _, v in folds)), "folds": len(folds),
+                            "fold_best_epochs": [int(b) for b in best]}
+            fit_idx, val_idx = all_rows, all_rows[:0]
+        if not len(val_idx) and stopping["rule"] == "holdout":
+            stopping = {"rule": "none", "rows": 0, "folds": 0}
+        history, best_epoch, (mean, var) = self._train(engine, source, fit_idx, val_idx, n_classes, in_memory, epochs)
+        self.history_ = history
+        self.n_epochs_ = len(history["loss"])
+        self.best_epoch_ = best_epoch
+        self.early_stopping_ = stopping
+        self.model_ = engine.export(mean, var)
+        return self
+
+    def _epoch_folds(self, y: np.ndarray, groups: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Stratified, seeded folds (whole images with ``groups``) for choosing the number of epochs; ``[]`` when
+        a class has too few rows (images) for two folds."""
+        from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+        if groups is not None:
+            groups = np.asarray(groups)
+            first = np.unique(groups, return_index=True)[1]
+            smallest = int(np.bincount(y[first]).min())
+        else:
+            smallest = int(np.bincount(y).min())
+        k = min(EPOCH_FOLDS, smallest)
+        if k < 2:
+            return []
+        if groups is not None:
+            split = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=int(self.random_state))
+            return list(split.split(np.zeros(len(y)), y, groups))
+        split = StratifiedKFold(n_splits=k, shuffle=True, random_state=int(self.random_state))
+        return list(split.split(np.zeros(len(y)), y))
+
+    def _train(self, engine: _Engine, source: RowSource, fit_idx: np.ndarray, val_idx: np.ndarray, n_classes: int,
+               in_memory: bool, epochs: int) -> tuple[dict[str, list[float]], int, tuple[np.ndarray, np.ndarray]]:
+        """Train from the seeded initial state on ``fit_idx``, early stopping on ``val_idx`` when there are any.
+
+        Returns the per-epoch history, the 1-based epoch whose weights the engine now holds, and the standardisation
+        (mean, variance) of ``fit_idx``.
+        """
+        y_all = np.asarray(source.labels, dtype=np.int64)
         y_fit = y_all[fit_idx]
         moments = class_moments(source.chunks(fit_idx), n_classes, per_channel=True)
         mean, var = moments.pooled()
-        engine = self._engine_for(self.input_shape_, n_classes)
         engine.reset(mean, np.sqrt(var))
         class_w = self._class_weights(y_fit, n_classes)
         x_val = source.take(val_idx) if len(val_idx) else None
@@ -388,7 +460,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if x_val is not None:
             history.update(val_loss=[], val_accuracy=[])
         best_loss, best_epoch, best_weights, waited = np.inf, 0, None, 0
-        for epoch in range(int(self.epochs)):
+        for epoch in range(int(epochs)):
             loss_sum = correct = 0.0
             if block is not None:
                 order = rng.permutation(len(fit_idx)).astype(np.int32)
@@ -417,11 +489,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 break
         if best_weights is not None:
             engine.core.set_weights(best_weights)
-        self.history_ = {k: [float(v) for v in vals] for k, vals in history.items()}
-        self.n_epochs_ = len(self.history_["loss"])
-        self.best_epoch_ = best_epoch if best_weights is not None else self.n_epochs_
-        self.model_ = engine.export(mean, var)
-        return self
+        history = {k: [float(v) for v in vals] for k, vals in history.items()}
+        return history, (best_epoch if best_weights is not None else len(history["loss"])), (mean, var)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities, columns in the order of ``classes_``.

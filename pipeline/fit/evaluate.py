@@ -299,6 +299,10 @@ def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.nda
     params = {**spec.fixed(ctx), **chosen}
     if hasattr(est, "n_epochs_"):
         params.update({"epochs_run": int(est.n_epochs_), "best_epoch": int(est.best_epoch_)})
+    stopping = getattr(est, "early_stopping_", None)
+    if isinstance(stopping, dict):  # what the number of epochs rests on: rule, held-out rows, folds
+        params.update({"stopping": str(stopping["rule"]), "stopping_rows": int(stopping["rows"]),
+                       "stopping_folds": int(stopping["folds"])})
     return HeadResult(head=spec.name, params=params, selection_split=protocol.selection,
                       selection_score=cands[best].mean, search=cands, fit_seconds=fit_seconds,
                       predict_ms_per_1000=ms_per_1000, metrics=metrics, history=history, mistakes=wrong,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -234,6 +236,120 @@ def test_every_part_of_the_key_names_another_file(small, monkeypatch):
     assert onnx_export.stored_model_path(model) != base
 
 
+def _stored_good_model(model, built) -> Path:
+    """The model exported into this module's store (exported there once, shared with the other tests)."""
+    return onnx_export.ensure_exported(model, built, log=lambda m: None)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (root ignores a folder's permissions)."""
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return False
+    (folder / "probe").unlink()
+    return True
+
+
+@pytest.mark.parametrize("case", ["a regular file", "under a regular file", "a read-only folder"])
+def test_unusable_store_falls_back_to_keras_with_one_line(small, tmp_path, monkeypatch, case):
+    model, built = small
+    home = tmp_path / "home"
+    if case == "a read-only folder":
+        home.mkdir()
+        home.chmod(0o555)
+        if _writable(home):
+            home.chmod(0o755)
+            pytest.skip(f"folder permissions are not enforced for this user (euid {os.geteuid()}: root); the file "
+                        f"cases cover an unusable store for root")
+    else:
+        (tmp_path / "home").write_text("not a folder")
+        home = home / "sub" if case == "under a regular file" else home
+    monkeypatch.setenv("HEADBENCH_HOME", str(home))
+    reason = "Permission denied" if case == "a read-only folder" else "Not a directory"
+    line = f"cannot use the ONNX model store {home / 'onnx'} ({reason}); set HEADBENCH_HOME to a writable folder"
+    try:
+        msgs: list[str] = []
+        rt = make_runtime(model, "auto", log=msgs.append, built=built)
+        assert isinstance(rt, KerasRuntime) and rt.describe()["note"] == line
+        assert msgs == [f"runtime: keras, because {line}"]
+        px = _pixels(2, 32)
+        ref = _keras_outputs(built, px)["avg"]
+        assert float(np.abs(rt(px)["avg"] - ref).max()) <= 1e-4 * float(np.abs(ref).max())  # the run goes on
+        with pytest.raises(RuntimeUnavailableError) as err:  # asked for explicitly: the same line, as an error
+            make_runtime(model, "onnx", log=msgs.append, built=built)
+        assert str(err.value) == line
+    finally:
+        if home.is_dir():
+            home.chmod(0o755)
+
+
+def test_stale_export_temporaries_are_removed_live_ones_kept(small, tmp_path, monkeypatch):
+    model, built = small
+    good = _stored_good_model(model, built)
+    monkeypatch.setenv("HEADBENCH_HOME", str(tmp_path))
+    store = tmp_path / "onnx"
+    store.mkdir()
+    stored = store / good.name
+    stored.write_bytes(good.read_bytes())  # stored already: the store is used, nothing is exported
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # reaped: its pid is dead
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead_tmp = store / f".{stored.name}.{done.pid}.tmp"  # left by an export killed mid-write
+        live_tmp = store / f".other__random__avg__0123.onnx.{live.pid}.tmp"  # a live export of another model
+        locked_tmp = store / f".third__random__avg__4567.onnx.{done.pid}.tmp"  # dead pid, but its lock is held
+        for tmp in (dead_tmp, live_tmp, locked_tmp):
+            tmp.write_bytes(b"half an export")
+        fd = os.open(store / "third__random__avg__4567.onnx.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # as an exporter elsewhere (another pid namespace or machine) would
+            msgs: list[str] = []
+            assert onnx_export.ensure_exported(model, built, log=msgs.append) == stored and msgs == []
+        finally:
+            os.close(fd)
+        assert not dead_tmp.exists() and live_tmp.exists() and locked_tmp.exists()
+        assert onnx_export.remove_stale_temporaries(store) == [locked_tmp]  # its lock is free now
+        assert live_tmp.exists() and stored.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_damaged_stored_model_is_exported_again(small, tmp_path, monkeypatch):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    model, built = small
+    good = _stored_good_model(model, built)
+    monkeypatch.setenv("HEADBENCH_HOME", str(tmp_path))
+    stored = onnx_export.stored_model_path(model)
+    stored.parent.mkdir()
+    proto = onnx.load(str(good))
+    weights = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    values = numpy_helper.to_array(weights)
+    damaged = np.random.default_rng(0).standard_normal(values.shape).astype(values.dtype)
+    weights.CopyFrom(numpy_helper.from_array(damaged, weights.name))  # graph and metadata as they were
+    onnx.save(proto, str(stored))
+    assert onnx_export.stored_key(stored) == onnx_export.export_key(model)  # the key still matches
+    before = stored.read_bytes()
+    msgs: list[str] = []
+    rt = make_runtime(model, "onnx", log=msgs.append, built=built)
+    assert not msgs  # reused: nothing looks wrong until the parity check
+    px = _pixels(4, 32)
+    ref = _keras_outputs(built, px)["avg"]
+    out = rt(px)["avg"]
+    assert len(msgs) == 2 and msgs[0].startswith("runtime: ONNX Runtime (CPUExecutionProvider) differs from Keras by ")
+    assert msgs[0].endswith(f"on the first batch: the stored model {stored} looks damaged; exporting it again")
+    assert float(msgs[0].split(" differs from Keras by ")[1].split(" ")[0]) > 0.1  # gross, not rounding
+    assert msgs[1].startswith("exported mobilenet_v2-a1.0-32 to ONNX in ") and msgs[1].endswith(f": {stored}")
+    assert stored.read_bytes() != before and onnx_export.stored_key(stored) == onnx_export.export_key(model)
+    info = rt.describe()
+    assert info["runtime"] == "onnxruntime" and info["note"] == "" and float(info["parity"]) <= 1e-4
+    assert float(np.abs(out - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+    assert not list(stored.parent.glob("*.tmp"))
+
+
 # ---- providers (fakes: no GPU here) ----------------------------------------------------------------------------
 
 
@@ -334,6 +450,48 @@ def test_reduced_precision_gpu_falls_back_to_the_next_provider(small):
     info = rt.describe()
     assert info["runtime"] == "onnxruntime" and info["provider"] == CPU_PROVIDER and float(info["parity"]) <= 1e-6
     assert "CUDAExecutionProvider) differs" in info["note"]
+
+
+def test_damaged_model_is_exported_again_once_then_keras(small):
+    """A gross mismatch on the CPU exports again once; a GPU's gross mismatch, or a small one, does not."""
+    from pipeline.extract.onnx_export import ExportError
+
+    model, built = small
+    exact = lambda px: _keras_outputs(built, px)["avg"]  # noqa: E731
+    px = _pixels(4, 32)
+    for failure in (None, ExportError("cannot write the exported model to m.onnx (No space left on device)")):
+        msgs, opened, exports = [], [], []
+
+        def damaged(path, providers, threads, input_size, batch_size, opened=opened):
+            opened.append(list(providers))
+            return FakeSession(list(providers), lambda x: exact(x) * 3.0)  # still damaged after the export
+
+        def reexport(reference, exports=exports, failure=failure):
+            exports.append(reference)
+            if failure:
+                raise failure
+            return Path("m.onnx")
+
+        rt = OnnxRuntime(model, built, Path("m.onnx"), [CPU_PROVIDER], log=msgs.append, session_factory=damaged,
+                         reexport=reexport)
+        np.testing.assert_allclose(rt(px)["avg"], exact(px), rtol=1e-5, atol=1e-6)  # Keras's features
+        assert exports == [built] and opened == ([[CPU_PROVIDER]] * (1 if failure else 2))  # no loop
+        assert len(msgs) == 2 and msgs[0].endswith("the stored model m.onnx looks damaged; exporting it again")
+        if failure:
+            assert msgs[1].endswith("the stored model m.onnx looks damaged and could not be replaced (cannot write "
+                                    "the exported model to m.onnx (No space left on device)); delete it")
+        else:
+            assert msgs[1].endswith("on the first batch, also after m.onnx was exported again")
+        assert msgs[1].startswith("runtime: keras, because ONNX Runtime (CPUExecutionProvider) differs from Keras "
+                                  "by 2.0e+00")
+        assert rt.describe()["runtime"] == "keras"
+    exports = []
+    rt = OnnxRuntime(model, built, Path("m.onnx"), [CUDA, CPU_PROVIDER], log=lambda m: None,
+                     session_factory=lambda path, providers, *a: FakeSession(
+                         list(providers), (lambda x: exact(x) * 3.0) if providers[0] == CUDA else exact),
+                     reexport=exports.append)
+    rt(px)
+    assert exports == [] and rt.provider == CPU_PROVIDER  # a GPU's mismatch is the GPU's: the next provider runs
 
 
 # ---- what the engine records, and predict ---------------------------------------------------------------------

@@ -31,8 +31,17 @@ It is a derived file, like Keras's downloaded weights under ``~/.keras``: safe t
 The *key* is everything that changes the file: a format version of ours, the backbone, width multiplier and input
 size, the weights (source and SHA-256; random weights are seeded), the outputs, the ONNX opset, and the versions of
 Keras, TensorFlow, tf2onnx, onnx and onnxruntime. Its SHA-256 names the file and the key itself is stored in the
-model's metadata (``headbench_key``) and checked on every load. Files are written to a temporary name and renamed
-(atomic), under a lock, so concurrent runs export once and never read half a file.
+model's metadata (``headbench_key``) and checked on every load. Files are written to a temporary name
+(``.<file>.<pid>.tmp``) and renamed (atomic), under a per-model lock (``<file>.lock``), so concurrent runs export
+once and never read half a file.
+
+A store that cannot be used (``$HEADBENCH_HOME`` is a file, cannot be created or is read-only) is an
+:class:`ExportError` with one line naming the folder, so ``--runtime auto`` goes on with Keras and says why; models
+already stored in a read-only store are still used. A temporary left by an export killed mid-write (``kill -9``) is
+removed the next time the store is used (:func:`remove_stale_temporaries`): only when the process named in it has
+gone *and* its model's lock is free, so a concurrent live export is never touched. A stored model whose key is right
+but whose weights are damaged is found by the runtime's parity check and exported again
+(``ensure_exported(..., replacing=...)``; see :mod:`pipeline.extract.onnx_runtime`).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -112,16 +122,107 @@ def stored_model_path(model: ModelConfig, root: Path | None = None) -> Path:
     return (root or store_dir()) / f"{model.label}__{model.weights.tag}__{'-'.join(model.kinds)}__{digest[:16]}.onnx"
 
 
+TEMPORARY = re.compile(r"^\.(?P<model>.+\.onnx)\.(?P<pid>[0-9]+)\.tmp$")
+"""Name of an export's temporary file, ``.<model file>.<pid of the exporting process>.tmp``."""
+
+
+def _store_error(folder: Path, exc: OSError) -> ExportError:
+    """The one-line error for a store folder that cannot be created, locked or written."""
+    return ExportError(f"cannot use the ONNX model store {folder} ({exc.strerror or exc}); set HEADBENCH_HOME to a "
+                       f"writable folder")
+
+
 @contextlib.contextmanager
 def _export_lock(path: Path) -> Iterator[None]:
-    """Wait for an exclusive lock on ``path`` (another process exporting the same model: this one then reuses it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    """Wait for an exclusive lock on ``path`` (another process exporting the same model: this one then reuses it).
+
+    Raises
+    ------
+    ExportError
+        The store folder cannot be created or the lock file cannot be created or locked (a file where the folder
+        should be, a read-only folder).
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _store_error(path.parent, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks
+            raise _store_error(path.parent, exc) from None
         yield
     finally:
         os.close(fd)  # the lock file stays: unlinking it could let a third process lock a different inode
+
+
+def _lock_path(path: Path) -> Path:
+    """The lock file of the stored model ``path``."""
+    return path.with_name(path.name + ".lock")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove export temporaries in ``folder`` left by exports that were killed mid-write.
+
+    A temporary ``.<model>.<pid>.tmp`` is stale when the process ``pid`` is gone *and* ``<model>``'s lock can be
+    taken without waiting (every export writes its temporary under that lock). It is checked and removed while this
+    process holds the lock, so an export that starts meanwhile (even one whose pid is a reused one) waits and is not
+    touched. Anything that cannot be read, locked or removed (a read-only store) is left as it is.
+
+    Returns
+    -------
+    list of Path
+        The temporaries removed.
+    """
+    try:
+        names = [n for n in os.listdir(folder) if TEMPORARY.match(n)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = TEMPORARY.match(name)
+        if m and not pid_alive(int(m["pid"])) and _remove_if_unlocked(folder / name, folder / m["model"]):
+            removed.append(folder / name)
+    return removed
+
+
+def _remove_if_unlocked(tmp: Path, model_path: Path) -> bool:
+    """Remove ``tmp`` if ``model_path``'s export lock is free right now (True when removed)."""
+    try:
+        fd = os.open(_lock_path(model_path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tmp.unlink()
+        return True
+    except OSError:  # locked by a live export, or not removable: keep it
+        return False
+    finally:
+        os.close(fd)
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime ns)`` of ``path``, or None when it cannot be read: tells a replaced file apart."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def stored_key(path: Path) -> dict[str, Any] | None:
@@ -137,27 +238,46 @@ def stored_key(path: Path) -> dict[str, Any] | None:
 
 
 def ensure_exported(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None] = print,
-                    root: Path | None = None) -> Path:
+                    root: Path | None = None, replacing: tuple[int, int, int] | None = None) -> Path:
     """The stored ONNX model of ``model``, exported from ``built`` first when it is not stored yet.
 
-    Logs one line with the export time when it exports; reuses the stored file silently otherwise.
+    Logs one line with the export time when it exports; reuses the stored file silently otherwise. Stale export
+    temporaries in the store are removed first (:func:`remove_stale_temporaries`).
+
+    Parameters
+    ----------
+    model : ModelConfig
+    built : BuiltBackbone
+        The Keras feature model to export.
+    log : callable
+    root : Path, optional
+        The store folder (default :func:`store_dir`).
+    replacing : tuple, optional
+        :func:`file_identity` of a stored file found damaged: it is exported again, unless another process has
+        replaced it meanwhile (then that file is used).
 
     Raises
     ------
     ExportError
-        The export failed (one line with the reason).
+        The export failed, or the store cannot be used (one line with the reason).
     """
     path = stored_model_path(model, root)
     key = export_key(model)
-    if path.exists() and stored_key(path) == key:
+    remove_stale_temporaries(path.parent)
+    if replacing is None and _is_stored(path, key):
         return path
     with _export_lock(path):
-        if path.exists() and stored_key(path) == key:  # exported by another process while this one waited
-            return path
+        if _is_stored(path, key) and (replacing is None or file_identity(path) != replacing):
+            return path  # exported (again) by another process while this one waited
         t0 = time.perf_counter()
         export_model(built, path, key)
         log(f"exported {model.label} to ONNX in {time.perf_counter() - t0:.1f}s: {path}")
     return path
+
+
+def _is_stored(path: Path, key: dict[str, Any]) -> bool:
+    """Whether ``path`` is a stored model with ``key``."""
+    return path.exists() and stored_key(path) == key
 
 
 def export_model(built: BuiltBackbone, path: Path, key: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pipeline import cache
+from pipeline.atomic import write_atomically
 from pipeline.extract.runtime import make_runtime
 from pipeline.data import looks_like_image, read_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
@@ -228,23 +229,33 @@ def image_with_views(path: str | os.PathLike, size: int, resize: str, spec: Any)
 
 
 def write_predictions(rows: list[dict[str, Any]], class_names: list[str], out: str | os.PathLike) -> Path:
-    """Write predictions as CSV (``.csv``) or JSON (``.json``)."""
+    """Write predictions as CSV (``.csv``) or JSON (``.json``), atomically (:func:`pipeline.atomic.write_atomically`:
+    a write fault is one line and leaves no partial file under ``out``)."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(rows, indent=1))
+        def write(tmp: Path) -> None:
+            tmp.write_text(json.dumps(rows, indent=1))
     elif path.suffix.lower() == ".csv":
         import csv
 
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "probability", *[f"p_{c}" for c in class_names], "error"])
-            for r in rows:
-                probs = r.get("probs", {})
-                w.writerow([r["path"], r.get("label", ""), r.get("probability", ""),
-                            *[probs.get(c, "") for c in class_names], r.get("error", "")])
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "label", "probability", *[f"p_{c}" for c in class_names], "error"])
+                for r in rows:
+                    probs = r.get("probs", {})
+                    w.writerow([r["path"], r.get("label", ""), r.get("probability", ""),
+                                *[probs.get(c, "") for c in class_names], r.get("error", "")])
     else:
         raise RunError(f"--out must end in .csv or .json, got {path.name}")
+    return write_atomically(path, write, "the predictions")
+
+
+def _save_export(model: Any, path: Path, side: dict[str, Any]) -> Path:
+    """Save an exported model and its ``<out>.json`` sidecar, each atomically (the model first)."""
+    write_atomically(path, lambda tmp: model.save(tmp), "the exported model")
+    write_atomically(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(side, indent=1)),
+                     "the exported model's sidecar")
     return path
 
 
@@ -295,14 +306,11 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     path = Path(out)
     if path.suffix != ".keras":
         raise RunError(f"--out must end in .keras, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
     side = {"class_names": rh.class_names, "input_size": built.input_size, "resize": ex["resize"],
             "input": "RGB pixels in [0, 255], shape (n, size, size, 3), resized by the resize rule",
             "backbone": ex["backbone"], "alpha": ex["alpha"], "weights_sha256": ex["weights_sha256"],
             "head": rh.key, "run": str(Path(run_dir).resolve()), "tta": tta_note}
-    path.with_suffix(".json").write_text(json.dumps(side, indent=1))
-    return path
+    return _save_export(model, path, side)
 
 
 # ---- fine-tuned models (``python cli.py finetune``): pixels in, probabilities out, no backbone to rebuild --------
@@ -359,13 +367,10 @@ def export_finetuned(rh: RunHead, out: str | os.PathLike) -> Path:
     if path.suffix != ".keras":
         raise RunError(f"--out must end in .keras, got {path.name}")
     model = _load_finetuned(rh)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
     ex = rh.extraction
     side = {"class_names": rh.class_names, "input_size": int(ex["input_size"]), "resize": ex["resize"],
             "input": "RGB pixels in [0, 255], shape (n, size, size, 3), resized by the resize rule",
             "backbone": ex["backbone"], "alpha": ex["alpha"], "weights_sha256": ex["weights_sha256"],
             "head": rh.key, "start": (rh.result.get("params") or {}).get("start"),
             "run": str(Path(rh.run_dir).resolve())}
-    path.with_suffix(".json").write_text(json.dumps(side, indent=1))
-    return path
+    return _save_export(model, path, side)

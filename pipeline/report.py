@@ -31,6 +31,7 @@ import jinja2
 from markupsafe import Markup
 
 from pipeline import __version__
+from pipeline.atomic import write_atomically
 from pipeline.errors import RunError
 from pipeline.results import Run, load_run, pick_file_problem, read_audit
 
@@ -130,12 +131,7 @@ def write_report(run_dirs: Sequence[Path | str], out_html: Path | str | None = N
     for p in problems.values():
         (warn or (lambda _m: None))(f"the pick cannot be used: {p}")
     html = render_report(runs, compare_href, problems)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(html, encoding="utf-8")
-    except OSError as exc:
-        raise RunError(f"cannot write the report to {out} ({exc.strerror}): pass another --out") from exc
-    return out
+    return write_atomically(out, lambda tmp: tmp.write_text(html, encoding="utf-8"), "the report")
 
 
 # ---- numbers as printed ----------------------------------------------------------------------------------------

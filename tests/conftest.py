@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,18 @@ def tiny_dataset(tmp_path) -> Path:
             img = np.clip(np.array(base) + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
             write_image(root / c / f"img_{i:02d}.jpg", img)
     return root
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs: a disk that fills up (needs root; skipped with the reason otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -221,21 +221,6 @@ def test_unreadable_file_is_a_failed_row_then_retried_once_readable(tiny_dataset
 # ---- faults: disk full, read-only, free space ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 256 KiB tmpfs: a disk that fills up (needs root; skipped with the reason otherwise)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
-    mnt = tmp_path / "small_disk"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def test_disk_full_is_one_line_keeps_parts_and_resumes(tiny_dataset, small_tmpfs):
     opts = dict(maps=True, maps_dtype="float32", checkpoint_rows=4)  # ~25 kB a row: 12 rows do not fit
     with pytest.raises(CacheError) as err:

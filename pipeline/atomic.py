@@ -1,0 +1,80 @@
+"""Write a file so that its name only ever holds a whole file: into a temporary beside it, then one rename.
+
+A crash, Ctrl-C or a full disk while writing leaves no 0-byte or truncated file under the name asked for (an older
+file there stays as it was), and the temporary is removed; a write fault is one :class:`~pipeline.errors.RunError`
+line naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from pipeline.errors import RunError
+
+__all__ = ["temporary_name", "write_atomically"]
+
+NAME_MAX = 255
+"""Longest file name (bytes) of the file systems users keep outputs on (ext4, XFS, APFS, NTFS)."""
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden temporary beside ``path``, unique to this process and ending in the same suffix (Keras and joblib
+    choose their format by it), shortened by a digest when the name would pass :data:`NAME_MAX`."""
+    stem = path.name
+    name = f".{stem}.{os.getpid()}.tmp{path.suffix}"
+    if len(name.encode()) > NAME_MAX:
+        stem = hashlib.sha256(path.name.encode()).hexdigest()[:16]
+        name = f".{stem}.{os.getpid()}.tmp{path.suffix}"
+    return path.with_name(name)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], what: str,
+                     hint: str = "free some space or pass another --out") -> Path:
+    """Call ``write(temporary)`` and rename the temporary to ``path``.
+
+    Parameters
+    ----------
+    path : path
+        The file to write; its folder is made when missing.
+    write : callable
+        Writes the whole file at the path it is given.
+    what : str
+        What the file is, for the error line (``"the predictions"``).
+    hint : str
+        What to do about a write fault.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    RunError
+        When the folder cannot be made or the file cannot be written (permission, read-only, disk full): nothing
+        is left under ``path`` that was not there before.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise RunError(f"cannot write {what} to {path} ({exc.strerror or exc}): {hint}; nothing was written "
+                       f"under that name") from exc
+    except BaseException:
+        _discard(tmp)
+        raise
+    return path
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -465,7 +465,7 @@ def predict(
 
     # Notes (a download, an ONNX export, a runtime fallback) go to stderr: stdout carries only the predictions.
     rh, rows = predict_images(run, images, head=head, weights=weights, batch_size=batch_size, runtime=runtime.value,
-                              log=lambda m: typer.echo(m, err=True))
+                              log=lambda m: typer.echo(m, err=True), out=out)
     if out is not None:
         typer.echo(f"wrote {write_predictions(rows, rh.class_names, out)} ({len(rows)} images, head {rh.key})")
     else:

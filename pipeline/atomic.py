@@ -1,4 +1,5 @@
-"""Write a file so that its name only ever holds a whole file: into a temporary beside it, then one rename.
+"""Write a file so that its name only ever holds a whole file: into a temporary beside it, then one rename; and
+refuse, before any work, an output the disk has no room for.
 
 A crash, Ctrl-C or a full disk while writing leaves no 0-byte or truncated file under the name asked for (an older
 file there stays as it was), and the temporary is removed; a write fault is one :class:`~pipeline.errors.RunError`
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 from pipeline.errors import RunError
 
-__all__ = ["temporary_name", "write_atomically"]
+__all__ = ["check_free_space", "temporary_name", "write_atomically"]
 
 NAME_MAX = 255
 """Longest file name (bytes) of the file systems users keep outputs on (ext4, XFS, APFS, NTFS)."""
@@ -78,3 +80,39 @@ def _discard(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def check_free_space(path: str | os.PathLike, need: int, what: str) -> None:
+    """Refuse, before the work, an output that the free space of its disk cannot hold.
+
+    Parameters
+    ----------
+    path : path
+        The file to be written (its nearest existing folder is measured).
+    need : int
+        Bytes the file is estimated to take (and a temporary of it, while it is written).
+    what : str
+        What the file is, for the error line.
+
+    Raises
+    ------
+    RunError
+        When the disk has less than ``need`` bytes free.
+    """
+    folder = Path(path).expanduser().resolve().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # cannot be measured: the write itself says what went wrong
+    if free < need:
+        raise RunError(f"not enough free space for {what} at {folder}: about {_size(need)} needed, {_size(free)} "
+                       f"free; free some space or pass another --out (nothing was done)")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

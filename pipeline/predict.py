@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pipeline import cache
-from pipeline.atomic import write_atomically
+from pipeline.atomic import check_free_space, write_atomically
 from pipeline.extract.runtime import make_runtime
 from pipeline.data import looks_like_image, read_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
@@ -163,7 +163,8 @@ def _load_head(rh: RunHead) -> Callable[[np.ndarray], np.ndarray]:
 
 def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], head: str | None = None,
                    weights: str | None = None, batch_size: int = 32, runtime: str = "auto",
-                   log: Callable[[str], None] = print) -> tuple[RunHead, list[dict[str, Any]]]:
+                   log: Callable[[str], None] = print,
+                   out: str | os.PathLike | None = None) -> tuple[RunHead, list[dict[str, Any]]]:
     """Predict class probabilities for image files with a run's head.
 
     Parameters
@@ -179,6 +180,9 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     runtime : {"auto", "onnx", "keras"}
         Inference runtime for the backbone (see :func:`pipeline.extract.runtime.make_runtime`); every runtime
         gives the same features to 1e-4 of their scale, checked on the first batch.
+    out : path, optional
+        Where the predictions will be written (:func:`write_predictions`): its disk's free space is checked against
+        an estimate of their size before any model is built.
 
     Returns
     -------
@@ -187,6 +191,8 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     """
     rh = select_head(run_dir, head)
     files = collect_images(inputs)
+    if out is not None:
+        check_free_space(out, predictions_size(files, rh.class_names, out), "the predictions")
     if is_finetuned(rh):
         return rh, predict_finetuned(rh, files, batch_size)
     ex = rh.extraction
@@ -228,6 +234,13 @@ def image_with_views(path: str | os.PathLike, size: int, resize: str, spec: Any)
         raise
 
 
+def predictions_size(files: list[Path], class_names: list[str], out: str | os.PathLike) -> int:
+    """Bytes :func:`write_predictions` is about to need for ``files``, generously (paths as written, 24 characters
+    per probability, JSON's indentation and keys), twice over for the temporary it writes first."""
+    per_row = 64 + 24 * len(class_names) + (48 + 16 * len(class_names) if str(out).lower().endswith(".json") else 0)
+    return 2 * (sum(len(os.fsencode(f)) for f in files) + per_row * len(files) + 4096)
+
+
 def write_predictions(rows: list[dict[str, Any]], class_names: list[str], out: str | os.PathLike) -> Path:
     """Write predictions as CSV (``.csv``) or JSON (``.json``), atomically (:func:`pipeline.atomic.write_atomically`:
     a write fault is one line and leaves no partial file under ``out``)."""
@@ -249,6 +262,15 @@ def write_predictions(rows: list[dict[str, Any]], class_names: list[str], out: s
     else:
         raise RunError(f"--out must end in .csv or .json, got {path.name}")
     return write_atomically(path, write, "the predictions")
+
+
+def export_size(backbone_weights: str, head: Path) -> int:
+    """Bytes an exported model is about to need: the backbone's weights file (float32, as the model stores them)
+    and the saved head, with a margin, for the model and its temporary (an ``imagenet`` or random backbone counts
+    by the head alone: its size is not known before it is built)."""
+    weights = Path(backbone_weights)
+    base = weights.stat().st_size if weights.is_file() else 0
+    return int(2 * 1.1 * (base + head.stat().st_size)) + 65536
 
 
 def _save_export(model: Any, path: Path, side: dict[str, Any]) -> Path:
@@ -283,9 +305,12 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     if rh.feature == "maps":
         raise RunError("exporting heads fitted on spatial maps is not supported; fit the dense head on avg features")
     ex = rh.extraction
-    head_model = load_saved_head(head_file(rh.run_dir, rh.result), rh.cache_entry.get("feature_shape"),
+    saved = head_file(rh.run_dir, rh.result)
+    head_model = load_saved_head(saved, rh.cache_entry.get("feature_shape"),
                                  len(rh.class_names))  # before the backbone is built: a bad file is one line
-    built = build_feature_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]),
+    backbone_weights = resolve_run_weights(rh, weights)
+    check_free_space(out, export_size(backbone_weights, saved), "the exported model")
+    built = build_feature_model(ex["backbone"], backbone_weights, int(ex["input_size"]),
                                 ex["alpha"], max_pool=rh.feature == "max", announce=lambda m: None)
     pixels = keras.Input((built.input_size, built.input_size, 3), name="pixels")
     feats = built.model(pixels)[rh.feature]
@@ -366,7 +391,8 @@ def export_finetuned(rh: RunHead, out: str | os.PathLike) -> Path:
     path = Path(out)
     if path.suffix != ".keras":
         raise RunError(f"--out must end in .keras, got {path.name}")
-    model = _load_finetuned(rh)
+    model = _load_finetuned(rh)  # its file checked against the recorded SHA-256 first
+    check_free_space(path, export_size("", rh.model_path), "the exported model")
     ex = rh.extraction
     side = {"class_names": rh.class_names, "input_size": int(ex["input_size"]), "resize": ex["resize"],
             "input": "RGB pixels in [0, 255], shape (n, size, size, 3), resized by the resize rule",

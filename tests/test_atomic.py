@@ -73,3 +73,23 @@ def test_interrupted_writes_leave_no_temporary_and_long_names_fit(tmp_path):
     assert len(temporary_name(long).name.encode()) <= NAME_MAX and temporary_name(long).suffix == ".csv"
     write_atomically(long, lambda t: t.write_text(json.dumps([1])), "the predictions")
     assert long.read_text() == "[1]" and [p.name for p in tmp_path.iterdir()] == [long.name]
+
+
+def test_outputs_the_disk_cannot_hold_are_refused_before_any_model_is_built(small_tmpfs, tmp_path):
+    from pipeline.atomic import check_free_space
+    from pipeline.predict import export_size, predictions_size
+
+    (small_tmpfs / "filler").write_bytes(b"\0" * 200_000)  # about 56 kB of the 256 kB disk left
+    with pytest.raises(RunError) as err:
+        check_free_space(small_tmpfs / "model.keras", 10_000_000, "the exported model")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"not enough free space for the exported model at {small_tmpfs}")
+    assert "about 10.0 MB needed" in msg and "nothing was done" in msg
+    check_free_space(small_tmpfs / "small.csv", 1_000, "the predictions")  # what fits passes
+    # the estimates: predictions grow with the files and classes; an export counts the weights file and the head
+    files = [tmp_path / f"{i:04d}.jpg" for i in range(1000)]
+    assert predictions_size(files, ["a", "b"], "p.json") > predictions_size(files, ["a", "b"], "p.csv") > 2 * 1000 * 60
+    weights, head = tmp_path / "w.h5", tmp_path / "h.keras"
+    weights.write_bytes(b"\0" * 100_000)
+    head.write_bytes(b"\0" * 1_000)
+    assert export_size(str(weights), head) >= 2 * 101_000 and export_size("imagenet", head) >= 2_000

@@ -213,3 +213,19 @@ def test_predict_prints_one_record_per_line_whatever_the_file_name(fitted, tmp_p
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(len(ln.split("\t")) == 3 for ln in lines)
     assert any(ln.startswith(str(odd.parent / "tab\\there\\nnew\\\\line.jpg")) for ln in lines)
+
+
+def test_predict_and_export_refuse_a_disk_without_room_before_any_work(fitted, small_tmpfs, capsys):
+    import cli
+
+    run, root = fitted
+    (small_tmpfs / "filler").write_bytes(b"\0" * (256 * 1024 - 8192))  # a disk with 8 kB left
+    for args in (["predict", str(run), str(root), "--out", str(small_tmpfs / "p.csv")],
+                 ["export", str(run), "--out", str(small_tmpfs / "m.keras")]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(args, quiet_native=False)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.count("\n") == 1, err
+        assert err.startswith("error: not enough free space for the ") and "nothing was done" in err
+        assert "runtime" not in err  # refused before the backbone was built
+    assert [p.name for p in small_tmpfs.iterdir()] == ["filler"]

@@ -18,8 +18,10 @@ from pipeline.fit.protocol import search
 from pipeline.fit.heads import HEADS, DenseHead, HeadContext, get_head, resolve_heads
 
 # Small and eager so that sklearn's ~50 checks (each fitting several times) take seconds; the contract they check
-# does not depend on how Keras executes. check_classifiers_train needs > 0.83 training accuracy in 3 epochs.
-CHECK_PARAMS = dict(hidden=8, epochs=3, learning_rate=0.03, batch_size=128, validation_fraction=0.0,
+# does not depend on how Keras executes. check_classifiers_train needs > 0.83 training accuracy, and
+# check_class_weight_classifiers a class weight that moves 87 % of predictions, in 4 epochs (3 was enough for the
+# draw of weights the process-wide seed happened to give, not for the head's own seeded initializers).
+CHECK_PARAMS = dict(hidden=8, epochs=4, learning_rate=0.03, batch_size=128, validation_fraction=0.0,
                     run_eagerly=True)
 
 # Checks that cannot apply to this head, with the reason (none so far: every applicable check passes). sklearn
@@ -152,6 +154,19 @@ def test_dense_head_is_deterministic_and_seeded():
     c = DenseHead(hidden=16, epochs=6, random_state=4).fit(X, y).predict_proba(X)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_dense_head_leaves_the_process_generators_alone():
+    import random
+
+    X, y = _data(80, 12)
+    np.random.seed(123)
+    random.seed(123)
+    expected = (np.random.random(), random.random())
+    np.random.seed(123)
+    random.seed(123)
+    DenseHead(hidden=8, epochs=2, random_state=7, run_eagerly=True).fit(X, y)
+    assert (np.random.random(), random.random()) == expected
 
 
 def test_dense_head_early_stopping_history_and_saved_model(tmp_path):

@@ -60,18 +60,20 @@ class _Engine:
         self.key = key
         self.input_shape = input_shape
         self.n_classes = n_classes
-        keras.utils.set_random_seed(int(head.random_state))
-        channels = input_shape[-1]
+        seed = int(head.random_state)  # every random draw from this seed, through the layers' own generators:
+        channels = input_shape[-1]     # the process's global generators are left as they were
         self.mean = keras.Variable(np.zeros(channels, np.float32), trainable=False, name="feature_mean")
         self.std = keras.Variable(np.ones(channels, np.float32), trainable=False, name="feature_std")
         inputs = keras.Input(shape=input_shape, name="standardised")
         x = inputs
         if len(input_shape) > 1:
             x = keras.layers.Flatten(name="flatten")(x)
-        x = keras.layers.Dense(int(head.hidden), activation="relu", name="hidden")(x)
-        self.dropout = keras.layers.Dropout(float(head.dropout), seed=int(head.random_state), name="dropout")
+        x = keras.layers.Dense(int(head.hidden), activation="relu", name="hidden",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+        self.dropout = keras.layers.Dropout(float(head.dropout), seed=seed + 2, name="dropout")
         x = self.dropout(x)
-        outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+        outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax",
+                                     kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1))(x)
         self.core = keras.Model(inputs, outputs, name="dense_core")
         self.optimizer = keras.optimizers.Adam(learning_rate=float(head.learning_rate))
         self.optimizer.build(self.core.trainable_variables)
@@ -175,10 +177,14 @@ class _Engine:
         if len(self.input_shape) > 1:
             x = keras.layers.Flatten(name="flatten")(x)
         layers = {layer.name: layer for layer in self.core.layers}
-        hidden = keras.layers.Dense(layers["hidden"].units, activation="relu", name="hidden")
+        # the trained weights are set below: zeros to start with, so that no initializer draws a seed from
+        # Python's global generator
+        hidden = keras.layers.Dense(layers["hidden"].units, activation="relu", name="hidden",
+                                    kernel_initializer="zeros")
         x = hidden(x)
-        x = keras.layers.Dropout(self.dropout.rate, name="dropout")(x)
-        soft = keras.layers.Dense(self.n_classes, activation="softmax", name="softmax")
+        x = keras.layers.Dropout(self.dropout.rate, seed=0, name="dropout")(x)  # inactive at inference; seeded
+        # for the same reason
+        soft = keras.layers.Dense(self.n_classes, activation="softmax", name="softmax", kernel_initializer="zeros")
         outputs = soft(x)
         model = keras.Model(inputs, outputs, name="dense_head")
         hidden.set_weights(_weights(layers["hidden"]))
@@ -201,10 +207,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     The standardisation (per feature; per channel for ``(h, w, c)`` maps, which are then flattened) is computed on
     the rows the network trains on, and the fitted Keras model (``model_``) carries it as a Normalization layer, so
-    it is self-contained on raw features. Training is seeded (:func:`keras.utils.set_random_seed`, which also
-    seeds Python's, NumPy's and TensorFlow's global generators, and a NumPy generator for the order of rows): two
-    fits with the same ``random_state`` on the same data give identical probabilities (on CPU), whether the
-    instance is new or was fitted before.
+    it is self-contained on raw features. Training is seeded through generators of its own (the layers' seeded
+    initializers and dropout, and a NumPy generator for the order of rows; the process's global generators are
+    never reseeded): two fits with the same ``random_state`` on the same data give identical probabilities (on
+    CPU), whether the instance is new or was fitted before.
 
     Parameters
     ----------
@@ -384,13 +390,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     def _fit(self, source: RowSource, classes: np.ndarray, in_memory: bool,
              groups: np.ndarray | None = None) -> "DenseHead":
-        import keras
-
         self.classes_ = classes
         n_classes = len(classes)
         self.input_shape_ = tuple(int(s) for s in source.shape)
         y_all = np.asarray(source.labels, dtype=np.int64)
-        keras.utils.set_random_seed(int(self.random_state))
         engine = self._engine_for(self.input_shape_, n_classes)
         all_rows = np.arange(len(y_all))
         fit_idx, val_idx = self._holdout(y_all, groups)

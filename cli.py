@@ -158,6 +158,32 @@ def _print_table(table) -> None:  # noqa: ANN001 - a rich Table
     Console(width=max(console.width, need)).print(table)
 
 
+def _check_model_options(backbones: list[str], input_size: int | None, alpha: float | None) -> None:
+    """Check ``--input-size`` and ``--alpha`` against every backbone asked for, before anything runs.
+
+    Parameters
+    ----------
+    backbones : list of str
+        Registered backbone names.
+    input_size, alpha : optional
+        The options as given (None: the backbone's own).
+
+    Raises
+    ------
+    typer.BadParameter
+        A size below a backbone's minimum, or a width multiplier it does not have (a usage error, exit 2).
+    """
+    from pipeline.backbones import check_options, get_spec
+    from pipeline.errors import BackboneError
+
+    for name in backbones:
+        try:
+            check_options(get_spec(name), input_size, alpha)
+        except BackboneError as exc:
+            hint = "--alpha" if "alpha" in str(exc) else "--input-size"
+            raise typer.BadParameter(str(exc), param_hint=hint) from None
+
+
 def _command() -> str:
     return " ".join(["python cli.py", *sys.argv[1:]])
 
@@ -220,6 +246,7 @@ def extract(
     from pipeline.extract import ExtractOptions, RayOptions, extract_dataset, resolve_config
     from pipeline.extract.views import make_view_spec
 
+    _check_model_options([b.value for b in backbone], input_size, alpha)
     if views is None and (view_kinds is not None or view_seed is not None):
         raise typer.BadParameter("--view-kinds and --view-seed need --views K (augmented views per image)",
                                  param_hint="--views")

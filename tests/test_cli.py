@@ -152,3 +152,21 @@ def _flat(text: str) -> str:
     import re
 
     return re.sub(r"[\u2500-\u257f\s]+", " ", text)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--input-size", "16"], "mobilenet_v2 needs --input-size >= 32, got 16"),
+    (["-b", "mobilenet_v2", "-b", "xception", "--input-size", "64"], "xception needs --input-size >= 71, got 64"),
+    (["--alpha", "0.6"], "mobilenet_v2 supports --alpha in"),
+])
+def test_model_options_a_backbone_cannot_take_are_usage_errors(tmp_path, capsys, args, expect):
+    """A size below a backbone's minimum is a usage error (exit 2), found before the folder is read or a model built."""
+    import cli
+
+    with pytest.raises(SystemExit) as status:  # the folder does not exist: the options are checked first
+        cli.main(["extract", str(tmp_path / "no_such_folder"), "--weights", "none", *args], quiet_native=False)
+    assert status.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
+    assert "does not exist" not in err and "Traceback" not in err

@@ -273,7 +273,7 @@ def extract(
     ds = discover(data)
     # Every backbone's options and weights are resolved before the first model is built or image decoded.
     configs = [resolve_config(options, log=typer.echo, backbone=b.value) for b in backbone]
-    ignored = ", ".join(f"{n} {why}" for why, n in ds.ignored.items() if n)
+    ignored = ds.ignored_summary()
     typer.echo(f"{ds.root}: {len(ds.items)} images in {len(ds.classes)} classes"
                f"{' (split folders: ' + ', '.join(sorted({i.split for i in ds.items})) + ')' if ds.has_splits else ''}"
                f"{'; ignored ' + ignored if ignored else ''}")

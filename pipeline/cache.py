@@ -49,7 +49,7 @@ import h5py
 import numpy as np
 
 from pipeline.backbones import get_spec
-from pipeline.errors import CacheError
+from pipeline.errors import BackboneError, CacheError
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -133,10 +133,72 @@ def _mb(n: int | None) -> str:
     return f"{(n or 0) / 1e6:.0f} MB" if (n or 0) >= 1e6 else f"{(n or 0) / 1e3:.0f} kB"
 
 
-def corrupt_error(path: str | os.PathLike, what: str, root: str | None = None) -> CacheError:
-    """One line for a damaged cache: what is damaged and how to rebuild it."""
-    cmd = f"python cli.py extract {root}" if root else "the extract command that made it"
-    return CacheError(f"cache {path} is damaged ({what}); delete it and run `{cmd}` again")
+def corrupt_error(path: str | os.PathLike, what: str, meta: dict[str, Any] | None = None) -> CacheError:
+    """One line for a damaged cache: what is damaged and the command that rebuilds it (from ``meta``)."""
+    cmd = rebuild_command(Path(path), meta) if meta and meta.get("dataset_root") else ""
+    how = f"`{cmd}`" if cmd else "the extract command that made it"
+    return CacheError(f"cache {path} is damaged ({what}); delete it and run {how} again")
+
+
+def rebuild_command(path: Path, meta: dict[str, Any]) -> str:
+    """The ``extract`` command that makes this very cache again, shell-quoted.
+
+    Everything that names the file or its signature is spelled out: the dataset folder, the backbone, and, where
+    they differ from ``extract``'s defaults, the input size, width multiplier, resize rule, weights, cache folder,
+    extra feature kinds and views. (The pixel rule is not an option: a cache of another rule is rebuilt anyway.)
+
+    Parameters
+    ----------
+    path : Path
+        The cache file (its folder becomes ``--cache-dir`` unless it is the default ``cache``).
+    meta : dict
+        Its root attributes (``dataset_root``, ``backbone``, ``input_size``...).
+
+    Returns
+    -------
+    str
+        e.g. ``python cli.py extract /data/birds -b mobilenet_v2 --weights none --cache-dir /tmp/c``.
+    """
+    import shlex
+
+    from pipeline.data import DEFAULT_RESIZE
+    from pipeline.extract.views import ViewSpec
+
+    args = ["extract", str(meta["dataset_root"])] + _model_options(meta)
+    if meta.get("resize", DEFAULT_RESIZE) != DEFAULT_RESIZE:
+        args += ["--resize", str(meta["resize"])]
+    kinds = meta.get("feature_kinds") or ["avg"]
+    args += (["--max-pool"] if "max" in kinds else []) + (["--maps"] if "maps" in kinds else [])
+    if "maps" in kinds and meta.get("maps_dtype") == "float32":
+        args += ["--maps-dtype", "float32"]
+    views = ViewSpec.from_json(meta.get("views") if isinstance(meta.get("views"), dict) else None)
+    if views.n:
+        args += views.cli_options()
+    if path.parent.resolve() != Path("cache").resolve():
+        args += ["--cache-dir", str(path.parent)]
+    return " ".join(["python", "cli.py", *(shlex.quote(a) for a in args)])
+
+
+def _model_options(meta: dict[str, Any]) -> list[str]:
+    """``-b``, and ``--input-size``, ``--alpha``, ``--weights`` where they differ from the defaults, of a cache."""
+    name = str(meta.get("backbone"))
+    args = ["-b", name]
+    try:
+        spec = get_spec(name)
+    except BackboneError:  # a backbone no longer registered: say everything the file records
+        spec = None
+    size = meta.get("input_size")
+    if size is not None and (spec is None or int(size) != spec.default_input_size):
+        args += ["--input-size", str(int(size))]
+    alpha = meta.get("alpha")
+    if alpha is not None and float(alpha) != 1.0:
+        args += ["--alpha", f"{float(alpha):g}"]
+    source = meta.get("weights_source")
+    if source == "none":
+        args += ["--weights", "none"]
+    elif source == "file":
+        args += ["--weights", str(meta.get("weights_path", ""))]
+    return args
 
 
 # ---- rows --------------------------------------------------------------------------------------------------------
@@ -527,8 +589,7 @@ def verify(path: str | os.PathLike, block_rows: int = 4096) -> None:
                 try:
                     dset[start:start + block_rows]
                 except OSError as exc:
-                    raise corrupt_error(path, f"checksum mismatch in {name}: {_short(exc)}",
-                                        fr.meta.get("dataset_root")) from None
+                    raise corrupt_error(path, f"checksum mismatch in {name}: {_short(exc)}", fr.meta) from None
     finally:
         fr.close()
 
@@ -889,7 +950,6 @@ class FeatureReader:
             raise corrupt_error(p, f"unreadable attributes: {_short(exc)}") from None
         _check_header(p, meta)
         self.meta = meta
-        root = meta.get("dataset_root")
         spec = get_spec(str(meta.get("backbone")))
         check_expected(meta, {"preprocess": spec.preprocess, "preprocess_mode": spec.preprocess_mode}, p)
         if expect:
@@ -901,9 +961,9 @@ class FeatureReader:
         try:
             rows = _read_rows(f["rows"])
         except (OSError, KeyError) as exc:
-            raise corrupt_error(p, f"row metadata unreadable: {_short(exc)}", root) from None
+            raise corrupt_error(p, f"row metadata unreadable: {_short(exc)}", meta) from None
         if meta.get("schema_version", 1) >= 2 and rows.digest() != meta.get("rows_sha256"):
-            raise corrupt_error(p, "row metadata (paths, labels, splits) does not match its checksum", root)
+            raise corrupt_error(p, "row metadata (paths, labels, splits) does not match its checksum", meta)
         ok = np.asarray(rows.ok, dtype=bool)
         self._ok_index = np.flatnonzero(ok)
         self.class_names = list(meta["class_names"])
@@ -913,11 +973,11 @@ class FeatureReader:
         self.splits = np.asarray(rows.split, dtype=object)[self._ok_index].astype(str)
         self.failed = [(q, e) for q, o, e in zip(rows.path, rows.ok, rows.error) if not o]
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise corrupt_error(p, "a label outside the class list", root)
+            raise corrupt_error(p, "a label outside the class list", meta)
         try:
             self._dset = f[f"features/{self.kind}"]
         except (KeyError, OSError):
-            raise corrupt_error(p, f"its features/{self.kind} dataset is missing or unreadable", root) from None
+            raise corrupt_error(p, f"its features/{self.kind} dataset is missing or unreadable", meta) from None
         self.shape = tuple(int(s) for s in self._dset.shape[1:])
         self.dtype = self._dset.dtype
         vname = f"views/{self.kind}"
@@ -954,8 +1014,7 @@ class FeatureReader:
                 data = np.concatenate([dset[int(run[0]):int(run[-1]) + 1]
                                        for run in np.split(sorted_rows, breaks)])
         except OSError as exc:
-            raise corrupt_error(self.path, f"checksum mismatch in {name}: {_short(exc)}",
-                                self.meta.get("dataset_root")) from None
+            raise corrupt_error(self.path, f"checksum mismatch in {name}: {_short(exc)}", self.meta) from None
         if order is not None:
             out = np.empty_like(data)
             out[order] = data
@@ -968,7 +1027,7 @@ class FeatureReader:
         sums = out.reshape(len(out), -1).sum(axis=1, dtype=np.float64)
         if not np.isfinite(sums).all():
             raise corrupt_error(self.path, f"{int((~np.isfinite(sums)).sum())} usable row(s) of {name} hold NaN or "
-                                f"inf", self.meta.get("dataset_root"))
+                                f"inf", self.meta)
         return out
 
     def read(self, idx: np.ndarray | None = None) -> np.ndarray:
@@ -1046,7 +1105,7 @@ def read_rows(path: str | os.PathLike) -> Rows:
     with _open(p) as f:
         rows = _read_rows(f["rows"])
     if meta.get("schema_version", 1) >= 2 and rows.digest() != meta.get("rows_sha256"):
-        raise corrupt_error(p, "row metadata does not match its checksum", meta.get("dataset_root"))
+        raise corrupt_error(p, "row metadata does not match its checksum", meta)
     return rows
 
 

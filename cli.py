@@ -221,7 +221,8 @@ def extract(
                                                help="Retry images that failed in an earlier run.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Commit finished rows to disk every N images (a crash "
-                                                              "loses at most that much work).")] = 256,
+                                                              "loses at most that much work; a larger "
+                                                              "--batch-size is capped at N).")] = 256,
     engine: Annotated[Engine, typer.Option(help="local (this machine) | ray (a Ray cluster; needs the 'ray' extra, "  # type: ignore
                                                 "see docs/scaling.md).")] = Engine("local"),
     ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: 'auto' or 'ray://HOST:PORT' joins a "
@@ -244,6 +245,7 @@ def extract(
     from pipeline.data import discover
     from pipeline.errors import BackboneError
     from pipeline.extract import ExtractOptions, RayOptions, extract_dataset, resolve_config
+    from pipeline.extract.config import fit_batch_to_checkpoint
     from pipeline.extract.views import make_view_spec
 
     _check_model_options([b.value for b in backbone], input_size, alpha)
@@ -270,6 +272,7 @@ def extract(
                              runtime=runtime.value, engine=engine.value, ray=ray, batch_size=batch_size,
                              workers=workers, strict=strict, retry_failed=retry_failed,
                              checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
+    options = fit_batch_to_checkpoint(options, log=typer.echo)  # said once, not once per backbone
     ds = discover(data)
     # Every backbone's options and weights are resolved before the first model is built or image decoded.
     configs = [resolve_config(options, log=typer.echo, backbone=b.value) for b in backbone]

@@ -395,8 +395,8 @@ class PartWriter:
         Feature key -> per-row shape: ``avg``, ``max``, ``maps`` (the centre view) and ``views/avg``,
         ``views/max`` (``(K, D)``: the augmented views of the row).
     flush_rows, flush_seconds : int, float
-        :meth:`maybe_flush` writes a part when this many rows are buffered or this long has passed since the last
-        part; a kill loses at most that much work. The caller calls it between batches, so parts hold whole
+        :meth:`maybe_flush` writes a part when this many rows are buffered (or the next batch would pass it) or
+        this long has passed since the last part; a kill loses at most that much work. The caller calls it between batches, so parts hold whole
         batches and a resumed run feeds the model exactly the batches an uninterrupted run would.
     run_info : dict, optional
         Provenance of the run that makes these rows (engine, runtime and its version, device, ``run_id``...),
@@ -433,9 +433,19 @@ class PartWriter:
         for k, shape in self.shapes.items():
             self.feats[k].append(feats[k] if feats is not None else np.full(shape, np.nan, np.float32))
 
-    def maybe_flush(self) -> None:
-        """Write a part if enough rows or time have accumulated."""
-        if len(self.rows) >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
+    def maybe_flush(self, coming: int = 0) -> None:
+        """Write a part if enough rows or time have accumulated.
+
+        Parameters
+        ----------
+        coming : int
+            Rows the caller will add before it calls again (its next batch): the part is written now when they
+            would take the buffer past ``flush_rows``, so that no more than ``flush_rows`` rows are ever uncommitted
+            at a batch's end.
+        """
+        n = len(self.rows)
+        if n >= self.flush_rows or (n and n + coming > self.flush_rows) \
+                or time.monotonic() - self._last >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:

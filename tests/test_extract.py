@@ -163,6 +163,50 @@ def test_interrupted_run_resumes_from_parts(tiny_dataset, tmp_path, monkeypatch)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("batch, every, commits", [(8, 3, [3, 6, 9, 12]), (4, 6, [4, 8, 12])])
+def test_a_crash_loses_at_most_checkpoint_rows_whatever_the_batch(tiny_dataset, tmp_path, monkeypatch, batch, every,
+                                                                  commits):
+    """A batch above --checkpoint-every is capped at it (one line); a part is committed before a batch that would
+    take the uncommitted rows past it. Counted in images the model ran, not in time."""
+    import pipeline.extract.local as local
+
+    seen = {"images": 0, "calls": 0}
+    at_commit: list[int] = []  # images the model had run when each part was committed
+    real_runtime, real_commit = local.make_runtime, cache._commit
+
+    class Counting:
+        """The real runtime, counting the images of real batches (call 1 is the warm-up batch)."""
+
+        def __init__(self, rt):
+            self.rt = rt
+
+        def __getattr__(self, name):
+            return getattr(self.rt, name)
+
+        def __call__(self, px):
+            seen["calls"] += 1
+            seen["images"] += len(px) if seen["calls"] > 1 else 0
+            return self.rt(px)
+
+    def commit(tmp, path):
+        if path.parent.name.endswith(".parts"):
+            at_commit.append(seen["images"])
+        return real_commit(tmp, path)
+
+    monkeypatch.setattr(local, "make_runtime", lambda *a, **k: Counting(real_runtime(*a, **k)))
+    monkeypatch.setattr(cache, "_commit", commit)
+    res, msgs = _run(tiny_dataset, tmp_path, batch_size=batch, checkpoint_rows=every, checkpoint_seconds=1e9)
+    capped = [m for m in msgs if m.startswith("--batch-size")]
+    if batch > every:
+        assert capped == [f"--batch-size {batch} is above --checkpoint-every {every}: running batches of {every} "
+                          f"images, so that a crash loses at most {every} images of work"], msgs
+    else:
+        assert not capped
+    assert at_commit == commits, at_commit
+    assert all(b - a <= every for a, b in zip([0, *at_commit], at_commit))  # never more than `every` uncommitted
+    assert res.n_extracted == 12
+
+
 def test_maps_and_max_pool_are_stored(tiny_dataset, tmp_path):
     res, _ = _run(tiny_dataset, tmp_path, maps=True, max_pool=True)
     maps = cache.read_features(res.path, "maps")

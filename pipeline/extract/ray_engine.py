@@ -91,10 +91,12 @@ def check_ray_options(opts: RayOptions) -> None:
 
 
 def chunk_rows(cfg: ExtractConfig) -> int:
-    """Images per chunk: the smallest multiple of ``batch_size`` that reaches ``checkpoint_rows`` (the local
-    engine's part size), kept under :data:`MAX_CHUNK_BYTES` of decoded pixels (whole batches, at least one)."""
+    """Images per chunk: the largest multiple of ``batch_size`` within ``checkpoint_rows`` (the local engine's part
+    size, so a crash loses at most that much work), kept under :data:`MAX_CHUNK_BYTES` of decoded pixels (whole
+    batches, at least one: the batch is never above ``checkpoint_rows``, see
+    :func:`pipeline.extract.config.fit_batch_to_checkpoint`)."""
     b = cfg.batch_size
-    rows = -(-cfg.checkpoint_rows // b) * b
+    rows = max(b, cfg.checkpoint_rows // b * b)
     per_image = _pixels_per_image(cfg)
     cap = max(b, (MAX_CHUNK_BYTES // per_image) // b * b)
     return min(rows, cap)
@@ -263,7 +265,7 @@ class ChunkExtractor:
                 now = time.perf_counter()
                 self.writer.seconds += now - last
                 last = now
-                self.writer.maybe_flush()
+                self.writer.maybe_flush(coming=cfg.batch_size)
         finally:
             self._last = last
             self.writer.flush()  # what was added is committed, also before a --strict stop

@@ -245,7 +245,9 @@ def extract(
     from pipeline.data import discover
     from pipeline.errors import BackboneError
     from pipeline.extract import ExtractOptions, RayOptions, extract_dataset, resolve_config
+    from pipeline.cache import check_name_fits
     from pipeline.extract.config import fit_batch_to_checkpoint
+    from pipeline.extract.plan import cache_file
     from pipeline.extract.views import make_view_spec
 
     _check_model_options([b.value for b in backbone], input_size, alpha)
@@ -280,6 +282,8 @@ def extract(
     typer.echo(f"{ds.root}: {len(ds.items)} images in {len(ds.classes)} classes"
                f"{' (split folders: ' + ', '.join(sorted({i.split for i in ds.items})) + ')' if ds.has_splits else ''}"
                f"{'; ignored ' + ignored if ignored else ''}")
+    for cfg in configs:  # every cache can be named, before the first is made
+        check_name_fits(cache_file(ds, cfg), ds.root)
     any_failed = False
     for cfg in configs:
         res = extract_dataset(ds, cfg, log=typer.echo)

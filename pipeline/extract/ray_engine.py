@@ -322,7 +322,7 @@ def check_nodes(ray: Any, path: Path, root: Path) -> int:
 
     parts = cache.parts_dir(path)
     token = uuid.uuid4().hex
-    token_file = path.with_name(f".{path.name}.probe-{token[:8]}.tmp")  # removed as stale if a run dies here
+    token_file = cache.temp_path(path, f"probe-{token[:8]}")  # removed as stale if a run dies here
     path.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text(token)
     probe = ray.remote(num_cpus=0, max_retries=1)(probe_node)

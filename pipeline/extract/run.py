@@ -95,15 +95,17 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
     Raises
     ------
     DatasetError, CacheError
-        For unusable input or cache folders (disk full, read-only: one line, finished rows kept); with ``strict``,
+        For unusable input or cache folders (disk full, read-only: one line, finished rows kept; a cache name longer
+        than the cache folder allows, before any work); with ``strict``,
         DatasetError at the first undecodable image (finished rows are kept).
     """
     ds = root if isinstance(root, Dataset) else discover(root)
+    path = cache_file(ds, config)
+    cache.check_name_fits(path, ds.root)  # before any work: an assembly that cannot be named would fail last
     w = config.model.weights
     if w.source == "none":
         log(f"WARNING: {config.model.backbone} runs with RANDOM weights (--weights none): features are not "
             f"ImageNet features")
-    path = cache_file(ds, config)
     with cache.locked(path):
         cfg = resolve_views(config, path)
         for _attempt in range(3):  # a damaged old file is discarded and planned again (at most twice)

@@ -617,6 +617,9 @@ class Existing:
         Wall time recorded by the usable parts.
     discarded : str
         Why a complete file at the cache's name was not usable ("" when it was, or there was none).
+    other_views : list of (Path, dict, int)
+        Parts that differ from the signature in their views alone (part, its ``views`` attribute, its rows): an
+        interrupted run with another ``--views``, which the caller keeps or removes.
     """
 
     meta: dict[str, Any] | None
@@ -625,6 +628,7 @@ class Existing:
     stale_parts: list[Path]
     part_seconds: float
     discarded: str = ""
+    other_views: list[tuple[Path, dict[str, Any], int]] = field(default_factory=list)
 
 
 def _records(r: Rows) -> dict[str, RowRecord]:
@@ -638,7 +642,7 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
     A complete file of another configuration (e.g. it lacks ``maps`` that are now asked for) or of an older schema
     is treated as absent, so it is rebuilt; a damaged one too, with the reason in ``discarded``. Parts of another
     configuration, parts the complete file already consumed, and temporary files of a killed write are listed in
-    ``stale_parts`` for removal.
+    ``stale_parts`` for removal; parts whose signature differs in ``views`` alone are listed in ``other_views``.
     """
     sig = _signature(meta)
     final_meta, final_rows, discarded, consumed = None, {}, "", set()
@@ -669,6 +673,7 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
     # Temporary files of an assembly or part that was killed while being written: never valid, always removed.
     stale: list[Path] = list(path.parent.glob(f"{glob.escape(_tmp_stem(path))}.*.tmp"))
     seconds = 0.0
+    other_views: list[tuple[Path, dict[str, Any], int]] = []
     pdir = parts_dir(path)
     if pdir.is_dir():
         stale.extend(pdir.glob(".*.tmp"))
@@ -676,7 +681,12 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
             try:
                 with h5py.File(p, "r") as f:
                     m = _attrs_to_dict(f.attrs)
-                    if _signature(m) != sig or m.get("part_id") in consumed:
+                    part_sig = _signature(m)
+                    if part_sig != sig and m.get("part_id") not in consumed \
+                            and part_sig | {"views": sig["views"]} == sig:
+                        other_views.append((p, part_sig["views"] or {"n": 0}, len(f["rows/path"])))
+                        continue
+                    if part_sig != sig or m.get("part_id") in consumed:
                         stale.append(p)
                         continue
                     r = _read_rows(f["rows"])
@@ -685,7 +695,7 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
                         part_rows[q] = (p, rec.index, rec)
             except (OSError, KeyError, ValueError):
                 stale.append(p)
-    return Existing(final_meta, final_rows, part_rows, stale, seconds, discarded)
+    return Existing(final_meta, final_rows, part_rows, stale, seconds, discarded, other_views)
 
 
 def verify(path: str | os.PathLike, block_rows: int = 4096) -> None:
@@ -839,7 +849,7 @@ def assemble(path: Path, meta: dict[str, Any], order: Sequence[tuple[str, int, s
             handle.close()
         if old is not None:
             old.close()
-    remove_parts(path)
+    remove_parts(path, keep=[p for p, _, _ in existing.other_views])
     return rows
 
 
@@ -874,9 +884,13 @@ def _gather(sources: list[tuple[Any, int]], key: str) -> np.ndarray:
 
 
 def parts_views(path: Path) -> dict[str, Any] | None:
-    """The ``views`` attribute of the first usable part of an unfinished extraction (None when there is none)."""
+    """The ``views`` attribute of the newest readable part of an unfinished extraction (None when there is none).
+
+    The newest: when parts of two ``--views`` settings are left (see :class:`Existing`), the last interrupted run's.
+    """
     pdir = parts_dir(path)
-    for p in sorted(pdir.glob("part-*.h5")) if pdir.is_dir() else []:
+    found = sorted(pdir.glob("part-*.h5"), key=lambda q: q.stat().st_mtime_ns, reverse=True) if pdir.is_dir() else []
+    for p in found:
         try:
             with h5py.File(p, "r") as f:
                 return _attrs_to_dict(f.attrs).get("views") or {"n": 0}
@@ -885,13 +899,24 @@ def parts_views(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def remove_parts(path: Path) -> None:
-    """Delete the parts folder of a cache (after assembly, or when they are stale)."""
+def remove_parts(path: Path, keep: Sequence[Path] = ()) -> None:
+    """Delete the parts folder of a cache (after assembly, or when they are stale), except the parts in ``keep``.
+
+    Parameters
+    ----------
+    path : Path
+        The cache file.
+    keep : sequence of Path
+        Parts to leave in place (those of an interrupted run with other views); the folder stays while any is left.
+    """
     pdir = parts_dir(path)
     if pdir.is_dir():
+        kept = {Path(k).name for k in keep}
         for p in pdir.iterdir():
-            p.unlink(missing_ok=True)
-        pdir.rmdir()
+            if p.name not in kept:
+                p.unlink(missing_ok=True)
+        if not any(pdir.iterdir()):
+            pdir.rmdir()
 
 
 def discard(path: Path) -> None:

@@ -320,7 +320,7 @@ def test_free_space_is_checked_before_assembly(tiny_dataset, tmp_path, monkeypat
 
 
 def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "remove_parts", lambda path: None)  # as if killed between the rename and cleanup
+    monkeypatch.setattr(cache, "remove_parts", lambda path, keep=(): None)  # as if killed between the rename and cleanup
     first, _ = _run(tiny_dataset, tmp_path / "c")
     seconds = cache.read_meta(first.path)["extract_seconds"]
     assert list(cache.parts_dir(first.path).glob("part-*.h5"))

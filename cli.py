@@ -158,6 +158,32 @@ def _print_table(table) -> None:  # noqa: ANN001 - a rich Table
     Console(width=max(console.width, need)).print(table)
 
 
+def _check_model_options(backbones: list[str], input_size: int | None, alpha: float | None) -> None:
+    """Check ``--input-size`` and ``--alpha`` against every backbone asked for, before anything runs.
+
+    Parameters
+    ----------
+    backbones : list of str
+        Registered backbone names.
+    input_size, alpha : optional
+        The options as given (None: the backbone's own).
+
+    Raises
+    ------
+    typer.BadParameter
+        A size below a backbone's minimum, or a width multiplier it does not have (a usage error, exit 2).
+    """
+    from pipeline.backbones import check_options, get_spec
+    from pipeline.errors import BackboneError
+
+    for name in backbones:
+        try:
+            check_options(get_spec(name), input_size, alpha)
+        except BackboneError as exc:
+            hint = "--alpha" if "alpha" in str(exc) else "--input-size"
+            raise typer.BadParameter(str(exc), param_hint=hint) from None
+
+
 def _command() -> str:
     return " ".join(["python cli.py", *sys.argv[1:]])
 
@@ -195,7 +221,8 @@ def extract(
                                                help="Retry images that failed in an earlier run.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Commit finished rows to disk every N images (a crash "
-                                                              "loses at most that much work).")] = 256,
+                                                              "loses at most that much work; a larger "
+                                                              "--batch-size is capped at N).")] = 256,
     engine: Annotated[Engine, typer.Option(help="local (this machine) | ray (a Ray cluster; needs the 'ray' extra, "  # type: ignore
                                                 "see docs/scaling.md).")] = Engine("local"),
     ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: 'auto' or 'ray://HOST:PORT' joins a "
@@ -218,8 +245,12 @@ def extract(
     from pipeline.data import discover
     from pipeline.errors import BackboneError
     from pipeline.extract import ExtractOptions, RayOptions, extract_dataset, resolve_config
+    from pipeline.cache import check_name_fits
+    from pipeline.extract.config import fit_batch_to_checkpoint
+    from pipeline.extract.plan import cache_file
     from pipeline.extract.views import make_view_spec
 
+    _check_model_options([b.value for b in backbone], input_size, alpha)
     if views is None and (view_kinds is not None or view_seed is not None):
         raise typer.BadParameter("--view-kinds and --view-seed need --views K (augmented views per image)",
                                  param_hint="--views")
@@ -243,13 +274,16 @@ def extract(
                              runtime=runtime.value, engine=engine.value, ray=ray, batch_size=batch_size,
                              workers=workers, strict=strict, retry_failed=retry_failed,
                              checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
+    options = fit_batch_to_checkpoint(options, log=typer.echo)  # said once, not once per backbone
     ds = discover(data)
     # Every backbone's options and weights are resolved before the first model is built or image decoded.
     configs = [resolve_config(options, log=typer.echo, backbone=b.value) for b in backbone]
-    ignored = ", ".join(f"{n} {why}" for why, n in ds.ignored.items() if n)
+    ignored = ds.ignored_summary()
     typer.echo(f"{ds.root}: {len(ds.items)} images in {len(ds.classes)} classes"
                f"{' (split folders: ' + ', '.join(sorted({i.split for i in ds.items})) + ')' if ds.has_splits else ''}"
                f"{'; ignored ' + ignored if ignored else ''}")
+    for cfg in configs:  # every cache can be named, before the first is made
+        check_name_fits(cache_file(ds, cfg), ds.root)
     any_failed = False
     for cfg in configs:
         res = extract_dataset(ds, cfg, log=typer.echo)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ import h5py
 import numpy as np
 
 from pipeline.backbones import get_spec
-from pipeline.errors import CacheError
+from pipeline.errors import BackboneError, CacheError
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -86,8 +87,113 @@ def cache_path(cache_dir: str | os.PathLike, dataset: str, root: str | os.PathLi
 
 
 def parts_dir(path: str | os.PathLike) -> Path:
-    """Folder holding the finished-but-unassembled rows of an interrupted extraction."""
-    return Path(str(path) + ".parts")
+    """Folder holding the finished-but-unassembled rows of an interrupted extraction: ``<file>.parts``.
+
+    Its name keeps within the file system's limit (:func:`sibling_name`).
+    """
+    p = Path(path)
+    return p.with_name(sibling_name(p, ".parts"))
+
+
+# ---- names within the file system's limit -------------------------------------------------------------------------
+
+
+NAME_MAX = 255
+"""The longest file name, in bytes, on Linux file systems (ext4, xfs, btrfs, tmpfs...), and the most assumed."""
+_TMP_TAG_MAX = 14
+"""Longest tag of a temporary name (``<pid>.<6 hex>`` or ``probe-<8 hex>``): ``.<stem>.<tag>.tmp``."""
+_DIGEST_TAIL = 13
+"""``~`` and 12 hex digits of the SHA-256 of a name that had to be shortened."""
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name (bytes) allowed in ``folder`` (or its nearest existing parent), at most :data:`NAME_MAX`.
+
+    Parameters
+    ----------
+    folder : path
+
+    Returns
+    -------
+    int
+        ``os.pathconf``'s ``PC_NAME_MAX`` there, or :data:`NAME_MAX` when the system does not say.
+    """
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return min(NAME_MAX, int(os.pathconf(probe, "PC_NAME_MAX")))
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def _fit(name: str, room: int) -> str:
+    """``name`` if its UTF-8 form takes at most ``room`` bytes, else a prefix of it + ``~`` + 12 hex of its digest."""
+    raw = name.encode("utf-8")
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return raw[:room - _DIGEST_TAIL].decode("utf-8", "ignore") + "~" + digest
+
+
+def sibling_name(path: Path, suffix: str) -> str:
+    """The name of a file beside a cache (``<file><suffix>``: ``.parts``, ``.lock``), within the name limit.
+
+    A cache name that leaves no room for ``suffix`` is shortened to a prefix of itself and a digest of the whole
+    name, so the sibling is always the same for the same cache and never that of another one.
+    """
+    return _fit(path.name, name_max(path.parent) - len(suffix.encode("utf-8"))) + suffix
+
+
+def _tmp_stem(path: Path) -> str:
+    """The part of ``path``'s temporary names before their tag: ``.<name>`` (shortened to fit, see :func:`_fit`)."""
+    return "." + _fit(path.name, name_max(path.parent) - 1 - (_TMP_TAG_MAX + len("..tmp")))
+
+
+def temp_path(path: Path, tag: str) -> Path:
+    """A temporary name for ``path`` in its folder: ``.<name>.<tag>.tmp``, within the name limit.
+
+    Every temporary name of a cache starts with the same stem, so a later run finds and removes the ones a killed
+    write left (:func:`scan_existing`).
+
+    Parameters
+    ----------
+    path : Path
+        The file the temporary one will become (a cache, a part).
+    tag : str
+        At most :data:`_TMP_TAG_MAX` characters that make the name unique.
+    """
+    if len(tag) > _TMP_TAG_MAX:
+        raise ValueError(f"internal: temporary tag {tag!r} is longer than {_TMP_TAG_MAX} characters")
+    return path.with_name(f"{_tmp_stem(path)}.{tag}.tmp")
+
+
+def check_name_fits(path: Path, dataset_root: str | os.PathLike) -> None:
+    """Refuse a cache whose own file name is longer than its folder allows, saying what to do.
+
+    Parameters
+    ----------
+    path : Path
+        The cache file.
+    dataset_root : path
+        The dataset folder whose name is in the cache's name.
+
+    Raises
+    ------
+    CacheError
+        The name does not fit (every other name the cache uses is shortened to fit; this one is its identity).
+    """
+    limit = name_max(path.parent)
+    size = len(path.name.encode("utf-8"))
+    if size <= limit:
+        return
+    folder = Path(dataset_root)
+    allowed = len(folder.name.encode("utf-8")) - (size - limit)
+    shorter = f"rename the dataset folder {folder} to at most {allowed} bytes" if allowed > 0 else \
+        "use a dataset folder with a shorter name"
+    raise CacheError(f"the cache file name for {folder.name[:40]}... would be {size} bytes, more than the {limit} a "
+                     f"file name may have in {path.parent}: {shorter} (or pass --cache-dir on a file system that "
+                     f"allows longer names)")
 
 
 # ---- faults ----------------------------------------------------------------------------------------------------
@@ -133,10 +239,72 @@ def _mb(n: int | None) -> str:
     return f"{(n or 0) / 1e6:.0f} MB" if (n or 0) >= 1e6 else f"{(n or 0) / 1e3:.0f} kB"
 
 
-def corrupt_error(path: str | os.PathLike, what: str, root: str | None = None) -> CacheError:
-    """One line for a damaged cache: what is damaged and how to rebuild it."""
-    cmd = f"python cli.py extract {root}" if root else "the extract command that made it"
-    return CacheError(f"cache {path} is damaged ({what}); delete it and run `{cmd}` again")
+def corrupt_error(path: str | os.PathLike, what: str, meta: dict[str, Any] | None = None) -> CacheError:
+    """One line for a damaged cache: what is damaged and the command that rebuilds it (from ``meta``)."""
+    cmd = rebuild_command(Path(path), meta) if meta and meta.get("dataset_root") else ""
+    how = f"`{cmd}`" if cmd else "the extract command that made it"
+    return CacheError(f"cache {path} is damaged ({what}); delete it and run {how} again")
+
+
+def rebuild_command(path: Path, meta: dict[str, Any]) -> str:
+    """The ``extract`` command that makes this very cache again, shell-quoted.
+
+    Everything that names the file or its signature is spelled out: the dataset folder, the backbone, and, where
+    they differ from ``extract``'s defaults, the input size, width multiplier, resize rule, weights, cache folder,
+    extra feature kinds and views. (The pixel rule is not an option: a cache of another rule is rebuilt anyway.)
+
+    Parameters
+    ----------
+    path : Path
+        The cache file (its folder becomes ``--cache-dir`` unless it is the default ``cache``).
+    meta : dict
+        Its root attributes (``dataset_root``, ``backbone``, ``input_size``...).
+
+    Returns
+    -------
+    str
+        e.g. ``python cli.py extract /data/birds -b mobilenet_v2 --weights none --cache-dir /tmp/c``.
+    """
+    import shlex
+
+    from pipeline.data import DEFAULT_RESIZE
+    from pipeline.extract.views import ViewSpec
+
+    args = ["extract", str(meta["dataset_root"])] + _model_options(meta)
+    if meta.get("resize", DEFAULT_RESIZE) != DEFAULT_RESIZE:
+        args += ["--resize", str(meta["resize"])]
+    kinds = meta.get("feature_kinds") or ["avg"]
+    args += (["--max-pool"] if "max" in kinds else []) + (["--maps"] if "maps" in kinds else [])
+    if "maps" in kinds and meta.get("maps_dtype") == "float32":
+        args += ["--maps-dtype", "float32"]
+    views = ViewSpec.from_json(meta.get("views") if isinstance(meta.get("views"), dict) else None)
+    if views.n:
+        args += views.cli_options()
+    if path.parent.resolve() != Path("cache").resolve():
+        args += ["--cache-dir", str(path.parent)]
+    return " ".join(["python", "cli.py", *(shlex.quote(a) for a in args)])
+
+
+def _model_options(meta: dict[str, Any]) -> list[str]:
+    """``-b``, and ``--input-size``, ``--alpha``, ``--weights`` where they differ from the defaults, of a cache."""
+    name = str(meta.get("backbone"))
+    args = ["-b", name]
+    try:
+        spec = get_spec(name)
+    except BackboneError:  # a backbone no longer registered: say everything the file records
+        spec = None
+    size = meta.get("input_size")
+    if size is not None and (spec is None or int(size) != spec.default_input_size):
+        args += ["--input-size", str(int(size))]
+    alpha = meta.get("alpha")
+    if alpha is not None and float(alpha) != 1.0:
+        args += ["--alpha", f"{float(alpha):g}"]
+    source = meta.get("weights_source")
+    if source == "none":
+        args += ["--weights", "none"]
+    elif source == "file":
+        args += ["--weights", str(meta.get("weights_path", ""))]
+    return args
 
 
 # ---- rows --------------------------------------------------------------------------------------------------------
@@ -273,7 +441,7 @@ def _store_dtype(key: str, meta: dict[str, Any]) -> type:
 
 
 def _open_write(path: Path) -> tuple[Path, h5py.File]:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp = temp_path(path, f"{os.getpid()}.{uuid.uuid4().hex[:6]}")
     return tmp, h5py.File(tmp, "w", libver=LIBVER)
 
 
@@ -333,8 +501,8 @@ class PartWriter:
         Feature key -> per-row shape: ``avg``, ``max``, ``maps`` (the centre view) and ``views/avg``,
         ``views/max`` (``(K, D)``: the augmented views of the row).
     flush_rows, flush_seconds : int, float
-        :meth:`maybe_flush` writes a part when this many rows are buffered or this long has passed since the last
-        part; a kill loses at most that much work. The caller calls it between batches, so parts hold whole
+        :meth:`maybe_flush` writes a part when this many rows are buffered (or the next batch would pass it) or
+        this long has passed since the last part; a kill loses at most that much work. The caller calls it between batches, so parts hold whole
         batches and a resumed run feeds the model exactly the batches an uninterrupted run would.
     run_info : dict, optional
         Provenance of the run that makes these rows (engine, runtime and its version, device, ``run_id``...),
@@ -371,9 +539,19 @@ class PartWriter:
         for k, shape in self.shapes.items():
             self.feats[k].append(feats[k] if feats is not None else np.full(shape, np.nan, np.float32))
 
-    def maybe_flush(self) -> None:
-        """Write a part if enough rows or time have accumulated."""
-        if len(self.rows) >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
+    def maybe_flush(self, coming: int = 0) -> None:
+        """Write a part if enough rows or time have accumulated.
+
+        Parameters
+        ----------
+        coming : int
+            Rows the caller will add before it calls again (its next batch): the part is written now when they
+            would take the buffer past ``flush_rows``, so that no more than ``flush_rows`` rows are ever uncommitted
+            at a batch's end.
+        """
+        n = len(self.rows)
+        if n >= self.flush_rows or (n and n + coming > self.flush_rows) \
+                or time.monotonic() - self._last >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -439,6 +617,9 @@ class Existing:
         Wall time recorded by the usable parts.
     discarded : str
         Why a complete file at the cache's name was not usable ("" when it was, or there was none).
+    other_views : list of (Path, dict, int)
+        Parts that differ from the signature in their views alone (part, its ``views`` attribute, its rows): an
+        interrupted run with another ``--views``, which the caller keeps or removes.
     """
 
     meta: dict[str, Any] | None
@@ -447,6 +628,7 @@ class Existing:
     stale_parts: list[Path]
     part_seconds: float
     discarded: str = ""
+    other_views: list[tuple[Path, dict[str, Any], int]] = field(default_factory=list)
 
 
 def _records(r: Rows) -> dict[str, RowRecord]:
@@ -460,7 +642,7 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
     A complete file of another configuration (e.g. it lacks ``maps`` that are now asked for) or of an older schema
     is treated as absent, so it is rebuilt; a damaged one too, with the reason in ``discarded``. Parts of another
     configuration, parts the complete file already consumed, and temporary files of a killed write are listed in
-    ``stale_parts`` for removal.
+    ``stale_parts`` for removal; parts whose signature differs in ``views`` alone are listed in ``other_views``.
     """
     sig = _signature(meta)
     final_meta, final_rows, discarded, consumed = None, {}, "", set()
@@ -489,8 +671,9 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
             discarded = f"unreadable: {_short(exc)}"
     part_rows: dict[str, tuple[Path, int, RowRecord]] = {}
     # Temporary files of an assembly or part that was killed while being written: never valid, always removed.
-    stale: list[Path] = list(path.parent.glob(f".{path.name}.*.tmp"))
+    stale: list[Path] = list(path.parent.glob(f"{glob.escape(_tmp_stem(path))}.*.tmp"))
     seconds = 0.0
+    other_views: list[tuple[Path, dict[str, Any], int]] = []
     pdir = parts_dir(path)
     if pdir.is_dir():
         stale.extend(pdir.glob(".*.tmp"))
@@ -498,7 +681,12 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
             try:
                 with h5py.File(p, "r") as f:
                     m = _attrs_to_dict(f.attrs)
-                    if _signature(m) != sig or m.get("part_id") in consumed:
+                    part_sig = _signature(m)
+                    if part_sig != sig and m.get("part_id") not in consumed \
+                            and part_sig | {"views": sig["views"]} == sig:
+                        other_views.append((p, part_sig["views"] or {"n": 0}, len(f["rows/path"])))
+                        continue
+                    if part_sig != sig or m.get("part_id") in consumed:
                         stale.append(p)
                         continue
                     r = _read_rows(f["rows"])
@@ -507,7 +695,7 @@ def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
                         part_rows[q] = (p, rec.index, rec)
             except (OSError, KeyError, ValueError):
                 stale.append(p)
-    return Existing(final_meta, final_rows, part_rows, stale, seconds, discarded)
+    return Existing(final_meta, final_rows, part_rows, stale, seconds, discarded, other_views)
 
 
 def verify(path: str | os.PathLike, block_rows: int = 4096) -> None:
@@ -527,8 +715,7 @@ def verify(path: str | os.PathLike, block_rows: int = 4096) -> None:
                 try:
                     dset[start:start + block_rows]
                 except OSError as exc:
-                    raise corrupt_error(path, f"checksum mismatch in {name}: {_short(exc)}",
-                                        fr.meta.get("dataset_root")) from None
+                    raise corrupt_error(path, f"checksum mismatch in {name}: {_short(exc)}", fr.meta) from None
     finally:
         fr.close()
 
@@ -662,7 +849,7 @@ def assemble(path: Path, meta: dict[str, Any], order: Sequence[tuple[str, int, s
             handle.close()
         if old is not None:
             old.close()
-    remove_parts(path)
+    remove_parts(path, keep=[p for p, _, _ in existing.other_views])
     return rows
 
 
@@ -697,9 +884,13 @@ def _gather(sources: list[tuple[Any, int]], key: str) -> np.ndarray:
 
 
 def parts_views(path: Path) -> dict[str, Any] | None:
-    """The ``views`` attribute of the first usable part of an unfinished extraction (None when there is none)."""
+    """The ``views`` attribute of the newest readable part of an unfinished extraction (None when there is none).
+
+    The newest: when parts of two ``--views`` settings are left (see :class:`Existing`), the last interrupted run's.
+    """
     pdir = parts_dir(path)
-    for p in sorted(pdir.glob("part-*.h5")) if pdir.is_dir() else []:
+    found = sorted(pdir.glob("part-*.h5"), key=lambda q: q.stat().st_mtime_ns, reverse=True) if pdir.is_dir() else []
+    for p in found:
         try:
             with h5py.File(p, "r") as f:
                 return _attrs_to_dict(f.attrs).get("views") or {"n": 0}
@@ -708,13 +899,24 @@ def parts_views(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def remove_parts(path: Path) -> None:
-    """Delete the parts folder of a cache (after assembly, or when they are stale)."""
+def remove_parts(path: Path, keep: Sequence[Path] = ()) -> None:
+    """Delete the parts folder of a cache (after assembly, or when they are stale), except the parts in ``keep``.
+
+    Parameters
+    ----------
+    path : Path
+        The cache file.
+    keep : sequence of Path
+        Parts to leave in place (those of an interrupted run with other views); the folder stays while any is left.
+    """
     pdir = parts_dir(path)
     if pdir.is_dir():
+        kept = {Path(k).name for k in keep}
         for p in pdir.iterdir():
-            p.unlink(missing_ok=True)
-        pdir.rmdir()
+            if p.name not in kept:
+                p.unlink(missing_ok=True)
+        if not any(pdir.iterdir()):
+            pdir.rmdir()
 
 
 def discard(path: Path) -> None:
@@ -731,7 +933,7 @@ def locked(path: Path) -> Iterator[None]:
     CacheError
         Another process holds the lock, or the cache folder cannot be created or written.
     """
-    lock = path.with_name(path.name + ".lock")
+    lock = path.with_name(sibling_name(path, ".lock"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -889,7 +1091,6 @@ class FeatureReader:
             raise corrupt_error(p, f"unreadable attributes: {_short(exc)}") from None
         _check_header(p, meta)
         self.meta = meta
-        root = meta.get("dataset_root")
         spec = get_spec(str(meta.get("backbone")))
         check_expected(meta, {"preprocess": spec.preprocess, "preprocess_mode": spec.preprocess_mode}, p)
         if expect:
@@ -901,9 +1102,9 @@ class FeatureReader:
         try:
             rows = _read_rows(f["rows"])
         except (OSError, KeyError) as exc:
-            raise corrupt_error(p, f"row metadata unreadable: {_short(exc)}", root) from None
+            raise corrupt_error(p, f"row metadata unreadable: {_short(exc)}", meta) from None
         if meta.get("schema_version", 1) >= 2 and rows.digest() != meta.get("rows_sha256"):
-            raise corrupt_error(p, "row metadata (paths, labels, splits) does not match its checksum", root)
+            raise corrupt_error(p, "row metadata (paths, labels, splits) does not match its checksum", meta)
         ok = np.asarray(rows.ok, dtype=bool)
         self._ok_index = np.flatnonzero(ok)
         self.class_names = list(meta["class_names"])
@@ -913,11 +1114,11 @@ class FeatureReader:
         self.splits = np.asarray(rows.split, dtype=object)[self._ok_index].astype(str)
         self.failed = [(q, e) for q, o, e in zip(rows.path, rows.ok, rows.error) if not o]
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise corrupt_error(p, "a label outside the class list", root)
+            raise corrupt_error(p, "a label outside the class list", meta)
         try:
             self._dset = f[f"features/{self.kind}"]
         except (KeyError, OSError):
-            raise corrupt_error(p, f"its features/{self.kind} dataset is missing or unreadable", root) from None
+            raise corrupt_error(p, f"its features/{self.kind} dataset is missing or unreadable", meta) from None
         self.shape = tuple(int(s) for s in self._dset.shape[1:])
         self.dtype = self._dset.dtype
         vname = f"views/{self.kind}"
@@ -954,8 +1155,7 @@ class FeatureReader:
                 data = np.concatenate([dset[int(run[0]):int(run[-1]) + 1]
                                        for run in np.split(sorted_rows, breaks)])
         except OSError as exc:
-            raise corrupt_error(self.path, f"checksum mismatch in {name}: {_short(exc)}",
-                                self.meta.get("dataset_root")) from None
+            raise corrupt_error(self.path, f"checksum mismatch in {name}: {_short(exc)}", self.meta) from None
         if order is not None:
             out = np.empty_like(data)
             out[order] = data
@@ -968,7 +1168,7 @@ class FeatureReader:
         sums = out.reshape(len(out), -1).sum(axis=1, dtype=np.float64)
         if not np.isfinite(sums).all():
             raise corrupt_error(self.path, f"{int((~np.isfinite(sums)).sum())} usable row(s) of {name} hold NaN or "
-                                f"inf", self.meta.get("dataset_root"))
+                                f"inf", self.meta)
         return out
 
     def read(self, idx: np.ndarray | None = None) -> np.ndarray:
@@ -1046,7 +1246,7 @@ def read_rows(path: str | os.PathLike) -> Rows:
     with _open(p) as f:
         rows = _read_rows(f["rows"])
     if meta.get("schema_version", 1) >= 2 and rows.digest() != meta.get("rows_sha256"):
-        raise corrupt_error(p, "row metadata does not match its checksum", meta.get("dataset_root"))
+        raise corrupt_error(p, "row metadata does not match its checksum", meta)
     return rows
 
 
@@ -1079,8 +1279,9 @@ def scan_folder(cache_dir: str | os.PathLike) -> CacheScan:
             out.caches.append(CacheInfo(p, read_meta(p)))
         except CacheError as exc:
             out.problems.append((p, str(exc)))
-    out.unfinished = [Path(str(q)[: -len(".parts")]) for q in sorted(d.glob("*.h5.parts"))
-                      if not Path(str(q)[: -len(".parts")]).exists()]
+    owned = {parts_dir(p).name for p in d.glob("*.h5")}  # a parts folder beside its complete file is not unfinished
+    out.unfinished = [q.with_name(q.name[: -len(".parts")]) for q in sorted(d.glob("*.parts"))
+                      if q.is_dir() and q.name not in owned]
     return out
 
 

@@ -144,6 +144,8 @@ class Dataset:
         A few ignored paths, for messages.
     has_splits : bool
         Whether split folders were found.
+    unreadable : list of (str, str)
+        Every entry counted as ``unreadable``: its path relative to ``root`` and why (a dangling link...).
     """
 
     root: Path
@@ -153,6 +155,35 @@ class Dataset:
     ignored: Counter = field(default_factory=Counter)
     ignored_examples: list[str] = field(default_factory=list)
     has_splits: bool = False
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+    def ignored_summary(self, names: int = 3) -> str:
+        """What was skipped, for the one line ``extract`` prints (``""`` when nothing was).
+
+        Unreadable entries are named (the first ``names`` of them, then "and N more"), since each one is an image
+        the user probably meant to include.
+
+        Parameters
+        ----------
+        names : int
+            Unreadable entries named before the rest are counted.
+
+        Returns
+        -------
+        str
+            e.g. ``2 hidden, 1 unreadable (red/ghost.jpg: dangling symbolic link)``.
+        """
+        parts = []
+        for why, n in self.ignored.items():
+            if not n:
+                continue
+            text = f"{n} {why}"
+            if why == "unreadable" and self.unreadable:
+                listed = ", ".join(f"{q}: {reason}" for q, reason in self.unreadable[:names])
+                more = len(self.unreadable) - names
+                text += f" ({listed}{f' and {more} more' if more > 0 else ''})"
+            parts.append(text)
+        return ", ".join(parts)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class for each split (``""`` when there are no split folders)."""
@@ -178,12 +209,20 @@ def looks_like_image(path: Path) -> bool:
         return False
 
 
+def _unreadable_reason(path: Path, exc: OSError) -> str:
+    """Why an image candidate cannot be read, in a few words (a dangling link is named as such)."""
+    if path.is_symlink() and not path.exists():
+        return "dangling symbolic link"
+    return exc.strerror or type(exc).__name__
+
+
 def _scan_class(root: Path, class_dir: Path, ds_ignored: Counter, examples: list[str],
-                seen_dirs: set[str]) -> list[tuple[str, int, int]]:
+                seen_dirs: set[str], unreadable: list[tuple[str, str]]) -> list[tuple[str, int, int]]:
     """Candidate images under one class folder (recursive): (relpath, size, mtime_ns).
 
     Symbolic links are followed, but a folder already scanned (a link loop, or a link to another class's folder)
-    is skipped and counted, so no image is listed twice or under two labels.
+    is skipped and counted, so no image is listed twice or under two labels. Candidates that cannot be read are
+    counted and added to ``unreadable`` with the reason.
     """
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
@@ -209,8 +248,9 @@ def _scan_class(root: Path, class_dir: Path, ds_ignored: Counter, examples: list
                 continue
             try:
                 st = p.stat()
-            except OSError:
+            except OSError as exc:
                 ds_ignored["unreadable"] += 1
+                unreadable.append((rel, _unreadable_reason(p, exc)))
                 continue
             found.append((rel, st.st_size, st.st_mtime_ns))
     return found
@@ -256,6 +296,7 @@ def discover(root: str | os.PathLike) -> Dataset:
     r = r.resolve()
     ignored: Counter = Counter()
     examples: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     top = _subdirs(r, ignored, examples, r)  # counts the root's hidden and loose files, once
     split_dirs = [d for d in top if d.name.lower() in SPLIT_ALIASES]
     has_splits = bool(split_dirs) and len(split_dirs) == len(top)
@@ -301,7 +342,7 @@ def discover(root: str | os.PathLike) -> Dataset:
         for d in class_dirs:
             if os.path.realpath(d) in seen_dirs:
                 raise DatasetError(f"class folder {d} links to a folder already used; give each class its own images")
-            found = _scan_class(r, d, ignored, examples, seen_dirs)
+            found = _scan_class(r, d, ignored, examples, seen_dirs, unreadable)
             if not found:
                 raise DatasetError(f"class folder {d} has no images; add images or remove the folder")
             rows.extend((rel, d.name, split, size, mt) for rel, size, mt in found)
@@ -311,7 +352,7 @@ def discover(root: str | os.PathLike) -> Dataset:
     items = sorted(
         (ImageItem(rel, index[c], s, size, mt) for rel, c, s, size, mt in rows), key=lambda it: it.relpath
     )
-    return Dataset(r, r.name, classes, items, ignored, examples, has_splits)
+    return Dataset(r, r.name, classes, items, ignored, examples, has_splits, sorted(unreadable))
 
 
 # ---- decoding --------------------------------------------------------------------------------------------------

@@ -152,3 +152,37 @@ def _flat(text: str) -> str:
     import re
 
     return re.sub(r"[\u2500-\u257f\s]+", " ", text)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--input-size", "16"], "mobilenet_v2 needs --input-size >= 32, got 16"),
+    (["-b", "mobilenet_v2", "-b", "xception", "--input-size", "64"], "xception needs --input-size >= 71, got 64"),
+    (["--alpha", "0.6"], "mobilenet_v2 supports --alpha in"),
+])
+def test_model_options_a_backbone_cannot_take_are_usage_errors(tmp_path, capsys, args, expect):
+    """A size below a backbone's minimum is a usage error (exit 2), found before the folder is read or a model built."""
+    import cli
+
+    with pytest.raises(SystemExit) as status:  # the folder does not exist: the options are checked first
+        cli.main(["extract", str(tmp_path / "no_such_folder"), "--weights", "none", *args], quiet_native=False)
+    assert status.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
+    assert "does not exist" not in err and "Traceback" not in err
+
+
+def test_extract_names_the_unreadable_files_it_ignored(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import cli
+    import pipeline.extract
+
+    (tiny_dataset / "red" / "ghost.jpg").symlink_to(tmp_path / "moved_away.jpg")  # a dangling link
+    def stop(*a, **k):  # the line is printed before the first extraction: stop there, no model is built
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.extract, "extract_dataset", stop)
+    with pytest.raises(SystemExit):
+        cli.main(["extract", str(tiny_dataset), "--weights", "none", "--cache-dir", str(tmp_path / "c")],
+                 quiet_native=False)
+    out = capsys.readouterr().out
+    assert "12 images in 2 classes; ignored 1 unreadable (red/ghost.jpg: dangling symbolic link)" in out, out

@@ -179,6 +179,19 @@ def test_non_image_files_are_ignored_and_counted(tmp_path):
     assert "a/README.txt" in ds.ignored_examples
 
 
+def test_unreadable_entries_are_named_in_the_summary(tmp_path):
+    root = make_dataset(tmp_path / "d", {"a": 2, "b": 1})
+    (root / "a" / "ghost.jpg").symlink_to(tmp_path / "moved_away.jpg")  # a dangling link
+    ds = discover(root)
+    assert ds.ignored["unreadable"] == 1 and len(ds.items) == 3
+    assert ds.ignored_summary() == "1 unreadable (a/ghost.jpg: dangling symbolic link)"
+    for i in range(4):
+        (root / "b" / f"gone_{i}.png").symlink_to(tmp_path / f"nowhere_{i}.png")
+    summary = discover(root).ignored_summary(names=3)
+    assert summary == ("5 unreadable (a/ghost.jpg: dangling symbolic link, b/gone_0.png: dangling symbolic link, "
+                       "b/gone_1.png: dangling symbolic link and 2 more)")
+
+
 def test_content_sniffing_finds_images_without_an_image_extension(tmp_path):
     root = make_dataset(tmp_path / "d", {"a": 1, "b": 1})
     png = rgb_bytes(solid(10, 12, RED))

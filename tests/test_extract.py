@@ -163,6 +163,50 @@ def test_interrupted_run_resumes_from_parts(tiny_dataset, tmp_path, monkeypatch)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("batch, every, commits", [(8, 3, [3, 6, 9, 12]), (4, 6, [4, 8, 12])])
+def test_a_crash_loses_at_most_checkpoint_rows_whatever_the_batch(tiny_dataset, tmp_path, monkeypatch, batch, every,
+                                                                  commits):
+    """A batch above --checkpoint-every is capped at it (one line); a part is committed before a batch that would
+    take the uncommitted rows past it. Counted in images the model ran, not in time."""
+    import pipeline.extract.local as local
+
+    seen = {"images": 0, "calls": 0}
+    at_commit: list[int] = []  # images the model had run when each part was committed
+    real_runtime, real_commit = local.make_runtime, cache._commit
+
+    class Counting:
+        """The real runtime, counting the images of real batches (call 1 is the warm-up batch)."""
+
+        def __init__(self, rt):
+            self.rt = rt
+
+        def __getattr__(self, name):
+            return getattr(self.rt, name)
+
+        def __call__(self, px):
+            seen["calls"] += 1
+            seen["images"] += len(px) if seen["calls"] > 1 else 0
+            return self.rt(px)
+
+    def commit(tmp, path):
+        if path.parent.name.endswith(".parts"):
+            at_commit.append(seen["images"])
+        return real_commit(tmp, path)
+
+    monkeypatch.setattr(local, "make_runtime", lambda *a, **k: Counting(real_runtime(*a, **k)))
+    monkeypatch.setattr(cache, "_commit", commit)
+    res, msgs = _run(tiny_dataset, tmp_path, batch_size=batch, checkpoint_rows=every, checkpoint_seconds=1e9)
+    capped = [m for m in msgs if m.startswith("--batch-size")]
+    if batch > every:
+        assert capped == [f"--batch-size {batch} is above --checkpoint-every {every}: running batches of {every} "
+                          f"images, so that a crash loses at most {every} images of work"], msgs
+    else:
+        assert not capped
+    assert at_commit == commits, at_commit
+    assert all(b - a <= every for a, b in zip([0, *at_commit], at_commit))  # never more than `every` uncommitted
+    assert res.n_extracted == 12
+
+
 def test_maps_and_max_pool_are_stored(tiny_dataset, tmp_path):
     res, _ = _run(tiny_dataset, tmp_path, maps=True, max_pool=True)
     maps = cache.read_features(res.path, "maps")
@@ -276,3 +320,64 @@ def test_a_cache_without_its_features_dataset_is_called_damaged_and_rebuilt(tiny
     assert any("features/avg dataset is missing" in m for m in msgs), msgs
     got = _features_by_path(again.path)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def _long_named_copy(tiny_dataset: Path, tmp_path: Path, length: int) -> Path:
+    """The tiny dataset under a folder name of ``length`` characters."""
+    root = tmp_path / ("d" * (length - 4) + "_set")
+    shutil.copytree(tiny_dataset, root)
+    return root
+
+
+@pytest.mark.parametrize("length", [195, 205])
+def test_a_long_dataset_name_that_fits_is_extracted_with_every_name_within_the_limit(tiny_dataset, tmp_path,
+                                                                                     monkeypatch, length):
+    """195: the cache name fits but its temporary names did not; 205: its .parts and .lock names did not either."""
+    root = _long_named_copy(tiny_dataset, tmp_path, length)
+    names: set[str] = set()
+    real_commit, real_open = cache._commit, cache.os.open
+
+    def commit(tmp, path):  # every temporary and final name a write uses
+        names.update({Path(tmp).name, Path(path).name, Path(path).parent.name})
+        return real_commit(tmp, path)
+
+    def open_(path, *a, **k):  # the lock, among others
+        names.add(Path(path).name)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(cache, "_commit", commit)
+    monkeypatch.setattr(cache.os, "open", open_)
+    res, _ = _run(root, tmp_path, checkpoint_rows=4)  # three parts, then the assembly
+    monkeypatch.setattr(cache.os, "open", real_open)
+    assert res.n_extracted == 12 and len(cache.read_features(res.path).paths) == 12
+    assert 240 <= len(res.path.name) <= 255 and res.path.name in names
+    assert any(n.endswith(".parts") for n in names) and any(n.endswith(".lock") for n in names)
+    assert max(len(n.encode()) for n in names) <= 255, sorted(names, key=len)[-3:]
+    leftover = cache.temp_path(res.path, "4242.abcdef")  # a write killed before its rename: found and removed
+    leftover.write_bytes(b"half a file")
+    write_image(root / "red" / "new.png", np.zeros((20, 20, 3), np.uint8))
+    again, msgs = _run(root, tmp_path)
+    assert again.n_extracted == 1 and not leftover.exists() and any("discarded 1 leftover" in m for m in msgs)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [res.path.name]
+    cache.parts_dir(res.path).mkdir()  # left by a kill after the assembly's rename: not an unfinished cache
+    assert cache.scan_folder(tmp_path / "cache").unfinished == []
+    res.path.unlink()  # an extraction that never finished: fit names it, by its parts folder
+    assert [p.name + ".parts" for p in cache.scan_folder(tmp_path / "cache").unfinished] == \
+        [cache.parts_dir(res.path).name]
+
+
+def test_a_cache_name_that_cannot_fit_is_refused_before_any_work(tiny_dataset, tmp_path, monkeypatch, capsys):
+    import cli
+    import pipeline.extract.local as local
+
+    root = _long_named_copy(tiny_dataset, tmp_path, 210)  # its cache name would be 259 bytes
+    monkeypatch.setattr(local, "make_runtime", lambda *a, **k: pytest.fail("no model may be built"))
+    with pytest.raises(CacheError, match=r"would be 259 bytes, more than the 255 a file name may have in .*: "
+                                         r"rename the dataset folder .* to at most 206 bytes \(or pass --cache-dir"):
+        _run(root, tmp_path)
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(SystemExit) as status:  # the command line says it in one line, before any extraction
+        cli.main(["extract", str(root), "--weights", "none", "--cache-dir", str(tmp_path / "c")], quiet_native=False)
+    err = capsys.readouterr().err
+    assert status.value.code == 1 and err.count("\n") == 1 and "would be" in err and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()

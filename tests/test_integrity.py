@@ -101,6 +101,51 @@ def test_flipped_bits_in_labels_and_edited_paths_are_caught(tiny_dataset, tmp_pa
     cache.read_features(again.path)
 
 
+def test_the_damaged_cache_line_gives_the_command_that_rebuilds_that_very_cache(tmp_path, monkeypatch):
+    """Following the line literally must make the same cache file, not a default MobileNetV2 one elsewhere."""
+    import shlex
+
+    import cli
+    import pipeline.extract
+    from pipeline.extract.plan import cache_file
+    from pipeline.extract.views import make_view_spec
+
+    data = _tiny_set(tmp_path / "my photos", seed=3, n=2)  # a space in the folder: the command is shell-quoted
+    res, _ = _run(data, tmp_path / "other cache", resize="squash", max_pool=True, views=make_view_spec(1, "flip"),
+                  runtime="keras")  # Keras builds this model faster than an ONNX export of it
+    _flip_byte_in(res.path, "features/avg")
+    with pytest.raises(CacheError) as err:
+        cache.read_features(res.path)
+    line = str(err.value)
+    assert "\n" not in line and line.count("`") == 2, line
+    cmd = shlex.split(line.split("`")[1])
+    assert cmd[:4] == ["python", "cli.py", "extract", str(data.resolve())]
+    assert cmd[4:6] == ["-b", "mobilenet_v2"]
+    assert {"--weights", "--input-size", "--alpha", "--resize", "--max-pool", "--views", "--view-kinds",
+            "--cache-dir"} <= set(cmd)
+    made = []
+
+    def record(ds, cfg, log):  # the cache the command would make; then stop, as Ctrl-C would
+        made.append(cache_file(ds, cfg))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.extract, "extract_dataset", record)
+    with pytest.raises(SystemExit):  # the command as printed, through the command line's own parsing
+        cli.main(cmd[2:], quiet_native=False)
+    assert made == [res.path]
+
+
+def test_the_rebuild_command_leaves_out_defaults_and_names_a_weights_file(tmp_path):
+    meta = {"dataset_root": "/data/birds", "backbone": "inception_v3", "input_size": 299, "alpha": None,
+            "resize": "crop", "weights_source": "file", "weights_path": "/w/my weights.h5",
+            "feature_kinds": ["avg", "maps"], "maps_dtype": "float32", "views": {"n": 0}}
+    assert cache.rebuild_command(Path("cache") / "birds.h5", meta) == (
+        "python cli.py extract /data/birds -b inception_v3 --weights '/w/my weights.h5' --maps --maps-dtype float32")
+    meta |= {"weights_source": "imagenet", "weights_path": "/k/x.h5", "feature_kinds": ["avg"]}
+    assert cache.rebuild_command(tmp_path / "birds.h5", meta) == (
+        f"python cli.py extract /data/birds -b inception_v3 --cache-dir {tmp_path}")
+
+
 def test_row_digest_is_the_same_whatever_its_block_size(monkeypatch):
     """The row checksum is hashed a block of rows at a time; the stored checksum of a schema-2 file (one join of
     every value) must still match with blocks of 2 rows, and an edited path must still fail it."""
@@ -260,7 +305,7 @@ def test_free_space_is_checked_before_assembly(tiny_dataset, tmp_path, monkeypat
 
 
 def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "remove_parts", lambda path: None)  # as if killed between the rename and cleanup
+    monkeypatch.setattr(cache, "remove_parts", lambda path, keep=(): None)  # as if killed between the rename and cleanup
     first, _ = _run(tiny_dataset, tmp_path / "c")
     seconds = cache.read_meta(first.path)["extract_seconds"]
     assert list(cache.parts_dir(first.path).glob("part-*.h5"))

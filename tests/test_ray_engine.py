@@ -330,7 +330,7 @@ def test_chunks_are_whole_batches_near_the_checkpoint_size():
     from pipeline.extract.ray_engine import check_resources, chunk_rows
 
     cfg = resolve_config(log=lambda _m: None, weights="none", batch_size=32, checkpoint_rows=100)
-    assert chunk_rows(cfg) == 128  # like the local engine: parts of whole batches, at least checkpoint_rows
+    assert chunk_rows(cfg) == 96  # like the local engine: parts of whole batches, at most checkpoint_rows
     big = resolve_config(log=lambda _m: None, weights="none", batch_size=32, checkpoint_rows=10_000)
     assert chunk_rows(big) % 32 == 0 and chunk_rows(big) * 3 * 224**2 <= 96 * 1024**2  # never split by Ray Data
     with pytest.raises(EngineError, match="GPUs"):

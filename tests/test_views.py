@@ -243,3 +243,53 @@ def test_cli_view_options_are_usage_errors_in_one_line(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and expect in errors[0], proc.stderr
+
+
+def test_parts_of_an_interrupted_views_run_are_kept_by_a_run_without_views(tmp_path, monkeypatch):
+    """A run without --views keeps the cache's views and the other run's parts, saying so; one that asks for other
+    views discards them, saying whose they were."""
+    import pipeline.extract.local as local
+
+    root = _dataset(tmp_path / "ds", n=4)
+    plain, _ = _extract(root, tmp_path / "c")  # a complete cache without views
+    real = local.make_runtime
+
+    def interrupted(views):
+        calls = {"n": 0}
+
+        class Flaky:
+            """The real runtime, interrupted on its fifth call: 1 warm-up + 3 per batch of 4 images."""
+
+            def __init__(self, rt):
+                self.rt = rt
+
+            def __getattr__(self, name):
+                return getattr(self.rt, name)
+
+            def __call__(self, px):
+                calls["n"] += 1
+                if calls["n"] == 5:
+                    raise KeyboardInterrupt
+                return self.rt(px)
+
+        monkeypatch.setattr(local, "make_runtime", lambda *a, **k: Flaky(real(*a, **k)))
+        with pytest.raises(KeyboardInterrupt):
+            _extract(root, tmp_path / "c", views=views, checkpoint_rows=4)
+        monkeypatch.setattr(local, "make_runtime", real)
+
+    interrupted(make_view_spec(2))  # one part of 4 rows with 2 views each
+    write_image(root / "b" / "new.jpg", _photo(50, 50, seed=99))  # work for the next run, and an assembly
+    res, msgs = _extract(root, tmp_path / "c")
+    parts = cache.parts_dir(plain.path)
+    assert f"kept 1 part(s) (4 rows) of an interrupted run with --views 2 in {parts.name}/: this run has no views, " \
+           f"as the cache has (no --views given); rerun with --views 2 to resume it, or delete those parts" in msgs, msgs
+    assert res.n_extracted == 1 and "views" not in _cached(res.path) and len(list(parts.glob("part-*.h5"))) == 1
+    res, msgs = _extract(root, tmp_path / "c", views=make_view_spec(2))  # as the line says: it resumes
+    assert (res.n_reused, res.n_extracted) == (4, 5) and any("4 from an interrupted run" in m for m in msgs), msgs
+    assert not parts.exists() and cache.read_meta(res.path)["views"]["n"] == 2
+
+    interrupted(make_view_spec(2, seed=3))
+    res, msgs = _extract(root, tmp_path / "c", views=make_view_spec(1))
+    assert "discarded 1 part(s) (4 rows) of an interrupted run with --views 2 --view-seed 3: this run asks for " \
+           "--views 1" in msgs, msgs
+    assert res.n_extracted == 9 and not parts.exists()

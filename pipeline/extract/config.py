@@ -106,7 +106,8 @@ class ExtractOptions:
     engine : {"local", "ray"}
     ray : RayOptions
     batch_size : int
-        Images per forward pass. 32 is within noise of 16 and 64 on CPU and fits any GPU for these models.
+        Images per forward pass. 32 is within noise of 16 and 64 on CPU and fits any GPU for these models. At most
+        ``checkpoint_rows`` (a larger one is capped at it when resolved).
     workers : int or None
         Decoding threads (default: one per CPU core, at most 8: :func:`pipeline.machine.decode_threads`).
     strict : bool
@@ -221,12 +222,41 @@ def check_run_options(options: ExtractOptions) -> None:
         raise BackboneError(f"--input-size must be a positive number of pixels, got {options.input_size}")
 
 
+def fit_batch_to_checkpoint(options: ExtractOptions, log: Callable[[str], None] = print) -> ExtractOptions:
+    """Cap the batch at ``checkpoint_rows``, so that the checkpoint bound holds (saying so in one line).
+
+    Finished rows are committed between whole batches; a batch larger than ``--checkpoint-every`` would be
+    committed only once it is done, and a crash before that would lose more than ``--checkpoint-every`` images of
+    work. The batch is the part that gives way: a smaller batch changes speed, never the features' meaning.
+
+    Parameters
+    ----------
+    options : ExtractOptions
+    log : callable
+        Receives the line when the batch is changed.
+
+    Returns
+    -------
+    ExtractOptions
+        ``options`` itself when its batch fits, else a copy with ``batch_size = checkpoint_rows``.
+    """
+    from dataclasses import replace
+
+    if options.batch_size <= options.checkpoint_rows:
+        return options
+    log(f"--batch-size {options.batch_size} is above --checkpoint-every {options.checkpoint_rows}: running batches "
+        f"of {options.checkpoint_rows} images, so that a crash loses at most {options.checkpoint_rows} images of "
+        f"work")
+    return replace(options, batch_size=options.checkpoint_rows)
+
+
 def resolve_config(options: ExtractOptions | None = None, log: Callable[[str], None] = print,
                    **overrides: Any) -> ExtractConfig:
     """Check and resolve extraction options (``overrides`` replace fields of ``options``).
 
     Resolving the weights may download them (announced through ``log`` first) or raise
-    :class:`~pipeline.errors.WeightsError` with what to do; no model is built here.
+    :class:`~pipeline.errors.WeightsError` with what to do; no model is built here. A batch above
+    ``checkpoint_rows`` is capped at it (:func:`fit_batch_to_checkpoint`, one line through ``log``).
 
     Raises
     ------
@@ -238,6 +268,7 @@ def resolve_config(options: ExtractOptions | None = None, log: Callable[[str], N
 
     opts = replace(options or ExtractOptions(), **overrides)
     check_run_options(opts)
+    opts = fit_batch_to_checkpoint(opts, log)
     spec = get_spec(opts.backbone)
     size, alpha = check_options(spec, opts.input_size, opts.alpha)
     weights = resolve_weights(spec, opts.weights, size, alpha, announce=log)

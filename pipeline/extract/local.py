@@ -2,7 +2,9 @@
 
 Finished rows are committed in small atomic part files (:class:`pipeline.cache.PartWriter`) every
 ``checkpoint_rows`` images or ``checkpoint_seconds``, between whole batches, so a resumed run feeds the model the
-same batches an uninterrupted run would. A row whose features come out non-finite (NaN or inf) is stored as a
+same batches an uninterrupted run would. A part is committed before a batch that would take the uncommitted rows
+past ``checkpoint_rows`` (the batch itself is at most that: :func:`pipeline.extract.config.fit_batch_to_checkpoint`),
+so a crash loses at most ``checkpoint_rows`` images of work. A row whose features come out non-finite (NaN or inf) is stored as a
 failed row with that reason, never as a usable one.
 """
 
@@ -168,7 +170,7 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
             writer.seconds += now - last  # wall time of this batch: decoding wait + model
             total += now - last
             last = now
-            writer.maybe_flush()
+            writer.maybe_flush(coming=cfg.batch_size)
             done += len(batch)
             progress.advance(len(batch), done)
     except KeyboardInterrupt:

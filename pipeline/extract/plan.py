@@ -9,6 +9,7 @@ the engine.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class Plan:
         Relative path -> the earlier failure record of each failed row retried now.
     stale_removed : int
         Leftover files of an interrupted write, another configuration or an earlier assembly that were removed.
+    other_views : list of (dict, int, int)
+        Parts of an interrupted run with another view spec, grouped by it: (``views`` attribute, parts, rows).
+    other_views_kept : bool
+        Whether those parts were kept for a later run with their ``--views`` (else they were removed).
     run_info : dict
         Provenance of this run (id, start time, command, versions), completed by the engine with its runtime.
     """
@@ -58,6 +63,8 @@ class Plan:
     retried: dict[str, cache.RowRecord] = field(default_factory=dict)
     stale_removed: int = 0
     run_info: dict[str, Any] = field(default_factory=dict)
+    other_views: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
+    other_views_kept: bool = False
 
     @property
     def up_to_date(self) -> bool:
@@ -95,8 +102,28 @@ def cache_file(ds: Dataset, config: ExtractConfig) -> Path:
                             config.model.weights.tag)
 
 
-def plan_extraction(ds: Dataset, config: ExtractConfig) -> Plan:
+def group_views(parts: list[tuple[Path, dict[str, Any], int]]) -> list[tuple[dict[str, Any], int, int]]:
+    """Parts of other view specs grouped by spec: (``views`` attribute, number of parts, rows), in first-seen order."""
+    groups: dict[str, list[Any]] = {}
+    for _, views, rows in parts:
+        g = groups.setdefault(json.dumps(views, sort_keys=True), [views, 0, 0])
+        g[1] += 1
+        g[2] += rows
+    return [tuple(g) for g in groups.values()]  # type: ignore[misc]
+
+
+def plan_extraction(ds: Dataset, config: ExtractConfig, keep_other_views: bool = False) -> Plan:
     """Plan the extraction of ``ds`` (call with the cache's lock held: stale files are removed here).
+
+    Parameters
+    ----------
+    ds : Dataset
+    config : ExtractConfig
+        With its view spec fixed.
+    keep_other_views : bool
+        Keep parts of an interrupted run with another view spec (the run did not ask for views, it keeps the
+        cache's: those parts can still serve a later run with their ``--views``); else they are removed, as the
+        run asked for other views.
 
     Returns
     -------
@@ -107,9 +134,15 @@ def plan_extraction(ds: Dataset, config: ExtractConfig) -> Plan:
     existing = cache.scan_existing(path, meta)
     for stale in existing.stale_parts:
         stale.unlink(missing_ok=True)
+    if not keep_other_views:
+        for part, _, _ in existing.other_views:
+            part.unlink(missing_ok=True)
     run_info = {"run_id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "command": config.command, "versions": meta["versions"]}
-    plan = Plan(ds, config, path, meta, existing, stale_removed=len(existing.stale_parts), run_info=run_info)
+    plan = Plan(ds, config, path, meta, existing, stale_removed=len(existing.stale_parts), run_info=run_info,
+                other_views=group_views(existing.other_views), other_views_kept=keep_other_views)
+    if not keep_other_views:
+        existing.other_views = []
     for it in ds.items:
         part = existing.part_rows.get(it.relpath)
         rec = part[2] if part is not None else existing.final_rows.get(it.relpath)

@@ -91,10 +91,12 @@ def check_ray_options(opts: RayOptions) -> None:
 
 
 def chunk_rows(cfg: ExtractConfig) -> int:
-    """Images per chunk: the smallest multiple of ``batch_size`` that reaches ``checkpoint_rows`` (the local
-    engine's part size), kept under :data:`MAX_CHUNK_BYTES` of decoded pixels (whole batches, at least one)."""
+    """Images per chunk: the largest multiple of ``batch_size`` within ``checkpoint_rows`` (the local engine's part
+    size, so a crash loses at most that much work), kept under :data:`MAX_CHUNK_BYTES` of decoded pixels (whole
+    batches, at least one: the batch is never above ``checkpoint_rows``, see
+    :func:`pipeline.extract.config.fit_batch_to_checkpoint`)."""
     b = cfg.batch_size
-    rows = -(-cfg.checkpoint_rows // b) * b
+    rows = max(b, cfg.checkpoint_rows // b * b)
     per_image = _pixels_per_image(cfg)
     cap = max(b, (MAX_CHUNK_BYTES // per_image) // b * b)
     return min(rows, cap)
@@ -263,7 +265,7 @@ class ChunkExtractor:
                 now = time.perf_counter()
                 self.writer.seconds += now - last
                 last = now
-                self.writer.maybe_flush()
+                self.writer.maybe_flush(coming=cfg.batch_size)
         finally:
             self._last = last
             self.writer.flush()  # what was added is committed, also before a --strict stop
@@ -320,7 +322,7 @@ def check_nodes(ray: Any, path: Path, root: Path) -> int:
 
     parts = cache.parts_dir(path)
     token = uuid.uuid4().hex
-    token_file = path.with_name(f".{path.name}.probe-{token[:8]}.tmp")  # removed as stale if a run dies here
+    token_file = cache.temp_path(path, f"probe-{token[:8]}")  # removed as stale if a run dies here
     path.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text(token)
     probe = ray.remote(num_cpus=0, max_retries=1)(probe_node)

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline import cache
 from pipeline.data import Dataset, discover
@@ -60,6 +60,42 @@ def resolve_views(config: ExtractConfig, path: Path) -> ExtractConfig:
     return config.with_views(ViewSpec.from_json(spec) if spec is not None else NO_VIEWS)
 
 
+def _views_words(views: dict[str, Any]) -> str:
+    """The options that ask for ``views``: ``--views 4`` (kinds and seed where they are not the defaults)."""
+    return " ".join(ViewSpec.from_json(views).cli_options())
+
+
+def other_views_lines(plan: Plan) -> list[str]:
+    """One line per view spec of an interrupted run's parts that this run does not use: kept or discarded, and why.
+
+    A run without ``--views`` keeps the cache's views, so it never throws away the work of an interrupted run that
+    asked for others: those parts stay for a rerun with that run's ``--views``. A run that asks for views replaces
+    parts of other views, and says whose.
+
+    Parameters
+    ----------
+    plan : Plan
+        With ``other_views`` and ``other_views_kept`` set by :func:`~pipeline.extract.plan.plan_extraction`.
+
+    Returns
+    -------
+    list of str
+    """
+    spec = plan.config.views or NO_VIEWS
+    ours = _views_words(spec.to_json()) if spec.n else "no views"
+    where = cache.parts_dir(plan.path).name
+    lines = []
+    for views, parts, rows in plan.other_views:
+        theirs = _views_words(views)
+        what = f"{parts} part(s) ({rows} rows) of an interrupted run with {theirs}"
+        if plan.other_views_kept:
+            lines.append(f"kept {what} in {where}/: this run has {ours}, as the cache has (no --views given); "
+                         f"rerun with {theirs} to resume it, or delete those parts")
+        else:
+            lines.append(f"discarded {what}: this run asks for {ours}")
+    return lines
+
+
 def _failures(path: Path) -> list[tuple[str, str]]:
     rows = cache.read_rows(path)
     return [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
@@ -95,19 +131,23 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
     Raises
     ------
     DatasetError, CacheError
-        For unusable input or cache folders (disk full, read-only: one line, finished rows kept); with ``strict``,
+        For unusable input or cache folders (disk full, read-only: one line, finished rows kept; a cache name longer
+        than the cache folder allows, before any work); with ``strict``,
         DatasetError at the first undecodable image (finished rows are kept).
     """
     ds = root if isinstance(root, Dataset) else discover(root)
+    path = cache_file(ds, config)
+    cache.check_name_fits(path, ds.root)  # before any work: an assembly that cannot be named would fail last
     w = config.model.weights
     if w.source == "none":
         log(f"WARNING: {config.model.backbone} runs with RANDOM weights (--weights none): features are not "
             f"ImageNet features")
-    path = cache_file(ds, config)
     with cache.locked(path):
         cfg = resolve_views(config, path)
         for _attempt in range(3):  # a damaged old file is discarded and planned again (at most twice)
-            plan = plan_extraction(ds, cfg)
+            plan = plan_extraction(ds, cfg, keep_other_views=config.views is None)
+            for line in other_views_lines(plan) if _attempt == 0 else ():
+                log(line)
             ex = plan.existing
             if ex.discarded and ex.discarded != "made with other settings":
                 log(f"discarded {path.name}: {ex.discarded}; its rows are extracted again")
@@ -150,7 +190,7 @@ def _run(plan: Plan, log: Callable[[str], None]) -> ExtractResult:
     t0 = time.perf_counter()
     report = run_engine(plan, log) if plan.todo else None
     if plan.only_retries and _retries_unchanged(plan):
-        cache.remove_parts(plan.path)
+        cache.remove_parts(plan.path, keep=[p for p, _, _ in plan.existing.other_views])
         failed = _failures(plan.path)
         log(f"{len(plan.retried)} failed image(s) retried: still failing the same way; {plan.path.name} unchanged")
         return ExtractResult(plan.path, len(ds.items), len(plan.todo), plan.n_reused, 0, len(failed), failed,

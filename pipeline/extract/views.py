@@ -148,6 +148,21 @@ class ViewSpec:
             return NO_VIEWS
         return cls(int(obj["n"]), tuple(obj.get("kinds", ())), int(obj.get("seed", 0)))
 
+    def cli_options(self) -> list[str]:
+        """The ``extract`` options that ask for this spec (``--views 0`` for none; defaults left out).
+
+        Returns
+        -------
+        list of str
+            e.g. ``["--views", "4"]`` or ``["--views", "2", "--view-kinds", "flip,rotate", "--view-seed", "3"]``.
+        """
+        out = ["--views", str(int(self.n))]
+        if self.n and tuple(self.kinds) != DEFAULT_VIEW_KINDS:
+            out += ["--view-kinds", ",".join(self.kinds)]
+        if self.n and self.seed:
+            out += ["--view-seed", str(int(self.seed))]
+        return out
+
     def describe(self) -> str:
         """One line for logs, e.g. ``4 views per image (flip, crop; seed 0): model work x5``."""
         if not self.n:

@@ -20,7 +20,7 @@ from pipeline.atomic import check_free_space, write_atomically
 from pipeline.extract.runtime import make_runtime
 from pipeline.data import looks_like_image, read_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
-from pipeline.results import head_file, load_run
+from pipeline.results import FINETUNE_HEAD, head_file, load_run
 from pipeline.saved_head import load_saved_head
 
 
@@ -343,7 +343,7 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
 
 def is_finetuned(rh: RunHead) -> bool:
     """Whether a run's result is a fine-tuned model (its ``.keras`` file takes pixels, not features)."""
-    return rh.result.get("head") == "finetune"
+    return rh.result.get("head") == FINETUNE_HEAD
 
 
 def _load_finetuned(rh: RunHead) -> Any:

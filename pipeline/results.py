@@ -11,16 +11,19 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 from pipeline.errors import RunError
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
            "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS",
            "partial_dir", "LOCK_FILE", "run_lock", "file_sha256", "head_file", "commit_result", "staged_name",
-           "pick_file_problem"]
+           "pick_file_problem", "FINETUNE_HEAD", "SCORE_TIE", "slug", "result_key", "finetune_key", "first_best"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),
@@ -42,6 +45,36 @@ version-1 reader would silently show neither the skipped heads nor the approxima
 READABLE_VERSIONS = (1, 2, 3)
 """Schema versions :func:`load_run` reads (version 1 is brought to version 2's shape in memory: see
 :func:`upgrade`; versions 1 and 2 lack every version-3 field, which readers show as absent)."""
+
+
+# ---- the record's own rules: result keys, the tie rule ----------------------------------------------------------
+
+FINETUNE_HEAD = "finetune"
+"""Head name of a fine-tuned model's result (its key: the starting head's with the head name replaced)."""
+
+SCORE_TIE = 1e-12
+"""Scores closer than this are equal (floating-point noise of means over folds)."""
+
+
+def slug(text: str) -> str:
+    """Letters, digits, ``.``, ``_`` and ``-`` of ``text`` (other runs become ``-``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "cache"
+
+
+def result_key(backbone_label: str, head: str) -> str:
+    """``<backbone label slug>__<head>``, the name of a result and of its files."""
+    return f"{slug(backbone_label)}__{head}"
+
+
+def finetune_key(start_key: str) -> str:
+    """Key of the model fine-tuned from the result ``start_key``: same backbone part, head ``finetune``."""
+    return f"{str(start_key).rsplit('__', 1)[0]}__{FINETUNE_HEAD}"
+
+
+def first_best(scores: Sequence[float]) -> int:
+    """Index of the highest score; ties (within :data:`SCORE_TIE`) go to the earliest."""
+    s = np.asarray(scores, dtype=np.float64)
+    return int(np.flatnonzero(s >= np.nanmax(s) - SCORE_TIE)[0])
 
 RESULTS_FILE = "results.json"
 
@@ -367,8 +400,10 @@ def head_file(run_dir: str | os.PathLike, entry: dict[str, Any]) -> Path:
     key = entry.get("key")
     redo = "`python cli.py finetune` again" if entry.get("head") == "finetune" else "`python cli.py fit` again"
     rel = entry.get("model_file")
-    path = Path(run_dir) / str(rel or "")
-    if not rel or not path.is_file():
+    if not rel:
+        raise RunError(f"{key} records no saved head (results.json has no model_file for it); run {redo}")
+    path = Path(run_dir) / str(rel)
+    if not path.is_file():
         raise RunError(f"saved head {path} of {key} is missing from the run folder; run {redo}")
     recorded = entry.get("model_sha256")
     if recorded:

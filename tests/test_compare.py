@@ -36,7 +36,9 @@ def make_run(folder: Path, images: list[tuple[str, str, str]], preds: dict[str, 
         results.append({"key": key, "cache_index": 0, "head": key.split("__")[1], "backbone_label": "bb",
                         "metrics": {split: {"n": len(images), "accuracy": acc}},
                         "selection": {"index": 0, "score": acc, "se": 0.01},
-                        "predictions_file": f"predictions/{key}.csv"})
+                        "predictions_file": f"predictions/{key}.csv", "model_file": f"heads/{key}.joblib"})
+        (folder / "heads").mkdir(exist_ok=True)
+        (folder / "heads" / f"{key}.joblib").write_bytes(b"stand-in head")  # report checks the pick's file
     doc = {"schema_version": 3, "dataset": {"name": "toy", "class_names": classes},
            "protocol": {"selection": "cv", "final_splits": [split]}, "caches": [{"backbone": "bb"}],
            "results": results, "skipped": [], "best": {"key": best, "split": split, "value": 0.0}}

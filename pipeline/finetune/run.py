@@ -46,13 +46,11 @@ import numpy as np
 from pipeline.errors import DatasetError, RunError
 from pipeline.machine import decode_threads
 from pipeline.finetune.train import FinetuneConfig, FinetuneData, FinetuneResult
+from pipeline.results import FINETUNE_HEAD, finetune_key, first_best
 from pipeline.saved_head import load_saved_head
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
            "pick_start", "holdout_split", "finetune_run"]
-
-FINETUNE_HEAD = "finetune"
-"""The ``head`` of a fine-tuned result in results.json."""
 
 STARTABLE = ("dense", "logreg")
 """Heads fine-tuning starts from (on ``avg`` features): a dense head is nested as it is, a logistic regression becomes
@@ -117,8 +115,7 @@ def pick_start(results: dict[str, Any], head: str | None = None) -> dict[str, An
         if not ok:
             raise RunError("the run has no head fine-tuning can start from (dense or logreg on avg features): fit "
                            "one with `python cli.py fit --head logreg`")
-        scores = np.array([float(r["selection"]["score"]) for r in ok])
-        return ok[int(np.flatnonzero(scores >= scores.max() - 1e-12)[0])]
+        return ok[first_best([float(r["selection"]["score"]) for r in ok])]
     chosen = [r for r in results["results"] if r["key"] == head] or \
         [r for r in results["results"] if r["head"] == head]
     if not chosen:
@@ -367,7 +364,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     wrong = mistakes(rows.labels[final_rows][rep], proba[rep], [rows.rel_paths[i] for i in final_rows[rep]],
                      list(rows.splits[final_rows][rep]), class_names)
 
-    key = f"{str(start['key']).rsplit('__', 1)[0]}__{FINETUNE_HEAD}"
+    key = finetune_key(start["key"])
     entry = _entry(key, start, ft, cfg, rows, metrics, wrong, len(final_rows), predict_s, command)
     entry["fit_seconds"] = round(time.perf_counter() - t_start, 3)
     entry["cost"]["build_and_final_seconds"] = round(entry["fit_seconds"] - ft.seconds, 3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,6 +13,7 @@ import numpy as np
 from pipeline import package_versions
 from pipeline.errors import FitError
 from pipeline.fit.evaluate import HeadResult
+from pipeline.results import result_key, slug  # the record's key rules, re-exported
 from pipeline.fit.verdict import verdict
 from pipeline.results import partial_dir
 from pipeline.stats import interval_spec
@@ -23,16 +23,6 @@ __all__ = ["DEFAULT_RUNS_DIR", "slug", "result_key", "default_out", "prepare_run
            "write_predictions", "write_splits", "cache_entry", "dataset_entry", "results_doc"]
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
-
-
-def slug(text: str) -> str:
-    """Letters, digits, ``.``, ``_`` and ``-`` of ``text`` (other runs become ``-``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "cache"
-
-
-def result_key(backbone_label: str, head: str) -> str:
-    """``<backbone label slug>__<head>``, the name of a result and of its files."""
-    return f"{slug(backbone_label)}__{head}"
 
 
 def default_out(dataset: str) -> Path:

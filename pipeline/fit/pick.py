@@ -21,20 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from pipeline.fit.heads import HEADS
+from pipeline.results import SCORE_TIE, first_best  # the record's tie rule, re-exported for the pick rules
 
 __all__ = ["PICK_RULES", "DEFAULT_RULE", "SCORE_TIE", "Pick", "pick", "first_best"]
-
-SCORE_TIE = 1e-12
-"""Scores closer than this are equal (floating-point noise of means over folds)."""
-
-
-def first_best(scores: Sequence[float]) -> int:
-    """Index of the highest score; exact ties (within :data:`SCORE_TIE`) go to the earliest."""
-    s = np.asarray(scores, dtype=np.float64)
-    return int(np.flatnonzero(s >= np.nanmax(s) - SCORE_TIE)[0])
 
 
 @dataclass(frozen=True)

@@ -355,7 +355,7 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
             ctx = make_context(reader.shape, inputs.labels, splits, len(inputs.class_names), seed, cw)
             for name in head_list:
                 spec = HEADS[name]
-                key = f"{slug_label}__{name}"
+                key = result_key(slug_label, name)
                 hp = plan_head(spec, ctx, cplan, plan.search.fit_rows, policy)
                 if hp.skipped:
                     skipped.append({"key": key, "cache_index": ci, "backbone_label": label, "head": name,

@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.fit.stream import ArraySource
+from pipeline.results import first_best
 
 __all__ = ["VIEW_MODES", "ViewChoice", "ViewsSource", "uses_train", "uses_tta", "augmented_source", "tta_proba", "offered_modes",
            "best_mode", "score_view_modes"]
@@ -177,9 +178,7 @@ def offered_modes(n_views: int, has_proba: bool, train_ok: bool, train_reason: s
 def best_mode(scores: dict[str, list[float]]) -> str:
     """The mode of highest mean score; ties go to the simplest (order of :data:`VIEW_MODES`)."""
     modes = [m for m in VIEW_MODES if m in scores]
-    means = np.array([np.mean(scores[m]) for m in modes])
-    top = np.nanmax(means)
-    return modes[int(np.flatnonzero(means >= top - 1e-12)[0])]
+    return modes[first_best([np.mean(scores[m]) for m in modes])]
 
 
 def score_view_modes(fit: Callable[[ArraySource], Any], proba: Callable[[Any, np.ndarray], np.ndarray],

@@ -71,7 +71,7 @@ def test_fit_and_finetune_killed_at_seeded_random_points_end_complete_and_consis
     _whole(last["state"], run_dir, {"logreg", "dense"})
     assert not any(".partial" in f or f.endswith(".tmp") for f in last["state"]["files"]), last["state"]["files"]
 
-    # finetune on that run: killed, completed; a replacing fine-tune killed before its results.json and at random
+    # finetune on that run: killed, completed; a replacing fine-tune killed just before its results.json, completed
     ft, run_dir = out["finetune"], work / "finetune" / "run" / "run"
     ref_events = out["finetune"]["reference"]["events"]
     assert ref_events[ft["targeted"] - 1][0] == "replace" and ref_events[ft["targeted"] - 1][1].startswith("results")

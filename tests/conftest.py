@@ -188,15 +188,29 @@ def tiny_dataset(tmp_path) -> Path:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
+def tmpfs(tmp_path):
+    """A factory of small tmpfs mounts, ``tmpfs("4m")``: disks that fill up (needs root; skipped with the reason
+    otherwise); unmounted at the end of the test."""
+    mounts = []
+
+    def mount(size: str = "256k") -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+        mnt = tmp_path / f"small_disk{len(mounts)}"
+        mnt.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmpfs):
     """A 256 KiB tmpfs: a disk that fills up (needs root; skipped with the reason otherwise)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
-    mnt = tmp_path / "small_disk"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    return tmpfs("256k")

@@ -539,6 +539,21 @@ def test_a_failed_fit_keeps_nothing_and_blocks_no_rerun(fake_caches, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_full_disk_while_fit_writes_is_one_line_and_keeps_nothing(fake_caches, small_tmpfs):
+    from pipeline.results import partial_dir
+
+    fake_caches("toy", backbone="mobilenet")
+    (small_tmpfs / "filler").write_bytes(b"\0" * (256 * 1024 - 12 * 1024))  # 12 kB left: less than the run
+    out = small_tmpfs / "run"
+    with pytest.raises(FitError) as err:
+        run_fit(fake_caches.dir, heads=["logreg", "knn"], out=out, report=False, log=_quiet)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"cannot write the run folder {out} (No space left on device)")
+    assert "nothing of this run was kept" in msg
+    assert not out.exists() and not partial_dir(out).exists()
+    assert [p.name for p in small_tmpfs.iterdir()] == ["filler"]  # no 0-byte or truncated file left
+
+
 def test_ctrl_c_in_any_command_prints_one_line_and_exits_130(capsys):
     import typer
 

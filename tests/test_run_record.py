@@ -229,3 +229,24 @@ def test_predict_and_export_refuse_a_disk_without_room_before_any_work(fitted, s
         assert err.startswith("error: not enough free space for the ") and "nothing was done" in err
         assert "runtime" not in err  # refused before the backbone was built
     assert [p.name for p in small_tmpfs.iterdir()] == ["filler"]
+
+
+def test_a_full_disk_during_finetune_is_one_line_and_leaves_the_run_as_it_was(fitted, tmpfs):
+    from pipeline.finetune import FinetuneConfig, finetune_run
+    from pipeline.results import file_sha256
+
+    disk = tmpfs("8m")
+    run = disk / "run"
+    shutil.copytree(fitted[0], run)
+    before = {p.relative_to(run): file_sha256(p) for p in run.rglob("*") if p.is_file()}
+    used = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
+    (disk / "filler").write_bytes(b"\0" * (8 * 2**20 - used - 400_000))  # ~300 kB left: less than the model
+    config = FinetuneConfig(unfreeze=4, epochs=1, learning_rate=1e-3, batch_size=8, workers=1, progress=False,
+                            run_eagerly=True)
+    with pytest.raises(RunError) as err:
+        finetune_run(run, config=config, log=lambda m: None, command="test")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"cannot write the fine-tuned model into {run}")
+    assert "the run is as it was" in msg
+    after = {p.relative_to(run): file_sha256(p) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # results.json, heads and predictions untouched; no staged file left

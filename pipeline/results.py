@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ from pipeline.errors import RunError
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
            "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS",
            "partial_dir", "LOCK_FILE", "run_lock", "file_sha256", "head_file", "commit_result", "staged_name",
-           "pick_file_problem", "FINETUNE_HEAD", "SCORE_TIE", "slug", "result_key", "finetune_key", "first_best"]
+           "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder", "abandoned_partials", "FINETUNE_HEAD", "SCORE_TIE", "slug", "result_key", "finetune_key", "first_best"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),
@@ -462,15 +463,50 @@ def _stale_temporary(path: Path) -> bool:
     pid = parts[-3] if len(parts) >= 4 and parts[-2] == "partial" else ""
     if not path.name.startswith(".") or not pid.isdigit():
         return False
-    if int(pid) == os.getpid():
-        return False
+    return int(pid) != os.getpid() and not pid_alive(int(pid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one of another user counts as alive)."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
+
+
+OWNER_FILE = ".owner"
+"""In a :func:`partial_dir`: the process building it (``{"pid", "host"}``), removed just before it is published."""
+
+
+def claim_partial(work: Path) -> None:
+    """Record this process as the builder of the unfinished run folder ``work``."""
+    (work / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def partial_builder(work: Path) -> int | None:
+    """The pid of a live process building ``work`` (on this machine, or any process on another machine sharing
+    the folder, which cannot be checked), or ``None`` when its builder is gone or unknown."""
+    try:
+        owner = json.loads((work / OWNER_FILE).read_text())
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return pid
+    return pid if pid != os.getpid() and pid_alive(pid) else None
+
+
+def abandoned_partials(folder: Path) -> list[Path]:
+    """Unfinished run folders in ``folder`` whose builder recorded itself and is gone (killed fits)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if p.is_dir() and p.name.startswith(".") and p.name.endswith(".partial")
+                  and (p / OWNER_FILE).is_file() and partial_builder(p) is None)
 
 
 def commit_result(run_dir: str | os.PathLike, entry: dict[str, Any], staged: dict[str, Path],

@@ -539,6 +539,42 @@ def test_a_failed_fit_keeps_nothing_and_blocks_no_rerun(fake_caches, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_fits_killed_under_other_names_are_swept_and_a_live_one_is_never_replaced(fake_caches, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.results import OWNER_FILE, partial_dir
+
+    fake_caches("toy", backbone="mobilenet")
+    runs = tmp_path / "runs"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed, building = partial_dir(runs / "toy_20261201-090000"), partial_dir(runs / "busy")
+        for work, pid in ((killed, dead.pid), (building, live.pid)):
+            (work / "heads").mkdir(parents=True)
+            (work / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        foreign = runs / ".not_ours.partial"  # no owner recorded: never touched by the sweep
+        foreign.mkdir()
+        lines = []
+        run = run_fit(fake_caches.dir, heads=["logreg"], out=runs / "new", report=False, log=lines.append)
+        assert not killed.exists() and building.is_dir() and foreign.is_dir()
+        assert f"removed {killed}, the unfinished run folder of a fit that was killed" in lines
+        assert not (run.run_dir / OWNER_FILE).exists()
+        with pytest.raises(FitError) as err:  # the same --out as a fit that is still building it
+            run_fit(fake_caches.dir, heads=["logreg"], out=runs / "busy", report=False, log=_quiet)
+        assert f"another fit (process {live.pid}) is building {runs / 'busy'} now" in str(err.value)
+        assert (building / "heads").is_dir()
+    finally:
+        live.kill()
+        live.wait()
+    # once its builder is gone, the same command replaces it
+    assert run_fit(fake_caches.dir, heads=["logreg"], out=runs / "busy", report=False, log=_quiet).run_dir.is_dir()
+
+
 def test_a_full_disk_while_fit_writes_is_one_line_and_keeps_nothing(fake_caches, small_tmpfs):
     from pipeline.results import partial_dir
 

@@ -13,9 +13,9 @@ import numpy as np
 from pipeline import package_versions
 from pipeline.errors import FitError
 from pipeline.fit.evaluate import HeadResult
-from pipeline.results import result_key, slug  # the record's key rules, re-exported
 from pipeline.fit.verdict import verdict
-from pipeline.results import partial_dir
+from pipeline.results import (OWNER_FILE, abandoned_partials, claim_partial, partial_builder, partial_dir,
+                              result_key, slug)  # result_key and slug: the record's key rules, re-exported
 from pipeline.stats import interval_spec
 
 __all__ = ["DEFAULT_RUNS_DIR", "slug", "result_key", "default_out", "prepare_run_dir", "publish_run_dir",
@@ -40,22 +40,35 @@ def prepare_run_dir(run_dir: Path, say: Callable[[str], None] = lambda _m: None)
     """Make the folder a run is built in (:func:`partial_dir` of ``run_dir``, with ``heads/`` and ``predictions/``)
     and return it; :func:`publish_run_dir` makes the run appear complete at ``run_dir``.
 
-    An unfinished folder of an earlier, interrupted fit into the same ``run_dir`` is replaced, and ``say`` is told.
+    An unfinished folder of an earlier, interrupted fit into the same ``run_dir`` is replaced, and the unfinished
+    folders that killed fits left beside it (under other names: a default ``--out`` has the time in it) are
+    removed; ``say`` is told of each. The folder records this process as its builder (:data:`OWNER_FILE`), so a
+    fit building into the same ``run_dir`` at the same time is never replaced.
 
     Raises
     ------
     FitError
-        ``run_dir`` exists and is not empty (a finished run is never overwritten), or cannot be created.
+        ``run_dir`` exists and is not empty (a finished run is never overwritten), another live fit is building
+        it, or it cannot be created.
     """
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise FitError(f"run folder {run_dir} already exists and is not empty; pass another --out")
     work = partial_dir(run_dir)
+    builder = partial_builder(work) if work.exists() else None
+    if builder is not None:
+        raise FitError(f"another fit (process {builder}) is building {run_dir} now: wait for it or pass another "
+                       f"--out (if no fit is running, delete {work})")
     try:
+        for stale in abandoned_partials(run_dir.parent):
+            if stale != work:
+                say(f"removed {stale}, the unfinished run folder of a fit that was killed")
+                shutil.rmtree(stale, ignore_errors=True)
         if work.exists():
             say(f"replacing the unfinished run folder of an interrupted fit into {run_dir}")
             shutil.rmtree(work)
         (work / "heads").mkdir(parents=True)
         (work / "predictions").mkdir(parents=True)
+        claim_partial(work)
     except OSError as exc:
         raise FitError(f"cannot create the run folder {run_dir} ({exc.strerror or exc}); pass a writable --out") \
             from None
@@ -67,6 +80,7 @@ def publish_run_dir(work: Path, run_dir: Path) -> None:
     replaced)."""
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         run_dir.rmdir()
+    (work / OWNER_FILE).unlink(missing_ok=True)
     work.replace(run_dir)
 
 

@@ -52,7 +52,7 @@ from typing import Any
 from pipeline.cache import faults, format, names, read, rows, write
 from pipeline.cache.faults import DamagedCache, corrupt_error, rebuild_command, write_error
 from pipeline.cache.format import (
-    FEATURE_KINDS, FORMAT_NAME, LIBVER, READABLE_VERSIONS, ROW_FIELDS, SCHEMA_VERSION, SIGNATURE_KEYS,
+    FEATURE_KINDS, FORMAT_NAME, LIBVER, READABLE_VERSIONS, ROW_FIELDS, SCHEMA_VERSION, SIGNATURE_KEYS, Signature,
 )
 from pipeline.cache.names import NAME_MAX, cache_path, check_name_fits, dataset_id, name_max, parts_dir, \
     sibling_name, temp_path
@@ -65,9 +65,9 @@ from pipeline.cache.write import FREE_SPACE_MARGIN, PartWriter, _commit, assembl
 
 __all__ = [
     "SCHEMA_VERSION", "READABLE_VERSIONS", "FORMAT_NAME", "FEATURE_KINDS", "LIBVER", "SIGNATURE_KEYS", "ROW_FIELDS",
-    "FREE_SPACE_MARGIN", "NAME_MAX", "dataset_id", "cache_path", "parts_dir", "name_max", "sibling_name",
-    "temp_path", "check_name_fits", "write_error", "corrupt_error", "rebuild_command", "DamagedCache", "Rows",
-    "RowRecord", "Existing", "PartWriter", "assemble", "remove_parts", "discard", "locked", "FeatureSet",
+    "Signature", "FREE_SPACE_MARGIN", "NAME_MAX", "dataset_id", "cache_path", "parts_dir", "name_max",
+    "sibling_name", "temp_path", "check_name_fits", "write_error", "corrupt_error", "rebuild_command", "DamagedCache",
+    "Rows", "RowRecord", "Existing", "PartWriter", "assemble", "remove_parts", "discard", "locked", "FeatureSet",
     "FeatureReader", "read_meta", "check_expected", "open_features", "read_features", "read_rows", "CacheInfo",
     "CacheScan", "scan_folder", "find_caches", "scan_existing", "source_shapes", "parts_views", "verify",
 ]

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -16,10 +16,32 @@ FORMAT_NAME = "headbench-features"
 FEATURE_KINDS = ("avg", "max", "maps")
 LIBVER = ("v110", "latest")
 """HDF5 file format bounds: 1.10's format checksums the file's own metadata (superblock, object headers)."""
-SIGNATURE_KEYS = (
-    "backbone", "backbone_label", "alpha", "input_size", "resize", "preprocess", "preprocess_mode",
-    "weights_source", "weights_sha256", "pixel_rule", "feature_kinds", "maps_dtype", "views",
-)
+
+
+class Signature(NamedTuple):
+    """The attributes that must agree between a cache and what the caller asks for (and between parts and their
+    cache): two sets of rows are interchangeable exactly when their signatures are equal.
+
+    The one list of the signature's keys: :data:`SIGNATURE_KEYS` is its fields, and the extraction's configuration
+    makes one (:meth:`pipeline.extract.config.ExtractConfig.signature`). docs/cache-format.md names them.
+    """
+
+    backbone: str
+    backbone_label: str
+    alpha: float | None
+    input_size: int
+    resize: str
+    preprocess: str
+    preprocess_mode: str
+    weights_source: str
+    weights_sha256: str
+    pixel_rule: str
+    feature_kinds: list[str]
+    maps_dtype: str
+    views: dict[str, Any]
+
+
+SIGNATURE_KEYS: tuple[str, ...] = Signature._fields
 """Attributes that must agree between a cache and what the caller asks for (and between parts and their cache)."""
 ROW_FIELDS = ("path", "label", "split", "size", "mtime_ns", "sha256", "ok", "error")
 _STRING_FIELDS = ("path", "split", "error")

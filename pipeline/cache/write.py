@@ -77,6 +77,51 @@ def _discard_failed_write(f: h5py.File | None, tmp: Path | None, exc: BaseExcept
     return None
 
 
+@contextmanager
+def atomic_write(path: Path, need_bytes: int, parts: Path, room: Path | None = None) -> Iterator[h5py.File]:
+    """Write one HDF5 file (a part, a complete cache) so that ``path`` only ever holds a whole one.
+
+    The ``with`` body writes into a temporary file beside ``path`` (:func:`~pipeline.cache.names.temp_path`); on
+    leaving it the file is closed, flushed to disk and renamed to ``path`` in one atomic rename.
+
+    Parameters
+    ----------
+    path : Path
+        The file to write.
+    need_bytes : int
+        Its estimated size, for the disk-full line.
+    parts : Path
+        The parts folder whose finished rows a failed write keeps (named in the line).
+    room : Path, optional
+        A folder whose free space is checked against ``need_bytes`` before the temporary file is made, so that a
+        full disk is one line rather than HDF5 failing half-way through a write.
+
+    Yields
+    ------
+    h5py.File
+        The temporary file, open for writing.
+
+    Raises
+    ------
+    CacheError
+        The write failed (disk full, read-only file system, permission...): the temporary file is removed and
+        ``path`` is as it was. Any other exception is raised as it is, after the same clean-up.
+    """
+    tmp, f = None, None
+    try:
+        if room is not None and shutil.disk_usage(room).free < need_bytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        tmp, f = _open_write(path)
+        yield f
+        f.close()
+        _commit(tmp, path)
+    except BaseException as exc:
+        failure = _discard_failed_write(f, tmp, exc)
+        if failure is None:
+            raise
+        raise write_error(failure, path, need_bytes=need_bytes, parts=parts) from None
+
+
 def _row_bytes(shapes: dict[str, tuple[int, ...]], meta: dict[str, Any]) -> int:
     return sum(int(np.prod(s)) * np.dtype(_store_dtype(k, meta)).itemsize for k, s in shapes.items()) + 200
 
@@ -95,8 +140,9 @@ class PartWriter:
         ``views/max`` (``(K, D)``: the augmented views of the row).
     flush_rows, flush_seconds : int, float
         :meth:`maybe_flush` writes a part when this many rows are buffered (or the next batch would pass it) or
-        this long has passed since the last part; a kill loses at most that much work. The caller calls it between batches, so parts hold whole
-        batches and a resumed run feeds the model exactly the batches an uninterrupted run would.
+        this long has passed since the last part; a kill loses at most that much work. The caller calls it
+        between batches, so parts hold whole batches and a resumed run feeds the model exactly the batches an
+        uninterrupted run would.
     run_info : dict, optional
         Provenance of the run that makes these rows (engine, runtime and its version, device, ``run_id``...),
         stored with every part and gathered into the cache's ``runs`` attribute at assembly.
@@ -148,30 +194,26 @@ class PartWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write buffered rows as one part file (atomically); on a write failure raise one clear line."""
+        """Write buffered rows as one part file (:func:`atomic_write`); on a write failure raise one clear line.
+
+        The free space of the parts folder is checked first: HDF5 failing half-way through a write is noisier than
+        the line.
+        """
         if not len(self.rows) or self.failed:
             return
         path = self.dir / f"part-{self._seq:06d}-{self.writer_id}.h5"
         need = int(len(self.rows) * _row_bytes(self.shapes, self.meta) * FREE_SPACE_MARGIN) + (64 << 10)
-        tmp, f = None, None
         try:
-            free = shutil.disk_usage(self.dir).free
-            if free < need:  # checked first: HDF5 failing half-way through a write is noisier than this line
-                raise OSError(errno.ENOSPC, "No space left on device")
-            tmp, f = _open_write(path)
-            _set_attrs(f, _signature(self.meta) | {
-                "seconds": self.seconds, "part_id": uuid.uuid4().hex, "run_info": json.dumps(self.run_info)})
-            _write_rows(f.create_group("rows"), self.rows)
-            for k in self.shapes:
-                f.create_dataset(_dataset_name(k), data=np.stack(self.feats[k]).astype(_store_dtype(k, self.meta)))
-            f.close()
-            _commit(tmp, path)
-        except BaseException as exc:
-            failure = _discard_failed_write(f, tmp, exc)
-            if failure is None:
-                raise
+            with atomic_write(path, need, parts=self.dir, room=self.dir) as f:
+                _set_attrs(f, _signature(self.meta) | {
+                    "seconds": self.seconds, "part_id": uuid.uuid4().hex, "run_info": json.dumps(self.run_info)})
+                _write_rows(f.create_group("rows"), self.rows)
+                for k in self.shapes:
+                    f.create_dataset(_dataset_name(k),
+                                     data=np.stack(self.feats[k]).astype(_store_dtype(k, self.meta)))
+        except CacheError:
             self.failed = True  # the buffered rows are not committed; a rerun extracts them again
-            raise write_error(failure, path, need_bytes=need, parts=self.dir) from None
+            raise
         self._seq += 1
         self.parts_written += 1
         self.rows = Rows()
@@ -232,56 +274,49 @@ def assemble(path: Path, meta: dict[str, Any], order: Sequence[tuple[str, int, s
     parts: dict[Path, tuple[Rows, h5py.File]] = {}
     old = h5py.File(path, "r") if existing.meta is not None and existing.final_rows else None
     old_rows = _read_rows(old["rows"]) if old is not None else None
-    tmp, f = None, None
     try:
-        tmp, f = _open_write(path)
-        rows = Rows()
-        sources: list[tuple[Any, int]] = []
-        for q, label, split in order:
-            if q in existing.part_rows:
-                p, i, _ = existing.part_rows[q]
-                if p not in parts:
-                    pf = h5py.File(p, "r")
-                    parts[p] = (_read_rows(pf["rows"]), pf)
-                src_rows, handle = parts[p]
-                run = run_index[(p, 0)]
-            elif q in existing.final_rows and old is not None and old_rows is not None:
-                i = existing.final_rows[q].index
-                src_rows, handle = old_rows, old
-                run = run_index.get((None, old_rows.run[i]), -1)
-            else:
-                raise CacheError(f"internal: row {q} has no source while assembling {path}")
-            rows.append(**(src_rows.get(i) | {"label": label, "split": split, "run": run}))
-            sources.append((handle, i))
-        used = sorted({r for r in rows.run if r >= 0})
-        renumber = {old_i: new_i for new_i, old_i in enumerate(used)}
-        rows.run = [renumber.get(r, -1) for r in rows.run]
-        kept_runs = [runs[i] | {"rows": int(sum(1 for r in rows.run if r == renumber[i]))} for i in used]
-        _write_rows(f.create_group("rows"), rows)
-        content = hashlib.sha256(rows.digest().encode())
-        for k, shape in shapes.items():
-            dtype = _store_dtype(k, meta)
-            chunk_rows = 1 if k == "maps" else max(1, min(n, max(1, (1 << 20) // max(1, _nbytes(shape, dtype)))))
-            dset = f.create_dataset(_dataset_name(k), shape=(n, *shape), dtype=dtype,
-                                    chunks=(chunk_rows, *shape) if n else None, fletcher32=bool(n))
-            step = 64 if k == "maps" else block
-            for start in range(0, n, step):
-                data = _gather(sources[start:start + step], k).astype(dtype, copy=False)
-                dset[start:start + step] = data
-                content.update(np.ascontiguousarray(data).tobytes())
-        consumed = [str(pf.attrs.get("part_id", "")) for _, pf in parts.values()]
-        f.create_dataset("provenance/consumed_parts", data=np.array(consumed, dtype="S32"))
-        counts = {"n_rows": n, "n_ok": int(sum(rows.ok)), "n_failed": int(n - sum(rows.ok))}
-        _set_attrs(f, meta | counts | {"complete": True, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                       "runs": kept_runs, "rows_sha256": rows.digest(),
-                                       "content_sha256": content.hexdigest(), "integrity": "fletcher32"})
-        f.close()
-        _commit(tmp, path)
-    except BaseException as exc:
-        failure = _discard_failed_write(f, tmp, exc)
-        if failure is None:
-            raise
-        raise write_error(failure, path, need_bytes=need, parts=parts_dir(path)) from None
+        with atomic_write(path, need, parts=parts_dir(path)) as f:
+            rows = Rows()
+            sources: list[tuple[Any, int]] = []
+            for q, label, split in order:
+                if q in existing.part_rows:
+                    p, i, _ = existing.part_rows[q]
+                    if p not in parts:
+                        pf = h5py.File(p, "r")
+                        parts[p] = (_read_rows(pf["rows"]), pf)
+                    src_rows, handle = parts[p]
+                    run = run_index[(p, 0)]
+                elif q in existing.final_rows and old is not None and old_rows is not None:
+                    i = existing.final_rows[q].index
+                    src_rows, handle = old_rows, old
+                    run = run_index.get((None, old_rows.run[i]), -1)
+                else:
+                    raise CacheError(f"internal: row {q} has no source while assembling {path}")
+                rows.append(**(src_rows.get(i) | {"label": label, "split": split, "run": run}))
+                sources.append((handle, i))
+            used = sorted({r for r in rows.run if r >= 0})
+            renumber = {old_i: new_i for new_i, old_i in enumerate(used)}
+            rows.run = [renumber.get(r, -1) for r in rows.run]
+            kept_runs = [runs[i] | {"rows": int(sum(1 for r in rows.run if r == renumber[i]))} for i in used]
+            _write_rows(f.create_group("rows"), rows)
+            content = hashlib.sha256(rows.digest().encode())
+            for k, shape in shapes.items():
+                dtype = _store_dtype(k, meta)
+                row_size = max(1, _nbytes(shape, dtype))
+                chunk_rows = 1 if k == "maps" else max(1, min(n, max(1, (1 << 20) // row_size)))
+                dset = f.create_dataset(_dataset_name(k), shape=(n, *shape), dtype=dtype,
+                                        chunks=(chunk_rows, *shape) if n else None, fletcher32=bool(n))
+                step = 64 if k == "maps" else block
+                for start in range(0, n, step):
+                    data = _gather(sources[start:start + step], k).astype(dtype, copy=False)
+                    dset[start:start + step] = data
+                    content.update(np.ascontiguousarray(data).tobytes())
+            consumed = [str(pf.attrs.get("part_id", "")) for _, pf in parts.values()]
+            f.create_dataset("provenance/consumed_parts", data=np.array(consumed, dtype="S32"))
+            counts = {"n_rows": n, "n_ok": int(sum(rows.ok)), "n_failed": int(n - sum(rows.ok))}
+            _set_attrs(f, meta | counts | {"complete": True, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                           "runs": kept_runs, "rows_sha256": rows.digest(),
+                                           "content_sha256": content.hexdigest(), "integrity": "fletcher32"})
     finally:
         for _, handle in parts.values():
             handle.close()

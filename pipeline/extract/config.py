@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.backbones import BackboneSpec, WeightsInfo, backbone_label, check_options, get_spec, resolve_weights
+from pipeline.cache.format import Signature
 from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES
 from pipeline.errors import BackboneError
 from pipeline.extract.views import NO_VIEWS, ViewSpec
@@ -189,17 +190,24 @@ class ExtractConfig:
         return replace(self, views=views)
 
     def signature(self) -> dict[str, Any]:
-        """Cache attributes that must agree for rows to be interchangeable (a cache, its parts, a rerun)."""
+        """Cache attributes that must agree for rows to be interchangeable (a cache, its parts, a rerun).
+
+        Returns
+        -------
+        dict
+            :class:`pipeline.cache.format.Signature`'s fields (:data:`~pipeline.cache.format.SIGNATURE_KEYS`, in
+            that order) and their values for this configuration.
+        """
         spec = self.model.spec
         views = self.views if self.views is not None else NO_VIEWS
-        return {
-            "backbone": spec.name, "backbone_label": self.label, "alpha": self.model.alpha,
-            "input_size": self.model.input_size, "resize": self.resize, "preprocess": spec.preprocess,
-            "preprocess_mode": spec.preprocess_mode, "weights_source": self.model.weights.source,
-            "weights_sha256": self.model.weights.sha256, "pixel_rule": PIXEL_RULE,
-            "feature_kinds": list(self.kinds), "maps_dtype": self.maps_dtype if "maps" in self.kinds else "",
-            "views": views.to_json(),
-        }
+        return Signature(
+            backbone=spec.name, backbone_label=self.label, alpha=self.model.alpha,
+            input_size=self.model.input_size, resize=self.resize, preprocess=spec.preprocess,
+            preprocess_mode=spec.preprocess_mode, weights_source=self.model.weights.source,
+            weights_sha256=self.model.weights.sha256, pixel_rule=PIXEL_RULE,
+            feature_kinds=list(self.kinds), maps_dtype=self.maps_dtype if "maps" in self.kinds else "",
+            views=views.to_json(),
+        )._asdict()
 
 
 def check_run_options(options: ExtractOptions) -> None:

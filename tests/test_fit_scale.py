@@ -251,6 +251,13 @@ def test_streamed_fit_equals_the_in_memory_fit(tmp_path):
     assert [r["cost"]["index_rows"] for r in streamed["results"] if r["head"] == "knn"] == [100]
 
 
+def _rounded(doc):
+    """``doc`` with every float rounded to 12 significant digits."""
+    import json
+
+    return json.loads(json.dumps(doc), parse_float=lambda t: float(f"{float(t):.12g}"))
+
+
 def test_dense_head_streamed_from_maps_within_tolerance(tmp_path):
     """The dense head on 2x2x4 maps: in memory, then read in blocks from the cache under a 300 kB budget (which holds
     its weights and optimizer state, 262 kB, but not three copies of the 128 kB of maps)."""
@@ -264,7 +271,9 @@ def test_dense_head_streamed_from_maps_within_tolerance(tmp_path):
     assert by["dense"]["cost"]["form"] == "streamed" and by["dense"]["cost"]["data"] == "streamed"
     assert by["centroid"]["cost"]["form"] == "exact" and by["centroid"]["cost"]["data"] == "streamed"
     mem_by = {r["head"]: r for r in mem["results"]}
-    assert mem_by["centroid"]["metrics"] == by["centroid"]["metrics"]
+    # the same numbers to 12 digits (streamed class moments sum in another order: the last bit of a bootstrap
+    # bound may differ)
+    assert _rounded(mem_by["centroid"]["metrics"]) == _rounded(by["centroid"]["metrics"])
     assert abs(mem_by["dense"]["metrics"]["test"]["accuracy"] - by["dense"]["metrics"]["test"]["accuracy"]) <= 0.08
     import keras
 

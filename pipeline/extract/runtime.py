@@ -23,23 +23,9 @@ import numpy as np
 from pipeline.backbones import BuiltBackbone, build_feature_model
 from pipeline.errors import HeadbenchError
 from pipeline.extract.config import ModelConfig
-from pipeline.machine import cpu_cores
+from pipeline.machine import cpu_cores, gpu_available
 
 RUNTIME_CHOICES = ("auto", "onnx", "keras")
-
-
-def gpu_available() -> bool:
-    """Whether the Keras backend sees a GPU (TensorFlow backend; False elsewhere)."""
-    try:
-        import keras
-
-        if keras.backend.backend() != "tensorflow":
-            return False
-        import tensorflow as tf
-
-        return bool(tf.config.list_physical_devices("GPU"))
-    except Exception:  # a broken CUDA set-up must not stop a CPU run
-        return False
 
 
 def configure_threads() -> None:

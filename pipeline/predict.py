@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline import cache
 from pipeline.atomic import check_free_space, write_atomically
+from pipeline.backbones import ModelConfig, resolve_model
 from pipeline.extract.runtime import make_runtime
 from pipeline.data import looks_like_image, read_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
@@ -118,17 +119,12 @@ def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
     return str(path)
 
 
-def run_model_config(rh: RunHead, weights: str | None = None, log: Callable[[str], None] = print):
-    """The :class:`~pipeline.extract.config.ModelConfig` that made a run head's features (weights checked)."""
-    from pipeline.backbones import check_options, get_spec, resolve_weights
-    from pipeline.extract.config import ModelConfig
-
+def run_model_config(rh: RunHead, weights: str | None = None, log: Callable[[str], None] = print) -> ModelConfig:
+    """The :class:`~pipeline.backbones.ModelConfig` that made a run head's features (weights checked)."""
     ex = rh.extraction
-    spec = get_spec(ex["backbone"])
-    size, alpha = check_options(spec, int(ex["input_size"]), ex["alpha"])
-    info = resolve_weights(spec, resolve_run_weights(rh, weights), size, alpha, announce=log)
     kinds = ("avg",) + ((rh.feature,) if rh.feature != "avg" else ())
-    return ModelConfig(spec.name, size, alpha, info, kinds)
+    return resolve_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]), ex["alpha"], kinds,
+                         announce=log)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -58,8 +58,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.backbones import BuiltBackbone
-from pipeline.extract.config import ModelConfig
+from pipeline.backbones import BuiltBackbone, ModelConfig
 
 FORMAT_VERSION = 2
 """Version of how this module exports (input name and dtype, outputs, freezing, and the feature model it is given);

@@ -44,8 +44,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.backbones import BuiltBackbone
-from pipeline.extract.config import ModelConfig
+from pipeline.backbones import BuiltBackbone, ModelConfig
 from pipeline.extract.runtime import KerasRuntime, Runtime, RuntimeUnavailableError, cpu_cores
 
 PARITY_TOLERANCE = 1e-4

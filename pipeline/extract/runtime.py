@@ -1,6 +1,6 @@
 """Runtimes: what turns a batch of pixels into features. One interface, two implementations.
 
-A :class:`Runtime` is built from a :class:`~pipeline.extract.config.ModelConfig` and called on
+A :class:`Runtime` is built from a :class:`~pipeline.backbones.ModelConfig` and called on
 ``(n, s, s, 3)`` uint8 RGB pixels; it returns ``{kind: array}`` for the config's feature kinds. It also says what
 it is (``name``, ``version``, ``device``, ``provider`` and a ``note``), which the cache records for every run.
 
@@ -20,9 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.backbones import BuiltBackbone, build_feature_model
+from pipeline.backbones import BuiltBackbone, ModelConfig, build_feature_model
 from pipeline.errors import HeadbenchError
-from pipeline.extract.config import ModelConfig
 from pipeline.machine import cpu_cores, gpu_available
 
 RUNTIME_CHOICES = ("auto", "onnx", "keras")

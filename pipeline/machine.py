@@ -1,7 +1,7 @@
 """Facts of the machine this process runs on: usable cores, the default decoding threads, and whether a GPU is seen.
 
-Below both the extract stage's options (:mod:`pipeline.extract.config`) and the runtimes
-(:mod:`pipeline.extract.runtime`), which both need them, so neither imports the other for them.
+Below both the extract stage's options (:mod:`pipeline.extract.config`) and the runtimes (:mod:`pipeline.runtime`),
+which both need them, so neither imports the other for them.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ import numpy as np
 from pipeline import cache
 from pipeline.atomic import check_free_space, write_atomically
 from pipeline.backbones import ModelConfig, resolve_model
-from pipeline.extract.runtime import make_runtime
 from pipeline.data import looks_like_image, read_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
 from pipeline.results import head_file, load_run
+from pipeline.runtime.factory import make_runtime
 from pipeline.saved_head import load_saved_head
 
 
@@ -174,7 +174,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     weights : str, optional
         Backbone weights file, when the recorded one has moved (must have the recorded SHA-256).
     runtime : {"auto", "onnx", "keras"}
-        Inference runtime for the backbone (see :func:`pipeline.extract.runtime.make_runtime`); every runtime
+        Inference runtime for the backbone (see :func:`pipeline.runtime.factory.make_runtime`); every runtime
         gives the same features to 1e-4 of their scale, checked on the first batch.
     out : path, optional
         Where the predictions will be written (:func:`write_predictions`): its disk's free space is checked against

@@ -23,7 +23,8 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
 from pipeline.extract.reader import Decoded, read_batches
-from pipeline.extract.runtime import Runtime, make_runtime
+from pipeline.runtime.base import Runtime
+from pipeline.runtime.factory import make_runtime
 
 NON_FINITE = "the backbone produced non-finite features (NaN or inf) for this image"
 

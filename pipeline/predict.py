@@ -18,11 +18,12 @@ import numpy as np
 from pipeline import cache
 from pipeline.atomic import check_free_space, write_atomically
 from pipeline.backbones import ModelConfig, resolve_model
-from pipeline.data import looks_like_image, read_image
+from pipeline.data import looks_like_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
 from pipeline.results import head_file, load_run
 from pipeline.runtime.factory import make_runtime
 from pipeline.saved_head import load_saved_head
+from pipeline.views import VIEW_RULE, ViewSpec, read_views
 
 
 @dataclass
@@ -49,10 +50,8 @@ class RunHead:
 
     @property
     def tta_views(self):
-        """The :class:`~pipeline.extract.views.ViewSpec` whose views' probabilities ``predict`` averages with the
+        """The :class:`~pipeline.views.ViewSpec` whose views' probabilities ``predict`` averages with the
         centre view's (the head chose test-time views: ``views.chosen`` is ``tta`` or ``both``), else None."""
-        from pipeline.extract.views import VIEW_RULE, ViewSpec
-
         views = self.result.get("views")
         if not isinstance(views, dict) or views.get("chosen") not in ("tta", "both"):
             return None
@@ -201,7 +200,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
             f"chosen by fit)")
     def load(f: Path) -> np.ndarray:
         if tta is None:
-            return read_image(f, model.input_size, ex["resize"])[0]
+            return read_views(f, model.input_size, ex["resize"])[0]
         return image_with_views(f, model.input_size, ex["resize"], tta)  # centre view first: (K + 1, s, s, 3)
 
     def score(pixels: list[np.ndarray]) -> np.ndarray:
@@ -214,20 +213,11 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     return rh, rows
 
 
-def image_with_views(path: str | os.PathLike, size: int, resize: str, spec: Any) -> np.ndarray:
+def image_with_views(path: str | os.PathLike, size: int, resize: str, spec: ViewSpec) -> np.ndarray:
     """An image's centre view followed by its ``spec.n`` augmented views, ``(n + 1, size, size, 3)`` uint8, made
-    exactly as extraction makes them (:func:`pipeline.extract.views.render_views`, keyed by the file's SHA-256)."""
-    from pipeline.data import decode_rgb, read_file, resize_region
-    from pipeline.extract.views import render_views
-
-    data, digest = read_file(path)
-    try:
-        image = decode_rgb(data, size)
-        centre = np.asarray(resize_region(image, size, resize), dtype=np.uint8).copy()
-        return np.concatenate([centre[None], render_views(image, centre, digest, spec, resize)])
-    except ImageDecodeError as exc:
-        exc.sha256 = digest  # type: ignore[attr-defined]
-        raise
+    exactly as extraction makes them (:func:`pipeline.views.read_views`, keyed by the file's SHA-256)."""
+    centre, views, _ = read_views(path, size, resize, spec)
+    return np.concatenate([centre[None], views]) if views is not None else centre[None]
 
 
 def predictions_size(files: list[Path], class_names: list[str], out: str | os.PathLike) -> int:
@@ -352,7 +342,7 @@ def predict_finetuned(rh: RunHead, files: list[Path], batch_size: int = 32) -> l
     model; rows as :func:`predict_images` returns them."""
     model = _load_finetuned(rh)
     size, resize = int(rh.extraction["input_size"]), str(rh.extraction["resize"])
-    return _rows_by_batch(files, batch_size, lambda f: read_image(f, size, resize)[0],
+    return _rows_by_batch(files, batch_size, lambda f: read_views(f, size, resize)[0],
                           lambda px: np.asarray(model(np.stack(px).astype(np.float32), training=False), np.float64),
                           rh.class_names)
 

@@ -22,8 +22,8 @@ from typing import Any, Callable
 from pipeline.backbones import ModelConfig, resolve_model
 from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES
 from pipeline.errors import BackboneError
-from pipeline.extract.views import NO_VIEWS, ViewSpec
 from pipeline.machine import decode_threads
+from pipeline.views import NO_VIEWS, ViewSpec
 
 PIXEL_RULE = "headbench-pixels-3"
 """Version of :mod:`pipeline.data`'s decoding rule; bump it when pixels change: old caches are then rebuilt."""

@@ -53,8 +53,8 @@ from pipeline.extract.local import EngineReport, feature_shapes, run_batch
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
 from pipeline.extract.reader import Decoded, decode_item
-from pipeline.extract.views import NO_VIEWS, ViewSpec
 from pipeline.runtime.factory import make_runtime
+from pipeline.views import NO_VIEWS, ViewSpec
 
 RAY_HINT = "the Ray engine needs Ray Data: pip install 'headbench[ray]' (or pip install 'ray[data]')"
 ADDRESS_RE = re.compile(r"^(auto|ray://[^\s:/]+:\d+|[^\s:/]+:\d+)$")

@@ -21,7 +21,7 @@ from pipeline.errors import CacheError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.local import EngineReport, run_local
 from pipeline.extract.plan import Plan, cache_file, plan_extraction
-from pipeline.extract.views import NO_VIEWS, ViewSpec
+from pipeline.views import NO_VIEWS, ViewSpec
 
 
 @dataclass

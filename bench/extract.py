@@ -117,8 +117,8 @@ def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int 
 
     cpu: list[float] = []
 
-    def engine(plan, log):  # the local engine, with its runtime built first so its CPU time is not counted
-        rt = make_runtime(plan.config.model, plan.config.runtime, log=log, batch_size=plan.config.batch_size)
+    def engine(plan, log, runtime_factory=make_runtime):  # the local engine, its runtime built first: not counted
+        rt = runtime_factory(plan.config.model, plan.config.runtime, log=log, batch_size=plan.config.batch_size)
         c = _cpu()
         report = run_local(plan, log=log, runtime=rt)
         cpu.append(_cpu() - c)

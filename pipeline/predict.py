@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline import cache
 from pipeline.atomic import check_free_space, write_atomically
-from pipeline.backbones import ModelConfig, resolve_model
+from pipeline.backbones import ModelConfig, build_feature_model, resolve_model, sha256_file
 from pipeline.data import looks_like_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
 from pipeline.results import head_file, load_run
@@ -109,8 +109,6 @@ def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
     if not path or not Path(path).exists():
         raise WeightsError(f"the weights file of {rh.key} ({path or 'unrecorded'}) is not there; pass "
                            f"--weights PATH to the same file (SHA-256 {ex['weights_sha256'][:16]}...)")
-    from pipeline.backbones import sha256_file
-
     digest = sha256_file(path)
     if ex.get("weights_sha256") and digest != ex["weights_sha256"]:
         raise WeightsError(f"weights file {path} has SHA-256 {digest[:16]}..., but {rh.key} was fitted on features "
@@ -280,8 +278,6 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     sidecar records it as ``tta``). ``predict`` always applies the head's full choice.
     """
     import keras
-
-    from pipeline.backbones import build_feature_model
 
     rh = select_head(run_dir, head)
     if is_finetuned(rh):

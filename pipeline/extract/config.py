@@ -15,7 +15,7 @@ defines the feature model itself (what ``predict`` and ``export`` rebuild); the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -150,8 +150,6 @@ class ExtractConfig:
 
     def with_views(self, views: ViewSpec) -> "ExtractConfig":
         """A copy with the view spec fixed."""
-        from dataclasses import replace
-
         return replace(self, views=views)
 
     def signature(self) -> dict[str, Any]:
@@ -206,8 +204,6 @@ def fit_batch_to_checkpoint(options: ExtractOptions, log: Callable[[str], None] 
     ExtractOptions
         ``options`` itself when its batch fits, else a copy with ``batch_size = checkpoint_rows``.
     """
-    from dataclasses import replace
-
     if options.batch_size <= options.checkpoint_rows:
         return options
     log(f"--batch-size {options.batch_size} is above --checkpoint-every {options.checkpoint_rows}: running batches "
@@ -229,9 +225,6 @@ def resolve_config(options: ExtractOptions | None = None, log: Callable[[str], N
     BackboneError, WeightsError
         Unknown backbone, an option it does not support, a bad run option, unusable weights.
     """
-    from dataclasses import replace
-
-
     opts = replace(options or ExtractOptions(), **overrides)
     check_run_options(opts)
     opts = fit_batch_to_checkpoint(opts, log)

@@ -237,7 +237,7 @@ def extract(
                                                                      "what the cache has.")] = None,
     view_kinds: Annotated[Optional[str], typer.Option(help="Kinds of view, comma-separated among flip, crop, rotate, "
                                                            "color (default flip,crop,color; see "
-                                                           "pipeline/extract/views.py).")] = None,
+                                                           "pipeline/views.py).")] = None,
     view_seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of the views' random parameters (default 0)."
                                                      )] = None,
 ) -> None:
@@ -248,7 +248,7 @@ def extract(
     from pipeline.cache import check_name_fits
     from pipeline.extract.config import fit_batch_to_checkpoint
     from pipeline.extract.plan import cache_file
-    from pipeline.extract.views import make_view_spec
+    from pipeline.views import make_view_spec
 
     _check_model_options([b.value for b in backbone], input_size, alpha)
     if views is None and (view_kinds is not None or view_seed is not None):

@@ -45,8 +45,9 @@ def phase(backbone: str, runtime: str, images: int, batch: int) -> dict:
     import numpy as np
 
     from pipeline.extract import resolve_config
-    from pipeline.extract.onnx_export import ensure_exported
-    from pipeline.extract.runtime import build_model, make_runtime
+    from pipeline.runtime.factory import make_runtime
+    from pipeline.runtime.keras import build_model
+    from pipeline.runtime.onnx_export import ensure_exported
 
     cfg = resolve_config(backbone=backbone, weights="none", batch_size=batch, log=lambda m: None)
     t = time.perf_counter()

@@ -57,7 +57,7 @@ def one_run(variant: str, address: str | None, data: Path, cache_dir: Path, batc
     from pipeline.extract import RayOptions, resolve_config
     from pipeline.extract.plan import cache_file, plan_extraction
     from pipeline.extract.run import run_engine
-    from pipeline.extract.views import NO_VIEWS
+    from pipeline.views import NO_VIEWS
 
     cfg = resolve_config(log=lambda m: None, weights=str(WEIGHTS) if WEIGHTS.exists() else "none",
                          cache_dir=cache_dir, batch_size=batch, checkpoint_rows=part_rows, views=NO_VIEWS,

@@ -79,7 +79,7 @@ def _cpu() -> float:
 
 def _onnx_runtime(backbone: str, batch: int):
     from pipeline.extract import resolve_config
-    from pipeline.extract.runtime import make_runtime
+    from pipeline.runtime.factory import make_runtime
 
     cfg = resolve_config(backbone=backbone, weights="none", batch_size=batch, log=lambda m: None)
     return cfg, make_runtime(cfg.model, "onnx", log=print, batch_size=batch)
@@ -113,12 +113,12 @@ def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int 
     from pipeline import cache
     from pipeline.extract import extract_dataset, resolve_config
     from pipeline.extract.local import run_local
-    from pipeline.extract.runtime import make_runtime
+    from pipeline.runtime.factory import make_runtime
 
     cpu: list[float] = []
 
-    def engine(plan, log):  # the local engine, with its runtime built first so its CPU time is not counted
-        rt = make_runtime(plan.config.model, plan.config.runtime, log=log, batch_size=plan.config.batch_size)
+    def engine(plan, log, runtime_factory=make_runtime):  # the local engine, its runtime built first: not counted
+        rt = runtime_factory(plan.config.model, plan.config.runtime, log=log, batch_size=plan.config.batch_size)
         c = _cpu()
         report = run_local(plan, log=log, runtime=rt)
         cpu.append(_cpu() - c)

@@ -52,7 +52,7 @@ def export(path: Path) -> None:
     import shutil
 
     from pipeline.extract import resolve_config
-    from pipeline.extract.runtime import make_runtime
+    from pipeline.runtime.factory import make_runtime
 
     cfg = resolve_config(backbone="mobilenet_v2", weights=str(V2_WEIGHTS), log=print)
     rt = make_runtime(cfg.model, "onnx", log=print)
@@ -100,7 +100,7 @@ def main() -> None:
     pix = np.concatenate([np.stack([d.pixels for d in b]) for b in
                           read_batches(ds.root, ds.items[:256], SIZE, "crop", 64, cores)])
 
-    from pipeline.extract.onnx_runtime import CPU_PROVIDER, intra_op_threads, make_session
+    from pipeline.runtime.onnx import CPU_PROVIDER, intra_op_threads, make_session
 
     t_cpu = intra_op_threads(cores, CPU_PROVIDER)
     sessions = {t: make_session(args.onnx, [CPU_PROVIDER], t, SIZE, 32) for t in sorted({t_cpu, max(1, cores // 2)})}

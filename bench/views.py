@@ -92,7 +92,7 @@ def main() -> None:
         raise SystemExit("needs ../shared (weights and data) beside the repository")
 
     from pipeline.extract import extract_dataset, resolve_config
-    from pipeline.extract.views import make_view_spec
+    from pipeline.views import make_view_spec
     from pipeline.fit import run_fit
 
     spec = make_view_spec(args.views, args.view_kinds.split(","), seed=0)

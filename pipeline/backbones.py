@@ -618,6 +618,75 @@ def resolve_weights(
     return WeightsInfo("file", str(path.resolve()), sha256_file(path))
 
 
+# ---- model identity -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The frozen feature model: backbone, input size, width multiplier, weights and the outputs it returns.
+
+    What ``extract`` caches features of and ``predict`` and ``export`` rebuild; :func:`resolve_model` makes one.
+    A frozen dataclass of plain values: it pickles to Ray workers as it is.
+
+    Attributes
+    ----------
+    backbone : str
+        Registry name (:func:`pipeline.backbones.list_backbones`).
+    input_size : int
+        Square input side in pixels.
+    alpha : float or None
+        Width multiplier (MobileNet v1/v2), else None.
+    weights : WeightsInfo
+        Resolved weights (local file and SHA-256, or random).
+    kinds : tuple of str
+        Outputs: ``avg`` always, then ``max`` and/or ``maps`` when asked for.
+    """
+
+    backbone: str
+    input_size: int
+    alpha: float | None
+    weights: WeightsInfo
+    kinds: tuple[str, ...] = ("avg",)
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """The registry entry."""
+        return get_spec(self.backbone)
+
+    @property
+    def label(self) -> str:
+        """File-name-safe label, e.g. ``mobilenet_v2-a1.0-224``."""
+        return backbone_label(self.backbone, self.alpha, self.input_size)
+
+
+def resolve_model(backbone: str, weights: str, input_size: int | None = None, alpha: float | None = None,
+                  kinds: tuple[str, ...] = ("avg",), announce: Callable[[str], None] = print) -> ModelConfig:
+    """Check a backbone's options and resolve its weights into a :class:`ModelConfig` (no model is built).
+
+    Parameters
+    ----------
+    backbone : str
+        Registered name.
+    weights : str
+        ``"imagenet"``, ``"none"`` or a weights file path (see :func:`resolve_weights`).
+    input_size, alpha : optional
+        Square input side (default: the backbone's own) and width multiplier (MobileNets).
+    kinds : tuple of str
+        Outputs of the feature model.
+    announce : callable
+        Receives one line before any download starts.
+
+    Raises
+    ------
+    BackboneError, WeightsError
+        Unknown backbone, an option it does not support, unusable weights.
+    """
+    spec = get_spec(backbone)
+    size, alpha = check_options(spec, input_size, alpha)
+    info = resolve_weights(spec, weights, size, alpha, announce=announce)
+    return ModelConfig(spec.name, size, alpha, info, tuple(kinds))
+
+
 # ---- model ----------------------------------------------------------------------------------------------------
 
 

@@ -522,7 +522,7 @@ def decode(data: bytes, size: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """Decode image bytes to ``(size, size, 3)`` uint8 RGB by the module's pixel rule.
 
     Steps 1-3 are :func:`decode_rgb`, step 4 :func:`resize_region` (the augmented views of
-    :mod:`pipeline.extract.views` share both, so a centre view is these very pixels).
+    :mod:`pipeline.views` share both, so a centre view is these very pixels).
 
     Raises
     ------

@@ -1,14 +1,14 @@
-"""Facts of the machine this process runs on: usable cores and the default decoding threads.
+"""Facts of the machine this process runs on: usable cores, the default decoding threads, and whether a GPU is seen.
 
-Below both the extract stage's options (:mod:`pipeline.extract.config`) and the runtimes
-(:mod:`pipeline.extract.runtime`), which both need them, so neither imports the other for them.
+Below both the extract stage's options (:mod:`pipeline.extract.config`) and the runtimes (:mod:`pipeline.runtime`),
+which both need them, so neither imports the other for them.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_cores", "decode_threads", "MAX_DECODE_THREADS"]
+__all__ = ["cpu_cores", "decode_threads", "gpu_available", "MAX_DECODE_THREADS"]
 
 
 def cpu_cores() -> int:
@@ -29,3 +29,20 @@ a GPU at 0.68x the rate of 8; beside ONNX Runtime on the CPU, 8 decoding threads
 def decode_threads(cores: int | None = None) -> int:
     """Default decoding threads: one per core available to the process, at most :data:`MAX_DECODE_THREADS`."""
     return max(1, min(cpu_cores() if cores is None else cores, MAX_DECODE_THREADS))
+
+
+def gpu_available() -> bool:
+    """Whether the Keras backend sees a GPU (TensorFlow backend; False elsewhere).
+
+    Imports Keras (and TensorFlow): call it only where a model is about to run.
+    """
+    try:
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            return False
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    except Exception:  # a broken CUDA set-up must not stop a CPU run
+        return False

@@ -17,11 +17,13 @@ import numpy as np
 
 from pipeline import cache
 from pipeline.atomic import check_free_space, write_atomically
-from pipeline.extract.runtime import make_runtime
-from pipeline.data import looks_like_image, read_image
+from pipeline.backbones import ModelConfig, build_feature_model, resolve_model, sha256_file
+from pipeline.data import looks_like_image
 from pipeline.errors import ImageDecodeError, RunError, WeightsError
 from pipeline.results import FINETUNE_HEAD, head_file, load_run
+from pipeline.runtime.factory import make_runtime
 from pipeline.saved_head import load_saved_head
+from pipeline.views import VIEW_RULE, ViewSpec, read_views
 
 
 @dataclass
@@ -48,10 +50,8 @@ class RunHead:
 
     @property
     def tta_views(self):
-        """The :class:`~pipeline.extract.views.ViewSpec` whose views' probabilities ``predict`` averages with the
+        """The :class:`~pipeline.views.ViewSpec` whose views' probabilities ``predict`` averages with the
         centre view's (the head chose test-time views: ``views.chosen`` is ``tta`` or ``both``), else None."""
-        from pipeline.extract.views import VIEW_RULE, ViewSpec
-
         views = self.result.get("views")
         if not isinstance(views, dict) or views.get("chosen") not in ("tta", "both"):
             return None
@@ -109,8 +109,6 @@ def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
     if not path or not Path(path).exists():
         raise WeightsError(f"the weights file of {rh.key} ({path or 'unrecorded'}) is not there; pass "
                            f"--weights PATH to the same file (SHA-256 {ex['weights_sha256'][:16]}...)")
-    from pipeline.backbones import sha256_file
-
     digest = sha256_file(path)
     if ex.get("weights_sha256") and digest != ex["weights_sha256"]:
         raise WeightsError(f"weights file {path} has SHA-256 {digest[:16]}..., but {rh.key} was fitted on features "
@@ -118,17 +116,12 @@ def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
     return str(path)
 
 
-def run_model_config(rh: RunHead, weights: str | None = None, log: Callable[[str], None] = print):
-    """The :class:`~pipeline.extract.config.ModelConfig` that made a run head's features (weights checked)."""
-    from pipeline.backbones import check_options, get_spec, resolve_weights
-    from pipeline.extract.config import ModelConfig
-
+def run_model_config(rh: RunHead, weights: str | None = None, log: Callable[[str], None] = print) -> ModelConfig:
+    """The :class:`~pipeline.backbones.ModelConfig` that made a run head's features (weights checked)."""
     ex = rh.extraction
-    spec = get_spec(ex["backbone"])
-    size, alpha = check_options(spec, int(ex["input_size"]), ex["alpha"])
-    info = resolve_weights(spec, resolve_run_weights(rh, weights), size, alpha, announce=log)
     kinds = ("avg",) + ((rh.feature,) if rh.feature != "avg" else ())
-    return ModelConfig(spec.name, size, alpha, info, kinds)
+    return resolve_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]), ex["alpha"], kinds,
+                         announce=log)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -178,7 +171,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     weights : str, optional
         Backbone weights file, when the recorded one has moved (must have the recorded SHA-256).
     runtime : {"auto", "onnx", "keras"}
-        Inference runtime for the backbone (see :func:`pipeline.extract.runtime.make_runtime`); every runtime
+        Inference runtime for the backbone (see :func:`pipeline.runtime.factory.make_runtime`); every runtime
         gives the same features to 1e-4 of their scale, checked on the first batch.
     out : path, optional
         Where the predictions will be written (:func:`write_predictions`): its disk's free space is checked against
@@ -205,7 +198,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
             f"chosen by fit)")
     def load(f: Path) -> np.ndarray:
         if tta is None:
-            return read_image(f, model.input_size, ex["resize"])[0]
+            return read_views(f, model.input_size, ex["resize"])[0]
         return image_with_views(f, model.input_size, ex["resize"], tta)  # centre view first: (K + 1, s, s, 3)
 
     def score(pixels: list[np.ndarray]) -> np.ndarray:
@@ -218,20 +211,11 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     return rh, rows
 
 
-def image_with_views(path: str | os.PathLike, size: int, resize: str, spec: Any) -> np.ndarray:
+def image_with_views(path: str | os.PathLike, size: int, resize: str, spec: ViewSpec) -> np.ndarray:
     """An image's centre view followed by its ``spec.n`` augmented views, ``(n + 1, size, size, 3)`` uint8, made
-    exactly as extraction makes them (:func:`pipeline.extract.views.render_views`, keyed by the file's SHA-256)."""
-    from pipeline.data import decode_rgb, read_file, resize_region
-    from pipeline.extract.views import render_views
-
-    data, digest = read_file(path)
-    try:
-        image = decode_rgb(data, size)
-        centre = np.asarray(resize_region(image, size, resize), dtype=np.uint8).copy()
-        return np.concatenate([centre[None], render_views(image, centre, digest, spec, resize)])
-    except ImageDecodeError as exc:
-        exc.sha256 = digest  # type: ignore[attr-defined]
-        raise
+    exactly as extraction makes them (:func:`pipeline.views.read_views`, keyed by the file's SHA-256)."""
+    centre, views, _ = read_views(path, size, resize, spec)
+    return np.concatenate([centre[None], views]) if views is not None else centre[None]
 
 
 def predictions_size(files: list[Path], class_names: list[str], out: str | os.PathLike) -> int:
@@ -295,8 +279,6 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     """
     import keras
 
-    from pipeline.backbones import build_feature_model
-
     rh = select_head(run_dir, head)
     if is_finetuned(rh):
         return export_finetuned(rh, out)
@@ -356,7 +338,7 @@ def predict_finetuned(rh: RunHead, files: list[Path], batch_size: int = 32) -> l
     model; rows as :func:`predict_images` returns them."""
     model = _load_finetuned(rh)
     size, resize = int(rh.extraction["input_size"]), str(rh.extraction["resize"])
-    return _rows_by_batch(files, batch_size, lambda f: read_image(f, size, resize)[0],
+    return _rows_by_batch(files, batch_size, lambda f: read_views(f, size, resize)[0],
                           lambda px: np.asarray(model(np.stack(px).astype(np.float32), training=False), np.float64),
                           rh.class_names)
 

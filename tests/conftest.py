@@ -40,39 +40,36 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def run_extract(root, cache_dir, log=_quiet, **options):
-    """Resolve extraction options (as ``python cli.py extract`` does) and extract ``root`` into ``cache_dir``."""
-    from pipeline.extract import extract_dataset, resolve_config
-
-    return extract_dataset(root, resolve_config(log=log, cache_dir=cache_dir, **options), log=log)
+_REUSED: dict = {}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def reuse_runtimes():
-    """Build each feature model once per test session and reuse it across extractions.
+def reused_runtime(model, runtime="auto", log=print, **kw):
+    """A runtime factory (``extract_dataset(..., runtime_factory=)``) that builds each feature model once per test
+    session and hands the same runtime to every extraction that asks for it.
 
     Building and tracing a model is most of a tiny extraction's time (about 2.5 of 3 seconds); a runtime holds no
-    state between calls, so extractions that share a model config may share it. Tests that wrap the runtime still
-    see the real one inside.
+    state between calls, so extractions that share a model config may share it. :func:`run_extract` passes it; a
+    test that wraps the runtime wraps this one (``lambda *a, **k: Wrapper(reused_runtime(*a, **k))``).
     """
-    import pipeline.extract.local as local
+    from pipeline.runtime.factory import make_runtime
 
-    real = local.make_runtime
-    built: dict = {}
+    key = (model, runtime, tuple(sorted(kw.items())))
+    try:
+        hash(key)
+    except TypeError:  # an already built model was handed in: nothing to reuse
+        return make_runtime(model, runtime, log=log, **kw)
+    if key not in _REUSED:
+        _REUSED[key] = make_runtime(model, runtime, log=log, **kw)
+    return _REUSED[key]
 
-    def make_runtime(model, runtime="auto", log=print, **kw):
-        key = (model, runtime, tuple(sorted(kw.items())))
-        try:
-            hash(key)
-        except TypeError:  # an already built model was handed in: nothing to reuse
-            return real(model, runtime, log=log, **kw)
-        if key not in built:
-            built[key] = real(model, runtime, log=log, **kw)
-        return built[key]
 
-    local.make_runtime = make_runtime
-    yield
-    local.make_runtime = real
+def run_extract(root, cache_dir, log=_quiet, runtime_factory=reused_runtime, **options):
+    """Resolve extraction options (as ``python cli.py extract`` does) and extract ``root`` into ``cache_dir``, with
+    the session's reused runtimes (:func:`reused_runtime`) unless ``runtime_factory`` says otherwise."""
+    from pipeline.extract import extract_dataset, resolve_config
+
+    return extract_dataset(root, resolve_config(log=log, cache_dir=cache_dir, **options), log=log,
+                           runtime_factory=runtime_factory)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_extract, write_image
+from conftest import reused_runtime, run_extract, write_image
 from pipeline import cache
 from pipeline.errors import BackboneError, CacheError, DatasetError, WeightsError
 
@@ -127,10 +127,7 @@ def test_new_class_relabels_without_reextracting(tiny_dataset, tmp_path):
 
 
 def test_interrupted_run_resumes_from_parts(tiny_dataset, tmp_path, monkeypatch):
-    import pipeline.extract.local as local
-
     calls = {"n": 0}
-    real = local.make_runtime
 
     class Flaky:
         """The real runtime, interrupted (as by Ctrl-C) on its fourth call."""
@@ -148,13 +145,11 @@ def test_interrupted_run_resumes_from_parts(tiny_dataset, tmp_path, monkeypatch)
             return self.rt(px)
 
     def flaky_runtime(*a, **k):
-        return Flaky(real(*a, **k))
+        return Flaky(reused_runtime(*a, **k))
 
-    monkeypatch.setattr(local, "make_runtime", flaky_runtime)
     with pytest.raises(KeyboardInterrupt):
-        _run(tiny_dataset, tmp_path, checkpoint_rows=4)
+        _run(tiny_dataset, tmp_path, checkpoint_rows=4, runtime_factory=flaky_runtime)
     assert not list((tmp_path / "cache").glob("*.h5")), "an interrupted run must not leave a complete-looking file"
-    monkeypatch.setattr(local, "make_runtime", real)
     res, msgs = _run(tiny_dataset, tmp_path)
     assert res.n_reused == 8 and res.n_extracted == 4
     assert any("8 from an interrupted run" in m for m in msgs)
@@ -168,11 +163,9 @@ def test_a_crash_loses_at_most_checkpoint_rows_whatever_the_batch(tiny_dataset, 
                                                                   commits):
     """A batch above --checkpoint-every is capped at it (one line); a part is committed before a batch that would
     take the uncommitted rows past it. Counted in images the model ran, not in time."""
-    import pipeline.extract.local as local
-
     seen = {"images": 0, "calls": 0}
     at_commit: list[int] = []  # images the model had run when each part was committed
-    real_runtime, real_commit = local.make_runtime, cache._commit
+    real_commit = cache._commit
 
     class Counting:
         """The real runtime, counting the images of real batches (call 1 is the warm-up batch)."""
@@ -193,9 +186,9 @@ def test_a_crash_loses_at_most_checkpoint_rows_whatever_the_batch(tiny_dataset, 
             at_commit.append(seen["images"])
         return real_commit(tmp, path)
 
-    monkeypatch.setattr(local, "make_runtime", lambda *a, **k: Counting(real_runtime(*a, **k)))
     monkeypatch.setattr(cache, "_commit", commit)
-    res, msgs = _run(tiny_dataset, tmp_path, batch_size=batch, checkpoint_rows=every, checkpoint_seconds=1e9)
+    res, msgs = _run(tiny_dataset, tmp_path, batch_size=batch, checkpoint_rows=every, checkpoint_seconds=1e9,
+                     runtime_factory=lambda *a, **k: Counting(reused_runtime(*a, **k)))
     capped = [m for m in msgs if m.startswith("--batch-size")]
     if batch > every:
         assert capped == [f"--batch-size {batch} is above --checkpoint-every {every}: running batches of {every} "
@@ -368,14 +361,14 @@ def test_a_long_dataset_name_that_fits_is_extracted_with_every_name_within_the_l
 
 def test_a_cache_name_that_cannot_fit_is_refused_before_any_work(tiny_dataset, tmp_path, monkeypatch, capsys):
     import cli
-    import pipeline.extract.local as local
+    import pipeline.extract
 
     root = _long_named_copy(tiny_dataset, tmp_path, 210)  # its cache name would be 259 bytes
-    monkeypatch.setattr(local, "make_runtime", lambda *a, **k: pytest.fail("no model may be built"))
     with pytest.raises(CacheError, match=r"would be 259 bytes, more than the 255 a file name may have in .*: "
                                          r"rename the dataset folder .* to at most 206 bytes \(or pass --cache-dir"):
-        _run(root, tmp_path)
+        _run(root, tmp_path, runtime_factory=lambda *a, **k: pytest.fail("no model may be built"))
     assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(pipeline.extract, "extract_dataset", lambda *a, **k: pytest.fail("no extraction may start"))
     with pytest.raises(SystemExit) as status:  # the command line says it in one line, before any extraction
         cli.main(["extract", str(root), "--weights", "none", "--cache-dir", str(tmp_path / "c")], quiet_native=False)
     err = capsys.readouterr().err

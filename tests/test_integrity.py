@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, run_extract, write_image
+from conftest import REPO, reused_runtime, run_extract, write_image
 from pipeline import cache
 from pipeline.errors import CacheError
 
@@ -160,10 +160,6 @@ def test_row_digest_is_the_same_whatever_its_block_size(monkeypatch):
 
 
 def test_non_finite_features_are_failed_rows_never_usable_ones(tiny_dataset, tmp_path, monkeypatch):
-    import pipeline.extract.local as local
-
-    real = local.make_runtime
-
     class NaNOnFirstImage:
         def __init__(self, rt):
             self.rt = rt
@@ -176,8 +172,8 @@ def test_non_finite_features_are_failed_rows_never_usable_ones(tiny_dataset, tmp
             out["avg"][0, 3] = np.nan
             return out
 
-    monkeypatch.setattr(local, "make_runtime", lambda *a, **k: NaNOnFirstImage(real(*a, **k)))
-    res, _ = _run(tiny_dataset, tmp_path / "c")
+    res, _ = _run(tiny_dataset, tmp_path / "c",
+                  runtime_factory=lambda *a, **k: NaNOnFirstImage(reused_runtime(*a, **k)))
     assert res.n_failed == 3  # the first image of each of the 3 batches
     assert all("non-finite" in why for _, why in res.failures)
     fs = cache.read_features(res.path)

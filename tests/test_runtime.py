@@ -503,8 +503,8 @@ def test_engine_reports_the_runtime_it_ran(tiny_dataset, tmp_path, monkeypatch):
     reports = []
     real = run_mod.run_local
 
-    def spy(plan, log):
-        reports.append(real(plan, log=log))
+    def spy(plan, log, **kw):
+        reports.append(real(plan, log=log, **kw))
         return reports[-1]
 
     monkeypatch.setattr(run_mod, "run_local", spy)

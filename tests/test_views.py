@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_extract, write_image
+from conftest import REPO, reused_runtime, run_extract, write_image
 from pipeline import cache
 from pipeline.data import PAD_COLOUR, decode, decode_rgb, resize_region
 from pipeline.errors import BackboneError
@@ -183,12 +183,9 @@ def test_views_are_cached_with_their_spec(tmp_path):
 
 
 def test_rerun_resume_and_changed_spec_with_views(tmp_path, monkeypatch):
-    import pipeline.extract.local as local
-
     root = _dataset(tmp_path / "ds", n=4)
     spec = make_view_spec(2, seed=0)
     calls = {"n": 0}
-    real = local.make_runtime
 
     class Flaky:
         """The real runtime, interrupted (as by Ctrl-C) on its fifth call: 1 warm-up + 3 per batch of 4 images."""
@@ -205,10 +202,9 @@ def test_rerun_resume_and_changed_spec_with_views(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             return self.rt(px)
 
-    monkeypatch.setattr(local, "make_runtime", lambda *a, **k: Flaky(real(*a, **k)))
     with pytest.raises(KeyboardInterrupt):
-        _extract(root, tmp_path / "c", views=spec, checkpoint_rows=4)
-    monkeypatch.setattr(local, "make_runtime", real)
+        _extract(root, tmp_path / "c", views=spec, checkpoint_rows=4,
+                 runtime_factory=lambda *a, **k: Flaky(reused_runtime(*a, **k)))
     # rerun without --views: the interrupted run's spec is kept and its finished rows are not computed again
     res, msgs = _extract(root, tmp_path / "c")
     assert (res.n_reused, res.n_extracted) == (4, 4)
@@ -248,11 +244,8 @@ def test_cli_view_options_are_usage_errors_in_one_line(tmp_path):
 def test_parts_of_an_interrupted_views_run_are_kept_by_a_run_without_views(tmp_path, monkeypatch):
     """A run without --views keeps the cache's views and the other run's parts, saying so; one that asks for other
     views discards them, saying whose they were."""
-    import pipeline.extract.local as local
-
     root = _dataset(tmp_path / "ds", n=4)
     plain, _ = _extract(root, tmp_path / "c")  # a complete cache without views
-    real = local.make_runtime
 
     def interrupted(views):
         calls = {"n": 0}
@@ -272,10 +265,9 @@ def test_parts_of_an_interrupted_views_run_are_kept_by_a_run_without_views(tmp_p
                     raise KeyboardInterrupt
                 return self.rt(px)
 
-        monkeypatch.setattr(local, "make_runtime", lambda *a, **k: Flaky(real(*a, **k)))
         with pytest.raises(KeyboardInterrupt):
-            _extract(root, tmp_path / "c", views=views, checkpoint_rows=4)
-        monkeypatch.setattr(local, "make_runtime", real)
+            _extract(root, tmp_path / "c", views=views, checkpoint_rows=4,
+                     runtime_factory=lambda *a, **k: Flaky(reused_runtime(*a, **k)))
 
     interrupted(make_view_spec(2))  # one part of 4 rows with 2 views each
     write_image(root / "b" / "new.jpg", _photo(50, 50, seed=99))  # work for the next run, and an assembly

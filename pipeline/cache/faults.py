@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
 from pipeline.backbones import get_spec
+from pipeline.data import DEFAULT_RESIZE
 from pipeline.errors import BackboneError, CacheError
+from pipeline.views import ViewSpec
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -79,11 +82,6 @@ def rebuild_command(path: Path, meta: dict[str, Any]) -> str:
     str
         e.g. ``python cli.py extract /data/birds -b mobilenet_v2 --weights none --cache-dir /tmp/c``.
     """
-    import shlex
-
-    from pipeline.data import DEFAULT_RESIZE
-    from pipeline.extract.views import ViewSpec
-
     args = ["extract", str(meta["dataset_root"])] + _model_options(meta)
     if meta.get("resize", DEFAULT_RESIZE) != DEFAULT_RESIZE:
         args += ["--resize", str(meta["resize"])]

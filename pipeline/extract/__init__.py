@@ -4,7 +4,8 @@ Small parts with one job each, wired by one resolved configuration (:mod:`.confi
 
 * :mod:`.plan` -- what to do, given the folder and what earlier runs left in the cache;
 * :mod:`.reader` -- threads that read, hash and decode images ahead of the model;
-* :mod:`.runtime` -- pixels in, features out (Keras, with batch norms folded by :mod:`.fold`);
+* :mod:`pipeline.runtime` -- pixels in, features out (Keras with batch norms folded, or ONNX Runtime), shared with
+  ``predict`` and ``finetune``;
 * :mod:`.local` -- the engine that drives reader -> runtime -> part writer on this machine;
 * :mod:`.ray_engine` -- the same on a Ray cluster (Ray Data decoding tasks -> model actors -> part writers);
 * :mod:`.run` -- :func:`extract_dataset`: plan -> engine -> assemble the complete cache.

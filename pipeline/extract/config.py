@@ -8,22 +8,23 @@ Everything downstream (the planner, the local and Ray engines, the Keras and ONN
 reads that one object; nothing is passed around as loose parameters. It is a frozen dataclass of plain values, so
 it pickles to Ray workers as it is.
 
-:class:`ModelConfig` is the part that defines the feature model itself (what ``predict`` and ``export`` rebuild);
-the cache *signature* (:meth:`ExtractConfig.signature`) is what makes two sets of rows interchangeable.
+:class:`~pipeline.backbones.ModelConfig` (the model's identity, beside the backbone registry) is the part that
+defines the feature model itself (what ``predict`` and ``export`` rebuild); the cache *signature*
+(:meth:`ExtractConfig.signature`) is what makes two sets of rows interchangeable.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.backbones import BackboneSpec, WeightsInfo, backbone_label, check_options, get_spec, resolve_weights
+from pipeline.backbones import ModelConfig, resolve_model
 from pipeline.cache.format import Signature
 from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES
 from pipeline.errors import BackboneError
-from pipeline.extract.views import NO_VIEWS, ViewSpec
 from pipeline.machine import decode_threads
+from pipeline.views import NO_VIEWS, ViewSpec
 
 PIXEL_RULE = "headbench-pixels-3"
 """Version of :mod:`pipeline.data`'s decoding rule; bump it when pixels change: old caches are then rebuilt."""
@@ -31,41 +32,6 @@ PIXEL_RULE = "headbench-pixels-3"
 RUNTIMES = ("auto", "onnx", "keras")
 ENGINES = ("local", "ray")
 MAPS_DTYPES = ("float16", "float32")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The frozen feature model: backbone, input size, width multiplier, weights and the outputs it returns.
-
-    Attributes
-    ----------
-    backbone : str
-        Registry name (:func:`pipeline.backbones.list_backbones`).
-    input_size : int
-        Square input side in pixels.
-    alpha : float or None
-        Width multiplier (MobileNet v1/v2), else None.
-    weights : WeightsInfo
-        Resolved weights (local file and SHA-256, or random).
-    kinds : tuple of str
-        Outputs: ``avg`` always, then ``max`` and/or ``maps`` when asked for.
-    """
-
-    backbone: str
-    input_size: int
-    alpha: float | None
-    weights: WeightsInfo
-    kinds: tuple[str, ...] = ("avg",)
-
-    @property
-    def spec(self) -> BackboneSpec:
-        """The registry entry."""
-        return get_spec(self.backbone)
-
-    @property
-    def label(self) -> str:
-        """File-name-safe label, e.g. ``mobilenet_v2-a1.0-224``."""
-        return backbone_label(self.backbone, self.alpha, self.input_size)
 
 
 @dataclass(frozen=True)
@@ -185,8 +151,6 @@ class ExtractConfig:
 
     def with_views(self, views: ViewSpec) -> "ExtractConfig":
         """A copy with the view spec fixed."""
-        from dataclasses import replace
-
         return replace(self, views=views)
 
     def signature(self) -> dict[str, Any]:
@@ -248,8 +212,6 @@ def fit_batch_to_checkpoint(options: ExtractOptions, log: Callable[[str], None] 
     ExtractOptions
         ``options`` itself when its batch fits, else a copy with ``batch_size = checkpoint_rows``.
     """
-    from dataclasses import replace
-
     if options.batch_size <= options.checkpoint_rows:
         return options
     log(f"--batch-size {options.batch_size} is above --checkpoint-every {options.checkpoint_rows}: running batches "
@@ -271,18 +233,13 @@ def resolve_config(options: ExtractOptions | None = None, log: Callable[[str], N
     BackboneError, WeightsError
         Unknown backbone, an option it does not support, a bad run option, unusable weights.
     """
-    from dataclasses import replace
-
-
     opts = replace(options or ExtractOptions(), **overrides)
     check_run_options(opts)
     opts = fit_batch_to_checkpoint(opts, log)
-    spec = get_spec(opts.backbone)
-    size, alpha = check_options(spec, opts.input_size, opts.alpha)
-    weights = resolve_weights(spec, opts.weights, size, alpha, announce=log)
     kinds = ("avg",) + (("max",) if opts.max_pool else ()) + (("maps",) if opts.maps else ())
+    model = resolve_model(opts.backbone, opts.weights, opts.input_size, opts.alpha, kinds, announce=log)
     return ExtractConfig(
-        model=ModelConfig(spec.name, size, alpha, weights, kinds), resize=opts.resize, maps_dtype=opts.maps_dtype,
+        model=model, resize=opts.resize, maps_dtype=opts.maps_dtype,
         views=opts.views, runtime=opts.runtime, engine=opts.engine, ray=opts.ray, batch_size=opts.batch_size,
         workers=opts.workers or decode_threads(), strict=opts.strict, retry_failed=opts.retry_failed,
         checkpoint_rows=opts.checkpoint_rows, checkpoint_seconds=opts.checkpoint_seconds,

@@ -23,7 +23,8 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
 from pipeline.extract.reader import Decoded, read_batches
-from pipeline.extract.runtime import Runtime, make_runtime
+from pipeline.runtime.base import Runtime
+from pipeline.runtime.factory import RuntimeFactory, make_runtime
 
 NON_FINITE = "the backbone produced non-finite features (NaN or inf) for this image"
 
@@ -131,9 +132,24 @@ def run_batch(runtime: Runtime, batch: list[Decoded], config: ExtractConfig,
     return rows_of_batch(batch, out, config.kinds + vkeys)
 
 
-def run_local(plan: Plan, log: Callable[[str], None] = print,
-              runtime: Runtime | None = None) -> EngineReport:
+def run_local(plan: Plan, log: Callable[[str], None] = print, runtime: Runtime | None = None,
+              runtime_factory: RuntimeFactory = make_runtime) -> EngineReport:
     """Extract ``plan.todo`` into part files of ``plan.path``'s parts folder.
+
+    Parameters
+    ----------
+    plan : Plan
+    log : callable
+        Receives one-line messages.
+    runtime : Runtime, optional
+        An already built runtime of ``plan.config.model``.
+    runtime_factory : callable
+        Builds the runtime when none is given: ``(model, runtime, log=, batch_size=) -> Runtime``
+        (:func:`pipeline.runtime.factory.make_runtime`, the default).
+
+    Returns
+    -------
+    EngineReport
 
     Raises
     ------
@@ -143,7 +159,7 @@ def run_local(plan: Plan, log: Callable[[str], None] = print,
         After committing finished rows (Ctrl-C or SIGTERM).
     """
     cfg = plan.config
-    rt = runtime or make_runtime(cfg.model, cfg.runtime, log=log, batch_size=cfg.batch_size)
+    rt = runtime or runtime_factory(cfg.model, cfg.runtime, log=log, batch_size=cfg.batch_size)
     log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
     writer = cache.PartWriter(plan.path, plan.meta, feature_shapes(rt, cfg), cfg.checkpoint_rows,
                               cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()})

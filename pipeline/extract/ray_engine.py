@@ -53,7 +53,8 @@ from pipeline.extract.local import EngineReport, feature_shapes, run_batch
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
 from pipeline.extract.reader import Decoded, decode_item
-from pipeline.extract.views import NO_VIEWS, ViewSpec
+from pipeline.runtime.factory import make_runtime
+from pipeline.views import NO_VIEWS, ViewSpec
 
 RAY_HINT = "the Ray engine needs Ray Data: pip install 'headbench[ray]' (or pip install 'ray[data]')"
 ADDRESS_RE = re.compile(r"^(auto|ray://[^\s:/]+:\d+|[^\s:/]+:\d+)$")
@@ -204,8 +205,6 @@ class ChunkExtractor:
     def _start(self, cfg: ExtractConfig, path: Path, meta: dict[str, Any], weights: list,
                run_info: dict[str, Any]) -> None:
         import ray
-
-        from pipeline.extract.runtime import make_runtime
 
         blob = ray.get(weights[0]) if weights[0] is not None else None
         self.cfg = _local_weights(cfg, blob)

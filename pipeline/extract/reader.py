@@ -2,8 +2,8 @@
 
 Pillow releases the GIL while decoding, so threads overlap decoding with the model's compute. At most a few
 batches are in flight, so memory stays flat whatever the dataset size. With augmented views
-(:mod:`pipeline.extract.views`) each image is decoded once and its views are rendered from the decoded pixels in
-the same thread.
+(:mod:`pipeline.views`) each image is decoded once (:func:`pipeline.views.read_views`) and its views are rendered
+from the decoded pixels in the same thread.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.data import ImageItem, decode_rgb, read_file, resize_region
+from pipeline.data import ImageItem
 from pipeline.errors import ImageDecodeError
-from pipeline.extract.views import ViewSpec, render_views
+from pipeline.views import ViewSpec, read_views
 
 
 @dataclass
@@ -51,16 +51,10 @@ def decode_item(root: Path, item: ImageItem, size: int, resize: str, views: View
     A file that cannot be read or decoded fails the whole row: no centre view, no views.
     """
     try:
-        data, digest = read_file(root / item.relpath)
-    except ImageDecodeError as exc:
-        return Decoded(item, None, "", str(exc))
-    try:
-        image = decode_rgb(data, size)
-        centre = np.asarray(resize_region(image, size, resize), dtype=np.uint8).copy()
-        extra = render_views(image, centre, digest, views, resize) if views is not None and views.n else None
-        return Decoded(item, centre, digest, "", extra)
-    except ImageDecodeError as exc:
-        return Decoded(item, None, digest, str(exc))
+        centre, extra, digest = read_views(root / item.relpath, size, resize, views)
+    except ImageDecodeError as exc:  # unreadable: no digest; undecodable: the digest of the bytes read
+        return Decoded(item, None, getattr(exc, "sha256", ""), str(exc))
+    return Decoded(item, centre, digest, "", extra)
 
 
 def read_batches(root: Path, items: list[ImageItem], size: int, resize: str, batch_size: int,

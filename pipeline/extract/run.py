@@ -21,7 +21,8 @@ from pipeline.errors import CacheError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.local import EngineReport, run_local
 from pipeline.extract.plan import Plan, cache_file, plan_extraction
-from pipeline.extract.views import NO_VIEWS, ViewSpec
+from pipeline.runtime.factory import RuntimeFactory, make_runtime
+from pipeline.views import NO_VIEWS, ViewSpec
 
 
 @dataclass
@@ -39,13 +40,15 @@ class ExtractResult:
     up_to_date: bool = False
 
 
-def run_engine(plan: Plan, log: Callable[[str], None]) -> EngineReport:
-    """Run ``plan.todo`` on the configured engine."""
+def run_engine(plan: Plan, log: Callable[[str], None],
+               runtime_factory: RuntimeFactory = make_runtime) -> EngineReport:
+    """Run ``plan.todo`` on the configured engine (the local one builds its runtime with ``runtime_factory``; Ray's
+    model actors build theirs with :func:`~pipeline.runtime.factory.make_runtime` in their own processes)."""
     if plan.config.engine == "ray":
         from pipeline.extract.ray_engine import run_ray
 
         return run_ray(plan, log=log)
-    return run_local(plan, log=log)
+    return run_local(plan, log=log, runtime_factory=runtime_factory)
 
 
 def resolve_views(config: ExtractConfig, path: Path) -> ExtractConfig:
@@ -111,8 +114,8 @@ def _retries_unchanged(plan: Plan) -> bool:
     return True
 
 
-def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
-                    log: Callable[[str], None] = print) -> ExtractResult:
+def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig, log: Callable[[str], None] = print,
+                    runtime_factory: RuntimeFactory = make_runtime) -> ExtractResult:
     """Extract features of every image under ``root`` into the cache (incremental, resumable).
 
     Parameters
@@ -123,6 +126,9 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
         From :func:`pipeline.extract.config.resolve_config`.
     log : callable
         Receives one-line messages.
+    runtime_factory : callable
+        Builds the local engine's runtime: ``(model, runtime, log=, batch_size=) -> Runtime``; the real
+        :func:`~pipeline.runtime.factory.make_runtime` by default (a test hands in a wrapped or reused one).
 
     Returns
     -------
@@ -168,14 +174,14 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig,
                 log(f"{path.name}: up to date ({len(ds.items)} images, checksums verified, nothing to extract)")
                 return ExtractResult(path, len(ds.items), 0, plan.n_reused, 0, len(failed), failed, up_to_date=True)
             try:
-                return _run(plan, log)
+                return _run(plan, log, runtime_factory)
             except cache.DamagedCache as exc:  # found while copying old rows: discard what is damaged, plan again
                 log(f"discarded {exc.path.name}: {exc}; its rows are extracted again")
                 exc.path.unlink(missing_ok=True)
         raise CacheError(f"cache {path} keeps failing its checksums after rebuilding; check the disk it is on")
 
 
-def _run(plan: Plan, log: Callable[[str], None]) -> ExtractResult:
+def _run(plan: Plan, log: Callable[[str], None], runtime_factory: RuntimeFactory) -> ExtractResult:
     ds, cfg, ex = plan.dataset, plan.config, plan.existing
     w = cfg.model.weights
     views = cfg.views or NO_VIEWS
@@ -188,7 +194,7 @@ def _run(plan: Plan, log: Callable[[str], None]) -> ExtractResult:
         log(f"views: {views.describe()}")
 
     t0 = time.perf_counter()
-    report = run_engine(plan, log) if plan.todo else None
+    report = run_engine(plan, log, runtime_factory) if plan.todo else None
     if plan.only_retries and _retries_unchanged(plan):
         cache.remove_parts(plan.path, keep=[p for p, _, _ in plan.existing.other_views])
         failed = _failures(plan.path)

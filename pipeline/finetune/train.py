@@ -28,7 +28,7 @@ epochs.
 Training
 --------
 Images stream from their files (:func:`image_batches`, a ``keras.utils.PyDataset`` over file lists, decoded in
-threads by :func:`pipeline.data.load_image` with the cache's pixel and resize rules): memory does not depend on
+threads by :func:`pipeline.views.read_views` with the cache's pixel and resize rules): memory does not depend on
 the dataset size. Keras augmentation layers (``RandomFlip`` horizontal, ``RandomRotation`` within
 +-:attr:`FinetuneConfig.rotation` degrees, ``RandomZoom`` in by up to :attr:`FinetuneConfig.zoom`) sit in front
 of the model during training only; the model that is returned and saved has none. Adam at a low learning rate
@@ -71,6 +71,7 @@ import numpy as np
 
 from pipeline.errors import DatasetError, FitError, ImageDecodeError
 from pipeline.machine import decode_threads
+from pipeline.views import read_views
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetuneResult", "image_batches", "UNFREEZE_FROM", "default_unfreeze",
            "logreg_dense_weights", "build_finetune_model", "finetune", "save_finetuned", "load_head"]
@@ -244,9 +245,9 @@ class FinetuneResult:
 class _Batches:
     """Batches ``(pixels float32 (n, s, s, 3) in [0, 255], labels int64 (n,))`` streamed from image files.
 
-    Decoded by :func:`pipeline.data.load_image` (the cache's pixel rule and resize rule), a few batches ahead in
-    ``workers`` threads, so memory does not grow with the number of images. With ``shuffle`` the order is
-    reshuffled after every epoch by a generator seeded with ``seed``. Made a ``keras.utils.PyDataset`` by
+    Decoded by :func:`pipeline.views.read_views` (the centre view: the cache's pixel rule and resize rule), a few
+    batches ahead in ``workers`` threads, so memory does not grow with the number of images. With ``shuffle`` the
+    order is reshuffled after every epoch by a generator seeded with ``seed``. Made a ``keras.utils.PyDataset`` by
     :func:`image_batches` (Keras is imported only when one is made).
 
     Raises
@@ -271,15 +272,13 @@ class _Batches:
         return math.ceil(len(self.items) / self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        from pipeline.data import load_image
-
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         pixels = np.empty((len(rows), self.size, self.size, 3), np.float32)
         labels = np.empty(len(rows), np.int64)
         for j, r in enumerate(rows):
             rel, label = self.items[r]
             try:
-                pixels[j] = load_image(self.root / rel, self.size, self.resize)
+                pixels[j] = read_views(self.root / rel, self.size, self.resize)[0]
             except ImageDecodeError as exc:
                 raise DatasetError(f"{rel}: {exc} (it decoded at extraction: extract again)") from None
             labels[j] = label

@@ -1,7 +1,7 @@
 """Augmented views in fitting: which view mode a head uses, chosen on the selection split like a hyperparameter.
 
 A cache extracted with ``extract --views K`` holds, besides every image's centre view, the features of K augmented
-views of it (:mod:`pipeline.extract.views`). A head can use them in four **view modes**:
+views of it (:mod:`pipeline.views`). A head can use them in four **view modes**:
 
 ``none``
     Centre views only (what a cache without views gives).

@@ -1,0 +1,398 @@
+"""The ONNX Runtime implementation of :class:`~pipeline.runtime.base.Runtime`, checked against Keras every run.
+
+:func:`open_onnx_runtime` exports the Keras feature model once (:mod:`pipeline.runtime.onnx_export`; later runs
+reuse the stored file), opens an ONNX Runtime session on the best execution provider present and returns an
+:class:`OnnxRuntime`.
+
+Parity check
+------------
+On the first real batch of every run (the first call whose pixels are not all zero: the engines' warm-up batch is
+zeros) up to :data:`PARITY_IMAGES` images also go through the Keras model, eagerly, in float32 on the CPU. If
+``max|onnx - keras| / max|keras|`` of any output exceeds :data:`PARITY_TOLERANCE` the runtime tries the next
+execution provider (a GPU provider that computes in reduced precision), and in the end falls back to Keras for the
+whole run, with one log line that says why; the reason is in :meth:`OnnxRuntime.describe`'s ``note``, which the
+cache records with the run. Once the check has passed the runtime lets go of the Keras model and returns the
+reference's memory to the system (:func:`release_memory`), so neither stays beside the session: the check raises
+peak memory for a few seconds only.
+
+A gross mismatch on the CPU provider (above :data:`GROSS_MISMATCH`: no rounding does that; the stored file's weights
+are damaged while its key still matches) exports the model again, once per run, with a line naming the stored file,
+and the check starts over on every provider with the new file. If the new file still fails, or cannot be exported,
+the run goes on as above (next provider, then Keras) and the line says so.
+
+Execution providers
+-------------------
+:func:`choose_providers` orders what the installed onnxruntime offers: TensorRT (only when its libraries are
+installed too; float32, engines cached beside the exported models), then CUDA (TF32 off, so it computes in full
+float32 like the CPU), then the CPU. With ``onnxruntime-gpu`` and a GPU, extraction runs on the GPU; a provider
+that cannot start is skipped with one log line.
+
+Threads
+-------
+:func:`intra_op_threads`: on the CPU, one ONNX Runtime thread per core, with spinning off -- the decoding threads
+share the same cores, and a spinning pool burns the time they need (measured on a 2-core machine, see
+docs/benchmarks.md). On a GPU provider, one CPU thread is enough for the few nodes left on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pipeline.backbones import BuiltBackbone, ModelConfig
+from pipeline.machine import cpu_cores
+from pipeline.runtime.base import Runtime, RuntimeUnavailableError
+from pipeline.runtime.keras import KerasRuntime
+from pipeline.runtime.onnx_export import ExportError, ensure_exported, file_identity
+
+PARITY_TOLERANCE = 1e-4
+"""Largest accepted ``max|onnx - keras| / max|keras|`` on the first batch (float32 runtimes agree to ~1e-6)."""
+GROSS_MISMATCH = 0.1
+"""A parity difference above this (x max|Keras|) on the CPU provider means a damaged stored model, not rounding:
+float32 runtimes agree to ~1e-6, and the largest rounding differences measured are 7.8e-3 (TF32 on a GPU) and 5.5e-3
+(EfficientNetV2 with very wide random batch-norm statistics, Keras against its own folded copy; docs/benchmarks.md),
+more than ten times below it, while damaged weights give differences of the order of the features themselves."""
+PARITY_IMAGES = 2
+"""Images of the first batch also run through the Keras model for the parity check. An export or runtime fault
+shows on any image; the eager reference costs ~0.15 s of CPU per MobileNetV2 image (measured: 1.1-1.5 s for 8
+images), which 398 images at 150 img/s would feel."""
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def onnxruntime_missing() -> str:
+    """Why ONNX Runtime cannot be used here ("" when it can be imported)."""
+    try:
+        import onnxruntime  # noqa: F401  (only whether it imports)
+    except ImportError:
+        return "onnxruntime is not installed"
+    return ""
+
+
+def choose_providers(available: Sequence[str], tensorrt_libraries: bool) -> list[str]:
+    """Execution providers to try, best first: TensorRT, CUDA, then the CPU (always last).
+
+    Parameters
+    ----------
+    available : sequence of str
+        ``onnxruntime.get_available_providers()``: what the installed build was compiled with (``onnxruntime-gpu``
+        lists CUDA and TensorRT even on a machine without a GPU; the session then says what really runs).
+    tensorrt_libraries : bool
+        Whether TensorRT's own libraries are installed (the TensorRT provider needs them beside onnxruntime-gpu).
+    """
+    order = []
+    if "TensorrtExecutionProvider" in available and tensorrt_libraries:
+        order.append("TensorrtExecutionProvider")
+    if "CUDAExecutionProvider" in available:
+        order.append("CUDAExecutionProvider")
+    return order + [CPU_PROVIDER]
+
+
+def tensorrt_installed() -> bool:
+    """Whether TensorRT's libraries can be found (the ``tensorrt`` wheels, or ``libnvinfer`` on the system)."""
+    import ctypes.util
+    import importlib.util
+
+    for mod in ("tensorrt_libs", "tensorrt"):
+        with contextlib.suppress(ImportError, ValueError):
+            if importlib.util.find_spec(mod) is not None:
+                return True
+    return ctypes.util.find_library("nvinfer") is not None
+
+
+def intra_op_threads(cores: int, provider: str) -> int:
+    """ONNX Runtime's intra-op threads: one per core on the CPU provider, one with a GPU provider."""
+    return 1 if provider in GPU_PROVIDERS else max(1, cores)
+
+
+def provider_options(provider: str, input_size: int, batch_size: int, cache_dir: Path) -> dict[str, Any]:
+    """Options of one execution provider: float32 everywhere (the parity check holds GPUs to the CPU's results)."""
+    if provider == "CUDAExecutionProvider":
+        return {"use_tf32": 0}
+    if provider == "TensorrtExecutionProvider":
+        shape = lambda n: f"pixels:{n}x{input_size}x{input_size}x3"  # noqa: E731
+        return {"trt_fp16_enable": False, "trt_int8_enable": False, "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir / "tensorrt"), "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache_dir / "tensorrt"), "trt_profile_min_shapes": shape(1),
+                "trt_profile_opt_shapes": shape(batch_size), "trt_profile_max_shapes": shape(batch_size)}
+    return {}
+
+
+def make_session(path: Path, providers: Sequence[str], threads: int, input_size: int, batch_size: int) -> Any:
+    """An ONNX Runtime session on ``providers`` (best first; ONNX Runtime drops one that cannot start)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: a provider that cannot start is reported by this module
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if any(p in GPU_PROVIDERS for p in providers) and hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+            ort.preload_dlls(msvc=False)  # CUDA / cuDNN from the nvidia-* wheels that the [gpu] extra installs
+    opts = [(p, provider_options(p, input_size, batch_size, path.parent)) for p in providers]
+    return ort.InferenceSession(str(path), so, providers=opts, enable_fallback=0)
+
+
+def relative_difference(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
+    """``max|out - ref| / max|ref|`` over every output (inf when shapes or the finite entries disagree)."""
+    worst = 0.0
+    for kind, r in ref.items():
+        o = out.get(kind)
+        if o is None or o.shape != r.shape:
+            return float("inf")
+        fin = np.isfinite(r)
+        if not np.array_equal(fin, np.isfinite(o)):
+            return float("inf")
+        if not fin.any():
+            continue
+        r64, o64 = r[fin].astype(np.float64), o[fin].astype(np.float64)
+        diff = float(np.abs(o64 - r64).max())
+        scale = float(np.abs(r64).max())
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst
+
+
+class OnnxRuntime(Runtime):
+    """The exported feature model in an ONNX Runtime session, checked against Keras on the first real batch.
+
+    Parameters
+    ----------
+    model : ModelConfig
+    built : BuiltBackbone
+        The Keras feature model the file was exported from (the parity reference, and the fallback).
+    path : Path
+        The exported ``.onnx`` file.
+    providers : sequence of str
+        Execution providers to try, best first (:func:`choose_providers`).
+    log : callable
+    parity_tolerance : float
+    batch_size : int
+        Largest batch the engines send (TensorRT builds its engine for it).
+    session_factory : callable, optional
+        ``(path, providers, threads, input_size, batch_size) -> session``; :func:`make_session` by default.
+    reexport : callable, optional
+        ``(built) -> path``: exports the model again over a stored file found damaged (a gross mismatch on the CPU
+        provider, :data:`GROSS_MISMATCH`); called at most once. None: never (the mismatch falls back as any other).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model: ModelConfig, built: BuiltBackbone, path: Path, providers: Sequence[str],
+                 log: Callable[[str], None] = print, parity_tolerance: float = PARITY_TOLERANCE,
+                 batch_size: int = 32, session_factory: Callable[..., Any] = make_session,
+                 reexport: Callable[[BuiltBackbone], Path] | None = None) -> None:
+        super().__init__(model, built)
+        import onnxruntime as ort
+
+        self.path = path
+        self.version = ort.__version__
+        self.log = log
+        self.tolerance = parity_tolerance
+        self.batch_size = batch_size
+        self._factory = session_factory
+        self._keras: KerasRuntime | None = None
+        self._checked = False
+        self.parity = ""
+        self._providers = list(providers)
+        self._all_providers = list(providers)
+        self._reexport = reexport
+        self._reexported = False
+        self._open(self._providers)
+
+    def _open(self, providers: list[str]) -> None:
+        """Open a session on the first of ``providers`` that starts; record what really runs."""
+        while True:
+            self.threads = intra_op_threads(cpu_cores(), providers[0])
+            try:
+                self._session = self._factory(self.path, providers, self.threads, self.model.input_size,
+                                              self.batch_size)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                if len(providers) == 1:
+                    raise RuntimeUnavailableError(f"ONNX Runtime cannot open {self.path.name} on {providers[0]} "
+                                                  f"({_first_line(exc)})") from exc
+                self.log(f"runtime: {providers[0]} cannot start ({_first_line(exc)}); trying {providers[1]}")
+                providers = providers[1:]
+                continue
+            break
+        got = list(self._session.get_providers())
+        self.provider = got[0] if got else CPU_PROVIDER
+        if self.provider != providers[0]:
+            self.log(f"runtime: {providers[0]} is installed but could not start (a GPU, or its CUDA / cuDNN / "
+                     f"TensorRT libraries, missing?); ONNX Runtime runs on {self.provider}")
+            self.threads = intra_op_threads(cpu_cores(), self.provider)
+        self._providers = providers[providers.index(self.provider):] if self.provider in providers else [self.provider]
+        self.device = (f"GPU ({self.provider.replace('ExecutionProvider', '')})" if self.provider in GPU_PROVIDERS
+                       else f"CPU ({cpu_cores()} cores)")
+        self._input = self._session.get_inputs()[0].name
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def describe(self) -> dict[str, str]:
+        """Runtime provenance (see :meth:`Runtime.describe`), plus ``threads`` and ``parity``."""
+        if self._keras is not None:
+            return {**self._keras.describe(), "note": self.note, "parity": self.parity}
+        return {**super().describe(), "threads": str(self.threads), "parity": self.parity}
+
+    def summary(self) -> str:
+        if self._keras is not None:
+            return self._keras.summary()
+        threads = f", {self.threads} thread(s)" if self.provider not in GPU_PROVIDERS else ""
+        return f"{self.name} {self.version} ({self.provider}{threads})"
+
+    def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        res = self._session.run(self._outputs, {self._input: np.ascontiguousarray(pixels, dtype=np.uint8)})
+        return dict(zip(self._outputs, res))
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        if self._keras is not None:
+            return self._keras(pixels)
+        out = self._run(pixels)
+        if not self._checked and pixels.any():
+            out = self._check(pixels, out)
+        return out
+
+    def _reference(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The Keras model's outputs, eagerly and in float32 on the CPU."""
+        import keras
+
+        x = pixels.astype(np.float32)
+        ctx: Any = contextlib.nullcontext()
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            ctx = tf.device("/CPU:0")
+        with ctx:
+            out = self.built.model(x, training=False)  # type: ignore[union-attr]
+        return {k: np.asarray(v) for k, v in out.items() if k in self._outputs}
+
+    def _check(self, pixels: np.ndarray, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compare with Keras on the first real batch; export a damaged file again, then try the next provider,
+        then Keras, if they differ."""
+        sub = pixels[:PARITY_IMAGES]
+        ref = self._reference(sub)
+        while True:
+            err = relative_difference({k: v[:len(sub)] for k, v in out.items()}, ref)
+            self.parity = f"{err:.1e}"
+            if err <= self.tolerance:
+                self._checked = True
+                self.built = None  # the session is checked: the Keras model may go
+                self._reexport = None
+                release_memory()
+                return out
+            reason = (f"ONNX Runtime ({self.provider}) differs from Keras by {err:.1e} x max|Keras| (tolerance "
+                      f"{self.tolerance:.0e}) on the first batch")
+            if self._reexported:
+                reason += f", also after {self.path.name} was exported again"
+            if self._damaged(err):
+                if self._export_again(reason):
+                    out = self._run(pixels)
+                    continue
+                reason = self.note
+            if len(self._providers) > 1:
+                self.log(f"runtime: {reason}; trying {self._providers[1]}")
+                self.note = reason
+                self._open(self._providers[1:])
+                out = self._run(pixels)
+                continue
+            return self._fall_back(pixels, reason)
+
+    def _damaged(self, err: float) -> bool:
+        """Whether a parity difference ``err`` says the stored file is damaged and it may still be exported again."""
+        return (err > GROSS_MISMATCH and self.provider == CPU_PROVIDER and self._reexport is not None
+                and not self._reexported)
+
+    def _export_again(self, reason: str) -> bool:
+        """Export the model again over the damaged stored file and reopen it on every provider (True when done;
+        False, with the reason in ``note``, when the export or the new session failed)."""
+        self._reexported = True
+        reexport, self._reexport = self._reexport, None
+        self.log(f"runtime: {reason}: the stored model {self.path} looks damaged; exporting it again")
+        try:
+            self.path = reexport(self.built)  # type: ignore[misc, arg-type]
+        except ExportError as exc:
+            self.note = (f"{reason}; the stored model {self.path} looks damaged and could not be replaced ({exc}); "
+                         f"delete it")
+            return False
+        try:
+            self._open(list(self._all_providers))
+        except RuntimeUnavailableError as exc:
+            self.note = f"{reason}; {self.path.name} was exported again but does not open ({exc})"
+            return False
+        return True
+
+    def _fall_back(self, pixels: np.ndarray, reason: str) -> dict[str, np.ndarray]:
+        """Run on Keras from here on (one line with ``reason``); Keras's features of ``pixels``."""
+        self.log(f"runtime: keras, because {reason}")
+        self.note = reason
+        self._checked = True
+        self._session = None
+        self._keras = KerasRuntime(self.model, self.built)  # type: ignore[arg-type]
+        self.name, self.version, self.device, self.provider = (self._keras.name, self._keras.version,
+                                                               self._keras.device, self._keras.provider)
+        return self._keras(pixels)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the system (glibc keeps it otherwise).
+
+    The eager Keras reference of the parity check leaves ~0.5 GB of freed memory in the allocator's arenas
+    (MobileNetV2, measured); without this the process would keep it for the whole run.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+
+
+def open_onnx_runtime(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None] = print,
+                      parity_tolerance: float = PARITY_TOLERANCE, batch_size: int = 32) -> OnnxRuntime:
+    """Export (or reuse) the ONNX model of ``built`` and open it on the best execution provider present.
+
+    Raises
+    ------
+    RuntimeUnavailableError
+        The model cannot be exported or opened, or the store cannot be used (one line with the reason).
+    """
+    import onnxruntime as ort
+
+    warn_two_builds(log)
+    try:
+        path = ensure_exported(model, built, log=log)
+    except ExportError as exc:
+        raise RuntimeUnavailableError(str(exc)) from None
+    identity = file_identity(path)
+
+    def reexport(reference: BuiltBackbone) -> Path:
+        """Export ``model`` again over the stored file opened here (found damaged by the parity check)."""
+        return ensure_exported(model, reference, log=log, replacing=identity)
+
+    providers = choose_providers(ort.get_available_providers(), tensorrt_installed())
+    return OnnxRuntime(model, built, path, providers, log=log, parity_tolerance=parity_tolerance,
+                       batch_size=batch_size, reexport=reexport)
+
+
+def warn_two_builds(log: Callable[[str], None]) -> None:
+    """One line when both the CPU and the GPU build of onnxruntime are installed (they overwrite each other)."""
+    import importlib.metadata as md
+
+    have = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            md.version(dist)
+            have.append(dist)
+    if len(have) == 2:
+        log("warning: both onnxruntime and onnxruntime-gpu are installed and share one module; for the GPU run "
+            "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")

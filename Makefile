@@ -19,9 +19,10 @@ test: $(VENV)/.installed
 	bash tests/setup_browser.sh
 	$(PY) -m pytest -q
 
-# Every registered backbone through ONNX Runtime, and its ImageNet file against Keras's own (about 11 minutes).
+# Every registered backbone through ONNX Runtime, against Keras's own application and its ImageNet file, and the
+# slowest per-family checks the default suite leaves out (about 15 minutes).
 test-backbones: $(VENV)/.installed
-	$(PY) -m pytest -q tests/test_backbones.py --every-backbone -k every
+	$(PY) -m pytest -q tests/test_backbones.py tests/test_runtime.py tests/test_fold.py --every-backbone -m every_backbone
 
 bench: $(VENV)/.installed
 	$(PY) bench/extract.py

@@ -36,6 +36,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def backbone_params(names, default):
+    """``names`` as test parameters: those in ``default`` run in every suite, the others only with
+    ``--every-backbone`` (marked ``every_backbone``), so the default suite stays within its time."""
+    return [pytest.param(n, marks=() if n in default else pytest.mark.every_backbone) for n in names]
+
+
 def _quiet(_msg: str) -> None:
     pass
 

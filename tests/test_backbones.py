@@ -6,9 +6,10 @@ scales perturbed, so that a lost constant shows) through a ``.weights.h5`` file,
 ``extract --weights FILE``'s code path. For EfficientNet B0-B3 the reference is Keras's *ImageNet* build (it adds
 a rescaling layer only then), loading that file in place of the download.
 
-``--every-backbone`` (README) adds each backbone's ONNX Runtime parity and the check that each ``imagenet`` file
-is the one Keras itself asks for; the default run checks ONNX Runtime on one backbone per family
-(tests/test_runtime.py).
+The default run checks one backbone of each builder and preprocessing (:data:`PATTERNS`) against Keras, and ONNX
+Runtime on five families (tests/test_runtime.py); ``--every-backbone`` (``make test-backbones``) adds every other
+backbone against Keras, each backbone's ONNX Runtime parity and the check that each ``imagenet`` file is the one
+Keras itself asks for.
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from conftest import model_layers, randomise_statistics  # noqa: E402
+from conftest import backbone_params, model_layers, randomise_statistics  # noqa: E402
 from pipeline.backbones import (BackboneSpec, build_feature_model, get_spec, list_backbones,  # noqa: E402
                                 register_backbone, resolve_weights, unregister_backbone)
 from pipeline.errors import BackboneError, WeightsError  # noqa: E402
 from pipeline.finetune.train import _base_of, default_unfreeze  # noqa: E402
 
 BUILTIN = list_backbones()
+
+PATTERNS = {"mobilenet", "mobilenet_v2", "mobilenet_v3_small", "inception_v3", "resnet50", "resnet50_v2",
+            "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny", "densenet121", "nasnet_mobile", "xception"}
+"""The backbones checked against Keras's own application in every suite: one of each builder, preprocessing and
+quirk (caffe vs tf vs torch preprocessing, in-model rescaling, EfficientNet's ImageNet-only layer). The larger
+variants of the same builders (ResNet101V2, DenseNet201, ConvNeXt-S/B, EfficientNet B1-B3 and V2 B1-S,
+InceptionResNetV2, MobileNetV3-Large) run with ``--every-backbone`` (``make test-backbones``)."""
 
 
 def _resolve(dotted: str):
@@ -86,7 +94,7 @@ def _relative(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(out - ref).max()) / scale
 
 
-@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("name", backbone_params(BUILTIN, PATTERNS))
 def test_feature_model_equals_keras_application_with_its_preprocess_input(name, tmp_path, monkeypatch):
     spec = get_spec(name)
     size = _test_size(spec)

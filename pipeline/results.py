@@ -8,7 +8,6 @@ written, :data:`READABLE_VERSIONS` the versions read.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.backbones import sha256_file
 from pipeline.errors import RunError
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
@@ -370,13 +370,9 @@ LOCK_FILE = ".lock"
 """The run folder's lock file (``fcntl.flock``), taken by every command that changes a finished run."""
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (``results[].model_sha256`` binds each head file to its entry)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file
+"""Hex SHA-256 of a file's bytes (``results[].model_sha256`` binds each head file to its entry): the digest the
+weights files are checked by, under the name the run record's readers know."""
 
 
 def head_file(run_dir: str | os.PathLike, entry: dict[str, Any]) -> Path:

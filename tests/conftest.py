@@ -36,6 +36,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def write_blobs(root: Path, seed: int = 1, per_class: int = 10) -> Path:
+    """A two-class set of small JPEGs: a coloured square (blue or red) on noise, sizes varying by image."""
+    rng = np.random.default_rng(seed)
+    for c, colour in {"blue": (30, 40, 210), "red": (210, 40, 30)}.items():
+        for i in range(per_class):
+            img = rng.integers(0, 120, (36 + i, 40, 3)).astype(np.int64)
+            img[6:28, 8:30] = colour
+            write_image(root / c / f"{i:02d}.jpg", np.clip(img, 0, 255).astype(np.uint8))
+    return root
+
+
 def backbone_params(names, default):
     """``names`` as test parameters: those in ``default`` run in every suite, the others only with
     ``--every-backbone`` (marked ``every_backbone``), so the default suite stays within its time."""

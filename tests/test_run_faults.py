@@ -17,9 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from conftest import REPO, run_extract, write_image
+from conftest import REPO, run_extract, write_blobs
 
 DRIVER = REPO / "tests" / "run_fault_driver.py"
 SEED = 20261202
@@ -43,12 +42,7 @@ def _files(state: dict, folder: str) -> list[str]:
 
 def test_fit_and_finetune_killed_at_seeded_random_points_end_complete_and_consistent(tmp_path):
     root = tmp_path / "blobs"
-    rng = np.random.default_rng(1)
-    for c, colour in {"blue": (30, 40, 210), "red": (210, 40, 30)}.items():
-        for i in range(10):
-            img = rng.integers(0, 120, (36 + i, 40, 3)).astype(np.int64)
-            img[6:28, 8:30] = colour
-            write_image(root / c / f"{i:02d}.jpg", np.clip(img, 0, 255).astype(np.uint8))
+    write_blobs(root)
     cache = run_extract(root, tmp_path / "cache", backbone="mobilenet_v2", weights="none", input_size=32, alpha=0.35,
                         runtime="keras").path
     work = tmp_path / "work"

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import run_extract, write_image
+from conftest import run_extract, write_blobs
 from pipeline.errors import RunError
 
 SIZE = 32
@@ -28,12 +28,7 @@ def fitted(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("record")
     root = base / "blobs"
-    rng = np.random.default_rng(1)
-    for c, colour in {"blue": (30, 40, 210), "red": (210, 40, 30)}.items():
-        for i in range(10):
-            img = rng.integers(0, 120, (36 + i, 40, 3)).astype(np.int64)
-            img[6:28, 8:30] = colour
-            write_image(root / c / f"{i:02d}.jpg", np.clip(img, 0, 255).astype(np.uint8))
+    write_blobs(root)
     res = run_extract(root, base / "cache", backbone="mobilenet_v2", weights="none", input_size=SIZE, alpha=ALPHA,
                       runtime="keras")
     run = base / "run"

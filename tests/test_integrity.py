@@ -108,7 +108,7 @@ def test_the_damaged_cache_line_gives_the_command_that_rebuilds_that_very_cache(
     import cli
     import pipeline.extract
     from pipeline.extract.plan import cache_file
-    from pipeline.extract.views import make_view_spec
+    from pipeline.views import make_view_spec
 
     data = _tiny_set(tmp_path / "my photos", seed=3, n=2)  # a space in the folder: the command is shell-quoted
     res, _ = _run(data, tmp_path / "other cache", resize="squash", max_pool=True, views=make_view_spec(1, "flip"),

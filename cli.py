@@ -17,7 +17,11 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from pipeline.data import RESIZE_RULES
 from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, HeadbenchError
+from pipeline.extract.config import ENGINES, MAPS_DTYPES
+from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS
+from pipeline.runtime.factory import RUNTIME_CHOICES
 
 app = typer.Typer(
     add_completion=False,
@@ -28,7 +32,11 @@ app = typer.Typer(
 
 
 def _choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
-    """An Enum of command-line choices (typer lists them in --help and rejects anything else)."""
+    """An Enum of command-line choices (typer lists them in --help and rejects anything else).
+
+    Each choice list is owned by the pipeline code that checks the value (``RESIZE_RULES``, ``RUNTIME_CHOICES``,
+    ...); the command line only mirrors it, so a choice added there is offered here.
+    """
     return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
@@ -45,13 +53,13 @@ def _head_names() -> list[str]:
 
 
 Backbone = _choices("Backbone", _registry_names())
-Resize = _choices("Resize", ("crop", "squash", "pad"))
-MapsDtype = _choices("MapsDtype", ("float16", "float32"))
-Runtime = _choices("Runtime", ("auto", "onnx", "keras"))
-Engine = _choices("Engine", ("local", "ray"))
+Resize = _choices("Resize", RESIZE_RULES)
+MapsDtype = _choices("MapsDtype", MAPS_DTYPES)
+Runtime = _choices("Runtime", RUNTIME_CHOICES)
+Engine = _choices("Engine", ENGINES)
 Head = _choices("Head", _head_names())
-Features = _choices("Features", ("avg", "max", "maps"))
-ClassWeight = _choices("ClassWeight", ("none", "balanced"))
+Features = _choices("Features", FEATURE_KINDS)
+ClassWeight = _choices("ClassWeight", CLASS_WEIGHTS)
 
 
 def _pick_rules() -> tuple[tuple[str, ...], str]:

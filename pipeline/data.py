@@ -62,7 +62,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
-RESIZE_RULES = ("squash", "crop", "pad")
+RESIZE_RULES = ("crop", "squash", "pad")
 DEFAULT_RESIZE = "crop"
 """Default resize rule. ``crop`` feeds objects at their natural aspect ratio, as ImageNet backbones were trained and
 evaluated (shorter side resized, centre crop), and keeps the full resolution of the short side; it scored best

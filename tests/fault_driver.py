@@ -48,7 +48,7 @@ def armed() -> None:
         count["assembly_from"] = count["n"] + 1
         return real_assemble(*a, **k)
 
-    cache.assemble = assemble
+    cache.assemble = assemble  # the name extract's run looks up on the package at each call
 
 
 config = resolve_config(cache_dir=cache_dir, log=lambda m: None, **OPTIONS)

@@ -192,8 +192,8 @@ def test_torch_preprocessing_layer_is_densenets_preprocess_input():
 @pytest.mark.parametrize("name", BUILTIN)
 def test_every_backbone_onnx_runtime_matches_keras(name, tmp_path, monkeypatch):
     from pipeline.extract.config import ModelConfig
-    from pipeline.extract.onnx_runtime import OnnxRuntime
-    from pipeline.extract.runtime import make_runtime
+    from pipeline.runtime.onnx import OnnxRuntime
+    from pipeline.runtime.factory import make_runtime
     from pipeline.backbones import WeightsInfo
 
     monkeypatch.setenv("HEADBENCH_HOME", str(tmp_path))

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import reused_runtime, run_extract, write_image
 from pipeline import cache
+from pipeline.cache import write as cache_write
 from pipeline.errors import BackboneError, CacheError, DatasetError, WeightsError
 
 FAST = dict(backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35, batch_size=4)
@@ -165,7 +166,7 @@ def test_a_crash_loses_at_most_checkpoint_rows_whatever_the_batch(tiny_dataset, 
     take the uncommitted rows past it. Counted in images the model ran, not in time."""
     seen = {"images": 0, "calls": 0}
     at_commit: list[int] = []  # images the model had run when each part was committed
-    real_commit = cache._commit
+    real_commit = cache_write._commit
 
     class Counting:
         """The real runtime, counting the images of real batches (call 1 is the warm-up batch)."""
@@ -186,7 +187,7 @@ def test_a_crash_loses_at_most_checkpoint_rows_whatever_the_batch(tiny_dataset, 
             at_commit.append(seen["images"])
         return real_commit(tmp, path)
 
-    monkeypatch.setattr(cache, "_commit", commit)
+    monkeypatch.setattr(cache_write, "_commit", commit)
     res, msgs = _run(tiny_dataset, tmp_path, batch_size=batch, checkpoint_rows=every, checkpoint_seconds=1e9,
                      runtime_factory=lambda *a, **k: Counting(reused_runtime(*a, **k)))
     capped = [m for m in msgs if m.startswith("--batch-size")]
@@ -328,7 +329,7 @@ def test_a_long_dataset_name_that_fits_is_extracted_with_every_name_within_the_l
     """195: the cache name fits but its temporary names did not; 205: its .parts and .lock names did not either."""
     root = _long_named_copy(tiny_dataset, tmp_path, length)
     names: set[str] = set()
-    real_commit, real_open = cache._commit, cache.os.open
+    real_commit, real_open = cache_write._commit, cache_write.os.open
 
     def commit(tmp, path):  # every temporary and final name a write uses
         names.update({Path(tmp).name, Path(path).name, Path(path).parent.name})
@@ -338,10 +339,10 @@ def test_a_long_dataset_name_that_fits_is_extracted_with_every_name_within_the_l
         names.add(Path(path).name)
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr(cache, "_commit", commit)
-    monkeypatch.setattr(cache.os, "open", open_)
+    monkeypatch.setattr(cache_write, "_commit", commit)
+    monkeypatch.setattr(cache_write.os, "open", open_)
     res, _ = _run(root, tmp_path, checkpoint_rows=4)  # three parts, then the assembly
-    monkeypatch.setattr(cache.os, "open", real_open)
+    monkeypatch.setattr(cache_write.os, "open", real_open)
     assert res.n_extracted == 12 and len(cache.read_features(res.path).paths) == 12
     assert 240 <= len(res.path.name) <= 255 and res.path.name in names
     assert any(n.endswith(".parts") for n in names) and any(n.endswith(".lock") for n in names)

@@ -16,6 +16,7 @@ import pytest
 from sklearn.datasets import make_classification
 
 import pipeline.cache as cache_mod
+from pipeline.cache import read as cache_read
 from pipeline.cache import FeatureSet
 from pipeline.errors import CacheError, FitError
 from pipeline.fit import leaderboard_table, run_fit
@@ -110,6 +111,7 @@ def fake_caches(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cache_mod, "find_caches", find_caches)
     monkeypatch.setattr(cache_mod, "read_meta", lambda p: store[str(p)].meta)
+    monkeypatch.setattr(cache_read, "read_meta", cache_mod.read_meta)  # what the folder scan reads
     monkeypatch.setattr(cache_mod, "read_features", lambda p, kind="avg", expect=None: store[str(p)])
     monkeypatch.setattr(cache_mod, "open_features", lambda p, kind="avg", expect=None: FakeReader(store[str(p)]))
     add.dir = cache_dir

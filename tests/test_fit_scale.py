@@ -21,6 +21,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 import pipeline.cache as cache_mod
+from pipeline.cache import read as cache_read
 from pipeline.errors import FitError
 from pipeline.fit import run_fit
 from pipeline.fit import forms
@@ -310,7 +311,7 @@ def test_heads_that_cannot_fit_the_budget_are_skipped_with_the_reason(tmp_path):
 def test_each_cache_is_opened_once_and_never_hashed(tmp_path, monkeypatch):
     a = _cache(tmp_path, n=200, name="toy")
     opened: list[str] = []
-    real_open = cache_mod._open
+    real_open = cache_read._open
 
     def counting_open(p):
         opened.append(Path(p).name)
@@ -319,7 +320,7 @@ def test_each_cache_is_opened_once_and_never_hashed(tmp_path, monkeypatch):
     def no_hashing(*a, **k):
         raise AssertionError("fit must not hash cache files")
 
-    monkeypatch.setattr(cache_mod, "_open", counting_open)
+    monkeypatch.setattr(cache_read, "_open", counting_open)
     monkeypatch.setattr("pipeline.backbones.sha256_file", no_hashing)
     doc = run_fit(caches=[a], heads=["logreg", "centroid", "knn"], out=tmp_path / "r1", report=False,
                   log=_quiet).results

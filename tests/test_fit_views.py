@@ -228,7 +228,7 @@ def test_streamed_features_use_no_views_and_say_why(view_cache, tmp_path):
 
 
 def test_predict_averages_over_the_cached_views(tiny_dataset, tmp_path):
-    from pipeline.extract.views import make_view_spec
+    from pipeline.views import make_view_spec
     from pipeline.predict import predict_images
 
     spec = make_view_spec(2, ("flip", "crop"), seed=3)
@@ -266,7 +266,7 @@ def test_export_averages_the_mirror_image_when_that_is_the_only_view(tiny_datase
     import keras
 
     from pipeline.data import read_image
-    from pipeline.extract.views import make_view_spec
+    from pipeline.views import make_view_spec
     from pipeline.predict import export_model, predict_images
 
     res = run_extract(tiny_dataset, tmp_path / "cache", backbone="mobilenet_v2", weights="none", input_size=32,

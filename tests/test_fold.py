@@ -8,8 +8,8 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from pipeline.backbones import build_feature_model, get_spec  # noqa: E402
-from pipeline.extract.runtime import make_runner  # noqa: E402
-from pipeline.extract.fold import PassThrough, fold_batch_norm, portable_copy  # noqa: E402
+from pipeline.runtime.keras import make_runner  # noqa: E402
+from pipeline.runtime.fold import PassThrough, fold_batch_norm, portable_copy  # noqa: E402
 from conftest import backbone_params, model_layers, randomise_statistics  # noqa: E402
 
 # One backbone per family with batch normalisations, each a different pattern: depthwise + squeeze-excite,

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, reused_runtime, run_extract, write_image
 from pipeline import cache
+from pipeline.cache import rows as cache_rows, write as cache_write
 from pipeline.errors import CacheError
 
 FAST = dict(backbone="mobilenet_v2", weights="none", input_size=64, alpha=0.35, batch_size=4)
@@ -108,7 +109,7 @@ def test_the_damaged_cache_line_gives_the_command_that_rebuilds_that_very_cache(
     import cli
     import pipeline.extract
     from pipeline.extract.plan import cache_file
-    from pipeline.extract.views import make_view_spec
+    from pipeline.views import make_view_spec
 
     data = _tiny_set(tmp_path / "my photos", seed=3, n=2)  # a space in the folder: the command is shell-quoted
     res, _ = _run(data, tmp_path / "other cache", resize="squash", max_pool=True, views=make_view_spec(1, "flip"),
@@ -153,7 +154,7 @@ def test_row_digest_is_the_same_whatever_its_block_size(monkeypatch):
     meta = cache.read_meta(v2)
     rows = cache.read_rows(v2)
     assert len(rows) > 4 and rows.digest() == meta["rows_sha256"]
-    monkeypatch.setattr(cache, "_DIGEST_BLOCK", 2)
+    monkeypatch.setattr(cache_rows, "_DIGEST_BLOCK", 2)
     assert rows.digest() == meta["rows_sha256"]
     rows.path[3] = rows.path[3] + "x"
     assert rows.digest() != meta["rows_sha256"]
@@ -287,12 +288,12 @@ def test_read_only_cache_folder_is_one_line(tiny_dataset, small_tmpfs):
 
 def test_free_space_is_checked_before_assembly(tiny_dataset, tmp_path, monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr(cache.shutil, "disk_usage",  # parts fit; the cache folder lacks room for the whole file
+    monkeypatch.setattr(cache_write.shutil, "disk_usage",  # parts fit; the cache folder lacks room for the whole file
                         lambda p: real(p) if str(p).endswith(".parts") else real(p)._replace(free=10_000))
     with pytest.raises(CacheError, match=r"not enough free space in .* to assemble .*needs about .* free.*finished "
                                          r"rows are kept"):
         _run(tiny_dataset, tmp_path / "c")
-    monkeypatch.setattr(cache.shutil, "disk_usage", real)
+    monkeypatch.setattr(cache_write.shutil, "disk_usage", real)
     res, msgs = _run(tiny_dataset, tmp_path / "c")
     assert res.n_reused == 12 and res.n_extracted == 0
 
@@ -301,7 +302,11 @@ def test_free_space_is_checked_before_assembly(tiny_dataset, tmp_path, monkeypat
 
 
 def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "remove_parts", lambda path, keep=(): None)  # as if killed between the rename and cleanup
+    def keep_parts(path, keep=()):  # as if killed between the rename and cleanup
+        return None
+
+    monkeypatch.setattr(cache, "remove_parts", keep_parts)  # extract's own call, for stale parts
+    monkeypatch.setattr(cache_write, "remove_parts", keep_parts)  # assemble's, after its rename
     first, _ = _run(tiny_dataset, tmp_path / "c")
     seconds = cache.read_meta(first.path)["extract_seconds"]
     assert list(cache.parts_dir(first.path).glob("part-*.h5"))

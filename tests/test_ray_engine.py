@@ -32,7 +32,7 @@ from conftest import REPO, V2_WEIGHTS, run_extract
 from pipeline import cache
 from pipeline.errors import CacheError
 from pipeline.extract import RayOptions
-from pipeline.extract.views import ViewSpec
+from pipeline.views import ViewSpec
 
 RAY_CLI = Path(sys.executable).with_name("ray")
 BATCH = 4

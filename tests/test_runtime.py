@@ -19,12 +19,14 @@ pytest.importorskip("tf2onnx")
 from conftest import REPO, V2_WEIGHTS, backbone_params, randomise_statistics, run_extract, write_image  # noqa: E402
 from pipeline.backbones import WeightsInfo, build_feature_model, get_spec, list_backbones  # noqa: E402
 from pipeline.data import load_image  # noqa: E402
-from pipeline.extract import onnx_export  # noqa: E402
+from pipeline.runtime import onnx_export  # noqa: E402
 from pipeline.extract.config import ModelConfig, resolve_config  # noqa: E402
-from pipeline.extract.onnx_runtime import (CPU_PROVIDER, OnnxRuntime, choose_providers, intra_op_threads,  # noqa: E402
-                                           relative_difference)
-from pipeline.extract.runtime import (KerasRuntime, RuntimeUnavailableError, build_model, cpu_cores,  # noqa: E402
-                                      make_runtime)
+from pipeline.machine import cpu_cores  # noqa: E402
+from pipeline.runtime.base import RuntimeUnavailableError  # noqa: E402
+from pipeline.runtime.factory import make_runtime  # noqa: E402
+from pipeline.runtime.keras import KerasRuntime, build_model  # noqa: E402
+from pipeline.runtime.onnx import (CPU_PROVIDER, OnnxRuntime, choose_providers, intra_op_threads,  # noqa: E402
+                                   relative_difference)
 
 RANDOM = WeightsInfo("none", "", "")
 CUDA, TRT = "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -458,7 +460,7 @@ def test_reduced_precision_gpu_falls_back_to_the_next_provider(small):
 
 def test_damaged_model_is_exported_again_once_then_keras(small):
     """A gross mismatch on the CPU exports again once; a GPU's gross mismatch, or a small one, does not."""
-    from pipeline.extract.onnx_export import ExportError
+    from pipeline.runtime.onnx_export import ExportError
 
     model, built = small
     exact = lambda px: _keras_outputs(built, px)["avg"]  # noqa: E731

@@ -15,7 +15,7 @@ from conftest import REPO, reused_runtime, run_extract, write_image
 from pipeline import cache
 from pipeline.data import PAD_COLOUR, decode, decode_rgb, resize_region
 from pipeline.errors import BackboneError
-from pipeline.extract.views import ViewSpec, make_view_spec, render_views, view_params
+from pipeline.views import ViewSpec, make_view_spec, render_views, view_params
 
 FAST = dict(backbone="mobilenet_v2", weights="none", input_size=32, alpha=0.35, batch_size=4)
 D = 1280

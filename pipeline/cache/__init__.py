@@ -12,7 +12,9 @@ Modules, each importing only those listed before it:
 * :mod:`~pipeline.cache.write` -- part files, assembly of the complete file, the lock;
 * :mod:`~pipeline.cache.read` -- opening with every check, features on demand, folder scans, what a run left.
 
-Every name is importable from here (``from pipeline.cache import open_features``, ``cache.assemble``).
+Every public name (:data:`__all__`) is importable from here (``from pipeline.cache import open_features``,
+``cache.assemble``). A name set on this package is only set here: the package's modules look up their own names,
+so a test that stands in for one of their parts patches it in the module that calls it.
 
 Identity
 --------
@@ -43,13 +45,6 @@ temporary file, keep every finished part and raise one clear line.
 
 from __future__ import annotations
 
-import os  # noqa: F401 - ``cache.os`` and ``cache.shutil`` are the modules the package writes through
-import shutil  # noqa: F401
-import sys
-import types
-from typing import Any
-
-from pipeline.cache import faults, format, names, read, rows, write
 from pipeline.cache.faults import DamagedCache, corrupt_error, rebuild_command, write_error
 from pipeline.cache.format import (
     FEATURE_KINDS, FORMAT_NAME, LIBVER, READABLE_VERSIONS, ROW_FIELDS, SCHEMA_VERSION, SIGNATURE_KEYS, Signature,
@@ -57,11 +52,11 @@ from pipeline.cache.format import (
 from pipeline.cache.names import NAME_MAX, cache_path, check_name_fits, dataset_id, name_max, parts_dir, \
     sibling_name, temp_path
 from pipeline.cache.read import (
-    CacheInfo, CacheScan, FeatureReader, FeatureSet, _open, check_expected, find_caches, open_features, parts_views,
+    CacheInfo, CacheScan, FeatureReader, FeatureSet, check_expected, find_caches, open_features, parts_views,
     read_features, read_meta, read_rows, scan_existing, scan_folder, source_shapes, verify,
 )
-from pipeline.cache.rows import _DIGEST_BLOCK, Existing, RowRecord, Rows
-from pipeline.cache.write import FREE_SPACE_MARGIN, PartWriter, _commit, assemble, discard, locked, remove_parts
+from pipeline.cache.rows import Existing, RowRecord, Rows
+from pipeline.cache.write import FREE_SPACE_MARGIN, PartWriter, assemble, discard, locked, remove_parts
 
 __all__ = [
     "SCHEMA_VERSION", "READABLE_VERSIONS", "FORMAT_NAME", "FEATURE_KINDS", "LIBVER", "SIGNATURE_KEYS", "ROW_FIELDS",
@@ -71,26 +66,3 @@ __all__ = [
     "FeatureReader", "read_meta", "check_expected", "open_features", "read_features", "read_rows", "CacheInfo",
     "CacheScan", "scan_folder", "find_caches", "scan_existing", "source_shapes", "parts_views", "verify",
 ]
-
-_MODULES = (format, names, faults, rows, write, read)
-_MISSING = object()
-
-
-class _Package(types.ModuleType):
-    """``pipeline.cache`` itself: a name set on it is also set where the package's modules look it up.
-
-    Setting ``cache.X`` (a test's monkeypatch of ``cache._commit`` or ``cache.read_meta``, a driver's stand-in for
-    ``cache.assemble``) rebinds ``X`` in every module of the package that holds the same object under that name, so
-    the package's own calls see it, as they did when the cache was one module.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        old = self.__dict__.get(name, _MISSING)
-        if old is not _MISSING:
-            for module in _MODULES:
-                if module.__dict__.get(name, _MISSING) is old:
-                    setattr(module, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	bash tests/setup_browser.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # Every registered backbone through ONNX Runtime, against Keras's own application and its ImageNet file, and the
 # slowest per-family checks the default suite leaves out (about 15 minutes).

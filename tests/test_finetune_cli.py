@@ -195,3 +195,33 @@ def test_finetune_errors_are_one_line(fitted, tmp_path):
         finetune_run(moved, config=_config(), log=lambda m: None)
     assert "\n" not in str(info.value)
     assert json.loads((moved / "results.json").read_text()) == doc, "a failed finetune leaves the run as it was"
+
+
+def test_rows_from_splits_csv_are_the_rows_fits_planning_gives_and_need_no_cache(fitted, tmp_path):
+    """fit's splits.csv gives finetune the very rows that planning the run again from its caches gives (the path of
+    runs written before that file), so a run whose caches have gone still fine-tunes from its own record."""
+    import copy
+
+    from pipeline.finetune.run import _run_rows
+    from pipeline.results import load_run, read_splits
+
+    run = load_run(fitted[0])
+    recorded_csv = read_splits(run)
+    recorded, planned = _run_rows(run.results, recorded_csv), _run_rows(run.results, None)
+    assert recorded.rel_paths == planned.rel_paths and "red/broken.jpg" not in recorded.rel_paths
+    for field in ("labels", "splits", "train", "select"):
+        np.testing.assert_array_equal(getattr(recorded, field), getattr(planned, field), err_msg=field)
+    assert recorded.final_splits == planned.final_splits == run.results["protocol"]["final_splits"]
+    assert recorded.select_name == planned.select_name == "train_holdout"  # hash split: cross-validation
+    assert len(recorded.train) and len(recorded.select) and not set(recorded.train) & set(recorded.select)
+    gone = copy.deepcopy(run.results)
+    gone["caches"][0]["path"] = str(tmp_path / "gone.h5")
+    assert _run_rows(gone, recorded_csv).rel_paths == planned.rel_paths
+    with pytest.raises(RunError, match="is gone"):
+        _run_rows(gone, None)
+    damaged = [dict(r) for r in recorded_csv]
+    damaged[0]["class"] = "green"
+    with pytest.raises(RunError, match="names a class its results.json does not"):
+        _run_rows(run.results, damaged)
+    with pytest.raises(RunError, match="splits.csv lists other"):
+        _run_rows(run.results, recorded_csv[1:])

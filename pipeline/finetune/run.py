@@ -8,10 +8,11 @@ Steps (:func:`finetune_run`):
    head or logistic regression on pooled ``avg`` features), by selection score, ties to the earlier result.
 2. **The backbone of its cache record**: same backbone, width, input size and weights file (checked by SHA-256, or
    ``--weights`` when the file moved), as ``predict`` resolves them.
-3. **The run's rows and splits**: the run's caches are opened again (their row lists only, no features) and aligned
-   as ``fit`` aligned them, and the splits are planned by the same rule with the run's seed
-   (:func:`pipeline.fit.protocol.plan_protocol`); images that failed at extraction are not there. The counts per
-   split and class must equal the run's ``dataset.counts`` (else the caches changed since the fit).
+3. **The run's rows and splits**, as ``fit`` recorded them in the run's ``splits.csv`` (``excluded`` images of
+   ``fit --exclude-leaks`` stay out). Runs written before that file have their caches opened again (row lists
+   only, no features) and aligned as ``fit`` aligned them, and their splits planned by the same rule with the run's
+   seed (:func:`pipeline.fit.protocol.plan_protocol`). Images that failed at extraction are not there. The counts
+   per split and class must equal the run's ``dataset.counts`` (else the run folder or the caches changed).
 4. **Selection images** (early stopping and the choice of the epoch kept): the ``val`` split when the run selected
    on ``val``; when it used cross-validation on ``train``, a held-out part of ``train`` (:func:`holdout_split`:
    :data:`HOLDOUT_FRACTION` of each class in expectation, by a seeded hash of the relative path, so the same
@@ -193,60 +194,99 @@ class _Rows:
     rel_paths: list[str]
     labels: np.ndarray
     splits: np.ndarray
-    protocol: Any
+    final_splits: list[str]
     train: np.ndarray
     select: np.ndarray
     select_name: str
 
 
-def _run_rows(results: dict[str, Any], excluded: set[str] | None = None) -> _Rows:
-    """The run's rows and splits, made again as ``fit`` made them (see the module docstring, step 3 and 4); the
-    images ``fit --exclude-leaks`` took out of the final split (``excluded``, from splits.csv) stay out."""
-    from pipeline.fit.inputs import open_inputs
-    from pipeline.fit.protocol import EXCLUDED, plan_protocol
+def _run_rows(results: dict[str, Any], recorded: list[dict[str, str]] | None) -> _Rows:
+    """The run's rows, their splits and the selection images (see the module docstring, steps 3 and 4).
 
-    caches = results["caches"]
-    feature = str(caches[0].get("feature", "avg"))
-    missing = [c["path"] for c in caches if not Path(c["path"]).is_file()]
-    if missing:
-        raise RunError(f"cache {missing[0]} of the run is gone; fine-tuning needs the run's caches for its images "
-                       f"and splits: extract the dataset again into the same cache folder")
-    with contextlib.ExitStack() as stack:
-        inputs = open_inputs(stack, None, [c["path"] for c in caches], None, None, feature, lambda m: None)
-        rel_paths, labels, cached = list(inputs.rel_paths), np.asarray(inputs.labels), inputs.cached_splits
-        class_names = list(inputs.class_names)
-    if class_names != list(results["dataset"]["class_names"]):
-        raise RunError("the run's caches now hold other classes than when it was fitted; rerun `python cli.py fit`")
-    failed = {f.get("path") for f in results["dataset"].get("failed") or [] if isinstance(f, dict)}
-    if failed & set(rel_paths):
-        keep = np.array([p not in failed for p in rel_paths])
-        rel_paths = [p for p, k in zip(rel_paths, keep) if k]
-        labels, cached = labels[keep], cached[keep]
-    seed = int(results.get("seed", 0))
+    ``recorded`` is the run's ``splits.csv`` (:func:`pipeline.results.read_splits`): the final splits as ``fit``
+    fitted them, ``excluded`` images included. Runs written before that file (None) have their splits made again
+    from their caches by fit's own rule (:func:`_planned_rows`).
+    """
+    class_names = list(results["dataset"]["class_names"])
     run_protocol = results.get("protocol") or {}
-    # the run's own selection ("cv" or "val") makes its protocol again, whatever --select-on asked for
-    select_on = run_protocol.get("selection") if run_protocol.get("selection") in ("cv", "val") else "auto"
-    splits, protocol = plan_protocol(cached, labels, class_names, rel_paths, seed, select_on)
-    if excluded:
-        splits = np.where(np.isin(splits, protocol.final_splits) & np.array([p in excluded for p in rel_paths]),
-                          EXCLUDED, splits)
-    recorded = results["dataset"].get("counts") or {}
-    for s, per_class in recorded.items():
+    if recorded is None:
+        rel_paths, labels, splits = _planned_rows(results, class_names, run_protocol)
+    else:
+        rel_paths, labels, splits = _recorded_rows(results, class_names, recorded)
+    final_splits = [str(s) for s in run_protocol.get("final_splits") or []]
+    selection = run_protocol.get("selection")
+    if selection not in ("cv", "val") or not final_splits:
+        raise RunError("the run's results.json records no usable protocol (selection and final splits); rerun "
+                       "`python cli.py fit`")
+    recorded_counts = results["dataset"].get("counts") or {}
+    for s, per_class in recorded_counts.items():
         now = np.bincount(labels[splits == s], minlength=len(class_names))
         if [int(per_class.get(c, 0)) for c in class_names] != [int(v) for v in now]:
-            raise RunError(f"the run's caches now hold other {s} images than when it was fitted ({int(now.sum())} "
+            source = "splits.csv lists" if recorded is not None else "caches now hold"
+            raise RunError(f"the run's {source} other {s} images than when it was fitted ({int(now.sum())} "
                            f"vs {sum(int(v) for v in per_class.values())}); rerun `python cli.py fit` first")
-    if protocol.selection != run_protocol.get("selection") or \
-            list(protocol.final_splits) != list(run_protocol.get("final_splits") or []):
-        raise RunError("the run's protocol cannot be made again from its caches; rerun `python cli.py fit` first")
+    seed = int(results.get("seed", 0))
     train = np.flatnonzero(splits == "train")
-    if protocol.selection == "val":
+    if selection == "val":
         select, name = np.flatnonzero(splits == "val"), "val"
     else:
         held = holdout_split([rel_paths[i] for i in train], labels[train], HOLDOUT_FRACTION, seed)
         select, train, name = train[held], train[~held], "train_holdout"
     select = _cap(rel_paths, select, seed)
-    return _Rows(rel_paths, labels, splits, protocol, train, select, name)
+    return _Rows(rel_paths, labels, splits, final_splits, train, select, name)
+
+
+def _failed(results: dict[str, Any]) -> set[str]:
+    return {f.get("path") for f in results["dataset"].get("failed") or [] if isinstance(f, dict)}
+
+
+def _recorded_rows(results: dict[str, Any], class_names: list[str],
+                   recorded: list[dict[str, str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Rows, labels and splits as the run's ``splits.csv`` records them (images that failed at extraction left
+    out)."""
+    index = {c: i for i, c in enumerate(class_names)}
+    failed = _failed(results)
+    rows = [r for r in recorded if r["path"] not in failed]
+    unknown = sorted({r["class"] for r in rows} - set(index))
+    if unknown:
+        raise RunError(f"the run's splits.csv names a class its results.json does not ({unknown[0]!r}); the run "
+                       f"folder is damaged: rerun `python cli.py fit`")
+    return ([r["path"] for r in rows], np.array([index[r["class"]] for r in rows], dtype=np.int64),
+            np.array([r["split"] for r in rows], dtype=str))
+
+
+def _planned_rows(results: dict[str, Any], class_names: list[str],
+                  run_protocol: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Rows, labels and splits of a run without ``splits.csv``, made again as ``fit`` made them: its caches opened
+    (row lists only) and aligned, and the splits planned by the same rule with the run's seed."""
+    from pipeline.fit.inputs import open_inputs
+    from pipeline.fit.protocol import plan_protocol
+
+    caches = results["caches"]
+    feature = str(caches[0].get("feature", "avg"))
+    missing = [c["path"] for c in caches if not Path(c["path"]).is_file()]
+    if missing:
+        raise RunError(f"cache {missing[0]} of the run is gone; fine-tuning a run written before splits.csv needs "
+                       f"the run's caches for its images and splits: extract the dataset again into the same cache "
+                       f"folder")
+    with contextlib.ExitStack() as stack:
+        inputs = open_inputs(stack, None, [c["path"] for c in caches], None, None, feature, lambda m: None)
+        rel_paths, labels, cached = list(inputs.rel_paths), np.asarray(inputs.labels), inputs.cached_splits
+        if list(inputs.class_names) != class_names:
+            raise RunError("the run's caches now hold other classes than when it was fitted; rerun "
+                           "`python cli.py fit`")
+    failed = _failed(results)
+    if failed & set(rel_paths):
+        keep = np.array([p not in failed for p in rel_paths])
+        rel_paths = [p for p, k in zip(rel_paths, keep) if k]
+        labels, cached = labels[keep], cached[keep]
+    # the run's own selection ("cv" or "val") makes its protocol again, whatever --select-on asked for
+    select_on = run_protocol.get("selection") if run_protocol.get("selection") in ("cv", "val") else "auto"
+    splits, protocol = plan_protocol(cached, labels, class_names, rel_paths, int(results.get("seed", 0)), select_on)
+    if protocol.selection != run_protocol.get("selection") or \
+            list(protocol.final_splits) != list(run_protocol.get("final_splits") or []):
+        raise RunError("the run's protocol cannot be made again from its caches; rerun `python cli.py fit` first")
+    return rel_paths, labels, splits
 
 
 # ---- the final numbers -----------------------------------------------------------------------------------------
@@ -331,7 +371,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     class_names = list(results["dataset"]["class_names"])
     start_head = load_saved_head(head_file(run.path, start),  # the very file fit recorded, loadable, of this run
                                  results["caches"][start["cache_index"]].get("feature_shape"), len(class_names))
-    rows = _run_rows(results, {r["path"] for r in read_splits(run) or [] if r["split"] == "excluded"})
+    rows = _run_rows(results, read_splits(run))
     ex = rh.extraction
     resize = str(ex["resize"])
     data = FinetuneData(root, class_names, [(rows.rel_paths[i], int(rows.labels[i])) for i in rows.train],
@@ -350,17 +390,17 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     # final numbers: every image of the final splits, once, with the kept model
     from pipeline.fit.metrics import compute_metrics, mistakes
 
-    final_rows = np.flatnonzero(np.isin(rows.splits, rows.protocol.final_splits))
+    final_rows = np.flatnonzero(np.isin(rows.splits, rows.final_splits))
     workers = cfg.workers or decode_threads()
     t0 = time.perf_counter()
     proba = _predict_rows(ft.model, root, rows, final_rows, built.input_size, resize, cfg.batch_size, workers,
                           len(class_names))
     predict_s = time.perf_counter() - t0
     metrics = {}
-    for s in rows.protocol.final_splits:
+    for s in rows.final_splits:
         m = rows.splits[final_rows] == s
         metrics[s] = compute_metrics(rows.labels[final_rows][m], proba[m], class_names, seed=int(results.get("seed", 0)))
-    rep = rows.splits[final_rows] == rows.protocol.report_split
+    rep = rows.splits[final_rows] == rows.final_splits[-1]
     wrong = mistakes(rows.labels[final_rows][rep], proba[rep], [rows.rel_paths[i] for i in final_rows[rep]],
                      list(rows.splits[final_rows][rep]), class_names)
 

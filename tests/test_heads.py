@@ -147,6 +147,14 @@ def test_fast_search_paths_score_what_a_plain_search_scores(name, form):
 # ---- the dense head (graph mode, as used) -------------------------------------------------------------------------
 
 
+def test_dense_head_takes_keyword_arguments_only_and_clones():
+    with pytest.raises(TypeError):
+        DenseHead(16)  # a positional width would be the scikit-learn contract's silent trap
+    head = DenseHead(hidden=16, epochs=3, random_state=5)
+    copy = clone(head)
+    assert copy is not head and copy.get_params() == head.get_params()
+
+
 def test_dense_head_is_deterministic_and_seeded():
     X, y = _data(200, 10)
     a = DenseHead(hidden=16, epochs=6, random_state=3).fit(X, y).predict_proba(X)

@@ -270,7 +270,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         ``rows`` rows, then every row trained on; ``"none"``: no rows could be held out, ``epochs`` epochs run).
     """
 
-    def __init__(self, hidden: int = 256, dropout: float = 0.5, epochs: int = 100, learning_rate: float = 1e-3,
+    def __init__(self, *, hidden: int = 256, dropout: float = 0.5, epochs: int = 100, learning_rate: float = 1e-3,
                  batch_size: int = 64, patience: int = 5, validation_fraction: float = 0.1,
                  class_weight: str | dict | None = None, random_state: int = 0, run_eagerly: bool = False,
                  verbose: int = 0, validation_max_rows: int = HOLDOUT_MAX_ROWS,

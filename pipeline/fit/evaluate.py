@@ -188,10 +188,10 @@ def _blas_threads(spec: HeadSpec):
 
 
 def _working_memory(plan: CachePlan):
-    """Bound scikit-learn's chunked pairwise computations (k-NN distances) to an eighth of the budget."""
+    """Bound scikit-learn's chunked pairwise computations (k-NN distances) to the budget's buffer share (an eighth)."""
     import sklearn
 
-    mib = max(16, int(plan.budget.bytes // 8 // 2 ** 20))
+    mib = max(16, int(plan.budget.buffer_bytes // 2 ** 20))
     return sklearn.config_context(working_memory=min(256, mib))
 
 

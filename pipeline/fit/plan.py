@@ -82,10 +82,35 @@ def parse_memory(text: str) -> int:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """How much memory the fit's feature data may take, and where that figure came from."""
+    """How much memory the fit's feature data may take, where that figure came from, and the one rule of how a fit
+    shares it out.
+
+    Shares of the budget, each the bound of one structure (named here, used everywhere):
+
+    * :attr:`search_bytes`, a half: the hyperparameter search's rows with their copies (:func:`plan_cache`);
+    * :attr:`work_bytes`, a quarter: one head's bounded structures -- a k-NN index, Nystroem landmarks, the dense
+      head's weights with their optimizer state and its held-out rows (:func:`plan_head`);
+    * :attr:`buffer_bytes`, an eighth: what a pass holds at once -- a streamed pass's rows
+      (:attr:`CachePlan.buffer_rows`), scikit-learn's chunked pairwise work, the data audit's similarity block.
+    """
 
     bytes: int
     source: str
+
+    @property
+    def search_bytes(self) -> int:
+        """Half of the budget: the hyperparameter search's rows and their copies."""
+        return int(self.bytes // 2)
+
+    @property
+    def work_bytes(self) -> int:
+        """A quarter of the budget: one head's bounded structures."""
+        return int(self.bytes // 4)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """An eighth of the budget: what one pass holds at once."""
+        return int(self.bytes // 8)
 
     def to_json(self) -> dict[str, Any]:
         """The ``memory_budget`` object of results.json."""
@@ -157,7 +182,7 @@ class CachePlan:
     @property
     def buffer_rows(self) -> int:
         """Rows a streamed pass holds at once: an eighth of the budget."""
-        return max(16, int(self.budget.bytes // 8 // max(1, self.row_bytes)))
+        return max(16, int(self.budget.buffer_bytes // max(1, self.row_bytes)))
 
 
 @dataclass
@@ -195,8 +220,8 @@ def plan_cache(n_used: int, row_shape: tuple[int, ...], budget: MemoryBudget,
         reason = (f"streamed from the cache: {fmt_bytes(feature_bytes)} of features as float32, x"
                   f"{policy.memory_factor:g} for working copies, exceed the memory budget of "
                   f"{fmt_bytes(budget.bytes)} ({budget.source})")
-    # The search's rows and their copies must fit half of the budget: rows x features x 4 bytes x 3.
-    search_cap = int(budget.bytes // 2 // (3 * row_bytes))
+    # The search's rows and their copies must fit the search share: rows x features x 4 bytes x 3.
+    search_cap = int(budget.search_bytes // (3 * row_bytes))
     return CachePlan(in_memory, feature_bytes, row_bytes, budget, max(1, min(policy.search_max_rows, search_cap)),
                      reason)
 
@@ -245,7 +270,7 @@ def plan_head(spec: HeadSpec, ctx: HeadContext, cache: CachePlan, search_rows: i
         return _skip(spec, ctx, data, f"{spec.name} cannot learn from rows read in blocks, and its features do "
                                       f"not fit in memory: {cache.reason}")
     details: dict[str, Any] = {}
-    work = budget // 4
+    work = cache.budget.work_bytes
     ctx = replace(ctx, form=form.name, work_bytes=work)
     row_bytes = cache.row_bytes
     if spec.name == "knn" or form.name == "bounded_index":

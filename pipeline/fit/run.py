@@ -191,8 +191,8 @@ def _discard_on_error(run_dir: Path, final_dir: Path) -> Callable[..., bool]:
 
 
 def _audit_block(budget: MemoryBudget) -> int:
-    """The audit's similarity block: an eighth of the memory budget, between 16 MB and 256 MB."""
-    return int(min(256 * 2**20, max(16 * 2**20, budget.bytes // 8)))
+    """The audit's similarity block: the budget's buffer share (an eighth), between 16 MB and 256 MB."""
+    return int(min(256 * 2**20, max(16 * 2**20, budget.buffer_bytes)))
 
 
 def _exclude_leaks(splits: np.ndarray, leaked: np.ndarray, final_splits: Sequence[str]) -> np.ndarray:

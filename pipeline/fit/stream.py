@@ -27,10 +27,10 @@ CHUNK_BYTES = 64 << 20
 for HDF5 reads to be sequential, small next to any memory budget)."""
 
 
-def chunk_rows_for(row_bytes: int, budget_bytes: int | None = None, lo: int = 256) -> int:
-    """Rows per block: :data:`CHUNK_BYTES` worth (or a sixteenth of the budget when smaller), at least ``lo``."""
-    limit = CHUNK_BYTES if budget_bytes is None else min(CHUNK_BYTES, max(1, budget_bytes // 16))
-    return max(lo, int(limit // max(1, row_bytes)))
+def chunk_rows_for(row_bytes: int, lo: int = 256) -> int:
+    """Rows per block: :data:`CHUNK_BYTES` worth, at least ``lo`` (the memory budget bounds a pass through
+    :attr:`pipeline.fit.plan.MemoryBudget.buffer_bytes`)."""
+    return max(lo, int(CHUNK_BYTES // max(1, row_bytes)))
 
 
 def stratified_subsample(labels: np.ndarray, rows: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -9,111 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pipeline import cache
 from pipeline.atomic import check_free_space, write_atomically
-from pipeline.backbones import ModelConfig, build_feature_model, resolve_model, sha256_file
+from pipeline.backbones import ModelConfig, build_feature_model, resolve_model
 from pipeline.data import looks_like_image
-from pipeline.errors import ImageDecodeError, RunError, WeightsError
-from pipeline.results import FINETUNE_HEAD, head_file, load_run
+from pipeline.errors import ImageDecodeError, RunError
+from pipeline.results import RunHead, head_file, resolve_run_weights, select_head
 from pipeline.runtime.factory import make_runtime
 from pipeline.saved_head import load_saved_head
-from pipeline.views import VIEW_RULE, ViewSpec, read_views
-
-
-@dataclass
-class RunHead:
-    """One fitted head of a run folder and the extraction settings its features came from."""
-
-    run_dir: Path
-    result: dict[str, Any]
-    cache_entry: dict[str, Any]
-    extraction: dict[str, Any]  # backbone, alpha, input_size, resize, weights_source, weights_path, weights_sha256
-    class_names: list[str]
-
-    @property
-    def key(self) -> str:
-        return str(self.result["key"])
-
-    @property
-    def model_path(self) -> Path:
-        return self.run_dir / self.result["model_file"]
-
-    @property
-    def feature(self) -> str:
-        return str(self.cache_entry.get("feature", "avg"))
-
-    @property
-    def tta_views(self):
-        """The :class:`~pipeline.views.ViewSpec` whose views' probabilities ``predict`` averages with the
-        centre view's (the head chose test-time views: ``views.chosen`` is ``tta`` or ``both``), else None."""
-        views = self.result.get("views")
-        if not isinstance(views, dict) or views.get("chosen") not in ("tta", "both"):
-            return None
-        spec = views.get("spec") or {}
-        if spec.get("rule") not in (None, VIEW_RULE):
-            raise RunError(f"{self.key} averages over views made by rule {spec.get('rule')!r}, but this headbench "
-                           f"renders {VIEW_RULE!r}; fit the run again on a cache extracted by this version")
-        return ViewSpec.from_json(spec)
-
-
-def select_head(run_dir: str | os.PathLike, head: str | None = None) -> RunHead:
-    """Pick a result of a run: by key (``mobilenet_v2-a1.0-224__logreg``), by head name, or the run's best.
-
-    Raises
-    ------
-    RunError
-        Unknown or ambiguous head (the message lists the run's keys).
-    """
-    loaded = load_run(run_dir)
-    run, res = loaded.path, loaded.results
-    results = res["results"]
-    keys = [r["key"] for r in results]
-    if head is None:
-        best = res["best"].get("key")  # load_run checked that it names a result
-        chosen = [r for r in results if r["key"] == best] or results[:1]  # schema-1 files without best.key
-    else:
-        chosen = [r for r in results if r["key"] == head] or [r for r in results if r["head"] == head]
-        if not chosen:
-            raise RunError(f"no head {head!r} in {run}; available: {', '.join(keys)}")
-        if len(chosen) > 1:
-            raise RunError(f"head {head!r} is ambiguous in {run} (several backbones); use one of: "
-                           f"{', '.join(r['key'] for r in chosen)}")
-    result = chosen[0]
-    entry = res["caches"][result["cache_index"]]
-    extraction = {k: entry.get(k) for k in ("backbone", "alpha", "input_size", "resize", "weights_source",
-                                            "weights_path", "weights_sha256")}
-    if any(extraction[k] is None for k in ("backbone", "alpha", "weights_path")) and Path(entry["path"]).exists():
-        meta = cache.read_meta(entry["path"])  # older results.json: take the missing settings from the cache
-        extraction = {k: (extraction[k] if extraction[k] is not None else meta.get(k)) for k in extraction}
-    missing = [k for k in ("backbone", "input_size", "resize", "weights_source") if extraction.get(k) is None]
-    if missing:
-        raise RunError(f"{run}/results.json does not record {', '.join(missing)} for {result['key']} and its cache "
-                       f"{entry['path']} is gone; predict needs them")
-    return RunHead(run, result, entry, extraction, list(res["dataset"]["class_names"]))
-
-
-def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
-    """The weights to rebuild the backbone with: the recorded file (or override), checked against its SHA-256."""
-    ex = rh.extraction
-    if ex["weights_source"] == "none":
-        return "none"
-    if ex["weights_source"] == "imagenet" and override is None:
-        return "imagenet"
-    path = override or ex.get("weights_path") or ""
-    if not path or not Path(path).exists():
-        raise WeightsError(f"the weights file of {rh.key} ({path or 'unrecorded'}) is not there; pass "
-                           f"--weights PATH to the same file (SHA-256 {ex['weights_sha256'][:16]}...)")
-    digest = sha256_file(path)
-    if ex.get("weights_sha256") and digest != ex["weights_sha256"]:
-        raise WeightsError(f"weights file {path} has SHA-256 {digest[:16]}..., but {rh.key} was fitted on features "
-                           f"from {ex['weights_sha256'][:16]}...; pass the same weights file")
-    return str(path)
+from pipeline.views import ViewSpec, read_views
 
 
 def run_model_config(rh: RunHead, weights: str | None = None, log: Callable[[str], None] = print) -> ModelConfig:
@@ -186,7 +94,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     files = collect_images(inputs)
     if out is not None:
         check_free_space(out, predictions_size(files, rh.class_names, out), "the predictions")
-    if is_finetuned(rh):
+    if rh.finetuned:
         return rh, predict_finetuned(rh, files, batch_size)
     ex = rh.extraction
     tta = rh.tta_views
@@ -280,7 +188,7 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     import keras
 
     rh = select_head(run_dir, head)
-    if is_finetuned(rh):
+    if rh.finetuned:
         return export_finetuned(rh, out)
     if rh.model_path.suffix != ".keras":
         raise RunError(f"{rh.key} is a scikit-learn head; only Keras (dense) heads export to one .keras model")
@@ -321,11 +229,6 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
 
 
 # ---- fine-tuned models (``python cli.py finetune``): pixels in, probabilities out, no backbone to rebuild --------
-
-
-def is_finetuned(rh: RunHead) -> bool:
-    """Whether a run's result is a fine-tuned model (its ``.keras`` file takes pixels, not features)."""
-    return rh.result.get("head") == FINETUNE_HEAD
 
 
 def _load_finetuned(rh: RunHead) -> Any:

@@ -1,7 +1,10 @@
 """The one reader and writer of ``results.json``, the record a ``fit`` run leaves in its run folder.
 
-``fit`` writes it with :func:`write_results`; ``report``, ``predict`` and ``export`` read it with :func:`load_run`,
-once per command and run folder. The format is ``docs/results-format.md``; :data:`SCHEMA_VERSION` is the version
+``fit`` writes it with :func:`write_results`; ``report``, ``predict``, ``export`` and ``finetune`` read it with
+:func:`load_run`, once per command and run folder. The record's rules live here and nowhere else: result keys and
+slugs, the tie rule (:func:`first_best`), which result a name picks and the extraction it came from
+(:func:`select_head`, :class:`RunHead`, :func:`resolve_run_weights`), head files bound to their entries by SHA-256
+(:func:`head_file`), the run's lock and the commit of a new result (:func:`commit_result`). The format is ``docs/results-format.md``; :data:`SCHEMA_VERSION` is the version
 written, :data:`READABLE_VERSIONS` the versions read.
 """
 
@@ -18,13 +21,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline import cache
 from pipeline.backbones import sha256_file
-from pipeline.errors import RunError
+from pipeline.errors import RunError, WeightsError
+from pipeline.views import VIEW_RULE, ViewSpec
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
            "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS",
            "partial_dir", "LOCK_FILE", "run_lock", "file_sha256", "head_file", "commit_result", "staged_name",
-           "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder", "abandoned_partials", "FINETUNE_HEAD", "SCORE_TIE", "slug", "result_key", "finetune_key", "first_best"]
+           "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder",
+           "abandoned_partials", "FINETUNE_HEAD", "SCORE_TIE", "slug",
+           "result_key", "finetune_key", "first_best", "EXTRACTION_KEYS", "RunHead", "find_results", "run_head",
+           "select_head", "resolve_run_weights"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),
@@ -413,6 +421,139 @@ def head_file(run_dir: str | os.PathLike, entry: dict[str, Any]) -> Path:
                            f"{digest[:12]}... instead of {str(recorded)[:12]}...): it was replaced or damaged; run "
                            f"{redo}")
     return path
+
+
+# ---- one result of a run and the extraction its features came from (predict, export, finetune) ---------------
+
+EXTRACTION_KEYS = ("backbone", "alpha", "input_size", "resize", "weights_source", "weights_path", "weights_sha256")
+"""The settings of a cache record (``caches[]``) that rebuild the backbone its features came from."""
+
+
+@dataclass
+class RunHead:
+    """One fitted head of a run folder and the extraction settings its features came from."""
+
+    run_dir: Path
+    result: dict[str, Any]
+    cache_entry: dict[str, Any]
+    extraction: dict[str, Any]  # EXTRACTION_KEYS
+    class_names: list[str]
+
+    @property
+    def key(self) -> str:
+        return str(self.result["key"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.run_dir / self.result["model_file"]
+
+    @property
+    def feature(self) -> str:
+        return str(self.cache_entry.get("feature", "avg"))
+
+    @property
+    def finetuned(self) -> bool:
+        """Whether the result is a fine-tuned model (its ``.keras`` file takes pixels, not features)."""
+        return self.result.get("head") == FINETUNE_HEAD
+
+    @property
+    def tta_views(self):
+        """The :class:`~pipeline.views.ViewSpec` whose views' probabilities ``predict`` averages with the
+        centre view's (the head chose test-time views: ``views.chosen`` is ``tta`` or ``both``), else None."""
+        views = self.result.get("views")
+        if not isinstance(views, dict) or views.get("chosen") not in ("tta", "both"):
+            return None
+        spec = views.get("spec") or {}
+        if spec.get("rule") not in (None, VIEW_RULE):
+            raise RunError(f"{self.key} averages over views made by rule {spec.get('rule')!r}, but this headbench "
+                           f"renders {VIEW_RULE!r}; fit the run again on a cache extracted by this version")
+        return ViewSpec.from_json(spec)
+
+
+def find_results(results: dict[str, Any], head: str) -> list[dict[str, Any]]:
+    """The results ``head`` names: the one whose key it is, else every result of that head name (one per
+    backbone)."""
+    entries = results["results"]
+    return [r for r in entries if r["key"] == head] or [r for r in entries if r["head"] == head]
+
+
+def run_head(run: Run, result: dict[str, Any]) -> RunHead:
+    """The :class:`RunHead` of one result of a loaded run.
+
+    Older results.json files that lack some extraction settings take them from the result's cache while it exists.
+
+    Raises
+    ------
+    RunError
+        A setting needed to rebuild the backbone is recorded nowhere.
+    """
+    entry = run.results["caches"][result["cache_index"]]
+    extraction = {k: entry.get(k) for k in EXTRACTION_KEYS}
+    if any(extraction[k] is None for k in ("backbone", "alpha", "weights_path")) and Path(entry["path"]).exists():
+        meta = cache.read_meta(entry["path"])
+        extraction = {k: (extraction[k] if extraction[k] is not None else meta.get(k)) for k in extraction}
+    missing = [k for k in ("backbone", "input_size", "resize", "weights_source") if extraction.get(k) is None]
+    if missing:
+        raise RunError(f"{run.path}/results.json does not record {', '.join(missing)} for {result['key']} and its "
+                       f"cache {entry['path']} is gone; rerun `python cli.py fit` to record them")
+    return RunHead(run.path, result, entry, extraction, list(run.results["dataset"]["class_names"]))
+
+
+def select_head(run: Run | str | os.PathLike, head: str | None = None) -> RunHead:
+    """Pick a result of a run: by key (``mobilenet_v2-a1.0-224__logreg``), by head name, or the run's best.
+
+    Parameters
+    ----------
+    run : Run or path
+        A loaded run, or its folder (read with :func:`load_run`).
+    head : str, optional
+        A result key or head name; default ``best.key``.
+
+    Raises
+    ------
+    RunError
+        Unknown or ambiguous head (the message lists the run's keys).
+    """
+    loaded = run if isinstance(run, Run) else load_run(run)
+    res = loaded.results
+    if head is None:
+        best = res["best"].get("key")  # load_run checked that it names a result
+        chosen = [r for r in res["results"] if r["key"] == best] or res["results"][:1]  # schema 1: no best.key
+    else:
+        chosen = find_results(res, head)
+        if not chosen:
+            raise RunError(f"no head {head!r} in {loaded.path}; available: "
+                           f"{', '.join(r['key'] for r in res['results'])}")
+        if len(chosen) > 1:
+            raise RunError(f"head {head!r} is ambiguous in {loaded.path} (several backbones); use one of: "
+                           f"{', '.join(r['key'] for r in chosen)}")
+    return run_head(loaded, chosen[0])
+
+
+def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
+    """The weights to rebuild a result's backbone with: the recorded file (or ``override``), checked against its
+    SHA-256; ``"imagenet"`` or ``"none"`` when the features came from those.
+
+    Raises
+    ------
+    WeightsError
+        The file is not there, or is not the one the features came from.
+    """
+    ex = rh.extraction
+    if ex["weights_source"] == "none":
+        return "none"
+    if ex["weights_source"] == "imagenet" and override is None:
+        return "imagenet"
+    path = override or ex.get("weights_path") or ""
+    recorded = str(ex.get("weights_sha256") or "")
+    if not path or not Path(path).exists():
+        raise WeightsError(f"the weights file of {rh.key} ({path or 'unrecorded'}) is not there; pass "
+                           f"--weights PATH to the same file (SHA-256 {recorded[:16]}...)")
+    digest = sha256_file(path)
+    if recorded and digest != recorded:
+        raise WeightsError(f"weights file {path} has SHA-256 {digest[:16]}..., but {rh.key} was fitted on features "
+                           f"from {recorded[:16]}...; pass the same weights file")
+    return str(path)
 
 
 @contextlib.contextmanager

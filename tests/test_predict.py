@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO
 from pipeline.data import load_image
 from pipeline.errors import RunError, WeightsError
-from pipeline.predict import export_model, predict_images, select_head
+from pipeline.predict import export_model, predict_images
+from pipeline.results import select_head
 
 pytestmark = pytest.mark.slow
 

@@ -452,7 +452,7 @@ def test_schema_1_results_are_read_with_the_same_loader(tmp_path: Path) -> None:
     doc = _parse_strict(html)
     assert len(doc.findall(".//table[@id='board']/tbody/tr")) == len(raw["results"]) == 4
     assert _check_numbers(doc, [raw]) > 50  # every number still points into the file as written
-    from pipeline.predict import select_head
+    from pipeline.results import select_head
 
     assert select_head(run, "knn").key == "mobilenet_v2-a1.0-224__knn"
     assert select_head(run).key == raw["best"]["key"]
@@ -460,7 +460,6 @@ def test_schema_1_results_are_read_with_the_same_loader(tmp_path: Path) -> None:
 
 def test_report_and_predict_read_results_json_once_through_one_loader(binary_run: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.predict as predict_mod
     import pipeline.report as report_mod
     import pipeline.results as results_mod
 
@@ -472,13 +471,13 @@ def test_report_and_predict_read_results_json_once_through_one_loader(binary_run
         return real(run_dir)
 
     monkeypatch.setattr(report_mod, "load_run", counting)
-    monkeypatch.setattr(predict_mod, "load_run", counting)
+    monkeypatch.setattr(results_mod, "load_run", counting)
     write_report([binary_run], tmp_path / "once.html")
     assert reads == [binary_run]
     reads.clear()
-    predict_mod.select_head(binary_run, "logreg")
+    results_mod.select_head(binary_run, "logreg")  # what predict and export pick a head with
     assert reads == [binary_run]
-    assert report_mod.load_run is predict_mod.load_run is counting  # the same function serves both
+    assert report_mod.load_run is results_mod.load_run is counting  # the same function serves both
     opened: list[str] = []
     real_read = Path.read_text
 

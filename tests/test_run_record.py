@@ -76,7 +76,7 @@ def test_a_head_file_from_another_run_is_refused_before_any_model_is_built(fitte
 
 
 def test_a_best_key_naming_no_result_is_an_error(fitted, tmp_path):
-    from pipeline.predict import select_head
+    from pipeline.results import select_head
 
     run, doc = _copy(fitted, tmp_path)
     doc["best"]["key"] = "resnet50-224__logreg"

@@ -44,10 +44,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pipeline.backbones import build_feature_model
 from pipeline.errors import DatasetError, RunError
+from pipeline.finetune.train import FinetuneConfig, FinetuneData, FinetuneResult, finetune, image_batches
+from pipeline.fit.inputs import open_inputs
+from pipeline.fit.metrics import compute_metrics, mistakes
+from pipeline.fit.output import write_predictions
+from pipeline.fit.protocol import hash_side, path_hash, plan_protocol
 from pipeline.machine import decode_threads
-from pipeline.finetune.train import FinetuneConfig, FinetuneData, FinetuneResult
-from pipeline.results import FINETUNE_HEAD, finetune_key, first_best
+from pipeline.results import (FINETUNE_HEAD, commit_result, file_sha256, find_results, finetune_key, first_best,
+                              head_file, jsonable, load_run, read_splits, resolve_run_weights, run_head, staged_name)
 from pipeline.saved_head import load_saved_head
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
@@ -117,8 +123,7 @@ def pick_start(results: dict[str, Any], head: str | None = None) -> dict[str, An
             raise RunError("the run has no head fine-tuning can start from (dense or logreg on avg features): fit "
                            "one with `python cli.py fit --head logreg`")
         return ok[first_best([float(r["selection"]["score"]) for r in ok])]
-    chosen = [r for r in results["results"] if r["key"] == head] or \
-        [r for r in results["results"] if r["head"] == head]
+    chosen = find_results(results, head)
     if not chosen:
         raise RunError(f"no head {head!r} in the run; fine-tuning can start from: {names}")
     if len(chosen) > 1:
@@ -130,20 +135,6 @@ def pick_start(results: dict[str, Any], head: str | None = None) -> dict[str, An
         raise RunError(f"fine-tuning cannot start from {chosen[0]['key']} (only a dense or logreg head on avg "
                        f"features); use one of: {names}")
     return chosen[0]
-
-
-def _run_head(run_dir: Path, results: dict[str, Any], result: dict[str, Any]) -> Any:
-    """The :class:`pipeline.predict.RunHead` of ``result`` (from the already loaded results, not read again)."""
-    from pipeline.predict import RunHead
-
-    entry = results["caches"][result["cache_index"]]
-    keys = ("backbone", "alpha", "input_size", "resize", "weights_source", "weights_path", "weights_sha256")
-    extraction = {k: entry.get(k) for k in keys}
-    missing = [k for k in ("backbone", "input_size", "resize", "weights_source") if extraction.get(k) is None]
-    if missing:
-        raise RunError(f"{run_dir}/results.json does not record {', '.join(missing)} for {result['key']}; rerun "
-                       f"`python cli.py fit` to rewrite it")
-    return RunHead(run_dir, result, entry, extraction, list(results["dataset"]["class_names"]))
 
 
 # ---- rows and splits -------------------------------------------------------------------------------------------
@@ -170,7 +161,6 @@ def holdout_split(paths: Sequence[str], labels: np.ndarray, fraction: float = HO
     ndarray of bool
         True for held-out images.
     """
-    from pipeline.fit.protocol import hash_side
 
     labels = np.asarray(labels)
     held, _ = hash_side(paths, labels, fraction, seed, HOLDOUT_SALT)
@@ -183,7 +173,6 @@ def _cap(paths: Sequence[str], rows: np.ndarray, seed: int, limit: int = SELECT_
     """At most ``limit`` of ``rows``: the lowest by the hold-out hash (stratified in expectation)."""
     if len(rows) <= limit:
         return rows
-    from pipeline.fit.protocol import path_hash
 
     u = np.array([path_hash(paths[i], seed + 1, HOLDOUT_SALT) for i in rows])
     return np.sort(rows[np.argsort(u, kind="stable")[:limit]])
@@ -259,8 +248,6 @@ def _planned_rows(results: dict[str, Any], class_names: list[str],
                   run_protocol: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Rows, labels and splits of a run without ``splits.csv``, made again as ``fit`` made them: its caches opened
     (row lists only) and aligned, and the splits planned by the same rule with the run's seed."""
-    from pipeline.fit.inputs import open_inputs
-    from pipeline.fit.protocol import plan_protocol
 
     caches = results["caches"]
     feature = str(caches[0].get("feature", "avg"))
@@ -304,7 +291,6 @@ class _Final:
 def _predict_rows(model: Any, root: Path, rows: _Rows, idx: np.ndarray, size: int, resize: str, batch_size: int,
                   workers: int, n_classes: int) -> np.ndarray:
     """Probabilities of ``model`` for the images of rows ``idx``, streamed from their files."""
-    from pipeline.finetune.train import image_batches
 
     items = [(rows.rel_paths[i], int(rows.labels[i])) for i in idx]
     batches = image_batches(root, items, size, resize, batch_size, workers=workers)
@@ -352,9 +338,6 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     DatasetError
         An image that no longer decodes.
     """
-    from pipeline.finetune.train import finetune
-    from pipeline.predict import resolve_run_weights
-    from pipeline.results import commit_result, head_file, load_run, read_splits
 
     t_start = time.perf_counter()
     cfg = config or FinetuneConfig()
@@ -363,7 +346,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     results = run.results
     cfg = replace(cfg, seed=int(results.get("seed", 0)) if seed is None else int(seed))
     start = pick_start(results, head)
-    rh = _run_head(run.path, results, start)
+    rh = run_head(run, start)
     resolved = resolve_run_weights(rh, weights)  # one line when missing or not the same file, before any build
     root = Path(str(results["dataset"].get("root", "")))
     if not root.is_dir():
@@ -382,13 +365,11 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     log(f"{run.name}: starting from {start['key']} ({score} in the run); selection on {rows.select_name} "
         f"({len(data.select)} images), training on {len(data.train)} images of {root}")
 
-    from pipeline.backbones import build_feature_model
 
     built = build_feature_model(str(ex["backbone"]), resolved, int(ex["input_size"]), ex["alpha"], announce=log)
     ft = finetune(built, start_head, data, cfg, log=log)
 
     # final numbers: every image of the final splits, once, with the kept model
-    from pipeline.fit.metrics import compute_metrics, mistakes
 
     final_rows = np.flatnonzero(np.isin(rows.splits, rows.final_splits))
     workers = cfg.workers or decode_threads()
@@ -421,7 +402,6 @@ def _entry(key: str, start: dict[str, Any], ft: FinetuneResult, cfg: FinetuneCon
            metrics: dict[str, Any], wrong: list[dict[str, Any]], n_final: int, predict_s: float,
            command: str) -> dict[str, Any]:
     """The ``results`` entry of a fine-tuned model (docs/results-format.md, "Fine-tuned results")."""
-    from pipeline.results import jsonable
 
     acc, loss = ft.history["select_accuracy"], ft.history["select_loss"]
     search = [{"params": {"epoch": e}, "mean": float(a), "std": 0.0, "scores": [float(a)]}
@@ -476,8 +456,6 @@ def _stage_files(run_dir: Path, key: str, ft: FinetuneResult, final: _Final, row
     dict of str to Path
         Entry field -> staged file, for :func:`pipeline.results.commit_result`.
     """
-    from pipeline.fit.output import write_predictions
-    from pipeline.results import file_sha256, staged_name
 
     heads, preds = run_dir / "heads", run_dir / "predictions"
     staged: dict[str, Path] = {}

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 SHARED = REPO.parent / "shared"
 WEIGHTS = SHARED / "weights" / "coralq_mobilenet_v2_1.0_224_no_top.weights.h5"
 PAIRS_ROSE_TULIP = ("15922772266_1167a06620.jpg", "17104364030_ee31ee279b_n.jpg", "17291451621_0e39f08b9e_n.jpg",
@@ -222,7 +222,9 @@ def _outlier_ranking(cache: Path, doc: dict) -> list[str]:
 
 CHILD = r"""
 import json, os, sys, time
-sys.path.insert(0, {repo!r})
+sys.path.insert(0, {bench!r})
+import _start
+_start.start()
 import numpy as np
 a = json.loads(sys.argv[1])
 n, d = a["n"], a["d"]
@@ -255,7 +257,6 @@ print("RESULT", json.dumps({{"wall": wall, "peak_mib": hwm, "method": audit.sear
 
 def part_scale(args: argparse.Namespace) -> None:
     print("\n== audit at scale (bench/fit_scale.py's recipe, 1,280 features, 10 classes, 70/30 split) ==")
-    sys.path.insert(0, str(REPO / "bench"))
     from fit_scale import Recipe, source_features
 
     work = Path(tempfile.mkdtemp(prefix="audit-scale-", dir=args.tmp))
@@ -273,7 +274,7 @@ def part_scale(args: argparse.Namespace) -> None:
             for use_faiss in ((False, True) if n <= 200_000 else (True, False)):
                 a = {"n": n, "d": int(X0.shape[1]), "file": str(f), "labels": str(work / "labels.npy"),
                      "splits": str(work / "splits.npy"), "faiss": use_faiss}
-                proc = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO)), json.dumps(a)],
+                proc = subprocess.run([sys.executable, "-c", CHILD.format(bench=str(REPO / "bench")), json.dumps(a)],
                                       capture_output=True, text=True)
                 res = next((json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if res is None:

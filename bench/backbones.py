@@ -30,10 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 
 from extract import _cpu, load, peak_rss_mib  # noqa: E402  (bench/extract.py's helpers)
 
@@ -92,9 +91,6 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.phase:
-        from pipeline.quiet import filter_native_stderr
-
-        filter_native_stderr()
         res = phase(args.only[0], args.phase, args.images, args.batch_size)
         res["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(res))

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 
 
 def build(tmp: Path, rows: int, dim: int) -> tuple[Path, Path]:

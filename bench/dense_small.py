@@ -24,15 +24,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 
 
 def fit_all(X, labels, class_names, splits, seed: int) -> dict:

@@ -42,9 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 WEIGHTS = REPO.parent / "shared/weights/coralq_mobilenet_v2_1.0_224_no_top.weights.h5"
 VARIANTS = ("local", "ray", "ray-joined")
 

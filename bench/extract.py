@@ -37,9 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 
 TARGETS = {  # (numerator, denominator): minimum ratio, per backbone (None: no target)
     "mobilenet_v2": {("pl-onnx", "keras"): 3.0, ("pl-onnx", "pl-keras"): 2.5, ("pl-onnx", "ceiling"): 0.8},
@@ -210,9 +210,6 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.phase:
-        from pipeline.quiet import filter_native_stderr
-
-        filter_native_stderr()
         fn = {**PHASES, **HELPERS}[args.phase]
         extra = {"workers": args.workers} if args.phase.startswith("pl-") else {}
         res = fn(args.data, args.backbones[0], args.batch_size, **extra)

@@ -49,9 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 WEIGHTS = REPO.parent / "shared" / "weights" / "coralq_mobilenet_v2_1.0_224_no_top.weights.h5"
 DATA = REPO.parent / "shared" / "data" / "flowers5"
 
@@ -179,7 +179,7 @@ def run_fit_child(cache_dir: Path, out: Path, heads: list[str], budget: str | No
     """``fit`` in a fresh process; returns its results, wall time and peak RSS (MB)."""
     args = {"cache_dir": str(cache_dir), "out": str(out), "heads": heads, "budget": budget, "policy": policy or {},
             "seed": seed}
-    code = ("import json, sys; sys.path.insert(0, %r); a = json.loads(sys.argv[1]);"
+    code = ("import json, sys; sys.path.insert(0, %r); import _start; _start.start(); a = json.loads(sys.argv[1]);"
             "import importlib.util as u; s = u.spec_from_file_location('fit_scale_bench', %r);"
             "b = u.module_from_spec(s); s.loader.exec_module(b); peak_rss_mib = b.peak_rss_mib;"
             "from pipeline.fit import run_fit; from pipeline.fit.plan import CostPolicy;"
@@ -187,7 +187,7 @@ def run_fit_child(cache_dir: Path, out: Path, heads: list[str], budget: str | No
             "run_fit(a['cache_dir'], heads=a['heads'], out=a['out'], report=False, memory_budget_text=a['budget'],"
             " seed=a['seed'], policy=p, command='bench/fit_scale.py',"
             " log=lambda m: print(f'[peak {peak_rss_mib():5.0f} MiB] {m}', flush=True));"
-            "print('PEAK_RSS_MIB', peak_rss_mib())") % (str(REPO), str(Path(__file__).resolve()))
+            "print('PEAK_RSS_MIB', peak_rss_mib())") % (str(REPO / "bench"), str(Path(__file__).resolve()))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
     wall = time.perf_counter() - t0

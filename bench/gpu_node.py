@@ -29,15 +29,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 
 from pipeline.data import discover  # noqa: E402
 from pipeline.extract.reader import read_batches  # noqa: E402

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 SHARED = REPO.parent / "shared"
 WEIGHTS = SHARED / "weights" / "coralq_mobilenet_v2_1.0_224_no_top.weights.h5"
 SIZES = (50, 100, 300, 1000)
@@ -182,9 +181,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "pick")
     ap.add_argument("--headline", action="store_true", help="also fit the dataset's own folders, old vs default")
     args = ap.parse_args()
-    from pipeline.quiet import filter_native_stderr
-
-    filter_native_stderr()
     if not WEIGHTS.is_file():
         sys.exit(f"bench/pick.py needs the shared weights at {WEIGHTS}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
+
+REPO = _start.start(__name__)
 SHARED = REPO.parent / "shared"
 BACKBONES = {"mobilenet": SHARED / "weights" / "coralq_mobilenet_1_0_224_tf_no_top.weights.h5",
              "mobilenet_v2": SHARED / "weights" / "coralq_mobilenet_v2_1.0_224_no_top.weights.h5"}

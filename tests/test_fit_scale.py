@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ CLASSES = ["ant", "bee", "wasp"]
 
 
 def _bench():
+    if str(REPO / "bench") not in sys.path:  # the script imports bench/_start.py by name, as `python bench/...` can
+        sys.path.append(str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("fit_scale_bench", REPO / "bench" / "fit_scale.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.errors import RunError
+from pipeline.sizes import fmt_bytes
 
 __all__ = ["check_free_space", "temporary_name", "write_atomically"]
 
@@ -107,12 +108,5 @@ def check_free_space(path: str | os.PathLike, need: int, what: str) -> None:
     except OSError:
         return  # cannot be measured: the write itself says what went wrong
     if free < need:
-        raise RunError(f"not enough free space for {what} at {folder}: about {_size(need)} needed, {_size(free)} "
-                       f"free; free some space or pass another --out (nothing was done)")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
+        raise RunError(f"not enough free space for {what} at {folder}: about {fmt_bytes(need)} needed, "
+                       f"{fmt_bytes(free)} free; free some space or pass another --out (nothing was done)")

@@ -26,9 +26,10 @@ from typing import Any
 from pipeline.errors import FitError
 from pipeline.fit.heads import Form, HeadContext, HeadSpec
 from pipeline.fit.stream import chunk_rows_for
+from pipeline.sizes import fmt_bytes
 
 __all__ = ["MemoryBudget", "CostPolicy", "HeadPlan", "CachePlan", "parse_memory", "default_memory_budget",
-           "plan_cache", "plan_head", "SEARCH_MAX_ROWS", "MEMORY_FACTOR", "fmt_bytes"]
+           "plan_cache", "plan_head", "SEARCH_MAX_ROWS", "MEMORY_FACTOR"]
 
 SEARCH_MAX_ROWS = 10_000
 """Most training rows the hyperparameter search fits on. Candidates are ranked by accuracy on the rows they are
@@ -50,14 +51,6 @@ MIN_KNN_INDEX_PER_CLASS = 10
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2 ** 10, "m": 1e6, "mb": 1e6, "mib": 2 ** 20,
           "g": 1e9, "gb": 1e9, "gib": 2 ** 30, "t": 1e12, "tb": 1e12, "tib": 2 ** 40}
-
-
-def fmt_bytes(n: float) -> str:
-    """``1.5 GB``-style size (decimal units)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def parse_memory(text: str) -> int:

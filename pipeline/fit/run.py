@@ -39,7 +39,8 @@ from pipeline.fit.output import (cache_entry, dataset_entry, default_out, discar
                                  publish_run_dir, result_key, results_doc, save_head, slug, write_predictions,
                                  write_splits)
 from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
-from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, fmt_bytes, memory_budget, plan_cache, plan_head
+from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, memory_budget, plan_cache, plan_head
+from pipeline.sizes import fmt_bytes
 from pipeline.fit.protocol import EXCLUDED, SELECT_ON, Protocol, SearchRows, plan_protocol, search_rows
 from pipeline.results import SCHEMA_VERSION, file_sha256, write_results
 from pipeline.stats import wilson_interval

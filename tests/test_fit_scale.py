@@ -139,6 +139,37 @@ def test_bounded_structures_follow_the_budget():
     assert 16 <= small.buffer_rows * 1280 * 4 <= 100_000_000 // 8
 
 
+
+def test_each_head_carries_its_memory_rule_and_the_plan_knows_no_head_by_name():
+    """plan_head reads a head's rule from its registry entry: the same entry under another name plans the same, and
+    a head with a rule of its own is sized or skipped by that rule alone."""
+    import dataclasses
+
+    from pipeline.fit.heads import MemoryFit
+
+    small = plan_cache(1_000_000, (1280,), MemoryBudget(100_000_000, "test"))
+    for name in ("knn", "svm", "linear_svm", "dense"):
+        renamed = dataclasses.replace(HEADS[name], name=f"my_{name}")
+        a = plan_head(HEADS[name], _ctx(700_000), small, small.search_max_rows)
+        b = plan_head(renamed, _ctx(700_000), small, small.search_max_rows)
+        assert (a.form, a.ctx, a.details, a.reason, a.skipped) == (b.form, b.ctx, b.details, b.reason, b.skipped), name
+    roomy = plan_cache(1_000_000, (1280,), MemoryBudget(10 ** 12, "test"))
+    svm = plan_head(HEADS["svm"], _ctx(700_000), roomy, SEARCH_MAX_ROWS)
+    assert svm.form.name == "nystroem" and svm.details == {"nystroem_components": 1_000, "calibration_rows": 10_000}
+    assert plan_head(HEADS["svm"], _ctx(700_000), small, small.search_max_rows).skipped.startswith(
+        "the Nystroem map's 1,000 landmark rows")
+    seen = []
+
+    def greedy(spec, room):
+        seen.append((room.work_bytes, room.row_bytes, room.form.name))
+        return MemoryFit(room.ctx, room.form, too_big="my 10 GB table does not fit")
+
+    own = dataclasses.replace(HEADS["centroid"], name="mine", memory=greedy)
+    hp = plan_head(own, _ctx(1_000), small, 1_000)
+    assert seen == [(small.budget.work_bytes, 1280 * 4, "exact")] and small.budget.work_bytes == 25_000_000
+    assert hp.skipped == "my 10 GB table does not fit a quarter of the memory budget (100.0 MB)"
+    assert not plan_head(HEADS["centroid"], _ctx(1_000), small, 1_000).skipped  # no rule: nothing kept beyond rows
+
 def test_memory_sizes_parse_and_bad_ones_are_one_line():
     assert parse_memory("2GB") == 2_000_000_000 and parse_memory("1.5GiB") == int(1.5 * 2 ** 30)
     assert parse_memory("500MB") == 500_000_000 and parse_memory("123") == 123

@@ -32,7 +32,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from pipeline.errors import FitError
 from pipeline.fit.stream import ArraySource, RowSource, class_moments
 
-__all__ = ["DenseHead", "HOLDOUT_MAX_ROWS", "HOLDOUT_MIN_ROWS", "EPOCH_FOLDS"]
+__all__ = ["DenseHead", "DENSE_DEFAULTS", "HOLDOUT_MAX_ROWS", "HOLDOUT_MIN_ROWS", "EPOCH_FOLDS"]
+
+DENSE_DEFAULTS = {"hidden": 256, "dropout": 0.5, "epochs": 100, "learning_rate": 1e-3, "batch_size": 64,
+                  "patience": 5, "validation_fraction": 0.1}
+"""The dense head's settings, written once: :class:`DenseHead`'s defaults, the registry's ``fixed`` record and
+summary, and the memory plan's weight count all read them."""
 
 HOLDOUT_MAX_ROWS = 10_000
 """Most training rows held out for early stopping: 10 % of 100,000 rows already measures the held-out loss to
@@ -270,8 +275,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         ``rows`` rows, then every row trained on; ``"none"``: no rows could be held out, ``epochs`` epochs run).
     """
 
-    def __init__(self, *, hidden: int = 256, dropout: float = 0.5, epochs: int = 100, learning_rate: float = 1e-3,
-                 batch_size: int = 64, patience: int = 5, validation_fraction: float = 0.1,
+    def __init__(self, *, hidden: int = DENSE_DEFAULTS["hidden"], dropout: float = DENSE_DEFAULTS["dropout"],
+                 epochs: int = DENSE_DEFAULTS["epochs"], learning_rate: float = DENSE_DEFAULTS["learning_rate"],
+                 batch_size: int = DENSE_DEFAULTS["batch_size"], patience: int = DENSE_DEFAULTS["patience"],
+                 validation_fraction: float = DENSE_DEFAULTS["validation_fraction"],
                  class_weight: str | dict | None = None, random_state: int = 0, run_eagerly: bool = False,
                  verbose: int = 0, validation_max_rows: int = HOLDOUT_MAX_ROWS,
                  validation_min_rows: int = HOLDOUT_MIN_ROWS) -> None:

@@ -53,7 +53,8 @@ are with the constants below and in docs/protocol.md; :mod:`pipeline.fit.plan` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -67,7 +68,8 @@ from sklearn.svm import SVC, LinearSVC
 
 from pipeline.errors import FitError
 from pipeline.fit import forms
-from pipeline.fit.dense import DenseHead
+from pipeline.fit.dense import DENSE_DEFAULTS, HOLDOUT_MAX_ROWS, DenseHead
+from pipeline.sizes import fmt_bytes
 
 PCA_COMPONENTS = 512
 PCA_MIN_ROWS = 1000
@@ -148,7 +150,7 @@ class HeadContext:
     knn_index_rows: int | None = None
     nystroem_components: int = NYSTROEM_COMPONENTS
     work_bytes: int | None = None
-    holdout_max_rows: int = 10_000
+    holdout_max_rows: int = HOLDOUT_MAX_ROWS
     form: str = "exact"
 
 
@@ -232,6 +234,11 @@ class HeadSpec:
     simplicity_rank : int
         Place in the order of the ``one_se_simple`` pick rule: simplest (fewest parameters, cheapest to predict)
         first, the classic one-standard-error rule.
+    memory : callable or None
+        ``memory(spec, room)`` -> :class:`MemoryFit`: the head's own rule for what its bounded structures (a k-NN
+        index, Nystroem landmarks, a network with its optimizer state and held-out rows) take of the plan's
+        :class:`MemoryRoom`, and what it then changes (its context, form, recorded details). None: it keeps
+        nothing beyond its rows.
     """
 
     name: str
@@ -249,6 +256,7 @@ class HeadSpec:
     exact_max_rows: int | None = None
     strength_rank: int = 99
     simplicity_rank: int = 99
+    memory: Callable[["HeadSpec", "MemoryRoom"], "MemoryFit"] | None = None
 
 
 def _calibration_folds(ctx: HeadContext) -> int:
@@ -327,15 +335,135 @@ LINEAR_SVM_C = (1e-4, 3e-4, 1e-3, 3e-3)
 SVM_C = (1.0, 3.0, 10.0)
 SVM_GAMMA_FACTORS = (0.5, 1.0, 2.0)
 
+
+# ---- each head's memory rule (the plan hands in the room; :func:`pipeline.fit.plan.plan_head`) -----------------
+
+MIN_KNN_INDEX_PER_CLASS = 10
+"""Fewest k-NN index rows per class worth fitting: below it a k swept up to its grid has too few neighbours per class
+to vote, and the head is skipped rather than fitted on a sliver."""
+
+
+@dataclass(frozen=True)
+class MemoryRoom:
+    """What the cost plan gives one head to fit in.
+
+    Attributes
+    ----------
+    ctx : HeadContext
+        The head's context, its form and ``work_bytes`` set.
+    form : Form
+        The form the plan chose.
+    row_bytes : int
+        Bytes of one training row as float32.
+    work_bytes : int
+        The budget's share for one head's bounded structures (:attr:`pipeline.fit.plan.MemoryBudget.work_bytes`).
+    pass_rows : int
+        Rows one pass maps at once (the streamed pass's buffer, at most one read block).
+    max_rows : int or None
+        Training rows above which the exact form gives way (the cost policy's limit for this head).
+    """
+
+    ctx: HeadContext
+    form: Form
+    row_bytes: int
+    work_bytes: int
+    pass_rows: int
+    max_rows: int | None
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """A head's answer to its :class:`MemoryRoom`.
+
+    Attributes
+    ----------
+    ctx : HeadContext
+        The context to fit with (e.g. the index size or held-out rows it may keep).
+    form : Form
+        The form to fit in (a k-NN index cut below the training rows is the bounded form).
+    details : dict
+        What the plan records (``index_rows``, ``nystroem_components``, ``calibration_rows``).
+    note : str
+        Appended to the plan's reason (e.g. an index cut by the budget).
+    too_big : str or None
+        What does not fit the work share (``"a k-NN index of at least 20 rows (2.0 MB) does not fit"``): the head is
+        skipped with this line.
+    """
+
+    ctx: HeadContext
+    form: Form
+    details: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    too_big: str | None = None
+
+
+def _knn_memory(spec: HeadSpec, room: MemoryRoom) -> MemoryFit:
+    """The index and its standardised copy must fit the work share; an index cut below the training rows is the
+    bounded form."""
+    ctx, form, n = room.ctx, room.form, room.ctx.n_rows
+    index = n if (form.exact or not room.max_rows) else min(n, room.max_rows)
+    fit_rows = int(room.work_bytes // (2 * room.row_bytes))
+    note = ""
+    if index > fit_rows:
+        index = fit_rows
+        note = f"; index cut to {index:,} rows by the memory budget"
+    least = MIN_KNN_INDEX_PER_CLASS * ctx.n_classes
+    if index < min(n, least):
+        return MemoryFit(ctx, form, too_big=f"a k-NN index of at least {least} rows "
+                                            f"({fmt_bytes(2 * least * room.row_bytes)}) does not fit")
+    if index < n and form.exact:
+        form = spec.batch_form or form
+    ctx = replace(ctx, form=form.name, knn_index_rows=index if index < n else None)
+    return MemoryFit(ctx, form, {"index_rows": int(index)}, note)
+
+
+def _calibration_memory(spec: HeadSpec, room: MemoryRoom) -> MemoryFit:
+    """Batch forms of the SVMs calibrate on held-out training rows (:data:`forms.CALIBRATION_FRACTION`, at most
+    :data:`forms.CALIBRATION_MAX_ROWS`), recorded with the plan."""
+    details = {}
+    if not room.form.exact:
+        n = room.ctx.n_rows
+        details["calibration_rows"] = int(min(forms.CALIBRATION_MAX_ROWS, math.ceil(forms.CALIBRATION_FRACTION * n)))
+    return MemoryFit(room.ctx, room.form, details)
+
+
+def _svm_memory(spec: HeadSpec, room: MemoryRoom) -> MemoryFit:
+    """The Nystroem map's landmark rows, their kernel matrix and one pass's mapped rows must fit the work share."""
+    calibrated = _calibration_memory(spec, room)
+    if room.form.name != "nystroem":
+        return calibrated
+    m = min(room.ctx.nystroem_components, room.ctx.n_rows)
+    need = m * room.row_bytes * 2 + m * m * 8 + room.pass_rows * m * 4
+    if need > room.work_bytes:
+        return MemoryFit(room.ctx, room.form, too_big=f"the Nystroem map's {m:,} landmark rows ({fmt_bytes(need)} "
+                                                      f"with their work arrays) do not fit")
+    return MemoryFit(room.ctx, room.form, {"nystroem_components": int(m), **calibrated.details})
+
+
+def _dense_memory(spec: HeadSpec, room: MemoryRoom) -> MemoryFit:
+    """The network's weights with Adam's two moments and the best epoch's copy, and its held-out rows (at most
+    :data:`HOLDOUT_MAX_ROWS`, kept in memory), must fit the work share."""
+    ctx = room.ctx
+    weights = ctx.n_features * int(DENSE_DEFAULTS["hidden"]) * 4 * 4
+    holdout = int(min(HOLDOUT_MAX_ROWS, room.work_bytes // room.row_bytes))
+    if weights > room.work_bytes or holdout < min(ctx.n_classes * 2, ctx.n_rows):
+        return MemoryFit(ctx, room.form, too_big=f"the dense head's weights with its optimizer state "
+                                                 f"({fmt_bytes(weights)}) and its held-out rows do not fit")
+    return MemoryFit(replace(ctx, holdout_max_rows=holdout), room.form)
+
+
 MINIBATCH_SUMMARY = ("the same objective (C as in scikit-learn) minimised by Adam on mini-batches of 256 rows "
                      "read in blocks, weights averaged over the last two passes")
 
 HEADS: dict[str, HeadSpec] = {
     "dense": HeadSpec(
         name="dense", kind="keras", takes_maps=True, build=_build_dense, grid=lambda ctx: [{}], search_path="reuse",
-        summary="Keras Normalization -> Dense(256, relu) -> Dropout(0.5) -> softmax, early stopping (maps: flatten)",
-        fixed=lambda ctx: {"hidden": 256, "dropout": 0.5, "learning_rate": _dense_lr(ctx), "batch_size": 64,
-                           "patience": 5, "validation_fraction": 0.1, "class_weight": _cw(ctx)},
+        summary=f"Keras Normalization -> Dense({DENSE_DEFAULTS['hidden']}, relu) -> "
+                f"Dropout({DENSE_DEFAULTS['dropout']}) -> softmax, early stopping (maps: flatten)",
+        fixed=lambda ctx: {**{k: DENSE_DEFAULTS[k] for k in ("hidden", "dropout", "batch_size", "patience",
+                                                             "validation_fraction")},
+                           "learning_rate": _dense_lr(ctx), "class_weight": _cw(ctx)},
+        memory=_dense_memory,
         strength_rank=2, simplicity_rank=5,
         batch_form=Form("streamed", "the same network, trained on blocks of rows read from the cache (rows shuffled "
                         "within buffers of 16 random blocks)", forms.fit_dense_streamed, exact=False),
@@ -360,6 +488,7 @@ HEADS: dict[str, HeadSpec] = {
                         "(at most 10,000)",
                         forms.fit_linear_svm_minibatch),
         exact_max_rows=LINEAR_SVM_EXACT_MAX_ROWS, strength_rank=3, simplicity_rank=2,
+        memory=_calibration_memory,
     ),
     "svm": HeadSpec(
         name="svm", build=_build_svm, search_path="kernel",
@@ -376,6 +505,7 @@ HEADS: dict[str, HeadSpec] = {
                         "10 % of the training rows held out (at most 10,000)", forms.fit_svm_nystroem,
                         score_fold=forms.score_svm_nystroem_fold),
         exact_max_rows=SVM_EXACT_MAX_ROWS, strength_rank=1, simplicity_rank=4,
+        memory=_svm_memory,
     ),
     "knn": HeadSpec(
         name="knn", build=_build_knn, grid=_knn_grid, uses_class_weight=False, search_path="neighbors",
@@ -385,6 +515,7 @@ HEADS: dict[str, HeadSpec] = {
         batch_form=Form("bounded_index", "k-NN over a stratified, seeded subsample of the training rows (the "
                         "index); standardisation fitted on every training row", forms.fit_knn_bounded),
         exact_max_rows=KNN_EXACT_MAX_ROWS, strength_rank=4, simplicity_rank=3,
+        memory=_knn_memory,
     ),
     "centroid": HeadSpec(
         name="centroid", build=_build_centroid, grid=lambda ctx: [{}], uses_class_weight=False,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.errors import FitError
-from pipeline.fit.heads import Form, HeadContext, HeadSpec
+from pipeline.fit.heads import Form, HeadContext, HeadSpec, MemoryRoom
 from pipeline.fit.stream import chunk_rows_for
 from pipeline.sizes import fmt_bytes
 
@@ -47,7 +47,6 @@ BUDGET_SHARE = 0.5
 TensorFlow's own ~0.7 GB, the page cache that makes streaming fast, and other programs."""
 
 MIN_SEARCH_ROWS_PER_CLASS = 10
-MIN_KNN_INDEX_PER_CLASS = 10
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2 ** 10, "m": 1e6, "mb": 1e6, "mib": 2 ** 20,
           "g": 1e9, "gb": 1e9, "gib": 2 ** 30, "t": 1e12, "tb": 1e12, "tib": 2 ** 40}
@@ -262,45 +261,16 @@ def plan_head(spec: HeadSpec, ctx: HeadContext, cache: CachePlan, search_rows: i
     if form is None:
         return _skip(spec, ctx, data, f"{spec.name} cannot learn from rows read in blocks, and its features do "
                                       f"not fit in memory: {cache.reason}")
-    details: dict[str, Any] = {}
     work = cache.budget.work_bytes
     ctx = replace(ctx, form=form.name, work_bytes=work)
-    row_bytes = cache.row_bytes
-    if spec.name == "knn" or form.name == "bounded_index":
-        index = n if (form.exact or not limit) else min(n, limit)
-        fit_rows = int(work // (2 * row_bytes))  # the index and its standardised copy
-        if index > fit_rows:
-            index = fit_rows
-            reason += f"; index cut to {index:,} rows by the memory budget"
-        if index < min(n, MIN_KNN_INDEX_PER_CLASS * ctx.n_classes):
-            return _skip(spec, ctx, data, f"a k-NN index of at least {MIN_KNN_INDEX_PER_CLASS * ctx.n_classes} rows "
-                                          f"({fmt_bytes(2 * MIN_KNN_INDEX_PER_CLASS * ctx.n_classes * row_bytes)}) "
-                                          f"does not fit a quarter of the memory budget ({fmt_bytes(budget)})")
-        if index < n and form.exact:
-            form = spec.batch_form or form
-            ctx = replace(ctx, form=form.name)
-        ctx = replace(ctx, knn_index_rows=index if index < n else None)
-        details["index_rows"] = int(index)
-    if form.name == "nystroem":
-        m = min(ctx.nystroem_components, n)
-        block = min(n, cache.buffer_rows, chunk_rows_for(row_bytes))  # rows mapped at once
-        need = m * row_bytes * 2 + m * m * 8 + block * m * 4
-        if need > work:
-            return _skip(spec, ctx, data, f"the Nystroem map's {m:,} landmark rows ({fmt_bytes(need)} with their "
-                                          f"work arrays) do not fit a quarter of the memory budget "
-                                          f"({fmt_bytes(budget)})")
-        details["nystroem_components"] = int(m)
-    if spec.kind == "keras":
-        weights = ctx.n_features * 256 * 4 * 4  # weights, Adam's two moments, the best epoch's copy
-        holdout = int(min(10_000, work // row_bytes))  # held-out rows for early stopping, kept in memory
-        if weights > work or holdout < min(ctx.n_classes * 2, n):
-            return _skip(spec, ctx, data, f"the dense head's weights with its optimizer state "
-                                          f"({fmt_bytes(weights)}) and its held-out rows do not fit a quarter of "
-                                          f"the memory budget ({fmt_bytes(budget)})")
-        ctx = replace(ctx, holdout_max_rows=holdout)
-    if form.name in ("minibatch", "nystroem") and spec.name in ("linear_svm", "svm"):
-        details["calibration_rows"] = int(min(10_000, math.ceil(0.1 * n)))
-    return HeadPlan(spec.name, form, data, ctx, reason, None, details)
+    if spec.memory is None:
+        return HeadPlan(spec.name, form, data, ctx, reason, None, {})
+    room = MemoryRoom(ctx, form, cache.row_bytes, work, min(n, cache.buffer_rows, chunk_rows_for(cache.row_bytes)),
+                      limit)
+    fit = spec.memory(spec, room)
+    if fit.too_big:
+        return _skip(spec, fit.ctx, data, f"{fit.too_big} a quarter of the memory budget ({fmt_bytes(budget)})")
+    return HeadPlan(spec.name, fit.form, data, fit.ctx, reason + fit.note, None, dict(fit.details))
 
 
 def _skip(spec: HeadSpec, ctx: HeadContext, data: str, why: str) -> HeadPlan:

@@ -30,6 +30,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
+from pipeline.fit.context import HeadContext
 from pipeline.fit.linear import linear_svc, logistic_regression, minibatch_linear, nearest_centroid, standard_scaler
 from pipeline.fit.stream import ArraySource, RowSource, class_moments, stratified_subsample
 
@@ -51,15 +52,15 @@ def _names(source: RowSource, rows: np.ndarray | None = None) -> np.ndarray:
     return source.classes[labels]
 
 
-def _work(ctx: Any) -> int | None:
-    return getattr(ctx, "work_bytes", None)
+def _work(ctx: HeadContext) -> int | None:
+    return ctx.work_bytes
 
 
-def _cw(ctx: Any) -> str | None:
+def _cw(ctx: HeadContext) -> str | None:
     return "balanced" if ctx.class_weight == "balanced" else None
 
 
-def fit_exact(ctx: Any, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_exact(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
               est: Any = None) -> Any:
     """The head's exact estimator fitted on the source's rows in memory (``est`` refitted when given)."""
     if not isinstance(source, ArraySource):
@@ -91,7 +92,7 @@ def _calibrated(svc: Any, Z_cal: np.ndarray, y_cal: np.ndarray) -> Any:
     return CalibratedClassifierCV(FrozenEstimator(svc), method="sigmoid").fit(Z_cal, y_cal)
 
 
-def fit_logreg_minibatch(ctx: Any, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_logreg_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
                          est: Any = None) -> Pipeline:
     """Standardisation + multinomial logistic regression (the same objective as lbfgs), mini-batch solver."""
     scaler, _ = _scaler(source)
@@ -104,7 +105,7 @@ def fit_logreg_minibatch(ctx: Any, params: dict[str, Any], source: RowSource, se
     return Pipeline([("scale", scaler), ("clf", logistic_regression(W, b, source.classes, C, _cw(ctx)))])
 
 
-def fit_linear_svm_minibatch(ctx: Any, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_linear_svm_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
                              est: Any = None) -> Pipeline:
     """Standardisation + one-vs-rest squared-hinge linear SVM (``LinearSVC``'s objective), mini-batch solver.
 
@@ -130,7 +131,7 @@ def fit_linear_svm_minibatch(ctx: Any, params: dict[str, Any], source: RowSource
 class _KernelMap:
     """The fitted steps of the approximate RBF SVM up to the linear model, and its training rows mapped."""
 
-    def __init__(self, ctx: Any, gamma: float, source: RowSource, train: np.ndarray) -> None:
+    def __init__(self, ctx: HeadContext, gamma: float, source: RowSource, train: np.ndarray) -> None:
         self.scaler, _ = _scaler(source, train, pre=np.cbrt)
         m = int(min(ctx.nystroem_components, len(train)))
         landmarks = stratified_subsample(source.labels, train, m, ctx.seed + 29)
@@ -158,12 +159,12 @@ class _KernelMap:
         """Rows of :attr:`mapped` -> the linear model's input."""
         return self.scaler2.transform(X if self.first is None else self.first(X))
 
-    def solve(self, ctx: Any, C: float) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, ctx: HeadContext, C: float) -> tuple[np.ndarray, np.ndarray]:
         return minibatch_linear(self.mapped, "squared_hinge", C, _cw(ctx), ctx.seed, transform=self.transform,
                                 rows=self.rows, n_features=self.m, max_bytes=_work(ctx))
 
 
-def fit_svm_nystroem(ctx: Any, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_svm_nystroem(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
                      est: Any = None) -> Pipeline:
     """Signed cube root + standardisation + Nystroem RBF map + standardisation + linear SVM (mini-batch).
 
@@ -184,7 +185,7 @@ def fit_svm_nystroem(ctx: Any, params: dict[str, Any], source: RowSource, search
                      ("clf", clf)])
 
 
-def score_svm_nystroem_fold(ctx: Any, grid: list[dict[str, Any]], source: RowSource, Xs: np.ndarray,
+def score_svm_nystroem_fold(ctx: HeadContext, grid: list[dict[str, Any]], source: RowSource, Xs: np.ndarray,
                             ys: np.ndarray) -> list[float]:
     """Accuracy of every (C, gamma) candidate on one fold, mapping the rows once per gamma (the same fits as
     :func:`fit_svm_nystroem` with ``search=True``)."""
@@ -200,16 +201,16 @@ def score_svm_nystroem_fold(ctx: Any, grid: list[dict[str, Any]], source: RowSou
     return [scores[i] for i in range(len(grid))]
 
 
-def knn_index(ctx: Any, source: RowSource) -> np.ndarray:
+def knn_index(ctx: HeadContext, source: RowSource) -> np.ndarray:
     """Rows of the bounded k-NN index: all rows, or a stratified seeded subsample of ``ctx.knn_index_rows``."""
-    limit = getattr(ctx, "knn_index_rows", None)
+    limit = ctx.knn_index_rows
     rows = np.arange(source.n)
     if limit is None or source.n <= limit:
         return rows
     return stratified_subsample(source.labels, rows, int(limit), ctx.seed + 41)
 
 
-def fit_knn_bounded(ctx: Any, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_knn_bounded(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
                     est: Any = None) -> Pipeline:
     """Standardisation (fitted on every training row) + k-NN whose index is a stratified subsample of them."""
     scaler, _ = _scaler(source)
@@ -221,7 +222,7 @@ def fit_knn_bounded(ctx: Any, params: dict[str, Any], source: RowSource, search:
     return Pipeline([("scale", scaler), ("clf", knn)])
 
 
-def fit_centroid(ctx: Any, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_centroid(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
                  est: Any = None) -> Pipeline:
     """Standardisation + nearest centroid from per-class moments in one pass (the same as fitting in memory)."""
     moments = class_moments(source.chunks(), len(source.classes))
@@ -229,7 +230,7 @@ def fit_centroid(ctx: Any, params: dict[str, Any], source: RowSource, search: bo
     return Pipeline([("scale", scaler), ("clf", nearest_centroid(moments, scaler, source.classes))])
 
 
-def fit_dense_streamed(ctx: Any, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_dense_streamed(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
                        est: Any = None) -> Any:
     """The dense head trained on blocks read from the cache (:meth:`DenseHead.fit_source`)."""
     est = est if est is not None else spec.build(ctx, params, search)

@@ -68,6 +68,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from pipeline.errors import FitError
 from pipeline.fit import forms
+from pipeline.fit.context import NYSTROEM_COMPONENTS, HeadContext
 from pipeline.fit.dense import DENSE_DEFAULTS, HOLDOUT_MAX_ROWS, DenseHead
 from pipeline.sizes import fmt_bytes
 
@@ -91,11 +92,6 @@ dual solver grows faster than linearly with the rows (measured on 2 loaded cores
 2,400 rows, 20-25 s on 6,700, 42-275 s on 35,000; the search fits it 3 times per candidate and the calibration 4
 times), while the mini-batch solver takes 1.5 s on 6,700 rows for the same test accuracy within 0.4 point."""
 
-NYSTROEM_COMPONENTS = 1_000
-"""Landmark rows of the Nystroem map that approximates the RBF kernel above :data:`SVM_EXACT_MAX_ROWS`: measured on
-10,000 training rows of MobileNetV2 features, 1,000 landmarks + a linear SVM reached the exact RBF SVM's accuracy
-within 0.5 point."""
-
 SVM_EXACT_MAX_ROWS = 5 * NYSTROEM_COMPONENTS
 """Above this many training rows the RBF SVM is approximated (Nystroem map + linear SVM): libsvm's fit time grows
 with the square of the rows or faster and its prediction with the support vectors (10,000 rows: 47-64 s to fit, 150-
@@ -109,49 +105,6 @@ slowly with the index (0.736, 0.744, 0.737, 0.740 with 5,000, 10,000, 20,000 and
 
 
 # ---- registry ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeadContext:
-    """What a head factory needs to know about the data it will be fitted on.
-
-    Attributes
-    ----------
-    n_features : int
-        Columns of the 2-D input (spatial maps count ``h * w * c``).
-    n_classes : int
-    n_rows : int
-        Training rows of the final fit (cross-validation folds see fewer).
-    min_class_rows : int
-        Rows of the smallest class in the final training set.
-    class_weight : {None, "balanced"}
-    seed : int
-    input_shape : tuple of int
-        Shape of one input row as cached (``(d,)`` or ``(h, w, c)``).
-    knn_index_rows : int or None
-        Rows of the bounded k-NN index (None: every training row).
-    nystroem_components : int
-        Landmark rows of the Nystroem map of the approximate RBF SVM.
-    work_bytes : int or None
-        Memory a batch form may use for derived arrays it keeps (e.g. kernel-mapped rows); None: no limit.
-    holdout_max_rows : int
-        Most training rows the dense head holds out (in memory) for early stopping.
-    form : str
-        The form the head is fitted in (``exact`` or its batch form's name; see :class:`Form`).
-    """
-
-    n_features: int
-    n_classes: int
-    n_rows: int
-    min_class_rows: int
-    class_weight: str | None = None
-    seed: int = 0
-    input_shape: tuple[int, ...] = ()
-    knn_index_rows: int | None = None
-    nystroem_components: int = NYSTROEM_COMPONENTS
-    work_bytes: int | None = None
-    holdout_max_rows: int = HOLDOUT_MAX_ROWS
-    form: str = "exact"
 
 
 Builder = Callable[[HeadContext, dict[str, Any], bool], Any]

@@ -17,7 +17,11 @@ from typing import Callable
 from pipeline.errors import RunError
 from pipeline.sizes import fmt_bytes
 
-__all__ = ["check_free_space", "temporary_name", "write_atomically"]
+__all__ = ["Commit", "check_free_space", "commit_file", "temporary_name", "write_atomically"]
+
+Commit = Callable[[Path, Path], None]
+"""``commit(temporary, path)``: make a whole temporary file the file ``path`` (:func:`commit_file`; a test hands in
+one that records or fails)."""
 
 NAME_MAX = 255
 """Longest file name (bytes) of the file systems users keep outputs on (ext4, XFS, APFS, NTFS)."""
@@ -34,8 +38,43 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(name)
 
 
+def commit_file(tmp: Path, path: Path) -> None:
+    """Make the whole file ``tmp`` the file ``path``, durably: its bytes flushed to disk, one atomic rename, then
+    the folder's entry flushed, so that after a crash or power loss ``path`` holds the old file or the new one,
+    whole.
+
+    Parameters
+    ----------
+    tmp : Path
+        The written temporary (beside ``path``, on the same file system).
+    path : Path
+        The name it takes.
+
+    Raises
+    ------
+    OSError
+        The flush or the rename failed (the caller words it and removes the temporary).
+    """
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return  # a folder that cannot be opened for reading (some network mounts): the rename itself is done
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # file systems that cannot flush a folder entry (some FUSE mounts) still renamed atomically
+    finally:
+        os.close(dfd)
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], what: str,
-                     hint: str = "free some space or pass another --out") -> Path:
+                     hint: str = "free some space or pass another --out", commit: Commit = commit_file) -> Path:
     """Call ``write(temporary)`` and rename the temporary to ``path``.
 
     Parameters
@@ -48,6 +87,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], wha
         What the file is, for the error line (``"the predictions"``).
     hint : str
         What to do about a write fault.
+    commit : callable
+        Makes the written temporary the file (:func:`commit_file`).
 
     Returns
     -------
@@ -65,7 +106,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], wha
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        os.replace(tmp, path)
+        commit(tmp, path)
     except OSError as exc:
         _discard(tmp)
         raise RunError(f"cannot write {what} to {path} ({exc.strerror or exc}): {hint}; nothing was written "

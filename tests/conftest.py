@@ -80,13 +80,15 @@ def reused_runtime(model, runtime="auto", log=print, **kw):
     return _REUSED[key]
 
 
-def run_extract(root, cache_dir, log=_quiet, runtime_factory=reused_runtime, **options):
+def run_extract(root, cache_dir, log=_quiet, runtime_factory=reused_runtime, commit=None, **options):
     """Resolve extraction options (as ``python cli.py extract`` does) and extract ``root`` into ``cache_dir``, with
-    the session's reused runtimes (:func:`reused_runtime`) unless ``runtime_factory`` says otherwise."""
+    the session's reused runtimes (:func:`reused_runtime`) unless ``runtime_factory`` says otherwise, and the real
+    file commit unless ``commit`` is handed in."""
+    from pipeline.atomic import commit_file
     from pipeline.extract import extract_dataset, resolve_config
 
     return extract_dataset(root, resolve_config(log=log, cache_dir=cache_dir, **options), log=log,
-                           runtime_factory=runtime_factory)
+                           runtime_factory=runtime_factory, commit=commit or commit_file)
 
 
 @pytest.fixture(scope="session")

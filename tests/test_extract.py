@@ -11,6 +11,7 @@ import pytest
 
 from conftest import reused_runtime, run_extract, write_image
 from pipeline import cache
+from pipeline.atomic import commit_file
 from pipeline.cache import write as cache_write
 from pipeline.errors import BackboneError, CacheError, DatasetError, WeightsError
 
@@ -166,7 +167,6 @@ def test_a_crash_loses_at_most_checkpoint_rows_whatever_the_batch(tiny_dataset, 
     take the uncommitted rows past it. Counted in images the model ran, not in time."""
     seen = {"images": 0, "calls": 0}
     at_commit: list[int] = []  # images the model had run when each part was committed
-    real_commit = cache_write._commit
 
     class Counting:
         """The real runtime, counting the images of real batches (call 1 is the warm-up batch)."""
@@ -185,11 +185,10 @@ def test_a_crash_loses_at_most_checkpoint_rows_whatever_the_batch(tiny_dataset, 
     def commit(tmp, path):
         if path.parent.name.endswith(".parts"):
             at_commit.append(seen["images"])
-        return real_commit(tmp, path)
+        return commit_file(tmp, path)
 
-    monkeypatch.setattr(cache_write, "_commit", commit)
     res, msgs = _run(tiny_dataset, tmp_path, batch_size=batch, checkpoint_rows=every, checkpoint_seconds=1e9,
-                     runtime_factory=lambda *a, **k: Counting(reused_runtime(*a, **k)))
+                     runtime_factory=lambda *a, **k: Counting(reused_runtime(*a, **k)), commit=commit)
     capped = [m for m in msgs if m.startswith("--batch-size")]
     if batch > every:
         assert capped == [f"--batch-size {batch} is above --checkpoint-every {every}: running batches of {every} "
@@ -329,19 +328,18 @@ def test_a_long_dataset_name_that_fits_is_extracted_with_every_name_within_the_l
     """195: the cache name fits but its temporary names did not; 205: its .parts and .lock names did not either."""
     root = _long_named_copy(tiny_dataset, tmp_path, length)
     names: set[str] = set()
-    real_commit, real_open = cache_write._commit, cache_write.os.open
+    real_open = cache_write.os.open
 
     def commit(tmp, path):  # every temporary and final name a write uses
         names.update({Path(tmp).name, Path(path).name, Path(path).parent.name})
-        return real_commit(tmp, path)
+        return commit_file(tmp, path)
 
     def open_(path, *a, **k):  # the lock, among others
         names.add(Path(path).name)
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr(cache_write, "_commit", commit)
     monkeypatch.setattr(cache_write.os, "open", open_)
-    res, _ = _run(root, tmp_path, checkpoint_rows=4)  # three parts, then the assembly
+    res, _ = _run(root, tmp_path, checkpoint_rows=4, commit=commit)  # three parts, then the assembly
     monkeypatch.setattr(cache_write.os, "open", real_open)
     assert res.n_extracted == 12 and len(cache.read_features(res.path).paths) == 12
     assert 240 <= len(res.path.name) <= 255 and res.path.name in names

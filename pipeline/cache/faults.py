@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.backbones import get_spec
 from pipeline.data import DEFAULT_RESIZE
 from pipeline.errors import BackboneError, CacheError
+from pipeline.sizes import fmt_bytes
 from pipeline.views import ViewSpec
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -37,7 +38,7 @@ def write_error(exc: OSError, where: Path, need_bytes: int | None = None, parts:
     code = _errno_of(exc)
     keep = f"; finished rows are kept in {parts}, rerun the same command to resume" if parts else ""
     if code in _NO_SPACE:
-        need = f" (needs about {_mb(need_bytes)} free)" if need_bytes else ""
+        need = f" (needs about {fmt_bytes(need_bytes)} free)" if need_bytes else ""
         return CacheError(f"disk full writing in {where.parent}{need}: free space there or pass --cache-dir on "
                           f"another disk{keep}")
     if code in _NO_WRITE:
@@ -50,10 +51,6 @@ def write_error(exc: OSError, where: Path, need_bytes: int | None = None, parts:
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:160]
-
-
-def _mb(n: int | None) -> str:
-    return f"{(n or 0) / 1e6:.0f} MB" if (n or 0) >= 1e6 else f"{(n or 0) / 1e3:.0f} kB"
 
 
 def corrupt_error(path: str | os.PathLike, what: str, meta: dict[str, Any] | None = None) -> CacheError:

@@ -26,11 +26,13 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from pipeline.cache.faults import DamagedCache, _mb, _short, write_error
+from pipeline.cache.faults import DamagedCache, _short, write_error
 from pipeline.cache.format import LIBVER, _dataset_name, _signature, _store_dtype
 from pipeline.cache.names import parts_dir, sibling_name, temp_path
 from pipeline.cache.rows import Existing, Rows, _read_rows, _set_attrs, _write_rows
+from pipeline.atomic import Commit, commit_file
 from pipeline.errors import CacheError
+from pipeline.sizes import fmt_bytes
 
 FREE_SPACE_MARGIN = 1.05
 """Assembly needs the new file's size free (the old file stays until the rename); 5% covers HDF5's overhead."""
@@ -39,20 +41,6 @@ FREE_SPACE_MARGIN = 1.05
 def _open_write(path: Path) -> tuple[Path, h5py.File]:
     tmp = temp_path(path, f"{os.getpid()}.{uuid.uuid4().hex[:6]}")
     return tmp, h5py.File(tmp, "w", libver=LIBVER)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _discard_failed_write(f: h5py.File | None, tmp: Path | None, exc: BaseException) -> OSError | None:
@@ -78,7 +66,8 @@ def _discard_failed_write(f: h5py.File | None, tmp: Path | None, exc: BaseExcept
 
 
 @contextmanager
-def atomic_write(path: Path, need_bytes: int, parts: Path, room: Path | None = None) -> Iterator[h5py.File]:
+def atomic_write(path: Path, need_bytes: int, parts: Path, room: Path | None = None,
+                 commit: Commit = commit_file) -> Iterator[h5py.File]:
     """Write one HDF5 file (a part, a complete cache) so that ``path`` only ever holds a whole one.
 
     The ``with`` body writes into a temporary file beside ``path`` (:func:`~pipeline.cache.names.temp_path`); on
@@ -95,6 +84,9 @@ def atomic_write(path: Path, need_bytes: int, parts: Path, room: Path | None = N
     room : Path, optional
         A folder whose free space is checked against ``need_bytes`` before the temporary file is made, so that a
         full disk is one line rather than HDF5 failing half-way through a write.
+    commit : callable
+        Makes the closed temporary the file (:func:`pipeline.atomic.commit_file`: flushed, renamed, folder
+        flushed).
 
     Yields
     ------
@@ -114,7 +106,7 @@ def atomic_write(path: Path, need_bytes: int, parts: Path, room: Path | None = N
         tmp, f = _open_write(path)
         yield f
         f.close()
-        _commit(tmp, path)
+        commit(tmp, path)
     except BaseException as exc:
         failure = _discard_failed_write(f, tmp, exc)
         if failure is None:
@@ -146,14 +138,19 @@ class PartWriter:
     run_info : dict, optional
         Provenance of the run that makes these rows (engine, runtime and its version, device, ``run_id``...),
         stored with every part and gathered into the cache's ``runs`` attribute at assembly.
+    commit : callable
+        Makes each written part its file (:func:`pipeline.atomic.commit_file`); a test hands in one that records
+        or fails.
 
     Parts are named ``part-<sequence>-<writer id>.h5``, so several writers (the actors of a cluster engine) can
     write into one parts folder at once.
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
-                 flush_rows: int = 256, flush_seconds: float = 20.0, run_info: dict[str, Any] | None = None) -> None:
+                 flush_rows: int = 256, flush_seconds: float = 20.0, run_info: dict[str, Any] | None = None,
+                 commit: Commit = commit_file) -> None:
         self.dir = parts_dir(path)
+        self.commit = commit
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -204,7 +201,7 @@ class PartWriter:
         path = self.dir / f"part-{self._seq:06d}-{self.writer_id}.h5"
         need = int(len(self.rows) * _row_bytes(self.shapes, self.meta) * FREE_SPACE_MARGIN) + (64 << 10)
         try:
-            with atomic_write(path, need, parts=self.dir, room=self.dir) as f:
+            with atomic_write(path, need, parts=self.dir, room=self.dir, commit=self.commit) as f:
                 _set_attrs(f, _signature(self.meta) | {
                     "seconds": self.seconds, "part_id": uuid.uuid4().hex, "run_info": json.dumps(self.run_info)})
                 _write_rows(f.create_group("rows"), self.rows)
@@ -243,7 +240,7 @@ def _runs_of(existing: Existing) -> tuple[list[dict[str, Any]], dict[tuple[Path 
 
 
 def assemble(path: Path, meta: dict[str, Any], order: Sequence[tuple[str, int, str]], existing: Existing,
-             shapes: dict[str, tuple[int, ...]], block: int = 512) -> Rows:
+             shapes: dict[str, tuple[int, ...]], block: int = 512, commit: Commit = commit_file) -> Rows:
     """Write the complete cache: rows in ``order`` (relative path, label, split), from parts or the old file.
 
     Labels and splits come from ``order`` (the current folder), so a new class folder re-labels old rows
@@ -267,15 +264,15 @@ def assemble(path: Path, meta: dict[str, Any], order: Sequence[tuple[str, int, s
     need = int(n * _row_bytes(shapes, meta) * FREE_SPACE_MARGIN) + (1 << 20)
     free = shutil.disk_usage(path.parent).free
     if free < need:
-        raise CacheError(f"not enough free space in {path.parent} to assemble {path.name}: needs about {_mb(need)}, "
-                         f"{_mb(free)} free; free space (or pass --cache-dir on another disk) and rerun: finished "
+        raise CacheError(f"not enough free space in {path.parent} to assemble {path.name}: needs about {fmt_bytes(need)}, "
+                         f"{fmt_bytes(free)} free; free space (or pass --cache-dir on another disk) and rerun: finished "
                          f"rows are kept in {parts_dir(path)}")
     runs, run_index = _runs_of(existing)
     parts: dict[Path, tuple[Rows, h5py.File]] = {}
     old = h5py.File(path, "r") if existing.meta is not None and existing.final_rows else None
     old_rows = _read_rows(old["rows"]) if old is not None else None
     try:
-        with atomic_write(path, need, parts=parts_dir(path)) as f:
+        with atomic_write(path, need, parts=parts_dir(path), commit=commit) as f:
             rows = Rows()
             sources: list[tuple[Any, int]] = []
             for q, label, split in order:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline import cache
+from pipeline.atomic import Commit, commit_file
 from pipeline.errors import DatasetError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
@@ -133,7 +134,7 @@ def run_batch(runtime: Runtime, batch: list[Decoded], config: ExtractConfig,
 
 
 def run_local(plan: Plan, log: Callable[[str], None] = print, runtime: Runtime | None = None,
-              runtime_factory: RuntimeFactory = make_runtime) -> EngineReport:
+              runtime_factory: RuntimeFactory = make_runtime, commit: Commit = commit_file) -> EngineReport:
     """Extract ``plan.todo`` into part files of ``plan.path``'s parts folder.
 
     Parameters
@@ -146,6 +147,8 @@ def run_local(plan: Plan, log: Callable[[str], None] = print, runtime: Runtime |
     runtime_factory : callable
         Builds the runtime when none is given: ``(model, runtime, log=, batch_size=) -> Runtime``
         (:func:`pipeline.runtime.factory.make_runtime`, the default).
+    commit : callable
+        Makes each written part its file (:func:`pipeline.atomic.commit_file`, the default).
 
     Returns
     -------
@@ -162,7 +165,8 @@ def run_local(plan: Plan, log: Callable[[str], None] = print, runtime: Runtime |
     rt = runtime or runtime_factory(cfg.model, cfg.runtime, log=log, batch_size=cfg.batch_size)
     log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
     writer = cache.PartWriter(plan.path, plan.meta, feature_shapes(rt, cfg), cfg.checkpoint_rows,
-                              cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()})
+                              cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()},
+                              commit=commit)
     todo = plan.todo
     progress = Progress(len(todo), cfg.label, enabled=not cfg.quiet and sys.stderr.isatty())
     done = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import cache
+from pipeline.atomic import Commit, commit_file
 from pipeline.data import Dataset, discover
 from pipeline.errors import CacheError
 from pipeline.extract.config import ExtractConfig
@@ -40,15 +41,17 @@ class ExtractResult:
     up_to_date: bool = False
 
 
-def run_engine(plan: Plan, log: Callable[[str], None],
-               runtime_factory: RuntimeFactory = make_runtime) -> EngineReport:
-    """Run ``plan.todo`` on the configured engine (the local one builds its runtime with ``runtime_factory``; Ray's
-    model actors build theirs with :func:`~pipeline.runtime.factory.make_runtime` in their own processes)."""
+def run_engine(plan: Plan, log: Callable[[str], None], runtime_factory: RuntimeFactory = make_runtime,
+               commit: Commit = commit_file) -> EngineReport:
+    """Run ``plan.todo`` on the configured engine (the local one builds its runtime with ``runtime_factory`` and
+    commits its parts with ``commit``; Ray's model actors build theirs with
+    :func:`~pipeline.runtime.factory.make_runtime` and commit with :func:`~pipeline.atomic.commit_file` in their own
+    processes)."""
     if plan.config.engine == "ray":
         from pipeline.extract.ray_engine import run_ray
 
         return run_ray(plan, log=log)
-    return run_local(plan, log=log, runtime_factory=runtime_factory)
+    return run_local(plan, log=log, runtime_factory=runtime_factory, commit=commit)
 
 
 def resolve_views(config: ExtractConfig, path: Path) -> ExtractConfig:
@@ -115,7 +118,7 @@ def _retries_unchanged(plan: Plan) -> bool:
 
 
 def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig, log: Callable[[str], None] = print,
-                    runtime_factory: RuntimeFactory = make_runtime) -> ExtractResult:
+                    runtime_factory: RuntimeFactory = make_runtime, commit: Commit = commit_file) -> ExtractResult:
     """Extract features of every image under ``root`` into the cache (incremental, resumable).
 
     Parameters
@@ -129,6 +132,9 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig, lo
     runtime_factory : callable
         Builds the local engine's runtime: ``(model, runtime, log=, batch_size=) -> Runtime``; the real
         :func:`~pipeline.runtime.factory.make_runtime` by default (a test hands in a wrapped or reused one).
+    commit : callable
+        Makes each written part and the assembled cache their files (:func:`pipeline.atomic.commit_file` by
+        default; a test hands in one that records when parts are committed, or fails).
 
     Returns
     -------
@@ -174,14 +180,15 @@ def extract_dataset(root: str | os.PathLike | Dataset, config: ExtractConfig, lo
                 log(f"{path.name}: up to date ({len(ds.items)} images, checksums verified, nothing to extract)")
                 return ExtractResult(path, len(ds.items), 0, plan.n_reused, 0, len(failed), failed, up_to_date=True)
             try:
-                return _run(plan, log, runtime_factory)
+                return _run(plan, log, runtime_factory, commit)
             except cache.DamagedCache as exc:  # found while copying old rows: discard what is damaged, plan again
                 log(f"discarded {exc.path.name}: {exc}; its rows are extracted again")
                 exc.path.unlink(missing_ok=True)
         raise CacheError(f"cache {path} keeps failing its checksums after rebuilding; check the disk it is on")
 
 
-def _run(plan: Plan, log: Callable[[str], None], runtime_factory: RuntimeFactory) -> ExtractResult:
+def _run(plan: Plan, log: Callable[[str], None], runtime_factory: RuntimeFactory,
+         commit: Commit = commit_file) -> ExtractResult:
     ds, cfg, ex = plan.dataset, plan.config, plan.existing
     w = cfg.model.weights
     views = cfg.views or NO_VIEWS
@@ -194,7 +201,7 @@ def _run(plan: Plan, log: Callable[[str], None], runtime_factory: RuntimeFactory
         log(f"views: {views.describe()}")
 
     t0 = time.perf_counter()
-    report = run_engine(plan, log, runtime_factory) if plan.todo else None
+    report = run_engine(plan, log, runtime_factory, commit) if plan.todo else None
     if plan.only_retries and _retries_unchanged(plan):
         cache.remove_parts(plan.path, keep=[p for p, _, _ in plan.existing.other_views])
         failed = _failures(plan.path)
@@ -206,7 +213,8 @@ def _run(plan: Plan, log: Callable[[str], None], runtime_factory: RuntimeFactory
     rescanned = cache.scan_existing(plan.path, meta)
     meta["extract_seconds"] = prior + rescanned.part_seconds
     shapes = cache.source_shapes(plan.path, rescanned)
-    rows = cache.assemble(plan.path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes)
+    rows = cache.assemble(plan.path, meta, [(it.relpath, it.label, it.split) for it in ds.items], rescanned, shapes,
+                          commit=commit)
     seconds = time.perf_counter() - t0
     all_failed = [(p, e) for p, o, e in zip(rows.path, rows.ok, rows.error) if not o]
     # decoding + model of this run's rows, summed over the engine's workers (each writes its own parts)

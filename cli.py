@@ -350,20 +350,26 @@ def fit(
                                                      "the final split (recorded in results.json).")] = False,
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
     if exclude_leaks and not audit:
         raise typer.BadParameter("--exclude-leaks needs the audit: drop --no-audit", param_hint="--exclude-leaks")
 
-    run = run_fit(cache_dir, dataset=dataset, backbones=backbone, heads=[h.value for h in head] if head else None,
-                  features=features.value, class_weight=class_weight.value, seed=seed, out=out, report=report,
-                  command=_command(), memory_budget_text=memory_budget, log=lambda m: typer.echo(m, err=True),
-                  views=views, pick=pick.value, select_on=select_on.value, audit=audit,
-                  exclude_leaks=exclude_leaks)
+    config = FitConfig(cache_dir=cache_dir, dataset=dataset, backbones=backbone,
+                       heads=[h.value for h in head] if head else None, features=features.value,
+                       class_weight=class_weight.value, seed=seed, out=out, command=_command(),
+                       memory_budget=memory_budget, views=views, pick=pick.value, select_on=select_on.value,
+                       audit=audit, exclude_leaks=exclude_leaks)
+    run = run_fit(config, log=lambda m: typer.echo(m, err=True))
+    html = None
+    if report:  # reports/<run name>.html, as `report RUN` writes it; a fault writing it is one line (RunError)
+        from pipeline.report import write_report
+
+        html = write_report([run.run_dir])
     _print_table(run.leaderboard())
     typer.echo(f"run folder: {run.run_dir}")
-    if run.report_path is not None:
-        typer.echo(f"report: {run.report_path}")
+    if html is not None:
+        typer.echo(f"report: {html}")
 
 
 @app.command()

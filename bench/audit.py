@@ -54,12 +54,12 @@ def _extract(root: Path, cache_dir: Path) -> Path:
 
 
 def _fit(cache: Path, out: Path, **kw) -> dict:
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
     if out.exists():
         shutil.rmtree(out)
     lines: list[str] = []
-    run = run_fit(caches=[cache], heads=["centroid", "logreg"], out=out, report=False, log=lines.append, **kw)
+    run = run_fit(FitConfig(caches=[cache], heads=["centroid", "logreg"], out=out, **kw), log=lines.append)
     for ln in lines:
         if ln.startswith(("audit", "pick", "  without leaks")):
             print("   ", ln)

@@ -50,7 +50,7 @@ def main() -> None:
     from pipeline.extract import extract_dataset, resolve_config
     from pipeline.finetune import FinetuneConfig
     from pipeline.finetune import finetune_run
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
     quiet = lambda m: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +59,7 @@ def main() -> None:
                                                    cache_dir=Path(tmp) / "cache"), log=quiet)
         extract_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run = run_fit(caches=[res.path], heads=["all"], seed=0, out=Path(tmp) / "run", report=False, log=quiet)
+        run = run_fit(FitConfig(caches=[res.path], heads=["all"], seed=0, out=Path(tmp) / "run"), log=quiet)
         fit_s = time.perf_counter() - t0
         results = run.results["results"]
         sel = {r["key"]: r["metrics"]["val"]["accuracy"] for r in results}

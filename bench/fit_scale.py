@@ -182,10 +182,10 @@ def run_fit_child(cache_dir: Path, out: Path, heads: list[str], budget: str | No
     code = ("import json, sys; sys.path.insert(0, %r); import _start; _start.start(); a = json.loads(sys.argv[1]);"
             "import importlib.util as u; s = u.spec_from_file_location('fit_scale_bench', %r);"
             "b = u.module_from_spec(s); s.loader.exec_module(b); peak_rss_mib = b.peak_rss_mib;"
-            "from pipeline.fit import run_fit; from pipeline.fit.plan import CostPolicy;"
+            "from pipeline.fit import FitConfig, run_fit; from pipeline.fit.plan import CostPolicy;"
             "p = CostPolicy(**a['policy']) if a['policy'] else None;"
-            "run_fit(a['cache_dir'], heads=a['heads'], out=a['out'], report=False, memory_budget_text=a['budget'],"
-            " seed=a['seed'], policy=p, command='bench/fit_scale.py',"
+            "run_fit(FitConfig(a['cache_dir'], heads=a['heads'], out=a['out'], memory_budget=a['budget'],"
+            " seed=a['seed'], policy=p, command='bench/fit_scale.py'),"
             " log=lambda m: print(f'[peak {peak_rss_mib():5.0f} MiB] {m}', flush=True));"
             "print('PEAK_RSS_MIB', peak_rss_mib())") % (str(REPO / "bench"), str(Path(__file__).resolve()))
     t0 = time.perf_counter()

@@ -156,14 +156,14 @@ def headline(name: str, cache_dir: Path) -> dict:
     """``fit`` on the dataset's own folders with the old protocol (select on val, highest score) and the default."""
     import tempfile
 
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
     features(name, cache_dir)  # the cache exists
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, kw in (("old: --select-on val --pick best", {"select_on": "val", "pick": "best"}),
                           ("default", {})):
-            doc = run_fit(cache_dir, dataset=name, out=Path(tmp) / label.split(":")[0], report=False, **kw).results
+            doc = run_fit(FitConfig(cache_dir, dataset=name, out=Path(tmp) / label.split(":")[0], **kw)).results
             b = doc["best"]
             out[label] = {"pick": b["key"], "split": b["split"], "value": b["value"], "interval": b["interval"],
                           "selection": doc["protocol"]["selection"]}

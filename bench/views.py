@@ -92,7 +92,7 @@ def main() -> None:
 
     from pipeline.extract import extract_dataset, resolve_config
     from pipeline.views import make_view_spec
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
     spec = make_view_spec(args.views, args.view_kinds.split(","), seed=0)
     heads = args.heads.split(",")
@@ -118,8 +118,8 @@ def main() -> None:
                 runs = {}
                 for use in (False, True):
                     t = time.perf_counter()
-                    fr = run_fit(caches=[path], heads=heads, seed=seed, out=tmp / f"run_{name}_{seed}_{use}",
-                                 report=False, views=use, log=lambda m: None)
+                    fr = run_fit(FitConfig(caches=[path], heads=heads, seed=seed, out=tmp / f"run_{name}_{seed}_{use}",
+                                           views=use), log=lambda m: None)
                     runs[use] = (fr.results, time.perf_counter() - t)
                 (plain, t_plain), (viewed, t_views) = runs[False], runs[True]
                 b0, b1 = best(plain), best(viewed)

@@ -45,10 +45,12 @@ def run_demo(workdir: str | Path = DEMO_DIR / "sample", cache_dir: str | Path = 
              reports_dir: str | Path = "reports", log: Callable[[str], None] = print) -> dict:
     """Extract, fit and report on the built-in sample; returns the paths of the cache, run folder and report.
 
-    The sample and its cache live under :data:`DEMO_DIR` by default, apart from the user's ``cache/``.
+    The sample and its cache live under :data:`DEMO_DIR` by default, apart from the user's ``cache/``; the run
+    folder goes to ``<reports_dir>/runs/`` and its HTML report to ``<reports_dir>/<run name>.html``.
     """
     from pipeline.extract import extract_dataset, resolve_config
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
+    from pipeline.report import default_report_path, write_report
 
     root = write_sample(workdir)
     log(f"sample: {root} (scikit-image lfw_subset: 100 faces, 100 non-faces, real 25x25 greyscale photos)")
@@ -62,5 +64,6 @@ def run_demo(workdir: str | Path = DEMO_DIR / "sample", cache_dir: str | Path = 
         tag = "random-weights"
     res = extract_dataset(root, cfg, log=log)
     out = Path(reports_dir) / "runs" / f"demo_{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
-    run = run_fit(caches=[res.path], heads=["all"], out=out, report=True, command="python cli.py demo", log=log)
-    return {"cache": res.path, "run": run.run_dir, "report": run.report_path, "fit": run}
+    run = run_fit(FitConfig(caches=[res.path], heads=["all"], out=out, command="python cli.py demo"), log=log)
+    report = write_report([run.run_dir], default_report_path([run.run_dir], reports_dir))
+    return {"cache": res.path, "run": run.run_dir, "report": report, "fit": run}

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from pipeline.errors import HeadbenchError  # noqa: E402
 from pipeline.finetune import FinetuneConfig, finetune_run  # noqa: E402
-from pipeline.fit import run_fit  # noqa: E402
+from pipeline.fit import FitConfig, run_fit  # noqa: E402
 from pipeline.fit.heads import HEADS, DenseHead  # noqa: E402
 from pipeline.results import load_run  # noqa: E402
 
@@ -137,7 +137,7 @@ def points(rng, n: int) -> int:
 
 def fit_campaign(cache: str, work: Path, rng) -> dict:
     def command(out):
-        return lambda: run_fit(caches=[cache], heads=FIT_HEADS, out=out, report=False, command="fault driver",
+        return lambda: run_fit(FitConfig(caches=[cache], heads=FIT_HEADS, out=out, command="fault driver"),
                                log=lambda m: None)
 
     ref = child(command(work / "reference"), 0)

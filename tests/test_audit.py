@@ -233,9 +233,9 @@ def planted(shared_dir, tmp_path_factory):
 
 
 def _fit(cache, out, **kw):
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
-    return run_fit(caches=[cache], heads=["centroid", "logreg"], out=out, report=False, log=lambda m: None, **kw)
+    return run_fit(FitConfig(caches=[cache], heads=["centroid", "logreg"], out=out, **kw), log=lambda m: None)
 
 
 def _csv(path):

@@ -32,7 +32,7 @@ def _config(**kw):
 def fitted(tmp_path_factory):
     """A class-per-folder set (hash split, so `fit` selects by cross-validation), extracted and fitted with logreg
     and centroid; an unreadable image left out at extraction."""
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
     base = tmp_path_factory.mktemp("ftcli")
     root = base / "blobs"
@@ -46,7 +46,7 @@ def fitted(tmp_path_factory):
     res = run_extract(root, base / "cache", backbone="mobilenet_v2", weights="none", input_size=SIZE, alpha=ALPHA,
                       runtime="keras")
     run = base / "run"
-    run_fit(caches=[res.path], heads=["logreg", "centroid"], out=run, report=False, log=lambda m: None)
+    run_fit(FitConfig(caches=[res.path], heads=["logreg", "centroid"], out=run), log=lambda m: None)
     return run, root
 
 

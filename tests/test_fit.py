@@ -19,7 +19,7 @@ import pipeline.cache as cache_mod
 from pipeline.cache import read as cache_read
 from pipeline.cache import FeatureSet
 from pipeline.errors import CacheError, FitError
-from pipeline.fit import leaderboard_table, run_fit
+from pipeline.fit import FitConfig, leaderboard_table, run_fit
 from pipeline.fit.heads import HEADS
 
 CLASSES = ["ant", "bee", "wasp"]
@@ -125,8 +125,7 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
     fake_caches("toy_good", backbone="mobilenet", seed=0)
     fake_caches("toy_poor", backbone="mobilenet_v2", seed=2)
     out = tmp_path / "run"
-    run = run_fit(fake_caches.dir, heads=["logreg", "knn", "dense"], out=out, report=False, command="test",
-                  log=_quiet)
+    run = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "knn", "dense"], out=out, command="test"), log=_quiet)
     doc = json.loads((out / "results.json").read_text())
     assert doc == run.results and set(doc) == TOP_KEYS and doc["schema_version"] == 3
     ds = doc["dataset"]
@@ -208,8 +207,8 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
 
 def test_maps_go_flat_to_sklearn_heads_and_whole_to_dense(fake_caches, quick_dense, tmp_path):
     fake_caches("maps", backbone="mobilenet", shape=(2, 2, 4), n=150)
-    run = run_fit(fake_caches.dir, heads=["dense", "centroid"], features="maps", class_weight="balanced",
-                  out=tmp_path / "run", report=False, log=_quiet)
+    run = run_fit(FitConfig(fake_caches.dir, heads=["dense", "centroid"], features="maps", class_weight="balanced",
+                            out=tmp_path / "run"), log=_quiet)
     doc = run.results
     assert doc["caches"][0]["feature"] == "maps" and doc["caches"][0]["feature_shape"] == [2, 2, 4]
     dense = next(r for r in doc["results"] if r["head"] == "dense")
@@ -224,13 +223,12 @@ def test_train_val_without_test_selects_by_cv_and_keeps_val_untouched(fake_cache
     """The tutorials' layout: the number that chose the head is never its headline (unless asked for)."""
     splits = np.array(["train", "train", "val"] * 50)
     fake_caches("tv", backbone="mobilenet", n=150, splits=splits)
-    doc = run_fit(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run", report=False,
-                  log=_quiet).results
+    doc = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run"), log=_quiet).results
     assert doc["protocol"]["selection"] == "cv" and doc["protocol"]["final_splits"] == ["val"]
     assert doc["protocol"]["select_on"] == "auto" and not doc["best"]["selection_is_final"]
     assert all(r["selection_split"] == "cv" and len(r["selection"]["scores"]) == 5 for r in doc["results"])
-    old = run_fit(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run2", report=False, log=_quiet,
-                  select_on="val").results
+    old = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run2", select_on="val"),
+                  log=_quiet).results
     assert old["protocol"]["selection"] == "val" and old["best"]["selection_is_final"]
     assert "selection score" in old["protocol"]["description"]
     assert all(r["selection"]["n"] == 50 for r in old["results"])
@@ -241,7 +239,7 @@ def test_train_val_without_test_selects_by_cv_and_keeps_val_untouched(fake_cache
 def test_val_folders_select_on_val_and_report_val_and_test(fake_caches, tmp_path):
     splits = np.array(["train", "train", "val", "test"] * 50)
     fake_caches("split", backbone="mobilenet", n=200, splits=splits)
-    doc = run_fit(fake_caches.dir, heads=["logreg"], out=tmp_path / "run", report=False, log=_quiet).results
+    doc = run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=tmp_path / "run"), log=_quiet).results
     assert doc["dataset"]["split_source"] == "folders" and doc["protocol"]["selection"] == "val"
     assert doc["protocol"]["final_splits"] == ["val", "test"] and doc["protocol"]["cv_folds"] is None
     r = doc["results"][0]
@@ -252,7 +250,7 @@ def test_val_folders_select_on_val_and_report_val_and_test(fake_caches, tmp_path
 
 def test_no_caches_is_a_cache_error(tmp_path):
     with pytest.raises(CacheError, match="no complete feature caches.*extract"):
-        run_fit(tmp_path, out=tmp_path / "run", report=False)
+        run_fit(FitConfig(tmp_path, out=tmp_path / "run"))
 
 
 def test_several_datasets_fit_the_last_extracted_and_say_how_to_pick(fake_caches, tmp_path):
@@ -261,12 +259,12 @@ def test_several_datasets_fit_the_last_extracted_and_say_how_to_pick(fake_caches
     cache_mod.read_meta(a)["updated"] = "2026-03-01T10:00:00+0000"
     cache_mod.read_meta(b)["updated"] = "2026-02-01T10:00:00+0000"  # birds was extracted before flowers
     lines: list[str] = []
-    doc = run_fit(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1", report=False, log=lines.append).results
+    doc = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1"), log=lines.append).results
     assert doc["dataset"]["name"] == "flowers" and len(doc["caches"]) == 1
     (said,) = [ln for ln in lines if "several datasets" in ln]
     assert "fitting flowers (/data/flowers), the one extracted last" in said
     assert "also there: birds" in said and "--dataset NAME" in said
-    doc = run_fit(fake_caches.dir, dataset="birds", heads=["centroid"], out=tmp_path / "r2", report=False).results
+    doc = run_fit(FitConfig(fake_caches.dir, dataset="birds", heads=["centroid"], out=tmp_path / "r2")).results
     assert doc["dataset"]["name"] == "birds" and len(doc["caches"]) == 1
 
 
@@ -276,17 +274,17 @@ def test_two_datasets_of_one_name_are_told_apart_by_their_folder(fake_caches, tm
     cache_mod.read_meta(b)["dataset_root"] = "/other/project/data"  # same folder name, another dataset
     cache_mod.read_meta(a)["updated"] = "2026-03-01T10:00:00+0000"
     with pytest.raises(FitError) as e:  # the name alone is ambiguous
-        run_fit(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r2", report=False)
+        run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r2"))
     msg = str(e.value)
     assert "2 datasets are named data" in msg and "/data/data" in msg and "/other/project/data" in msg
     assert "--dataset PATH" in msg and "\n" not in msg
     lines: list[str] = []  # without --dataset: the one extracted last, and how to pick the other by its folder
-    doc = run_fit(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1", report=False, log=lines.append).results
+    doc = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1"), log=lines.append).results
     assert doc["dataset"]["root"] == "/data/data"
     assert any("also there: data (/other/project/data)" in ln and "--dataset PATH" in ln for ln in lines)
     lines: list[str] = []
-    doc = run_fit(fake_caches.dir, dataset="/other/project/data", heads=["centroid"], out=tmp_path / "r3",
-                  report=False, log=lines.append).results
+    doc = run_fit(FitConfig(fake_caches.dir, dataset="/other/project/data", heads=["centroid"], out=tmp_path / "r3"),
+                  log=lines.append).results
     assert doc["dataset"]["root"] == "/other/project/data" and len(doc["caches"]) == 1
     assert Path(doc["caches"][0]["path"]).name == b.name
     here = tmp_path / "project"  # a bare word that is a folder here means that folder: `fit --dataset data`
@@ -294,13 +292,13 @@ def test_two_datasets_of_one_name_are_told_apart_by_their_folder(fake_caches, tm
     cache_mod.read_meta(a)["dataset_root"] = str(here / "data")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(here)
-        doc = run_fit(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r4", report=False).results
+        doc = run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r4")).results
     assert doc["dataset"]["root"] == str(here / "data")
     elsewhere = tmp_path / "elsewhere"  # a folder here that is neither dataset: the word is a name again
     (elsewhere / "data").mkdir(parents=True)
     with pytest.MonkeyPatch.context() as mp, pytest.raises(FitError, match="2 datasets are named data"):
         mp.chdir(elsewhere)
-        run_fit(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r5", report=False)
+        run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r5"))
     # fit says where the features it compares came from
     assert any(ln.startswith("dataset data from /other/project/data: mobilenet-a1.0-224 (b.h5)") for ln in lines)
     assert a.exists()
@@ -311,11 +309,11 @@ def test_no_usable_cache_says_why(tmp_path):
     d.mkdir()
     (d / "flowers-0123abcd__mobilenet_v2-a1.0-224__crop__w0.h5.parts").mkdir()  # an extraction still running
     with pytest.raises(CacheError) as e:
-        run_fit(d, out=tmp_path / "r", report=False)
+        run_fit(FitConfig(d, out=tmp_path / "r"))
     assert "unfinished" in str(e.value) and "rerun the same extract command" in str(e.value)
     (d / "birds-0123abcd__mobilenet_v2-a1.0-224__crop__w0.h5").write_bytes(b"not an HDF5 file")
     with pytest.raises(CacheError) as e:
-        run_fit(d, out=tmp_path / "r", report=False)
+        run_fit(FitConfig(d, out=tmp_path / "r"))
     msg = str(e.value)
     assert "birds-0123abcd__mobilenet_v2-a1.0-224__crop__w0.h5 cannot be used" in msg and "unfinished" in msg
     assert "\n" not in msg
@@ -324,36 +322,125 @@ def test_no_usable_cache_says_why(tmp_path):
 def test_backbone_option_filters_caches(fake_caches, tmp_path):
     fake_caches("a", backbone="mobilenet")
     fake_caches("b", backbone="mobilenet_v2")
-    doc = run_fit(fake_caches.dir, backbones=["mobilenet_v2-a1.0-224"], heads=["centroid"], out=tmp_path / "r",
-                  report=False).results
+    doc = run_fit(FitConfig(fake_caches.dir, backbones=["mobilenet_v2-a1.0-224"], heads=["centroid"],
+                            out=tmp_path / "r")).results
     assert [c["backbone"] for c in doc["caches"]] == ["mobilenet_v2"]
     with pytest.raises(CacheError, match="backbone inception_v3"):
-        run_fit(fake_caches.dir, backbones=["inception_v3"], heads=["centroid"], out=tmp_path / "r2", report=False)
+        run_fit(FitConfig(fake_caches.dir, backbones=["inception_v3"], heads=["centroid"], out=tmp_path / "r2"))
 
 
 def test_mixed_datasets_and_mismatched_classes_are_refused(fake_caches, tmp_path):
     a = fake_caches("a", backbone="mobilenet", dataset="flowers")
     b = fake_caches("b", backbone="mobilenet_v2", dataset="birds")
     with pytest.raises(FitError, match="different datasets mixed"):
-        run_fit(caches=[a, b], heads=["centroid"], out=tmp_path / "r1", report=False)
+        run_fit(FitConfig(caches=[a, b], heads=["centroid"], out=tmp_path / "r1"))
     c = fake_caches("c", backbone="mobilenet_v2", dataset="flowers", classes=["ant", "bee"])
     with pytest.raises(FitError, match="disagree on the classes"):
-        run_fit(caches=[a, c], heads=["centroid"], out=tmp_path / "r2", report=False)
+        run_fit(FitConfig(caches=[a, c], heads=["centroid"], out=tmp_path / "r2"))
 
 
-def test_bad_options_fail_before_any_work(fake_caches, tmp_path):
+@pytest.mark.parametrize("options, message", [
+    ({"heads": ["forest"]}, "unknown head 'forest'; known heads: " + ", ".join(HEADS) + " (or 'all')"),
+    ({"pick": "nope"}, "unknown --pick 'nope'; choose one of best, one_se, one_se_simple"),
+    ({"select_on": "test"}, "unknown --select-on 'test'; choose one of auto, cv, val"),
+    ({"features": "median"}, "unknown --features 'median'; choose one of avg, max, maps"),
+    ({"class_weight": "auto"}, "unknown --class-weight 'auto'; choose one of none, balanced"),
+    ({"audit": False, "exclude_leaks": True}, "--exclude-leaks needs the audit (drop --no-audit)"),
+    ({"memory_budget": "lots"}, "--memory-budget 'lots' is not a size; write it like 2GB, 500MB or 1.5GiB"),
+])
+def test_bad_options_fail_when_the_config_is_made_before_any_cache_is_opened(fake_caches, monkeypatch, options,
+                                                                             message):
+    """A FitConfig that exists is valid: a bad option is one line when it is made, before any cache is looked at."""
     fake_caches("a", backbone="mobilenet")
-    with pytest.raises(FitError, match="unknown head 'forest'; known heads: " + ", ".join(HEADS)):
-        run_fit(fake_caches.dir, heads=["forest"], report=False)
-    with pytest.raises(FitError, match="--features"):
-        run_fit(fake_caches.dir, features="median", report=False)
-    with pytest.raises(FitError, match="--class-weight"):
-        run_fit(fake_caches.dir, class_weight="auto", report=False)
+
+    def no_cache(*a, **k):
+        raise AssertionError("a bad option must be refused before any cache is opened")
+
+    monkeypatch.setattr(cache_mod, "find_caches", no_cache)
+    monkeypatch.setattr(cache_mod, "open_features", no_cache)
+    with pytest.raises(FitError) as err:
+        run_fit(FitConfig(fake_caches.dir, **options))
+    assert str(err.value) == message and "\n" not in str(err.value)
+
+
+def test_fit_config_is_frozen_resolved_and_checked_again_when_replaced():
+    import dataclasses
+
+    config = FitConfig("cache", caches=["a.h5", Path("b.h5")], backbones="mobilenet", heads=["knn", "logreg"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.heads = ("dense",)
+    assert config.caches == ("a.h5", Path("b.h5")) and config.backbones == ("mobilenet",)
+    assert config.heads == ("logreg", "knn")  # resolved: registry order, each once
+    assert FitConfig().heads == FitConfig(heads=["all"]).heads == tuple(HEADS)
+    assert FitConfig(seed=1) == FitConfig(seed=1) and hash(FitConfig(seed=1)) == hash(FitConfig(seed=1))
+    assert FitConfig(memory_budget="2GB").budget.bytes == 2 * 10**9
+    assert FitConfig(memory_budget="2GB").budget.source == "--memory-budget 2GB"
+    audit = FitConfig(seed=3, memory_budget="2GB").audit_settings()
+    assert (audit.seed, audit.memory_bytes, audit.block_bytes) == (3, 2 * 10**9, 2 * 10**9 // 8)
+    assert dataclasses.replace(config, memory_budget="1MB").budget.bytes == 10**6  # the budget follows its text
+    with pytest.raises(FitError, match="unknown --pick 'best2'"):
+        dataclasses.replace(config, pick="best2")
+
+
+def test_an_existing_run_folder_is_refused(fake_caches, tmp_path):
+    fake_caches("a", backbone="mobilenet")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "results.json").write_text("{}")
     with pytest.raises(FitError, match="not empty"):
-        run_fit(fake_caches.dir, heads=["centroid"], out=busy, report=False)
+        run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=busy))
+
+
+def test_run_fit_writes_no_report(fake_caches, tmp_path, monkeypatch):
+    """The HTML report is its callers' (``fit``, the demo): run_fit writes the run folder and nothing beside it."""
+    from pipeline.report import default_report_path
+
+    fake_caches("toy", backbone="mobilenet")
+    monkeypatch.chdir(tmp_path)  # where write_report's default page, reports/<run name>.html, would go
+    out = tmp_path / "runs" / "toy_run"
+    run = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=out), log=_quiet)
+    assert run.run_dir == out and (out / "results.json").is_file() and not hasattr(run, "report_path")
+    assert default_report_path([out]) == Path("reports") / "toy_run.html"
+    assert not Path("reports").exists() and list(tmp_path.rglob("*.html")) == []
+
+
+def test_cli_fit_writes_the_report_after_the_fit(fake_caches, tmp_path, monkeypatch):
+    """`fit` writes reports/<run name>.html itself and prints its path; --no-report writes none; a fault writing
+    the report is one line (a RunError, printed by the entry point as one ``error:`` line)."""
+    from typer.testing import CliRunner
+
+    import cli
+    import pipeline.report
+    from pipeline.errors import RunError
+
+    fake_caches("toy", backbone="mobilenet")
+    written: list[list[Path]] = []
+
+    def write_report(run_dirs, out_html=None, **kw):
+        written.append([Path(d) for d in run_dirs])
+        if not (Path(run_dirs[0]) / "results.json").is_file():
+            raise AssertionError("the report must come after the run folder is complete")
+        return Path("reports") / f"{Path(run_dirs[0]).name}.html"
+
+    monkeypatch.setattr(pipeline.report, "write_report", write_report)
+    args = ["fit", "--cache-dir", str(fake_caches.dir), "--head", "centroid", "--no-audit"]
+    res = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r1")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert written == [[tmp_path / "r1"]]
+    assert f"run folder: {tmp_path / 'r1'}" in res.stdout and f"report: {Path('reports') / 'r1.html'}" in res.stdout
+    res = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r2"), "--no-report"])
+    assert res.exit_code == 0 and len(written) == 1 and "report:" not in res.stdout
+    assert (tmp_path / "r2" / "results.json").is_file()
+
+    def cannot_write(run_dirs, out_html=None, **kw):
+        raise RunError("cannot write the report reports/r3.html (Permission denied)")
+
+    monkeypatch.setattr(pipeline.report, "write_report", cannot_write)
+    res = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r3")])
+    assert isinstance(res.exception, RunError) and "\n" not in str(res.exception)
+    assert (tmp_path / "r3" / "results.json").is_file()  # the run itself is kept
 
 
 def test_one_class_in_train_is_a_fit_error(fake_caches, tmp_path):
@@ -361,7 +448,7 @@ def test_one_class_in_train_is_a_fit_error(fake_caches, tmp_path):
     fs = cache_mod.read_features(path)
     fs.labels[:40] = 0
     with pytest.raises(FitError, match="one class only"):
-        run_fit(fake_caches.dir, heads=["centroid"], out=tmp_path / "r", report=False)
+        run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r"))
 
 
 def test_cli_fit_error_is_one_line(tmp_path):
@@ -426,8 +513,8 @@ def test_hymenoptera_leaderboard_and_report_print(hym_cli):
 def test_two_identical_fit_runs_give_identical_metrics(hymenoptera_v2_cache, tmp_path):
     docs = []
     for i in range(2):
-        run = run_fit(caches=[hymenoptera_v2_cache], heads=["dense", "logreg", "svm", "knn"],
-                      out=tmp_path / f"run{i}", report=False, log=_quiet)
+        run = run_fit(FitConfig(caches=[hymenoptera_v2_cache], heads=["dense", "logreg", "svm", "knn"],
+                                out=tmp_path / f"run{i}"), log=_quiet)
         docs.append(run.results)
     for a, b in zip(docs[0]["results"], docs[1]["results"]):
         assert a["key"] == b["key"]
@@ -444,8 +531,8 @@ def flowers_run(flowers5_caches, tmp_path_factory):
     every head on real features is measured by the benchmarks (bench/heads.py, bench/fit_scale.py)."""
     out = tmp_path_factory.mktemp("fit") / "flowers5"
     lines: list[str] = []
-    run = run_fit(caches=[flowers5_caches["mobilenet"], flowers5_caches["mobilenet_v2"]],
-                  heads=["logreg", "centroid"], out=out, report=False, log=lines.append)
+    run = run_fit(FitConfig(caches=[flowers5_caches["mobilenet"], flowers5_caches["mobilenet_v2"]],
+                            heads=["logreg", "centroid"], out=out), log=lines.append)
     return run.results, lines
 
 
@@ -509,7 +596,7 @@ def test_an_interrupted_fit_leaves_no_run_folder_and_the_same_command_runs_again
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_fit(fake_caches.dir, heads=["logreg", "centroid"], out=out, report=False, log=interrupt)
+        run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=out), log=interrupt)
     assert not out.exists() and not partial_dir(out).exists()
     # a kill -9 leaves the hidden unfinished folder: readers say so, and the same fit replaces it
     (partial_dir(out) / "heads").mkdir(parents=True)
@@ -517,7 +604,7 @@ def test_an_interrupted_fit_leaves_no_run_folder_and_the_same_command_runs_again
     with pytest.raises(RunError, match="unfinished: its fit was interrupted"):
         load_run(out)
     lines: list[str] = []
-    run = run_fit(fake_caches.dir, heads=["logreg", "centroid"], out=out, report=False, log=lines.append)
+    run = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=out), log=lines.append)
     assert any("replacing the unfinished run folder" in ln for ln in lines)
     assert run.run_dir == out and (out / "results.json").is_file() and not partial_dir(out).exists()
     assert not (out / "heads" / "stale.joblib").exists() and load_run(out).results["best"]["key"]
@@ -530,14 +617,14 @@ def test_a_failed_fit_keeps_nothing_and_blocks_no_rerun(fake_caches, tmp_path):
     fake_caches("toy", backbone="mobilenet")
     out = tmp_path / "run"
     with pytest.raises(FitError, match="--memory-budget"):
-        run_fit(fake_caches.dir, heads=["logreg"], out=out, report=False, log=_quiet, memory_budget_text="1KB")
+        run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=out, memory_budget="1KB"), log=_quiet)
     assert not out.exists() and not partial_dir(out).exists()
-    assert run_fit(fake_caches.dir, heads=["logreg"], out=out, report=False, log=_quiet).run_dir == out
+    assert run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=out), log=_quiet).run_dir == out
     # an --out that cannot be made is one line, before any head is fitted
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(FitError, match="cannot create the run folder") as err:
-        run_fit(fake_caches.dir, heads=["logreg"], out=blocker / "run", report=False, log=_quiet)
+        run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=blocker / "run"), log=_quiet)
     assert "\n" not in str(err.value)
 
 
@@ -562,19 +649,19 @@ def test_fits_killed_under_other_names_are_swept_and_a_live_one_is_never_replace
         foreign = runs / ".not_ours.partial"  # no owner recorded: never touched by the sweep
         foreign.mkdir()
         lines = []
-        run = run_fit(fake_caches.dir, heads=["logreg"], out=runs / "new", report=False, log=lines.append)
+        run = run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "new"), log=lines.append)
         assert not killed.exists() and building.is_dir() and foreign.is_dir()
         assert f"removed {killed}, the unfinished run folder of a fit that was killed" in lines
         assert not (run.run_dir / OWNER_FILE).exists()
         with pytest.raises(FitError) as err:  # the same --out as a fit that is still building it
-            run_fit(fake_caches.dir, heads=["logreg"], out=runs / "busy", report=False, log=_quiet)
+            run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "busy"), log=_quiet)
         assert f"another fit (process {live.pid}) is building {runs / 'busy'} now" in str(err.value)
         assert (building / "heads").is_dir()
     finally:
         live.kill()
         live.wait()
     # once its builder is gone, the same command replaces it
-    assert run_fit(fake_caches.dir, heads=["logreg"], out=runs / "busy", report=False, log=_quiet).run_dir.is_dir()
+    assert run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "busy"), log=_quiet).run_dir.is_dir()
 
 
 def test_a_full_disk_while_fit_writes_is_one_line_and_keeps_nothing(fake_caches, small_tmpfs):
@@ -584,7 +671,7 @@ def test_a_full_disk_while_fit_writes_is_one_line_and_keeps_nothing(fake_caches,
     (small_tmpfs / "filler").write_bytes(b"\0" * (256 * 1024 - 12 * 1024))  # 12 kB left: less than the run
     out = small_tmpfs / "run"
     with pytest.raises(FitError) as err:
-        run_fit(fake_caches.dir, heads=["logreg", "knn"], out=out, report=False, log=_quiet)
+        run_fit(FitConfig(fake_caches.dir, heads=["logreg", "knn"], out=out), log=_quiet)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"cannot write the run folder {out} (No space left on device)")
     assert "nothing of this run was kept" in msg

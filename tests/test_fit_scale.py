@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 import pipeline.cache as cache_mod
 from pipeline.cache import read as cache_read
 from pipeline.errors import FitError
-from pipeline.fit import run_fit
+from pipeline.fit import FitConfig, run_fit
 from pipeline.fit import forms
 from pipeline.fit.heads import (HEADS, KNN_EXACT_MAX_ROWS, LINEAR_SVM_EXACT_MAX_ROWS, LOGREG_EXACT_MAX_ROWS,
                                 SVM_EXACT_MAX_ROWS, DenseHead, HeadContext)
@@ -233,8 +233,8 @@ def test_search_runs_on_a_recorded_subsample_and_refits_on_every_row(tmp_path):
     import joblib
 
     path = _cache(tmp_path, n=400)
-    run = run_fit(caches=[path], heads=["logreg", "knn"], out=tmp_path / "run", report=False, log=_quiet,
-                  policy=CostPolicy(search_max_rows=90))
+    run = run_fit(FitConfig(caches=[path], heads=["logreg", "knn"], out=tmp_path / "run",
+                            policy=CostPolicy(search_max_rows=90)), log=_quiet)
     doc = run.results
     train = sum(doc["dataset"]["counts"]["train"].values())
     assert doc["protocol"]["search"] == {"train_rows": train, "search_rows": 90, "subsample": True,
@@ -262,10 +262,10 @@ def test_streamed_fit_equals_the_in_memory_fit(tmp_path):
     path = _cache(tmp_path, n=360)
     heads = ["logreg", "knn", "centroid"]  # the linear SVM's batch form is the same solver as logreg's
     forced = CostPolicy(exact_max_rows={"logreg": 0, "knn": 100})
-    mem = run_fit(caches=[path], heads=heads, out=tmp_path / "mem", report=False, log=_quiet, policy=forced).results
+    mem = run_fit(FitConfig(caches=[path], heads=heads, out=tmp_path / "mem", policy=forced), log=_quiet).results
     lines: list[str] = []
-    streamed = run_fit(caches=[path], heads=heads, out=tmp_path / "str", report=False, log=lines.append,
-                       memory_budget_text="64kB", policy=forced).results
+    streamed = run_fit(FitConfig(caches=[path], heads=heads, out=tmp_path / "str", memory_budget="64kB",
+                                 policy=forced), log=lines.append).results
     assert mem["caches"][0]["data"] == "memory" and streamed["caches"][0]["data"] == "streamed"
     assert any("streamed from the cache" in ln for ln in lines)
     assert streamed["memory_budget"] == {"bytes": 64_000, "source": "--memory-budget 64kB"}
@@ -298,10 +298,10 @@ def test_dense_head_streamed_from_maps_within_tolerance(tmp_path):
     its weights and optimizer state, 262 kB, but not three copies of the 128 kB of maps)."""
     path = _cache(tmp_path, n=2000, d=16, shape=(2, 2, 4), kind="maps")
     small_search = CostPolicy(search_max_rows=300)  # what is compared here is the refit on all 1,400 rows
-    mem = run_fit(caches=[path], heads=["dense", "centroid"], features="maps", out=tmp_path / "mem", report=False,
-                  log=_quiet, policy=small_search).results
-    streamed = run_fit(caches=[path], heads=["dense", "centroid"], features="maps", out=tmp_path / "str",
-                       report=False, log=_quiet, memory_budget_text="300kB", policy=small_search).results
+    mem = run_fit(FitConfig(caches=[path], heads=["dense", "centroid"], features="maps", out=tmp_path / "mem",
+                            policy=small_search), log=_quiet).results
+    streamed = run_fit(FitConfig(caches=[path], heads=["dense", "centroid"], features="maps", out=tmp_path / "str",
+                                 memory_budget="300kB", policy=small_search), log=_quiet).results
     by = {r["head"]: r for r in streamed["results"]}
     assert by["dense"]["cost"]["form"] == "streamed" and by["dense"]["cost"]["data"] == "streamed"
     assert by["centroid"]["cost"]["form"] == "exact" and by["centroid"]["cost"]["data"] == "streamed"
@@ -320,8 +320,8 @@ def test_heads_that_cannot_fit_the_budget_are_skipped_with_the_reason(tmp_path):
     # 800 kB holds the search's 33 rows of 1,000 features (x3 copies in half the budget) but not a k-NN index of 30
     # rows (x2 in a quarter), nor 210 Nystroem landmarks
     path = _cache(tmp_path, n=300, d=1000)
-    run = run_fit(caches=[path], heads=["knn", "svm", "centroid"], out=tmp_path / "run", log=_quiet,
-                  memory_budget_text="800kB", policy=CostPolicy(exact_max_rows={"svm": 0}))
+    run = run_fit(FitConfig(caches=[path], heads=["knn", "svm", "centroid"], out=tmp_path / "run",
+                            memory_budget="800kB", policy=CostPolicy(exact_max_rows={"svm": 0})), log=_quiet)
     doc = run.results
     assert [r["head"] for r in doc["results"]] == ["centroid"]
     skipped = {s["head"]: s["reason"] for s in doc["skipped"]}
@@ -334,12 +334,14 @@ def test_heads_that_cannot_fit_the_budget_are_skipped_with_the_reason(tmp_path):
     console.print(run.leaderboard())
     text = console.export_text()
     assert "skipped" in text and "k-NN index" in text
-    html = run.report_path.read_text(encoding="utf-8")
+    from pipeline.report import write_report
+
+    html = write_report([run.run_dir], tmp_path / "run.html").read_text(encoding="utf-8")
     assert "2 heads skipped" in html and "Nystroem" in html
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["skipped"] == doc["skipped"]
     with pytest.raises(FitError, match="every head was skipped.*--memory-budget"):
-        run_fit(caches=[path], heads=["knn"], out=tmp_path / "run2", report=False, memory_budget_text="800kB")
+        run_fit(FitConfig(caches=[path], heads=["knn"], out=tmp_path / "run2", memory_budget="800kB"))
 
 
 def test_each_cache_is_opened_once_and_never_hashed(tmp_path, monkeypatch):
@@ -356,12 +358,11 @@ def test_each_cache_is_opened_once_and_never_hashed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache_read, "_open", counting_open)
     monkeypatch.setattr("pipeline.backbones.sha256_file", no_hashing)
-    doc = run_fit(caches=[a], heads=["logreg", "centroid", "knn"], out=tmp_path / "r1", report=False,
-                  log=_quiet).results
+    doc = run_fit(FitConfig(caches=[a], heads=["logreg", "centroid", "knn"], out=tmp_path / "r1"), log=_quiet).results
     assert opened == ["toy.h5"]
     assert doc["caches"][0]["sha256"] == cache_mod.read_meta(a)["content_sha256"]
     opened.clear()
-    run_fit(tmp_path / "cache", heads=["centroid"], out=tmp_path / "r2", report=False, log=_quiet)
+    run_fit(FitConfig(tmp_path / "cache", heads=["centroid"], out=tmp_path / "r2"), log=_quiet)
     assert opened == ["toy.h5", "toy.h5"]  # the folder scan reads its header, then the fit opens it once
 
 

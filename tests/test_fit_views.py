@@ -15,7 +15,7 @@ from sklearn.neighbors import NearestCentroid
 
 import pipeline.cache as cache_mod
 from conftest import run_extract
-from pipeline.fit import run_fit
+from pipeline.fit import FitConfig, run_fit
 from pipeline.fit.dense import DenseHead
 from pipeline.fit.evaluate import evaluate_head
 from pipeline.fit.heads import HEADS, HeadSpec
@@ -180,7 +180,7 @@ def view_cache(monkeypatch, tmp_path):
 
 
 def test_cache_without_views_records_no_views(view_cache, tmp_path):
-    doc = run_fit(caches=[view_cache(k=0)], heads=["logreg", "centroid"], out=tmp_path / "run", report=False,
+    doc = run_fit(FitConfig(caches=[view_cache(k=0)], heads=["logreg", "centroid"], out=tmp_path / "run"),
                   log=_quiet).results
     assert doc["caches"][0]["views"] is None  # a schema-1 style cache: no views attribute at all
     for r in doc["results"]:
@@ -195,8 +195,7 @@ def test_fit_with_views_logs_records_and_reports_the_choice(view_cache, tmp_path
 
     lines: list[str] = []
     path = view_cache(k=2)
-    run = run_fit(caches=[path], heads=["logreg", "centroid"], out=tmp_path / "run", report=False,
-                  log=lines.append)
+    run = run_fit(FitConfig(caches=[path], heads=["logreg", "centroid"], out=tmp_path / "run"), log=lines.append)
     doc = run.results
     assert any("2 augmented views per image (flip, crop)" in m for m in lines)
     for r in doc["results"]:
@@ -211,14 +210,14 @@ def test_fit_with_views_logs_records_and_reports_the_choice(view_cache, tmp_path
     n = _check_numbers(_parse_strict(html), [doc])
     assert n > 0 and "views added" in html and "Augmented views (2 per image: flip, crop)" in html
 
-    off = run_fit(caches=[path], heads=["centroid"], out=tmp_path / "off", report=False, log=_quiet, views=False)
+    off = run_fit(FitConfig(caches=[path], heads=["centroid"], out=tmp_path / "off", views=False), log=_quiet)
     v = off.results["results"][0]["views"]
     assert v["offered"] == ["none"] and v["chosen"] == "none" and "--no-views" in v["notes"][0]
 
 
 def test_streamed_features_use_no_views_and_say_why(view_cache, tmp_path):
-    doc = run_fit(caches=[view_cache(k=2)], heads=["centroid"], out=tmp_path / "run", report=False, log=_quiet,
-                  memory_budget_text="20KB").results
+    doc = run_fit(FitConfig(caches=[view_cache(k=2)], heads=["centroid"], out=tmp_path / "run", memory_budget="20KB"),
+                  log=_quiet).results
     v = doc["results"][0]["views"]
     assert doc["results"][0]["cost"]["data"] == "streamed"
     assert v["offered"] == ["none"] and "streamed" in v["notes"][0]
@@ -234,7 +233,7 @@ def test_predict_averages_over_the_cached_views(tiny_dataset, tmp_path):
     spec = make_view_spec(2, ("flip", "crop"), seed=3)
     res = run_extract(tiny_dataset, tmp_path / "cache", backbone="mobilenet_v2", weights="none", input_size=32,
                       alpha=0.35, batch_size=4, views=spec)
-    run = run_fit(caches=[res.path], heads=["logreg"], out=tmp_path / "run", report=False, log=_quiet).results
+    run = run_fit(FitConfig(caches=[res.path], heads=["logreg"], out=tmp_path / "run"), log=_quiet).results
     assert run["results"][0]["views"]["spec"]["kinds"] == ["flip", "crop"]
     # make the head use test-time views whatever it chose on these 12 random-weight images
     doc_path = tmp_path / "run" / "results.json"
@@ -271,7 +270,7 @@ def test_export_averages_the_mirror_image_when_that_is_the_only_view(tiny_datase
 
     res = run_extract(tiny_dataset, tmp_path / "cache", backbone="mobilenet_v2", weights="none", input_size=32,
                       alpha=0.35, batch_size=4, views=make_view_spec(1, ("flip",)))
-    run_fit(caches=[res.path], heads=["dense"], out=tmp_path / "run", report=False, log=_quiet)
+    run_fit(FitConfig(caches=[res.path], heads=["dense"], out=tmp_path / "run"), log=_quiet)
     doc_path = tmp_path / "run" / "results.json"
     doc = json.loads(doc_path.read_text())
     doc["results"][0]["views"]["chosen"] = "tta"  # as if the selection split had chosen test-time views

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def hym_run(hymenoptera_v2_cache, tmp_path_factory) -> Path:
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
     out = tmp_path_factory.mktemp("run") / "hym"
-    run_fit(caches=[hymenoptera_v2_cache], heads=["dense", "logreg"], out=out, report=False, log=lambda m: None)
+    run_fit(FitConfig(caches=[hymenoptera_v2_cache], heads=["dense", "logreg"], out=out), log=lambda m: None)
     return out
 
 

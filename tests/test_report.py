@@ -550,9 +550,9 @@ def test_cli_report_command(binary_run: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_real_fit_run_on_hymenoptera(hymenoptera_v2_cache: Path, tmp_path: Path) -> None:
     """The fit stage's own run folder (real MobileNetV2 features, every head) renders and checks out."""
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
-    run = run_fit(caches=[hymenoptera_v2_cache], out=tmp_path / "hymenoptera_run", report=False, seed=0)
+    run = run_fit(FitConfig(caches=[hymenoptera_v2_cache], out=tmp_path / "hymenoptera_run", seed=0))
     out = write_report([run.run_dir], tmp_path / "hymenoptera.html")
     html = out.read_text(encoding="utf-8")
     doc = _parse_strict(html)

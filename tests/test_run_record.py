@@ -24,7 +24,7 @@ ALPHA = 0.35
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A two-class set, extracted and fitted with logreg (the pick, by the seed) and the dense head."""
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
 
     base = tmp_path_factory.mktemp("record")
     root = base / "blobs"
@@ -32,7 +32,7 @@ def fitted(tmp_path_factory):
     res = run_extract(root, base / "cache", backbone="mobilenet_v2", weights="none", input_size=SIZE, alpha=ALPHA,
                       runtime="keras")
     run = base / "run"
-    run_fit(caches=[res.path], heads=["logreg", "dense"], out=run, report=False, audit=False, log=lambda m: None)
+    run_fit(FitConfig(caches=[res.path], heads=["logreg", "dense"], out=run, audit=False), log=lambda m: None)
     return run, root
 
 

@@ -526,7 +526,7 @@ def test_engine_reports_the_runtime_it_ran(tiny_dataset, tmp_path, monkeypatch):
 
 
 def test_predict_gives_the_same_labels_with_both_runtimes(tmp_path):
-    from pipeline.fit import run_fit
+    from pipeline.fit import FitConfig, run_fit
     from pipeline.predict import predict_images
 
     rng = np.random.default_rng(0)
@@ -537,7 +537,7 @@ def test_predict_gives_the_same_labels_with_both_runtimes(tmp_path):
             write_image(root / cls / f"{i:02d}.jpg", img)
     res = run_extract(root, tmp_path / "cache", weights="none", input_size=32, batch_size=8)
     run = tmp_path / "run"
-    run_fit(caches=[res.path], heads=["logreg"], out=run, report=False, log=lambda m: None)
+    run_fit(FitConfig(caches=[res.path], heads=["logreg"], out=run), log=lambda m: None)
     _, by_keras = predict_images(run, [root], head="logreg", runtime="keras", log=lambda m: None)
     msgs: list[str] = []
     _, by_onnx = predict_images(run, [root], head="logreg", runtime="onnx", log=msgs.append)

@@ -6,10 +6,12 @@ scikit-learn objects from streamed statistics), :mod:`.stream` (rows in memory o
 :mod:`.plan` (the cost plan: memory budget, forms, search rows, skips), :mod:`.protocol` (splits, selection folds,
 hyperparameter search), :mod:`.views` (view modes of caches with augmented views, chosen on the selection
 split), :mod:`.metrics`, :mod:`.evaluate` (one head on one feature set), :mod:`.inputs` (caches
-opened once and aligned), :mod:`.output` (run folder and results.json content), :mod:`.leaderboard` and
-:mod:`.run` (plan -> evaluate -> write).
+opened once and aligned), :mod:`.output` (run folder and results.json content), :mod:`.leaderboard`,
+:mod:`.config` (:class:`FitConfig`: every option of a fit, checked once) and :mod:`.run` (plan -> fit each cache
+-> write).
 """
 
-from pipeline.fit.run import CLASS_WEIGHTS, FEATURE_KINDS, FitRun, leaderboard_table, result_key, run_fit
+from pipeline.fit.config import CLASS_WEIGHTS, FEATURE_KINDS, FitConfig
+from pipeline.fit.run import FitRun, leaderboard_table, result_key, run_fit
 
-__all__ = ["run_fit", "FitRun", "leaderboard_table", "result_key", "FEATURE_KINDS", "CLASS_WEIGHTS"]
+__all__ = ["run_fit", "FitConfig", "FitRun", "leaderboard_table", "result_key", "FEATURE_KINDS", "CLASS_WEIGHTS"]

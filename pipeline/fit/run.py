@@ -4,10 +4,13 @@ One run compares heads on one dataset, across one or several feature caches of i
 MobileNetV2), by the protocol of :mod:`pipeline.fit.protocol`. All caches of a run are aligned on the images they
 have in common, so every head and backbone is scored on the same rows and the same folds.
 
-:func:`run_fit` is three steps: **plan** (open every cache once, align, decide the splits and the protocol, the
-search rows, and per cache and head where the features live and which form fits the head:
-:mod:`pipeline.fit.plan`), **evaluate** (search, refit and predict each head: :mod:`pipeline.fit.evaluate`), and
-**write** (the fitted heads and predictions as each head finishes, then results.json: :mod:`pipeline.fit.output`).
+:func:`run_fit` takes one :class:`~pipeline.fit.config.FitConfig` (checked when it was made) and is three steps:
+**plan** (:func:`_plan_run`: open every cache once, align, decide the splits and the protocol, audit the images,
+the search rows, and per cache where the features live: :mod:`pipeline.fit.plan`), **fit each cache**
+(:func:`_fit_cache`: per head its form, then search, refit and predict it, :mod:`pipeline.fit.evaluate`, writing
+its fitted head and predictions as it finishes) and **write** (:func:`_write_run`: the pick, the audit files,
+splits.csv and results.json, :mod:`pipeline.fit.output`; then the folder is published whole). The HTML report is
+not the fit's: its callers write it (:func:`pipeline.report.write_report`), as ``python cli.py fit`` does.
 
 Run folder (default ``reports/runs/<dataset>_<YYYYmmdd-HHMMSS>/``)::
 
@@ -23,32 +26,29 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.audit import Audit, AuditConfig, AuditImages, AuditSource, run_audit, write_audit
+from pipeline.audit import Audit, AuditImages, AuditSource, run_audit, write_audit
 from pipeline.errors import FitError
+from pipeline.fit.config import FitConfig
 from pipeline.fit.evaluate import FitData, evaluate_planned, make_context
-from pipeline.fit.heads import HEADS, resolve_heads
+from pipeline.fit.heads import HEADS
 from pipeline.fit.inputs import Inputs, open_inputs
 from pipeline.fit.leaderboard import leaderboard_table
 from pipeline.fit.output import (cache_entry, dataset_entry, default_out, discard_run_dir, prepare_run_dir,
                                  publish_run_dir, result_key, results_doc, save_head, slug, write_predictions,
                                  write_splits)
-from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
-from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, memory_budget, plan_cache, plan_head
-from pipeline.sizes import fmt_bytes
-from pipeline.fit.protocol import EXCLUDED, SELECT_ON, Protocol, SearchRows, plan_protocol, search_rows
+from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, plan_cache, plan_head
+from pipeline.fit.protocol import EXCLUDED, Protocol, SearchRows, plan_protocol, search_rows
 from pipeline.results import SCHEMA_VERSION, file_sha256, write_results
+from pipeline.sizes import fmt_bytes
 from pipeline.stats import wilson_interval
 
-__all__ = ["FitRun", "run_fit", "leaderboard_table", "result_key", "FEATURE_KINDS", "CLASS_WEIGHTS"]
-
-FEATURE_KINDS = ("avg", "max", "maps")
-CLASS_WEIGHTS = ("none", "balanced")
+__all__ = ["FitRun", "run_fit", "leaderboard_table", "result_key"]
 
 
 @dataclass
@@ -61,13 +61,10 @@ class FitRun:
         The run folder.
     results : dict
         The content of ``results.json``.
-    report_path : Path or None
-        The HTML report, when one was written.
     """
 
     run_dir: Path
     results: dict[str, Any]
-    report_path: Path | None = None
 
     def leaderboard(self):
         """The leaderboard as a ``rich.table.Table`` (see :func:`leaderboard_table`)."""
@@ -85,15 +82,19 @@ class _Plan:
     caches: list[CachePlan]
     budget: MemoryBudget
     policy: CostPolicy
+    audit: Audit | None
+    labels: list[tuple[str, str]]
+    """Per cache, its backbone label and the slug of its result keys (made unique within the run)."""
 
 
-def _plan(inputs: Inputs, splits: np.ndarray, protocol: Protocol, seed: int, budget: MemoryBudget,
-          policy: CostPolicy) -> _Plan:
-    used = int(np.isin(splits, ["train", *protocol.final_splits]).sum())
-    caches = [plan_cache(used, tuple(r.shape), budget, policy) for r in inputs.readers]
-    max_rows = min(c.search_max_rows for c in caches)
-    srows = search_rows(protocol, splits, inputs.labels, seed, max_rows)
-    return _Plan(inputs, splits, protocol, srows, caches, budget, policy)
+@dataclass
+class _CacheFit:
+    """What fitting the heads on one cache made: its results.json entries and each head's right/wrong per image."""
+
+    cache: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    correct: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def _view_spec(reader: Any) -> dict[str, Any] | None:
@@ -176,6 +177,12 @@ def _audit_sources(inputs: Inputs) -> list[AuditSource]:
             for r, p, rows in zip(inputs.readers, inputs.paths, inputs.rows)]
 
 
+def _write_fault(final_dir: Path, exc: OSError) -> FitError:
+    """The one line of a run folder that could not be written (disk full, permissions)."""
+    return FitError(f"cannot write the run folder {final_dir} ({exc.strerror or exc}); nothing of this run was "
+                    f"kept: free space or pass a writable --out, then rerun")
+
+
 def _discard_on_error(run_dir: Path, final_dir: Path) -> Callable[..., bool]:
     """An exit callback for the fit's ExitStack: an error or interruption before the run is complete removes its
     unfinished folder (a fit does not resume head by head; the same command starts it again); a file that could
@@ -184,16 +191,10 @@ def _discard_on_error(run_dir: Path, final_dir: Path) -> Callable[..., bool]:
         if exc_type is not None:
             discard_run_dir(run_dir)
             if issubclass(exc_type, OSError):
-                raise FitError(f"cannot write the run folder {final_dir} ({exc.strerror or exc}); nothing of this "
-                               f"run was kept: free space or pass a writable --out, then rerun") from None
+                raise _write_fault(final_dir, exc) from None
         return False
 
     return on_exit
-
-
-def _audit_block(budget: MemoryBudget) -> int:
-    """The audit's similarity block: the budget's buffer share (an eighth), between 16 MB and 256 MB."""
-    return int(min(256 * 2**20, max(16 * 2**20, budget.buffer_bytes)))
 
 
 def _exclude_leaks(splits: np.ndarray, leaked: np.ndarray, final_splits: Sequence[str]) -> np.ndarray:
@@ -222,62 +223,159 @@ def _leak_free(res: Any, splits: np.ndarray, leaked: np.ndarray, labels: np.ndar
     return out
 
 
-def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | None = None,
-            dataset: str | None = None, backbones: Sequence[str] | None = None,
-            heads: Sequence[str] | None = None, features: str = "avg", class_weight: str = "none", seed: int = 0,
-            out: str | Path | None = None, report: bool = True, command: str = "",
-            memory_budget_text: str | None = None, policy: CostPolicy | None = None,
-            log: Callable[[str], None] | None = None, views: bool = True, pick: str = DEFAULT_RULE,
-            select_on: str = "auto", audit: bool = True, exclude_leaks: bool = False,
-            audit_config: AuditConfig | None = None) -> FitRun:
+
+
+def _cache_labels(inputs: Inputs) -> list[tuple[str, str]]:
+    """Per cache, its backbone label and the slug of its result keys: a slug two caches share gets the second
+    one's index (``mobilenet_v2-a1.0-224-1``), so that every key of the run is unique."""
+    out, used = [], set()
+    for ci, reader in enumerate(inputs.readers):
+        label = str(reader.meta.get("backbone_label") or reader.meta.get("backbone"))
+        slug_label = slug(label)
+        if slug_label in used:
+            slug_label = f"{slug_label}-{ci}"
+        used.add(slug_label)
+        out.append((label, slug_label))
+    return out
+
+
+def _plan_run(stack: contextlib.ExitStack, config: FitConfig, say: Callable[[str], None]) -> _Plan:
+    """Open and align the caches (closed when ``stack`` closes), fix the splits and the protocol, audit the images
+    (moving leaked final-split images out when asked), then plan each cache and the search rows."""
+    inputs = open_inputs(stack, config.cache_dir, config.caches, config.dataset, config.backbones, config.features,
+                         say)
+    splits, protocol = plan_protocol(inputs.cached_splits, inputs.labels, inputs.class_names, inputs.rel_paths,
+                                     config.seed, config.select_on)
+    found: Audit | None = None
+    if config.audit:
+        found = run_audit(_audit_images(inputs, splits, protocol), _audit_sources(inputs), config.audit_settings(),
+                          config.exclude_leaks)
+        for line in found.lines():
+            say(line)
+        if config.exclude_leaks:
+            splits = _exclude_leaks(splits, found.leaked, protocol.final_splits)
+    budget, policy = config.budget, config.cost_policy
+    used = int(np.isin(splits, ["train", *protocol.final_splits]).sum())
+    caches = [plan_cache(used, tuple(r.shape), budget, policy) for r in inputs.readers]
+    max_rows = min(c.search_max_rows for c in caches)
+    srows = search_rows(protocol, splits, inputs.labels, config.seed, max_rows)
+    return _Plan(inputs, splits, protocol, srows, caches, budget, policy, found, _cache_labels(inputs))
+
+
+def _fit_cache(plan: _Plan, ci: int, config: FitConfig, run_dir: Path, say: Callable[[str], None]) -> _CacheFit:
+    """Fit every head of the run on cache ``ci``: its features loaded (or streamed) once, each head's files
+    written as it finishes, one log line per head fitted or skipped."""
+    inputs, cplan, reader = plan.inputs, plan.caches[ci], plan.inputs.readers[ci]
+    label, slug_label = plan.labels[ci]
+    part = _CacheFit(cache_entry(reader, config.features, cplan.data, cplan.feature_bytes))
+    if not cplan.in_memory:
+        say(f"{label}: {cplan.reason}")
+    data = _load(plan, ci, config.views, config.features)
+    if data.view_spec is not None:
+        k = int(data.view_spec["n"])
+        say(f"{label}: {k} augmented view{'s' if k > 1 else ''} per image "
+            f"({', '.join(data.view_spec.get('kinds', []))}): "
+            + (f"not used: {data.views_note}" if data.views_note else
+               "each head chooses none / train / tta / both on the selection split"))
+    ctx = make_context(reader.shape, inputs.labels, plan.splits, len(inputs.class_names), config.seed,
+                       config.head_class_weight)
+    for name in config.heads:
+        spec = HEADS[name]
+        key = result_key(slug_label, name)
+        hp = plan_head(spec, ctx, cplan, plan.search.fit_rows, plan.policy)
+        if hp.skipped:
+            part.skipped.append({"key": key, "cache_index": ci, "backbone_label": label, "head": name,
+                                 "reason": hp.skipped, "cost": hp.to_json(plan.search.to_json())})
+            say(f"{label:<24} {name:<11} skipped: {hp.skipped}")
+            continue
+        t0 = time.perf_counter()
+        res = evaluate_planned(spec, hp, data, plan.splits, inputs.rel_paths, plan.protocol, plan.search)
+        _record_head(plan, res, spec.kind, run_dir, key, ci, label, config.exclude_leaks, part)
+        rep = res.metrics[plan.protocol.report_split]
+        form = "" if hp.form is None or hp.form.exact else f" [{hp.form.name}]"
+        say(f"{label:<24} {name:<11} {plan.protocol.selection} acc {res.selection_score:.3f}  "
+            f"{plan.protocol.report_split} acc {rep['accuracy']:.3f}  ({time.perf_counter() - t0:.1f} s){form}"
+            + _views_line(res, plan.protocol))
+        del res
+    return part
+
+
+def _record_head(plan: _Plan, res: Any, kind: str, run_dir: Path, key: str, ci: int, label: str,
+               exclude_leaks: bool, part: _CacheFit) -> None:
+    """Write one fitted head and its predictions into the run folder and add its result to ``part``."""
+    inputs, splits, found = plan.inputs, plan.splits, plan.audit
+    model_file = save_head(res, kind, run_dir / "heads", key)
+    write_predictions(run_dir / "predictions" / f"{key}.csv", res, inputs.rel_paths, splits, inputs.labels,
+                      inputs.class_names)
+    entry = {"key": key, "cache_index": ci, "backbone_label": label, **res.to_json(), "model_file": model_file,
+             "model_sha256": file_sha256(run_dir / model_file), "predictions_file": f"predictions/{key}.csv"}
+    if found is not None and not exclude_leaks and found.leaked.any():
+        entry["leak_free"] = _leak_free(res, splits, found.leaked, inputs.labels)
+    part.results.append(entry)
+    part.correct[key] = _correct_by_split(res, inputs.labels, splits)
+
+
+def _say_pick(best: dict[str, Any], rule: str, say: Callable[[str], None]) -> None:
+    """The log's lines of the pick: the chosen result with its interval and reason, and without leaks."""
+    iv = best.get("interval")
+    say(f"pick ({rule}): {best['key']}, {best['split']} accuracy {best['value']:.3f}"
+        + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "") + f" on {best['n']} images: {best['reason']}"
+        + (f" Tied with it on {best['split']}: {', '.join(best['tied_with'])}." if best["tied_with"] else ""))
+    lf = best.get("leak_free")
+    if lf:
+        say(f"  without leaks: {best['split']} accuracy " + (f"{lf['accuracy']:.3f}" if lf["accuracy"] is not None
+                                                              else "n/a")
+            + (f" [{lf['interval'][0]:.3f}, {lf['interval'][1]:.3f}]" if lf.get("interval") else "")
+            + f" on the {lf['n']:,} {best['split']} images without a duplicate in train")
+
+
+def _write_run(plan: _Plan, parts: list[_CacheFit], config: FitConfig, run_dir: Path,
+               say: Callable[[str], None]) -> dict[str, Any]:
+    """The run's record from what every cache made: the audit files, the pick (said in the log) and splits.csv in
+    the run folder; returns the content of results.json (written by :func:`_publish`)."""
+    inputs, splits, protocol, found = plan.inputs, plan.splits, plan.protocol, plan.audit
+    protocol_json = {**protocol.to_json(), "search": plan.search.to_json(),
+                     "search_max_rows": int(plan.policy.search_max_rows)}
+    audit_json = None if found is None else found.to_json(write_audit(run_dir, found))
+    command = config.command or (f"run_fit(heads={list(config.heads)}, features={config.features!r}, "
+                                 f"seed={config.seed})")
+    doc = results_doc(
+        SCHEMA_VERSION, command, config.seed,
+        dataset_entry(inputs.dataset_name, str(inputs.meta.get("dataset_root", "")), inputs.class_names,
+                      inputs.labels, splits, protocol, inputs.failed()),
+        protocol_json, [p.cache for p in parts], [r for p in parts for r in p.results],
+        [s for p in parts for s in p.skipped], plan.budget.to_json(), protocol.report_split,
+        {k: v for p in parts for k, v in p.correct.items()}, config.pick, audit_json)
+    _say_pick(doc["best"], config.pick, say)
+    write_splits(run_dir / "splits.csv", inputs.rel_paths, splits, inputs.labels, inputs.class_names,
+                 _digests(inputs))
+    return doc
+
+
+def _publish(run_dir: Path, final_dir: Path, doc: dict[str, Any]) -> None:
+    """Write results.json and move the complete run folder to ``final_dir``; on any failure nothing is kept."""
+    try:
+        write_results(run_dir, doc)
+        publish_run_dir(run_dir, final_dir)
+    except BaseException as exc:
+        discard_run_dir(run_dir)
+        if isinstance(exc, OSError):
+            raise _write_fault(final_dir, exc) from None
+        raise
+
+
+def run_fit(config: FitConfig, *, log: Callable[[str], None] | None = None) -> FitRun:
     """Fit and compare heads on cached features and write a run folder.
+
+    The run folder is built hidden and appears at its place only when complete; an error or interruption keeps
+    nothing of it. No HTML report is written: pass the run folder to :func:`pipeline.report.write_report`.
 
     Parameters
     ----------
-    cache_dir : path, default "cache"
-        Folder searched for complete caches (ignored when ``caches`` is given).
-    caches : sequence of path, optional
-        Explicit cache files (all of one dataset).
-    dataset : str, optional
-        Dataset to pick when the folder holds caches of several datasets: its name, or its folder (a path) when
-        two datasets share a name. Default: the dataset extracted last (``log`` is told which).
-    backbones : sequence of str, optional
-        Keep only caches of these backbones (name like ``mobilenet_v2`` or label like ``mobilenet_v2-a1.0-224``).
-    heads : sequence of str, optional
-        Head names or ``all`` (default: all registered heads).
-    features : {"avg", "max", "maps"}
-        Which cached features to fit on (``maps`` must have been extracted with ``--maps``).
-    class_weight : {"none", "balanced"}
-    seed : int
-        Seed of the hash split, the folds, the search subsample and every head.
-    out : path, optional
-        Run folder (must not exist or be empty); default ``reports/runs/<dataset>_<timestamp>``.
-    report : bool
-        Also write the HTML report, ``reports/<run folder name>.html``, with :func:`pipeline.report.write_report`.
-    command : str
-        The command line, recorded as provenance.
-    memory_budget_text : str, optional
-        ``--memory-budget`` (e.g. ``"2GB"``): how much memory the features may take; default half of the machine's
-        memory. Features that do not fit are streamed from the cache (see :mod:`pipeline.fit.plan`).
-    policy : CostPolicy, optional
-        Thresholds of the cost plan (default: the documented ones).
+    config : FitConfig
+        What to fit, on which caches, and where to write it (every option, already checked).
     log : callable, optional
-        Receives one line per fitted or skipped head (progress).
-    views : bool, default True
-        Let every head choose among view modes when the caches hold augmented views (``extract --views K``; see
-        :mod:`pipeline.fit.views`); False fits on centre views only (recorded as turned off).
-    pick : str, default "one_se"
-        The rule that picks the recommended result from the selection scores (:mod:`pipeline.fit.pick`).
-    select_on : {"auto", "cv", "val"}
-        Where hyperparameters and the pick are chosen (:data:`pipeline.fit.protocol.SELECT_ON`).
-    audit : bool, default True
-        Audit the images once the splits are fixed (duplicates, leaks, suspect labels, outliers:
-        :mod:`pipeline.audit`), into ``audit/`` and results.json's ``audit``.
-    exclude_leaks : bool, default False
-        Move every final-split image with a duplicate in train out of the final split (its split becomes
-        ``excluded``); needs ``audit``.
-    audit_config : AuditConfig, optional
-        The audit's settings (default: the documented rules).
+        Receives one line per fitted or skipped head (progress), and the dataset, audit and pick lines.
 
     Returns
     -------
@@ -286,137 +384,22 @@ def run_fit(cache_dir: str | Path = "cache", *, caches: Sequence[str | Path] | N
     Raises
     ------
     FitError
-        Unknown head, feature kind, class weight or memory size; a ``dataset`` name two dataset folders share; caches of
-        different datasets or class sets; data the protocol cannot use (see
-        :func:`pipeline.fit.protocol.plan_protocol`); an existing non-empty ``out``; every head skipped.
+        A ``dataset`` name two dataset folders share; caches of different datasets or class sets; data the protocol
+        cannot use (see :func:`pipeline.fit.protocol.plan_protocol`); an existing non-empty ``out``; every head
+        skipped; a run folder that cannot be written. (Bad options are refused earlier, by :class:`FitConfig`.)
     CacheError
         No cache found, or one that cannot be read.
     """
     say = log or (lambda _m: None)
-    head_list = resolve_heads(list(heads) if heads else None)
-    if pick not in PICK_RULES:
-        raise FitError(f"unknown --pick {pick!r}; choose one of {', '.join(PICK_RULES)}")
-    if select_on not in SELECT_ON:
-        raise FitError(f"unknown --select-on {select_on!r}; choose one of {', '.join(SELECT_ON)}")
-    if features not in FEATURE_KINDS:
-        raise FitError(f"unknown --features {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
-    if class_weight not in CLASS_WEIGHTS:
-        raise FitError(f"unknown --class-weight {class_weight!r}; choose one of {', '.join(CLASS_WEIGHTS)}")
-    cw = "balanced" if class_weight == "balanced" else None
-    if exclude_leaks and not audit:
-        raise FitError("--exclude-leaks needs the audit (drop --no-audit)")
-    budget = memory_budget(memory_budget_text)
-    policy = policy or CostPolicy()
-
     with contextlib.ExitStack() as stack:
-        # ---- plan
-        inputs = open_inputs(stack, cache_dir, caches, dataset, backbones, features, say)
-        splits, protocol = plan_protocol(inputs.cached_splits, inputs.labels, inputs.class_names, inputs.rel_paths,
-                                         seed, select_on)
-        found: Audit | None = None
-        if audit:
-            found = run_audit(_audit_images(inputs, splits, protocol), _audit_sources(inputs),
-                              audit_config or AuditConfig(seed=seed, block_bytes=_audit_block(budget),
-                                                       memory_bytes=budget.bytes),
-                              exclude_leaks)
-            for line in found.lines():
-                say(line)
-            if exclude_leaks:
-                splits = _exclude_leaks(splits, found.leaked, protocol.final_splits)
-        plan = _plan(inputs, splits, protocol, seed, budget, policy)
-        final_dir = Path(out) if out is not None else default_out(inputs.dataset_name)
+        plan = _plan_run(stack, config, say)
+        final_dir = Path(config.out) if config.out is not None else default_out(plan.inputs.dataset_name)
         run_dir = prepare_run_dir(final_dir, say)  # built hidden; appears at final_dir only when complete
         stack.push(_discard_on_error(run_dir, final_dir))
-        splits, protocol = plan.splits, plan.protocol
         if plan.search.subsample:
             say(f"hyperparameter search on a stratified subsample of {plan.search.fit_rows:,} of "
                 f"{plan.search.train_rows:,} training rows; each chosen head is refitted on all of them")
-
-        # ---- evaluate (and write each head's files as it finishes)
-        cache_json, results, skipped = [], [], []
-        correct: dict[str, dict[str, np.ndarray]] = {}
-        used_labels: set[str] = set()
-        for ci, reader in enumerate(inputs.readers):
-            cplan = plan.caches[ci]
-            cache_json.append(cache_entry(reader, features, cplan.data, cplan.feature_bytes))
-            label = str(reader.meta.get("backbone_label") or reader.meta.get("backbone"))
-            slug_label = slug(label)
-            if slug_label in used_labels:
-                slug_label = f"{slug_label}-{ci}"
-            used_labels.add(slug_label)
-            if not cplan.in_memory:
-                say(f"{label}: {cplan.reason}")
-            data = _load(plan, ci, views, features)
-            if data.view_spec is not None:
-                k = int(data.view_spec["n"])
-                say(f"{label}: {k} augmented view{'s' if k > 1 else ''} per image "
-                    f"({', '.join(data.view_spec.get('kinds', []))}): "
-                    + (f"not used: {data.views_note}" if data.views_note else
-                       "each head chooses none / train / tta / both on the selection split"))
-            ctx = make_context(reader.shape, inputs.labels, splits, len(inputs.class_names), seed, cw)
-            for name in head_list:
-                spec = HEADS[name]
-                key = result_key(slug_label, name)
-                hp = plan_head(spec, ctx, cplan, plan.search.fit_rows, policy)
-                if hp.skipped:
-                    skipped.append({"key": key, "cache_index": ci, "backbone_label": label, "head": name,
-                                    "reason": hp.skipped, "cost": hp.to_json(plan.search.to_json())})
-                    say(f"{label:<24} {name:<11} skipped: {hp.skipped}")
-                    continue
-                t0 = time.perf_counter()
-                res = evaluate_planned(spec, hp, data, splits, inputs.rel_paths, protocol, plan.search)
-                model_file = save_head(res, spec.kind, run_dir / "heads", key)
-                write_predictions(run_dir / "predictions" / f"{key}.csv", res, inputs.rel_paths, splits,
-                                  inputs.labels, inputs.class_names)
-                results.append({"key": key, "cache_index": ci, "backbone_label": label, **res.to_json(),
-                                "model_file": model_file, "model_sha256": file_sha256(run_dir / model_file),
-                                "predictions_file": f"predictions/{key}.csv"})
-                if found is not None and not exclude_leaks and found.leaked.any():
-                    results[-1]["leak_free"] = _leak_free(res, splits, found.leaked, inputs.labels)
-                correct[key] = _correct_by_split(res, inputs.labels, splits)
-                rep = res.metrics[protocol.report_split]
-                form = "" if hp.form is None or hp.form.exact else f" [{hp.form.name}]"
-                say(f"{label:<24} {name:<11} {protocol.selection} acc {res.selection_score:.3f}  "
-                    f"{protocol.report_split} acc {rep['accuracy']:.3f}  ({time.perf_counter() - t0:.1f} s){form}"
-                    + _views_line(res, protocol))
-                del res
-            del data
-
-        # ---- write
-        protocol_json = {**protocol.to_json(), "search": plan.search.to_json(),
-                         "search_max_rows": int(policy.search_max_rows)}
-        doc = results_doc(
-            SCHEMA_VERSION, command or f"run_fit(heads={head_list}, features={features!r}, seed={seed})", seed,
-            dataset_entry(inputs.dataset_name, str(inputs.meta.get("dataset_root", "")), inputs.class_names,
-                          inputs.labels, splits, protocol, inputs.failed()),
-            protocol_json, cache_json, results, skipped, budget.to_json(), protocol.report_split, correct, pick,
-            None if found is None else found.to_json(write_audit(run_dir, found)))
-        b = doc["best"]
-        iv = b.get("interval")
-        say(f"pick ({pick}): {b['key']}, {b['split']} accuracy {b['value']:.3f}"
-            + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "") + f" on {b['n']} images: {b['reason']}"
-            + (f" Tied with it on {b['split']}: {', '.join(b['tied_with'])}." if b["tied_with"] else ""))
-        lf = b.get("leak_free")
-        if lf:
-            say(f"  without leaks: {b['split']} accuracy " + (f"{lf['accuracy']:.3f}" if lf["accuracy"] is not None
-                                                               else "n/a")
-                + (f" [{lf['interval'][0]:.3f}, {lf['interval'][1]:.3f}]" if lf.get("interval") else "")
-                + f" on the {lf['n']:,} {b['split']} images without a duplicate in train")
-        write_splits(run_dir / "splits.csv", inputs.rel_paths, splits, inputs.labels, inputs.class_names,
-                     _digests(inputs))
-    try:
-        write_results(run_dir, doc)
-        publish_run_dir(run_dir, final_dir)
-    except BaseException as exc:
-        discard_run_dir(run_dir)
-        if isinstance(exc, OSError):
-            raise FitError(f"cannot write the run folder {final_dir} ({exc.strerror or exc}); nothing of this run "
-                           f"was kept: free space or pass a writable --out, then rerun") from None
-        raise
-
-    run = FitRun(run_dir=final_dir, results=doc)
-    if report:
-        from pipeline.report import write_report
-
-        run.report_path = write_report([final_dir])  # reports/<run name>.html, as `python cli.py report RUN` does
-    return run
+        parts = [_fit_cache(plan, ci, config, run_dir, say) for ci in range(len(plan.inputs.readers))]
+        doc = _write_run(plan, parts, config, run_dir, say)
+    _publish(run_dir, final_dir, doc)
+    return FitRun(run_dir=final_dir, results=doc)

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.datasets import make_classification
 import pipeline.cache as cache_mod
 from pipeline.cache import FeatureSet
-from pipeline.fit import run_fit
+from pipeline.fit import FitConfig, run_fit
 
 classes = ["ant", "bee", "wasp"]
 X, y = make_classification(90, 8, n_informative=5, n_redundant=0, n_classes=3, class_sep=1.5, random_state=7)
@@ -29,5 +29,5 @@ fs = FeatureSet(path="/data/cache/toy.h5", features=X.astype(np.float32), labels
 cache_mod.read_meta = lambda p: meta
 cache_mod.read_features = lambda p, kind="avg", expect=None: fs
 out = Path(sys.argv[2])
-run_fit(caches=["/data/cache/toy.h5"], heads=["logreg", "linear_svm", "knn", "centroid"], out=out, report=False,
-        command="python cli.py fit --head logreg --head linear_svm --head knn --head centroid", log=print)
+run_fit(FitConfig(caches=["/data/cache/toy.h5"], heads=["logreg", "linear_svm", "knn", "centroid"], out=out,
+                  command="python cli.py fit --head logreg --head linear_svm --head knn --head centroid"), log=print)

@@ -601,18 +601,18 @@ def _views_view(ri: int, idx: int, res: dict, final_splits: Sequence[str]) -> di
             "notes": [str(n) for n in v.get("notes") or []], "used": len(v.get("offered") or []) > 1}
 
 
-def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | None]) -> dict:
-    """Everything the template shows of one run."""
-    r = run.results
-    ds = r.get("dataset") if isinstance(r.get("dataset"), dict) else {}
+def _final_splits(r: dict[str, Any]) -> list[str]:
+    """The splits the run reports on, the pick's split first when the protocol does not list it."""
     protocol = r.get("protocol") if isinstance(r.get("protocol"), dict) else {}
-    class_names = list(ds.get("class_names") or [])
     best = r.get("best") or {}
-    best_key = best.get("key")
     final_splits = [s for s in (protocol.get("final_splits") or []) if isinstance(s, str)]
     if best.get("split") and best["split"] not in final_splits:
         final_splits.insert(0, best["split"])
+    return final_splits
 
+
+def _counts_view(ri: int, ds: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    """The images per split and class table."""
     counts = ds.get("counts") or {}
     count_splits = [s for s in ("train", "val", "test") if s in counts] + [
         s for s in counts if s not in ("train", "val", "test")]
@@ -622,102 +622,128 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
         count_rows.append({"name": cls, "cells": cells,
                            "total": sum(c.value for c in cells if isinstance(c.value, int))})
     split_totals = [sum(v for v in (counts.get(s) or {}).values() if isinstance(v, int)) for s in count_splits]
+    return {"count_splits": count_splits, "count_rows": count_rows, "split_totals": split_totals}
 
-    caches = []
-    for ci, c in enumerate(r.get("caches") or []):
-        base = ("caches", ci)
-        caches.append({
-            "index": ci,
-            "c": _fields(c, ("backbone_label", "backbone", "weights_source", "weights_sha256", "preprocess", "resize",
-                             "feature", "path", "sha256", "created", "command", "weights_path")),
-            "weights_file": Path(str(c.get("weights_path") or "")).name,
-            "cache_file": Path(str(c.get("path") or "")).name,
-            "input_size": Num(c.get("input_size"), base + ("input_size",), COUNT_FMT, ri),
-            "n_rows": Num(c.get("n_rows"), base + ("n_rows",), COUNT_FMT, ri),
-            "extract": Num(c.get("extract_seconds"), base + ("extract_seconds",), SECONDS_FMT, ri),
-            "shape": "\u00d7".join(str(v) for v in (c.get("feature_shape") or [])),
-            "versions": c.get("versions") or {},
+
+def _cache_view(ri: int, ci: int, c: dict[str, Any]) -> dict[str, Any]:
+    """One cache record of the run."""
+    base = ("caches", ci)
+    return {
+        "index": ci,
+        "c": _fields(c, ("backbone_label", "backbone", "weights_source", "weights_sha256", "preprocess", "resize",
+                         "feature", "path", "sha256", "created", "command", "weights_path")),
+        "weights_file": Path(str(c.get("weights_path") or "")).name,
+        "cache_file": Path(str(c.get("path") or "")).name,
+        "input_size": Num(c.get("input_size"), base + ("input_size",), COUNT_FMT, ri),
+        "n_rows": Num(c.get("n_rows"), base + ("n_rows",), COUNT_FMT, ri),
+        "extract": Num(c.get("extract_seconds"), base + ("extract_seconds",), SECONDS_FMT, ri),
+        "shape": "\u00d7".join(str(v) for v in (c.get("feature_shape") or [])),
+        "versions": c.get("versions") or {},
+    }
+
+
+def _selection_nums(ri: int, idx: int, r: dict[str, Any], res: dict[str, Any]) -> tuple[Num, Num, bool]:
+    """A result's selection score and its spread as written (standard error, else the std of its fold scores), and
+    whether the spread is a standard error."""
+    base = ("results", idx)
+    j, entry = _selection(res)
+    sel = res.get("selection") if isinstance(res.get("selection"), dict) else {}
+    sel_is_se = isinstance(sel.get("se"), (int, float))
+    written = int(r.get("schema_version") or 1) >= 2  # version 1 files hold no selection: made up on reading
+    if written and isinstance(sel.get("score"), (int, float)):  # the selection score as fit wrote it
+        sel_mean = Num(sel["score"], base + ("selection", "score"), METRIC_FMT, ri)
+    else:
+        sel_mean = Num(entry.get("mean") if entry else None, base + ("search", j, "mean"), METRIC_FMT, ri)
+    if sel_is_se:
+        sel_std = Num(sel["se"], base + ("selection", "se"), METRIC_FMT, ri)
+    elif written and isinstance(sel.get("std"), (int, float)) and len(_selection_scores(res, entry)) > 1:
+        sel_std = Num(sel["std"], base + ("selection", "std"), METRIC_FMT, ri)
+    elif entry and len(entry.get("scores") or []) > 1:
+        sel_std = Num(entry.get("std"), base + ("search", j, "std"), METRIC_FMT, ri)
+    else:
+        sel_std = Num(None)  # one score (a validation split) and no standard error recorded: no spread
+    return sel_mean, sel_std, sel_is_se
+
+
+def _search_rows(ri: int, idx: int, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every searched candidate of a result, the chosen one marked."""
+    j, _entry = _selection(res)
+    rows = []
+    for k, e in enumerate(res.get("search") or []):
+        if not isinstance(e, dict):
+            continue
+        sp = ("results", idx, "search", k)
+        rows.append({
+            "chosen": k == j,
+            "params": [(pk, _param(pv, sp + ("params", pk), ri)) for pk, pv in (e.get("params") or {}).items()],
+            "mean": Num(e.get("mean"), sp + ("mean",), METRIC_FMT, ri),
+            "std": Num(e.get("std"), sp + ("std",), METRIC_FMT, ri) if len(e.get("scores") or []) > 1 else Num(None),
+            "n_scores": len(e.get("scores") or []),
         })
+    return rows
 
-    results: list[ResultView] = []
-    for idx, res in enumerate(r["results"]):
-        base = ("results", idx)
-        j, entry = _selection(res)
-        sel = res.get("selection") if isinstance(res.get("selection"), dict) else {}
-        sel_is_se = isinstance(sel.get("se"), (int, float))
-        written = int(r.get("schema_version") or 1) >= 2  # version 1 files hold no selection: made up on reading
-        if written and isinstance(sel.get("score"), (int, float)):  # the selection score as fit wrote it
-            sel_mean = Num(sel["score"], base + ("selection", "score"), METRIC_FMT, ri)
-        else:
-            sel_mean = Num(entry.get("mean") if entry else None, base + ("search", j, "mean"), METRIC_FMT, ri)
-        if sel_is_se:
-            sel_std = Num(sel["se"], base + ("selection", "se"), METRIC_FMT, ri)
-        elif written and isinstance(sel.get("std"), (int, float)) and len(_selection_scores(res, entry)) > 1:
-            sel_std = Num(sel["std"], base + ("selection", "std"), METRIC_FMT, ri)
-        elif entry and len(entry.get("scores") or []) > 1:
-            sel_std = Num(entry.get("std"), base + ("search", j, "std"), METRIC_FMT, ri)
-        else:
-            sel_std = Num(None)  # one score (a validation split) and no standard error recorded: no spread
-        cells = {}
-        for col in columns:
-            value = _get(res, ("metrics", col.split, col.metric))
-            cells[(col.split, col.metric)] = Num(value, base + ("metrics", col.split, col.metric), METRIC_FMT, ri)
-        params = [(k, _param(v, base + ("params", k), ri)) for k, v in (res.get("params") or {}).items()]
-        cache = (r.get("caches") or [{}])[int(res["cache_index"])]
-        key = str(res["key"])
-        is_best = key == best_key
-        view = ResultView(
-            run=ri, index=idx, anchor=f"r{ri}-{_slug(key)}", key=key, head=str(res["head"]),
-            backbone=str(res.get("backbone_label") or cache.get("backbone_label") or cache.get("backbone", "")),
-            cache_index=int(res["cache_index"]), is_best=is_best, params=params,
-            selection_split=str(res.get("selection_split") or protocol.get("selection") or ""),
-            sel_mean=sel_mean, sel_std=sel_std, cells=cells,
-            fit=Num(res.get("fit_seconds"), base + ("fit_seconds",), SECONDS_FMT, ri),
-            predict=Num(res.get("predict_ms_per_1000"), base + ("predict_ms_per_1000",), MS_FMT, ri),
-            model_file=str(res.get("model_file") or ""), predictions_file=str(res.get("predictions_file") or ""),
-            cost=_cost_notes(res.get("cost")),
-            approximate=bool(isinstance(res.get("cost"), dict) and res["cost"].get("approximation")),
-            intervals={(c.split, c.metric): iv for c in columns
-                       if (iv := _interval(res, idx, c.split, c.metric, ri)) is not None},
-            vs=_vs_view(res, idx, ri), sel_is_se=sel_is_se,
-        )
-        view.splits = [_split_view(ri, idx, res, s, class_names) for s in final_splits if s in res["metrics"]]
-        view.views = _views_view(ri, idx, res, final_splits)
-        for k, e in enumerate(res.get("search") or []):
-            if not isinstance(e, dict):
-                continue
-            sp = base + ("search", k)
-            view.search.append({
-                "chosen": k == j,
-                "params": [(pk, _param(pv, sp + ("params", pk), ri)) for pk, pv in (e.get("params") or {}).items()],
-                "mean": Num(e.get("mean"), sp + ("mean",), METRIC_FMT, ri),
-                "std": Num(e.get("std"), sp + ("std",), METRIC_FMT, ri) if len(e.get("scores") or []) > 1 else Num(None),
-                "n_scores": len(e.get("scores") or []),
-            })
-        if len(class_names) == 2 or any(_get(res, ("metrics", s, "roc")) for s in final_splits):
-            view.curves = _plot_curves(res, final_splits, salt=f"{view.anchor}-curves")
-        if isinstance(res.get("history"), dict):
-            view.history = _plot_history(res["history"], salt=f"{view.anchor}-history")
-        view.stopping = _stopping_view(res, base, ri)
-        for k, mk in enumerate(res.get("mistakes") or []):
-            if not isinstance(mk, dict):
-                continue
-            rel = str(mk.get("path") or "")
-            view.mistakes.append({
-                "path": rel, "split": mk.get("split", ""), "true": mk.get("true", ""), "pred": mk.get("pred", ""),
-                "prob": Num(mk.get("prob"), base + ("mistakes", k, "prob"), METRIC_FMT, ri),
-                "src": _thumbnail(ds.get("root"), rel, thumbs) if is_best else None,
-            })
-        results.append(view)
 
-    # leaderboard order: by backbone (cache order), then by selection score, best first
-    def order(v: ResultView) -> tuple:
-        mean = v.sel_mean.value if isinstance(v.sel_mean.value, (int, float)) else float("-inf")
-        return (v.cache_index, -mean, v.index)
+def _mistake_rows(ri: int, idx: int, res: dict[str, Any], root: Any, thumbs: dict[str, str | None] | None
+                  ) -> list[dict[str, Any]]:
+    """A result's listed mistakes (with thumbnails when ``thumbs`` is given: the pick's only)."""
+    rows = []
+    for k, mk in enumerate(res.get("mistakes") or []):
+        if not isinstance(mk, dict):
+            continue
+        rel = str(mk.get("path") or "")
+        rows.append({
+            "path": rel, "split": mk.get("split", ""), "true": mk.get("true", ""), "pred": mk.get("pred", ""),
+            "prob": Num(mk.get("prob"), ("results", idx, "mistakes", k, "prob"), METRIC_FMT, ri),
+            "src": _thumbnail(root, rel, thumbs) if thumbs is not None else None,
+        })
+    return rows
 
-    ordered = sorted(results, key=order)
-    best_view = next((v for v in results if v.is_best), None)
 
+def _result_view(ri: int, idx: int, r: dict[str, Any], columns: list[Column], final_splits: list[str],
+                 thumbs: dict[str, str | None]) -> ResultView:
+    """Everything the template shows of one result."""
+    res = r["results"][idx]
+    base = ("results", idx)
+    ds = r.get("dataset") if isinstance(r.get("dataset"), dict) else {}
+    protocol = r.get("protocol") if isinstance(r.get("protocol"), dict) else {}
+    class_names = list(ds.get("class_names") or [])
+    sel_mean, sel_std, sel_is_se = _selection_nums(ri, idx, r, res)
+    cells = {(col.split, col.metric): Num(_get(res, ("metrics", col.split, col.metric)),
+                                          base + ("metrics", col.split, col.metric), METRIC_FMT, ri)
+             for col in columns}
+    params = [(k, _param(v, base + ("params", k), ri)) for k, v in (res.get("params") or {}).items()]
+    cache = (r.get("caches") or [{}])[int(res["cache_index"])]
+    key = str(res["key"])
+    is_best = key == (r.get("best") or {}).get("key")
+    view = ResultView(
+        run=ri, index=idx, anchor=f"r{ri}-{_slug(key)}", key=key, head=str(res["head"]),
+        backbone=str(res.get("backbone_label") or cache.get("backbone_label") or cache.get("backbone", "")),
+        cache_index=int(res["cache_index"]), is_best=is_best, params=params,
+        selection_split=str(res.get("selection_split") or protocol.get("selection") or ""),
+        sel_mean=sel_mean, sel_std=sel_std, cells=cells,
+        fit=Num(res.get("fit_seconds"), base + ("fit_seconds",), SECONDS_FMT, ri),
+        predict=Num(res.get("predict_ms_per_1000"), base + ("predict_ms_per_1000",), MS_FMT, ri),
+        model_file=str(res.get("model_file") or ""), predictions_file=str(res.get("predictions_file") or ""),
+        cost=_cost_notes(res.get("cost")),
+        approximate=bool(isinstance(res.get("cost"), dict) and res["cost"].get("approximation")),
+        intervals={(c.split, c.metric): iv for c in columns
+                   if (iv := _interval(res, idx, c.split, c.metric, ri)) is not None},
+        vs=_vs_view(res, idx, ri), sel_is_se=sel_is_se,
+    )
+    view.splits = [_split_view(ri, idx, res, s, class_names) for s in final_splits if s in res["metrics"]]
+    view.views = _views_view(ri, idx, res, final_splits)
+    view.search = _search_rows(ri, idx, res)
+    if len(class_names) == 2 or any(_get(res, ("metrics", s, "roc")) for s in final_splits):
+        view.curves = _plot_curves(res, final_splits, salt=f"{view.anchor}-curves")
+    if isinstance(res.get("history"), dict):
+        view.history = _plot_history(res["history"], salt=f"{view.anchor}-history")
+    view.stopping = _stopping_view(res, base, ri)
+    view.mistakes = _mistake_rows(ri, idx, res, ds.get("root"), thumbs if is_best else None)
+    return view
+
+
+def _timing_view(caches: list[dict[str, Any]], ordered: list[ResultView], salt: str) -> tuple[list[dict], str]:
+    """The "extract once" table per cache and the time plot's rows (extraction, each head's fit, image heads)."""
     timing = []
     time_rows: list[tuple[str, float, bool]] = []
     for cache in caches:
@@ -735,23 +761,44 @@ def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | 
                            "fit_total": f"{sum(fits):.2f}", "with_cache": f"{with_cache:.2f}",
                            "without": f"{without:.2f}",
                            "factor": f"{without / with_cache:.1f}" if with_cache > 0 else "\u2014"})
+    return timing, _plot_times(time_rows, salt=salt)
+
+
+def _run_view(ri: int, run: Run, columns: list[Column], thumbs: dict[str, str | None]) -> dict:
+    """Everything the template shows of one run."""
+    r = run.results
+    ds = r.get("dataset") if isinstance(r.get("dataset"), dict) else {}
+    protocol = r.get("protocol") if isinstance(r.get("protocol"), dict) else {}
+    class_names = list(ds.get("class_names") or [])
+    best = r.get("best") or {}
+    best_key = best.get("key")
+    final_splits = _final_splits(r)
+    caches = [_cache_view(ri, ci, c) for ci, c in enumerate(r.get("caches") or [])]
+    results = [_result_view(ri, idx, r, columns, final_splits, thumbs) for idx in range(len(r["results"]))]
+
+    # leaderboard order: by backbone (cache order), then by selection score, best first
+    def order(v: ResultView) -> tuple:
+        mean = v.sel_mean.value if isinstance(v.sel_mean.value, (int, float)) else float("-inf")
+        return (v.cache_index, -mean, v.index)
+
+    ordered = sorted(results, key=order)
+    timing, time_plot = _timing_view(caches, ordered, salt=f"r{ri}-times")
     ratio = ds.get("imbalance_ratio")
     return {
         "index": ri, "name": run.name, "path": str(run.path),
         "r": _fields(r, ("seed", "created", "command")), "best_key": "" if best_key is None else str(best_key),
         "ds": _fields(ds, ("name", "root", "split_rule", "split_source")),
         "protocol": _fields(protocol, ("description", "selection", "cv_folds")),
-        "class_names": class_names, "count_splits": count_splits, "count_rows": count_rows,
-        "split_totals": split_totals, "failed": [f for f in (ds.get("failed") or []) if isinstance(f, dict)],
+        "class_names": class_names, **_counts_view(ri, ds, class_names),
+        "failed": [f for f in (ds.get("failed") or []) if isinstance(f, dict)],
         "imbalance": Num(ratio, ("dataset", "imbalance_ratio"), RATIO_FMT, ri),
         "imbalance_warn": isinstance(ratio, (int, float)) and ratio >= IMBALANCE_WARN,
-        "caches": caches, "results": ordered, "best": best_view,
+        "caches": caches, "results": ordered, "best": next((v for v in results if v.is_best), None),
         "best_value": Num(best.get("value"), ("best", "value"), METRIC_FMT, ri),
         "best_facts": _best_facts(best, ri),
         "tied_views": [v for v in ordered if v.vs and v.vs["tied"]],
         "best_split": best.get("split", ""), "best_metric": best.get("metric", "accuracy"),
-        "final_splits": final_splits, "timing": timing,
-        "time_plot": _plot_times(time_rows, salt=f"r{ri}-times"),
+        "final_splits": final_splits, "timing": timing, "time_plot": time_plot,
         "versions": r.get("versions") or {},
         "skipped": [{"head": str(sk.get("head", "")), "backbone": str(sk.get("backbone_label", "")),
                      "reason": str(sk.get("reason", ""))} for sk in (r.get("skipped") or []) if isinstance(sk, dict)],

@@ -11,6 +11,8 @@ written, :data:`READABLE_VERSIONS` the versions read.
 from __future__ import annotations
 
 import contextlib
+import csv
+import datetime as _dt
 import json
 import os
 import re
@@ -21,9 +23,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline import cache
+from pipeline import cache, package_versions
+from pipeline.atomic import commit_file, temporary_name
 from pipeline.backbones import sha256_file
 from pipeline.errors import RunError, WeightsError
+from pipeline.stats import interval_spec
 from pipeline.views import VIEW_RULE, ViewSpec
 
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
@@ -32,7 +36,8 @@ __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_r
            "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder",
            "abandoned_partials", "FINETUNE_HEAD", "SCORE_TIE", "slug",
            "result_key", "finetune_key", "first_best", "EXTRACTION_KEYS", "RunHead", "find_results", "run_head",
-           "select_head", "resolve_run_weights"]
+           "select_head", "resolve_run_weights", "SPLITS_COLUMNS", "write_splits", "cache_record", "dataset_record",
+           "result_record", "skipped_record", "run_document", "split_counts", "RECORDED_VERSIONS"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),
@@ -86,6 +91,9 @@ def first_best(scores: Sequence[float]) -> int:
     return int(np.flatnonzero(s >= np.nanmax(s) - SCORE_TIE)[0])
 
 RESULTS_FILE = "results.json"
+SPLITS_FILE = "splits.csv"
+SPLITS_COLUMNS = ("path", "split", "class", "sha256")
+"""The columns of ``splits.csv``, one row per image of the run (docs/results-format.md)."""
 
 _REQUIRED_TOP = ("schema_version", "dataset", "protocol", "caches", "results", "best")
 _REQUIRED_RESULT = ("key", "cache_index", "head", "metrics")
@@ -247,9 +255,144 @@ def write_results(run_dir: str | os.PathLike, doc: dict[str, Any]) -> Path:
         The written file.
     """
     file = Path(run_dir) / RESULTS_FILE
-    tmp = file.with_name(RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
-    tmp.replace(file)
+    _write_durably(file, lambda tmp: tmp.write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8"))
+    return file
+
+
+def _write_durably(file: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a temporary beside ``file``, then :func:`pipeline.atomic.commit_file` it; the temporary is removed
+    on any failure, whose OSError the caller words."""
+    tmp = temporary_name(file)
+    try:
+        write(tmp)
+        commit_file(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---- the builders of a fit's record (docs/results-format.md: each object's fields, written here only) ----------
+
+RECORDED_VERSIONS = ("numpy", "scikit-learn", "scipy", "keras", "tensorflow", "h5py", "joblib")
+"""Packages whose versions results.json records (``versions``)."""
+
+
+def cache_record(meta: dict[str, Any], path: str | os.PathLike, feature_shape: Sequence[int], feature: str,
+                 data: str, feature_bytes: int) -> dict[str, Any]:
+    """The ``caches[]`` object of one cache, from its attributes (the file is not read again).
+
+    Parameters
+    ----------
+    meta : dict
+        The cache's attributes as its reader holds them.
+    path : path
+        The cache file.
+    feature_shape : sequence of int
+        Shape of one row of the features fitted on.
+    feature : str
+        The feature kind fitted on (``avg``, ``max``, ``maps``).
+    data : {"memory", "streamed"}
+        Where the fit held the features.
+    feature_bytes : int
+        Their size as float32.
+    """
+    m = meta
+    return {
+        "path": str(Path(path).resolve()), "sha256": str(m.get("content_sha256", "") or ""),
+        "backbone": str(m.get("backbone")),
+        "backbone_label": str(m.get("backbone_label")), "input_size": int(m.get("input_size", 0)),
+        "preprocess": str(m.get("preprocess")), "resize": str(m.get("resize")),
+        "alpha": m.get("alpha"), "pixel_rule": str(m.get("pixel_rule", "")),
+        "weights_source": str(m.get("weights_source")), "weights_path": str(m.get("weights_path", "")),
+        "weights_sha256": str(m.get("weights_sha256")),
+        "feature": feature, "feature_shape": [int(s) for s in feature_shape], "n_rows": int(m.get("n_rows", 0)),
+        "extract_seconds": float(m.get("extract_seconds", 0.0) or 0.0), "versions": dict(m.get("versions", {})),
+        "command": str(m.get("command", "")), "created": str(m.get("created", "")),
+        "data": data, "feature_bytes": int(feature_bytes),
+        "views": dict(m["views"]) if isinstance(m.get("views"), dict) else None,
+    }
+
+
+def split_counts(labels: np.ndarray, splits: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Images per split (``train``, ``val``, ``test`` present) and class: ``dataset.counts``."""
+    out = {}
+    for s in ("train", "val", "test"):
+        m = splits == s
+        if m.any():
+            c = np.bincount(labels[m], minlength=len(class_names))
+            out[s] = {name: int(c[i]) for i, name in enumerate(class_names)}
+    return out
+
+
+def dataset_record(name: str, root: str, class_names: list[str], labels: np.ndarray, splits: np.ndarray,
+                   split_source: str, split_rule: str, failed: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The ``dataset`` object: classes, images per split and class, where the splits came from, the images that
+    failed at extraction, and the imbalance ratio (largest class over smallest)."""
+    all_counts = np.bincount(labels, minlength=len(class_names))
+    return {
+        "name": name, "root": root, "class_names": class_names,
+        "counts": split_counts(labels, splits, class_names), "split_source": split_source,
+        "split_rule": split_rule, "failed": [{"path": p, "reason": r} for p, r in failed],
+        "imbalance_ratio": float(all_counts.max() / max(1, all_counts.min())),
+    }
+
+
+def result_record(key: str, cache_index: int, backbone_label: str, fitted: dict[str, Any], run_dir: Path,
+                  model_file: str, predictions_file: str) -> dict[str, Any]:
+    """One ``results[]`` object of a fitted head: its key and cache, what the fit recorded (``fitted``: head,
+    params, selection, search, cost, metrics...), and its files, the model bound by its SHA-256."""
+    return {"key": key, "cache_index": int(cache_index), "backbone_label": backbone_label, **fitted,
+            "model_file": model_file, "model_sha256": file_sha256(run_dir / model_file),
+            "predictions_file": predictions_file}
+
+
+def skipped_record(key: str, cache_index: int, backbone_label: str, head: str, reason: str,
+                   cost: dict[str, Any]) -> dict[str, Any]:
+    """One ``skipped[]`` object: a head the memory budget could not hold, with the reason and its cost plan."""
+    return {"key": key, "cache_index": int(cache_index), "backbone_label": backbone_label, "head": head,
+            "reason": reason, "cost": cost}
+
+
+def run_document(command: str, seed: int, dataset: dict[str, Any], protocol: dict[str, Any],
+                 caches: list[dict[str, Any]], results: list[dict[str, Any]], skipped: list[dict[str, Any]],
+                 memory_budget: dict[str, Any], best: dict[str, Any],
+                 audit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole results.json of a fit (:data:`SCHEMA_VERSION`): its parts as built above, ``best`` as the pick
+    rule chose it (:func:`pipeline.fit.verdict.verdict`), how intervals were computed, and package versions."""
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "seed": int(seed),
+        "versions": package_versions(RECORDED_VERSIONS),
+        "memory_budget": memory_budget,
+        "dataset": dataset,
+        "protocol": protocol,
+        "statistics": interval_spec(seed),
+        "caches": caches,
+        "results": results,
+        "skipped": skipped,
+        "best": best,
+    }
+    if audit is not None:
+        doc["audit"] = audit
+    return doc
+
+
+def write_splits(run_dir: str | os.PathLike, paths: Sequence[str], splits: np.ndarray, labels: np.ndarray,
+                 class_names: Sequence[str], digests: Sequence[str]) -> Path:
+    """Write the run's ``splits.csv`` (:data:`SPLITS_FILE`: ``path,split,class,sha256`` for every image, the final
+    splits as fitted and each file's content digest), read back by :func:`read_splits`."""
+    file = Path(run_dir) / SPLITS_FILE
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(SPLITS_COLUMNS)
+            for p, sp, y, d in zip(paths, splits, labels, digests):
+                w.writerow([p, sp, class_names[int(y)], d])
+
+    _write_durably(file, write)
     return file
 
 
@@ -297,8 +440,6 @@ def put_result(run: Run, entry: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return doc, bool(same)
 
 
-SPLITS_FILE = "splits.csv"
-
 
 def read_splits(run: Run) -> list[dict[str, str]] | None:
     """The run's ``splits.csv`` rows (``path``, ``split``, ``class``, ``sha256``), or None when the run has none
@@ -309,7 +450,7 @@ def read_splits(run: Run) -> list[dict[str, str]] | None:
     RunError
         The file exists but cannot be read or lacks its columns.
     """
-    return _read_csv(run.path / SPLITS_FILE, ("path", "split", "class", "sha256"))
+    return _read_csv(run.path / SPLITS_FILE, SPLITS_COLUMNS)
 
 
 def read_predictions(run: Run, entry: dict[str, Any]) -> list[dict[str, str]]:

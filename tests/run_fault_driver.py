@@ -73,8 +73,8 @@ def arm(kill_at: int, events: list) -> None:
         return wrapped
 
     builtins.open = event("open", builtins.open, _writing)
-    for name in ("replace", "rename", "unlink", "rmdir", "mkdir"):
-        setattr(os, name, event(name, getattr(os, name)))
+    for name in ("replace", "rename", "unlink", "rmdir", "mkdir"):  # a rename is named by the name it gives
+        setattr(os, name, event(name, getattr(os, name), name_arg=1 if name in ("replace", "rename") else 0))
     shutil.rmtree = event("rmtree", shutil.rmtree)
     keras.Model.save = event("keras_save", keras.Model.save, name_arg=1)
     joblib.dump = event("joblib_dump", joblib.dump, name_arg=1)
@@ -162,7 +162,7 @@ def finetune_campaign(run: str, work: Path, rng) -> dict:
     n = len(ref["events"])
     # the same events lead a replacing fine-tune up to its results.json (it deletes the replaced files after)
     targeted = max(i for i, (kind, name) in enumerate(ref["events"], 1)
-                   if kind == "replace" and name.startswith("results.json"))
+                   if kind == "replace" and name == "results.json")
     run_dir = work / "run" / "run"
     shutil.copytree(run, run_dir)
     steps = [dict(child(command(run_dir), points(rng, n)), state=state(run_dir)),

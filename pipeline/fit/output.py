@@ -1,4 +1,5 @@
-"""What a fit writes: the run folder (fitted heads, per-image predictions) and the content of results.json."""
+"""What a fit writes into its run folder: the folder itself (built hidden, published whole), the fitted heads, the
+per-image predictions, and the pick (``best``). The objects of results.json are built by :mod:`pipeline.results`."""
 
 from __future__ import annotations
 
@@ -10,17 +11,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline import package_versions
 from pipeline.errors import FitError
 from pipeline.fit.evaluate import HeadResult
 from pipeline.fit.verdict import verdict
-from pipeline.results import (OWNER_FILE, abandoned_partials, claim_partial, partial_builder, partial_dir,
-                              result_key, slug)  # result_key and slug: the record's key rules, re-exported
-from pipeline.stats import interval_spec
+from pipeline.results import OWNER_FILE, abandoned_partials, claim_partial, partial_builder, partial_dir, slug
 
-__all__ = ["DEFAULT_RUNS_DIR", "slug", "result_key", "default_out", "prepare_run_dir", "publish_run_dir",
-           "discard_run_dir", "partial_dir", "save_head",
-           "write_predictions", "write_splits", "cache_entry", "dataset_entry", "results_doc"]
+__all__ = ["DEFAULT_RUNS_DIR", "default_out", "prepare_run_dir", "publish_run_dir", "discard_run_dir", "partial_dir",
+           "save_head", "write_predictions", "pick_best"]
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
 
@@ -114,88 +111,22 @@ def save_head(res: HeadResult, kind: str, heads_dir: Path, key: str) -> str:
     return f"heads/{path.name}"
 
 
-def cache_entry(reader: Any, feature: str, data: str, feature_bytes: int) -> dict[str, Any]:
-    """The ``caches[]`` entry of one cache (everything from its attributes: the file is not read again)."""
-    m = reader.meta
-    return {
-        "path": str(Path(reader.path).resolve()), "sha256": str(m.get("content_sha256", "") or ""),
-        "backbone": str(m.get("backbone")),
-        "backbone_label": str(m.get("backbone_label")), "input_size": int(m.get("input_size", 0)),
-        "preprocess": str(m.get("preprocess")), "resize": str(m.get("resize")),
-        "alpha": m.get("alpha"), "pixel_rule": str(m.get("pixel_rule", "")),
-        "weights_source": str(m.get("weights_source")), "weights_path": str(m.get("weights_path", "")),
-        "weights_sha256": str(m.get("weights_sha256")),
-        "feature": feature, "feature_shape": [int(s) for s in reader.shape], "n_rows": int(m.get("n_rows", 0)),
-        "extract_seconds": float(m.get("extract_seconds", 0.0) or 0.0), "versions": dict(m.get("versions", {})),
-        "command": str(m.get("command", "")), "created": str(m.get("created", "")),
-        "data": data, "feature_bytes": int(feature_bytes),
-        "views": dict(m["views"]) if isinstance(m.get("views"), dict) else None,
-    }
+def pick_best(results: list[dict[str, Any]], skipped: list[dict[str, Any]],
+              correct: dict[str, dict[str, np.ndarray]], report_split: str, selection: str, rule: str,
+              seed: int) -> dict[str, Any]:
+    """The run's ``best``: the result the pick rule chose, with every other result compared with it on the same
+    images (:func:`pipeline.fit.verdict.verdict`), and its accuracy without leaks when the audit measured one.
 
-
-def _counts(labels: np.ndarray, splits: np.ndarray, class_names: list[str]) -> dict[str, dict[str, int]]:
-    out = {}
-    for s in ("train", "val", "test"):
-        m = splits == s
-        if m.any():
-            c = np.bincount(labels[m], minlength=len(class_names))
-            out[s] = {name: int(c[i]) for i, name in enumerate(class_names)}
-    return out
-
-
-def dataset_entry(name: str, root: str, class_names: list[str], labels: np.ndarray, splits: np.ndarray,
-                  protocol: Any, failed: list[tuple[str, str]]) -> dict[str, Any]:
-    """The ``dataset`` object of results.json."""
-    all_counts = np.bincount(labels, minlength=len(class_names))
-    return {
-        "name": name, "root": root, "class_names": class_names,
-        "counts": _counts(labels, splits, class_names), "split_source": protocol.split_source,
-        "split_rule": protocol.split_rule, "failed": [{"path": p, "reason": r} for p, r in failed],
-        "imbalance_ratio": float(all_counts.max() / max(1, all_counts.min())),
-    }
-
-
-def write_splits(path: Path, paths: Sequence[str], splits: np.ndarray, labels: np.ndarray, class_names: list[str],
-                 digests: Sequence[str]) -> None:
-    """``splits.csv``: ``path,split,class,sha256`` for every image of the run (the final splits as fitted, and each
-    file's content digest, which ``compare`` matches images of two runs by)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "split", "class", "sha256"])
-        for p, s, y, d in zip(paths, splits, labels, digests):
-            w.writerow([p, s, class_names[int(y)], d])
-    tmp.replace(path)
-
-
-def results_doc(schema_version: int, command: str, seed: int, dataset: dict[str, Any], protocol: dict[str, Any],
-                caches: list[dict[str, Any]], results: list[dict[str, Any]], skipped: list[dict[str, Any]],
-                memory_budget: dict[str, Any], report_split: str, correct: dict[str, dict[str, np.ndarray]],
-                rule: str, audit: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole results.json: ``best`` is the result the pick rule chose, with every other result compared with it
-    on the same images (:func:`pipeline.fit.verdict.verdict`)."""
+    Raises
+    ------
+    FitError
+        Every head was skipped (the line names up to three, with their reasons).
+    """
     if not results:
         why = "; ".join(f"{s['head']} on {s['backbone_label']}: {s['reason']}" for s in skipped[:3])
         raise FitError(f"every head was skipped ({why}); pass a larger --memory-budget")
-    best = verdict(results, correct, report_split, str(protocol["selection"]), rule, seed)
+    best = verdict(results, correct, report_split, selection, rule, seed)
     chosen = next((r for r in results if r["key"] == best["key"]), {})
     if isinstance(chosen.get("leak_free"), dict) and best["split"] in chosen["leak_free"]:
         best["leak_free"] = chosen["leak_free"][best["split"]]
-    doc = {
-        "schema_version": schema_version,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "seed": int(seed),
-        "versions": package_versions(("numpy", "scikit-learn", "scipy", "keras", "tensorflow", "h5py", "joblib")),
-        "memory_budget": memory_budget,
-        "dataset": dataset,
-        "protocol": protocol,
-        "statistics": interval_spec(seed),
-        "caches": caches,
-        "results": results,
-        "skipped": skipped,
-        "best": best,
-    }
-    if audit is not None:
-        doc["audit"] = audit
-    return doc
+    return best

@@ -39,12 +39,12 @@ from pipeline.fit.evaluate import FitData, evaluate_planned, make_context
 from pipeline.fit.heads import HEADS
 from pipeline.fit.inputs import Inputs, open_inputs
 from pipeline.fit.leaderboard import leaderboard_table
-from pipeline.fit.output import (cache_entry, dataset_entry, default_out, discard_run_dir, prepare_run_dir,
-                                 publish_run_dir, result_key, results_doc, save_head, slug, write_predictions,
-                                 write_splits)
+from pipeline.fit.output import (default_out, discard_run_dir, pick_best, prepare_run_dir, publish_run_dir,
+                                 save_head, write_predictions)
 from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, plan_cache, plan_head
 from pipeline.fit.protocol import EXCLUDED, Protocol, SearchRows, plan_protocol, search_rows
-from pipeline.results import SCHEMA_VERSION, file_sha256, write_results
+from pipeline.results import (cache_record, dataset_record, result_key, result_record, run_document, skipped_record,
+                              slug, write_results, write_splits)
 from pipeline.sizes import fmt_bytes
 from pipeline.stats import wilson_interval
 
@@ -267,7 +267,8 @@ def _fit_cache(plan: _Plan, ci: int, config: FitConfig, run_dir: Path, say: Call
     written as it finishes, one log line per head fitted or skipped."""
     inputs, cplan, reader = plan.inputs, plan.caches[ci], plan.inputs.readers[ci]
     label, slug_label = plan.labels[ci]
-    part = _CacheFit(cache_entry(reader, config.features, cplan.data, cplan.feature_bytes))
+    part = _CacheFit(cache_record(reader.meta, reader.path, reader.shape, config.features, cplan.data,
+                                  cplan.feature_bytes))
     if not cplan.in_memory:
         say(f"{label}: {cplan.reason}")
     data = _load(plan, ci, config.views, config.features)
@@ -284,8 +285,7 @@ def _fit_cache(plan: _Plan, ci: int, config: FitConfig, run_dir: Path, say: Call
         key = result_key(slug_label, name)
         hp = plan_head(spec, ctx, cplan, plan.search.fit_rows, plan.policy)
         if hp.skipped:
-            part.skipped.append({"key": key, "cache_index": ci, "backbone_label": label, "head": name,
-                                 "reason": hp.skipped, "cost": hp.to_json(plan.search.to_json())})
+            part.skipped.append(skipped_record(key, ci, label, name, hp.skipped, hp.to_json(plan.search.to_json())))
             say(f"{label:<24} {name:<11} skipped: {hp.skipped}")
             continue
         t0 = time.perf_counter()
@@ -307,8 +307,7 @@ def _record_head(plan: _Plan, res: Any, kind: str, run_dir: Path, key: str, ci: 
     model_file = save_head(res, kind, run_dir / "heads", key)
     write_predictions(run_dir / "predictions" / f"{key}.csv", res, inputs.rel_paths, splits, inputs.labels,
                       inputs.class_names)
-    entry = {"key": key, "cache_index": ci, "backbone_label": label, **res.to_json(), "model_file": model_file,
-             "model_sha256": file_sha256(run_dir / model_file), "predictions_file": f"predictions/{key}.csv"}
+    entry = result_record(key, ci, label, res.to_json(), run_dir, model_file, f"predictions/{key}.csv")
     if found is not None and not exclude_leaks and found.leaked.any():
         entry["leak_free"] = _leak_free(res, splits, found.leaked, inputs.labels)
     part.results.append(entry)
@@ -339,16 +338,16 @@ def _write_run(plan: _Plan, parts: list[_CacheFit], config: FitConfig, run_dir: 
     audit_json = None if found is None else found.to_json(write_audit(run_dir, found))
     command = config.command or (f"run_fit(heads={list(config.heads)}, features={config.features!r}, "
                                  f"seed={config.seed})")
-    doc = results_doc(
-        SCHEMA_VERSION, command, config.seed,
-        dataset_entry(inputs.dataset_name, str(inputs.meta.get("dataset_root", "")), inputs.class_names,
-                      inputs.labels, splits, protocol, inputs.failed()),
-        protocol_json, [p.cache for p in parts], [r for p in parts for r in p.results],
-        [s for p in parts for s in p.skipped], plan.budget.to_json(), protocol.report_split,
-        {k: v for p in parts for k, v in p.correct.items()}, config.pick, audit_json)
+    correct = {k: v for p in parts for k, v in p.correct.items()}
+    results, skipped = [r for p in parts for r in p.results], [s for p in parts for s in p.skipped]
+    best = pick_best(results, skipped, correct, protocol.report_split, protocol.selection, config.pick, config.seed)
+    doc = run_document(
+        command, config.seed,
+        dataset_record(inputs.dataset_name, str(inputs.meta.get("dataset_root", "")), inputs.class_names,
+                       inputs.labels, splits, protocol.split_source, protocol.split_rule, inputs.failed()),
+        protocol_json, [p.cache for p in parts], results, skipped, plan.budget.to_json(), best, audit_json)
     _say_pick(doc["best"], config.pick, say)
-    write_splits(run_dir / "splits.csv", inputs.rel_paths, splits, inputs.labels, inputs.class_names,
-                 _digests(inputs))
+    write_splits(run_dir, inputs.rel_paths, splits, inputs.labels, inputs.class_names, _digests(inputs))
     return doc
 
 

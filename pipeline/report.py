@@ -33,7 +33,7 @@ from markupsafe import Markup
 from pipeline import __version__
 from pipeline.atomic import write_atomically
 from pipeline.errors import RunError
-from pipeline.results import Run, load_run, pick_file_problem, read_audit
+from pipeline.results import Run, load_run, pick_file_problem, read_audit, slug
 
 THUMB_PX = 96
 """Longest side, in pixels, of an embedded mistake thumbnail."""
@@ -239,11 +239,6 @@ def _fields(obj: Any, keys: Iterable[str]) -> dict[str, Any]:
     """The named fields of a dict for display: absent or null ones as empty strings."""
     obj = obj if isinstance(obj, dict) else {}
     return {k: "" if obj.get(k) is None else obj[k] for k in keys}
-
-
-def _slug(text: str) -> str:
-    """An HTML id fragment made of safe characters."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
 
 # ---- images and plots ------------------------------------------------------------------------------------------
@@ -716,7 +711,7 @@ def _result_view(ri: int, idx: int, r: dict[str, Any], columns: list[Column], fi
     key = str(res["key"])
     is_best = key == (r.get("best") or {}).get("key")
     view = ResultView(
-        run=ri, index=idx, anchor=f"r{ri}-{_slug(key)}", key=key, head=str(res["head"]),
+        run=ri, index=idx, anchor=f"r{ri}-{slug(key)}", key=key, head=str(res["head"]),
         backbone=str(res.get("backbone_label") or cache.get("backbone_label") or cache.get("backbone", "")),
         cache_index=int(res["cache_index"]), is_best=is_best, params=params,
         selection_split=str(res.get("selection_split") or protocol.get("selection") or ""),

@@ -111,16 +111,18 @@ def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
 def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int | None) -> dict:
     import pipeline.extract.run as run_mod
     from pipeline import cache
+    from pipeline.atomic import commit_file
     from pipeline.extract import extract_dataset, resolve_config
     from pipeline.extract.local import run_local
     from pipeline.runtime.factory import make_runtime
 
     cpu: list[float] = []
 
-    def engine(plan, log, runtime_factory=make_runtime):  # the local engine, its runtime built first: not counted
-        rt = runtime_factory(plan.config.model, plan.config.runtime, log=log, batch_size=plan.config.batch_size)
+    def engine(plan, log, runtime_factory=make_runtime, commit=commit_file):  # the local engine, its runtime
+        rt = runtime_factory(plan.config.model, plan.config.runtime, log=log,  # built first: not counted
+                             batch_size=plan.config.batch_size)
         c = _cpu()
-        report = run_local(plan, log=log, runtime=rt)
+        report = run_local(plan, log=log, runtime=rt, commit=commit)
         cpu.append(_cpu() - c)
         return report
 

@@ -183,8 +183,81 @@ def phase_decode(root: Path, backbone: str, batch: int) -> dict:
     return out
 
 
+def _cpu_ms(fn, n: int) -> float:
+    """CPU milliseconds per item of ``fn()`` (all threads of this process)."""
+    c = _cpu()
+    fn()
+    return 1000 * (_cpu() - c) / max(1, n)
+
+
+def phase_breakdown(root: Path, backbone: str, batch: int) -> dict:
+    """Where the CPU of an image goes, each step alone on this process, one image or batch at a time, through the
+    pipeline's own functions: reading the file, its SHA-256, decoding, resizing, stacking a batch, the ONNX model on
+    batches (first batch, with the parity check, apart), and the cache's part writes with their checksums."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline import cache
+    from pipeline.data import decode_rgb, discover, resize_region
+    from pipeline.extract import resolve_config
+    from pipeline.extract.plan import plan_extraction
+    from pipeline.runtime.factory import make_runtime
+
+    ds = discover(root)
+    items = ds.items
+    n = len(items)
+    out: dict = {"n": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = resolve_config(backbone=backbone, weights="none", batch_size=batch, cache_dir=tmp, log=lambda m: None)
+        size, rule = cfg.model.input_size, cfg.resize
+        files = [ds.root / it.relpath for it in items]
+        for f in files:  # the file cache warm, as in the pipeline phases (each reads the same files in turn)
+            f.read_bytes()
+        blobs: list[bytes] = []
+        out["read"] = _cpu_ms(lambda: blobs.extend(f.read_bytes() for f in files), n)
+        out["hash"] = _cpu_ms(lambda: [hashlib.sha256(b).hexdigest() for b in blobs], n)
+        images: list = []
+
+        def decode() -> None:
+            for b in blobs:
+                try:
+                    images.append(decode_rgb(b, size))
+                except Exception:  # noqa: BLE001 - an undecodable file costs its attempt, as in the pipeline
+                    images.append(None)
+
+        out["decode"] = _cpu_ms(decode, n)
+        px: list = []
+        out["resize"] = _cpu_ms(lambda: px.extend(np.asarray(resize_region(im, size, rule), dtype=np.uint8).copy()
+                                                  for im in images if im is not None), n)
+        batches: list = []
+        out["batch"] = _cpu_ms(lambda: batches.extend(np.stack(px[i:i + batch]) for i in range(0, len(px), batch)),
+                               n)
+        rt = make_runtime(cfg.model, "onnx", log=lambda m: None, batch_size=batch)
+        rt(np.zeros_like(batches[0]))  # the engines' warm-up batch
+        first = _cpu_ms(lambda: rt(batches[0]), 1)  # first real batch: the model and the parity check
+        feats: list = []
+        out["model"] = _cpu_ms(lambda: feats.extend(rt(b) for b in batches[1:]), len(px) - len(batches[0]))
+        out["parity"] = (first - out["model"] * len(batches[0])) / n  # spread over the run's images, as it is
+        plan = plan_extraction(ds, cfg, keep_other_views=True)
+        shapes = {k: tuple(v.shape[1:]) for k, v in feats[0].items()}
+        writer = cache.PartWriter(plan.path, plan.meta, shapes, cfg.checkpoint_rows, 1e9)
+
+        def write() -> None:
+            for b in feats:
+                for j in range(len(next(iter(b.values())))):
+                    writer.add({"path": "x", "label": 0, "split": "", "size": 1, "mtime_ns": 1, "sha256": "0" * 64,
+                                "ok": True, "error": ""}, {k: v[j] for k, v in b.items()})
+                writer.maybe_flush(coming=batch)
+            writer.flush()
+
+        out["write"] = _cpu_ms(write, len(px) - len(batches[0]))
+    out["summary"] = rt.summary()
+    return out
+
+
 PHASES = {"keras": phase_keras, "pl-keras": phase_pl_keras, "pl-onnx": phase_pl_onnx, "ceiling": phase_ceiling}
-HELPERS = {"prepare": phase_prepare, "decode": phase_decode}
+HELPERS = {"prepare": phase_prepare, "decode": phase_decode, "breakdown": phase_breakdown}
 
 
 def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
@@ -195,6 +268,25 @@ def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | N
     if out.returncode != 0:
         raise SystemExit(f"phase {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+STEPS = ("read", "hash", "decode", "resize", "batch", "model", "parity", "write")
+"""The steps of :func:`phase_breakdown`, in the order an image meets them; read + hash + decode + resize is the
+reader's work ("decode" in the bound), the model's the runtime's."""
+
+
+def print_breakdown(parts: dict, pipeline_cpu_ms: float, pipeline_rate: float, cores: int) -> None:
+    """The CPU per image of each step, the rest of the pipeline's CPU, and the pipeline against the bound
+    ``cores x 1000 / (model + decode)`` (ms of CPU per image, all measured in this run)."""
+    steps = {k: float(parts[k]) for k in STEPS}
+    reader = steps["read"] + steps["hash"] + steps["decode"] + steps["resize"]
+    rest = pipeline_cpu_ms - sum(steps.values())
+    bound = cores * 1000 / (steps["model"] + reader)
+    print(f"  where the CPU of an image goes (ms, each step alone; pipeline --runtime onnx: {pipeline_cpu_ms:.2f} "
+          f"ms/img):")
+    print("    " + "  ".join(f"{k} {v:.2f}" for k, v in steps.items()) + f"  rest {rest:.2f}")
+    print(f"    bound = {cores} cores x 1000 / (model {steps['model']:.2f} + decode {reader:.2f}) = {bound:.1f} img/s;"
+          f" pipeline {pipeline_rate:.1f} img/s = {pipeline_rate / bound:.2f} of it (target >= 0.9)")
 
 
 def load() -> str:
@@ -237,6 +329,7 @@ def main() -> None:
                 print(f"  decode only, {w} thread(s): {d['n'] / d['seconds']:6.1f} img/s = "
                       f"{d['n'] / d['seconds'] / w:6.1f} img/s per core ({1000 * d['cpu'] / d['n']:.2f} ms CPU per "
                       f"image)")
+            parts = run_phase("breakdown", root, backbone, args.batch_size)
             rates: dict[str, list[float]] = {p: [] for p in PHASES}
             cpu_ms: dict[str, list[float]] = {p: [] for p in PHASES}
             rss: dict[str, float] = {}
@@ -256,6 +349,7 @@ def main() -> None:
                       f"CPU {statistics.median(cpu_ms[p]):5.1f} ms/img   peak RSS {rss[p]:.0f} MiB")
             for note in sorted(notes):
                 print(f"    [{note}]")
+            print_breakdown(parts, statistics.median(cpu_ms["pl-onnx"]), med["pl-onnx"], int(dec["cores"]))
             pairs = [("pl-onnx", "keras"), ("pl-onnx", "pl-keras"), ("pl-onnx", "ceiling"), ("pl-keras", "keras"),
                      ("ceiling", "keras")]
             for num, den in pairs:

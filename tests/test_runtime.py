@@ -356,6 +356,79 @@ def test_damaged_stored_model_is_exported_again(small, tmp_path, monkeypatch):
     assert not list(stored.parent.glob("*.tmp"))
 
 
+
+def _props(path: Path) -> dict[str, str]:
+    """The metadata of a stored ``.onnx`` file."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def _store_copy(good: Path, home: Path, model, edit) -> Path:
+    """``good`` copied into the store at ``home`` as ``model``'s file, its metadata changed by ``edit(props)``."""
+    import onnx
+
+    stored = onnx_export.stored_model_path(model, home / "onnx")
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(good))
+    props = {p.key: p.value for p in proto.metadata_props}
+    edit(props)
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(stored))
+    return stored
+
+
+def test_a_run_checks_its_session_by_the_probe_stored_at_export_without_running_keras(small, tmp_path, monkeypatch):
+    """The export stores the Keras features of the fixed probe; a run compares its session's probe features with
+    them (no eager Keras run), and a file without a probe, or with one that does not match, is checked against
+    Keras on the first batch as before, with the same features either way."""
+    import pipeline.runtime.onnx as onnx_mod
+    from pipeline.runtime.probe import PROBE_PROP, decode_probe, probe_pixels
+
+    model, built = small
+    good = _stored_good_model(model, built)
+    ref = decode_probe(_props(good).get(PROBE_PROP), 32)
+    assert set(ref) == {"avg"} and ref["avg"].shape == (2, built.model.outputs[0].shape[-1])
+    np.testing.assert_allclose(ref["avg"], _keras_outputs(built, probe_pixels(32))["avg"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(probe_pixels(32), probe_pixels(32))
+    px = _pixels(4, 32)
+    keras_ref = _keras_outputs(built, px)["avg"]
+    calls: list[int] = []
+    real = onnx_mod.keras_features
+    monkeypatch.setattr(onnx_mod, "keras_features", lambda b, x: calls.append(len(x)) or real(b, x))
+
+    def run(home: Path) -> tuple[dict, np.ndarray]:
+        monkeypatch.setenv("HEADBENCH_HOME", str(home))
+        calls.clear()
+        rt = make_runtime(model, "onnx", log=lambda m: None, built=built)
+        out = rt(px)["avg"]
+        np.testing.assert_allclose(out, keras_ref, rtol=0, atol=1e-4 * float(np.abs(keras_ref).max()))
+        return rt.describe(), out
+
+    info, by_probe = run(good.parent.parent)
+    assert info["parity_check"] == "stored probe" and float(info["parity"]) <= 1e-4 and calls == []
+    _store_copy(good, tmp_path / "old", model, lambda props: props.pop(PROBE_PROP))  # exported before probes
+    info, by_keras = run(tmp_path / "old")
+    assert info["parity_check"] == "keras" and float(info["parity"]) <= 1e-4 and calls == [2]
+    np.testing.assert_array_equal(by_probe, by_keras)
+
+    def wrong(props):  # a stored probe that is not what this session computes: Keras decides
+        import base64
+        import json
+
+        doc = json.loads(props[PROBE_PROP])
+        doc["outputs"]["avg"]["data"] = base64.b64encode(np.ones(ref["avg"].shape, np.float32)).decode()
+        props[PROBE_PROP] = json.dumps(doc)
+
+    _store_copy(good, tmp_path / "wrong", model, wrong)
+    info, _ = run(tmp_path / "wrong")
+    assert info["parity_check"] == "keras" and info["runtime"] == "onnxruntime" and calls == [2]
+    assert decode_probe("not json", 32) is None and decode_probe(None, 32) is None
+    assert decode_probe(_props(good).get(PROBE_PROP), 64) is None  # another input size
+
 # ---- providers (fakes: no GPU here) ----------------------------------------------------------------------------
 
 

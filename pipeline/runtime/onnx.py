@@ -7,7 +7,11 @@ reuse the stored file), opens an ONNX Runtime session on the best execution prov
 Parity check
 ------------
 On the first real batch of every run (the first call whose pixels are not all zero: the engines' warm-up batch is
-zeros) up to :data:`PARITY_IMAGES` images also go through the Keras model, eagerly, in float32 on the CPU. If
+zeros) the session is checked. When the stored file carries the probe features its export computed with Keras
+(:mod:`pipeline.runtime.probe`), the session runs the probe and is held to them, and the batch's features must be
+finite: no Keras run, a few milliseconds instead of a second of CPU. Otherwise (a file exported before probes, or a
+probe that does not match) up to :data:`PARITY_IMAGES` images of the batch also go through the Keras model, eagerly,
+in float32 on the CPU. ``describe()["parity_check"]`` records which (``stored probe`` or ``keras``). If
 ``max|onnx - keras| / max|keras|`` of any output exceeds :data:`PARITY_TOLERANCE` the runtime tries the next
 execution provider (a GPU provider that computes in reduced precision), and in the end falls back to Keras for the
 whole run, with one log line that says why; the reason is in :meth:`OnnxRuntime.describe`'s ``note``, which the
@@ -49,6 +53,7 @@ from pipeline.machine import cpu_cores
 from pipeline.runtime.base import Runtime, RuntimeUnavailableError
 from pipeline.runtime.keras import KerasRuntime
 from pipeline.runtime.onnx_export import ExportError, ensure_exported, file_identity
+from pipeline.runtime.probe import PROBE_PROP, decode_probe, keras_features, probe_pixels, relative_difference
 
 PARITY_TOLERANCE = 1e-4
 """Largest accepted ``max|onnx - keras| / max|keras|`` on the first batch (float32 runtimes agree to ~1e-6)."""
@@ -141,25 +146,6 @@ def make_session(path: Path, providers: Sequence[str], threads: int, input_size:
     return ort.InferenceSession(str(path), so, providers=opts, enable_fallback=0)
 
 
-def relative_difference(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
-    """``max|out - ref| / max|ref|`` over every output (inf when shapes or the finite entries disagree)."""
-    worst = 0.0
-    for kind, r in ref.items():
-        o = out.get(kind)
-        if o is None or o.shape != r.shape:
-            return float("inf")
-        fin = np.isfinite(r)
-        if not np.array_equal(fin, np.isfinite(o)):
-            return float("inf")
-        if not fin.any():
-            continue
-        r64, o64 = r[fin].astype(np.float64), o[fin].astype(np.float64)
-        diff = float(np.abs(o64 - r64).max())
-        scale = float(np.abs(r64).max())
-        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
-    return worst
-
-
 class OnnxRuntime(Runtime):
     """The exported feature model in an ONNX Runtime session, checked against Keras on the first real batch.
 
@@ -201,6 +187,7 @@ class OnnxRuntime(Runtime):
         self._keras: KerasRuntime | None = None
         self._checked = False
         self.parity = ""
+        self.parity_check = ""
         self._providers = list(providers)
         self._all_providers = list(providers)
         self._reexport = reexport
@@ -233,12 +220,18 @@ class OnnxRuntime(Runtime):
                        else f"CPU ({cpu_cores()} cores)")
         self._input = self._session.get_inputs()[0].name
         self._outputs = [o.name for o in self._session.get_outputs()]
+        modelmeta = getattr(self._session, "get_modelmeta", None)  # stand-in sessions of tests may have none
+        stored = modelmeta().custom_metadata_map.get(PROBE_PROP) if modelmeta is not None else None
+        self._probe = decode_probe(stored, self.model.input_size)
 
     def describe(self) -> dict[str, str]:
-        """Runtime provenance (see :meth:`Runtime.describe`), plus ``threads`` and ``parity``."""
+        """Runtime provenance (see :meth:`Runtime.describe`), plus ``threads``, ``parity`` (the difference found)
+        and ``parity_check`` (what it was measured against: ``stored probe`` or ``keras``)."""
         if self._keras is not None:
-            return {**self._keras.describe(), "note": self.note, "parity": self.parity}
-        return {**super().describe(), "threads": str(self.threads), "parity": self.parity}
+            return {**self._keras.describe(), "note": self.note, "parity": self.parity,
+                    "parity_check": self.parity_check}
+        return {**super().describe(), "threads": str(self.threads), "parity": self.parity,
+                "parity_check": self.parity_check}
 
     def summary(self) -> str:
         if self._keras is not None:
@@ -260,31 +253,21 @@ class OnnxRuntime(Runtime):
 
     def _reference(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The Keras model's outputs, eagerly and in float32 on the CPU."""
-        import keras
-
-        x = pixels.astype(np.float32)
-        ctx: Any = contextlib.nullcontext()
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            ctx = tf.device("/CPU:0")
-        with ctx:
-            out = self.built.model(x, training=False)  # type: ignore[union-attr]
-        return {k: np.asarray(v) for k, v in out.items() if k in self._outputs}
+        return {k: v for k, v in keras_features(self.built, pixels).items() if k in self._outputs}
 
     def _check(self, pixels: np.ndarray, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Compare with Keras on the first real batch; export a damaged file again, then try the next provider,
-        then Keras, if they differ."""
+        """Check the session on the first real batch: by the stored probe when the file has one and the batch's
+        features are finite (:mod:`pipeline.runtime.probe`), else against Keras on the batch's first images; export
+        a damaged file again, then try the next provider, then Keras, if they differ."""
+        if self._probe is not None and all(np.isfinite(v).all() for v in out.values()) and self._probe_passes():
+            return out
         sub = pixels[:PARITY_IMAGES]
         ref = self._reference(sub)
         while True:
             err = relative_difference({k: v[:len(sub)] for k, v in out.items()}, ref)
-            self.parity = f"{err:.1e}"
+            self.parity, self.parity_check = f"{err:.1e}", "keras"
             if err <= self.tolerance:
-                self._checked = True
-                self.built = None  # the session is checked: the Keras model may go
-                self._reexport = None
-                release_memory()
+                self._passed()
                 return out
             reason = (f"ONNX Runtime ({self.provider}) differs from Keras by {err:.1e} x max|Keras| (tolerance "
                       f"{self.tolerance:.0e}) on the first batch")
@@ -302,6 +285,21 @@ class OnnxRuntime(Runtime):
                 out = self._run(pixels)
                 continue
             return self._fall_back(pixels, reason)
+
+    def _probe_passes(self) -> bool:
+        """Run the probe through this session and compare with the features stored at export (True: checked)."""
+        err = relative_difference(self._run(probe_pixels(self.model.input_size)), self._probe)  # type: ignore[arg-type]
+        if err > self.tolerance:
+            return False  # checked against Keras on the real batch, which says what is wrong
+        self.parity, self.parity_check = f"{err:.1e}", "stored probe"
+        self._passed()
+        return True
+
+    def _passed(self) -> None:
+        self._checked = True
+        self.built = None  # the session is checked: the Keras model may go
+        self._reexport = None
+        release_memory()
 
     def _damaged(self, err: float) -> bool:
         """Whether a parity difference ``err`` says the stored file is damaged and it may still be exported again."""

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.backbones import BuiltBackbone, ModelConfig
+from pipeline.runtime.probe import PROBE_PROP, encode_probe, keras_features, probe_pixels
 
 FORMAT_VERSION = 2
 """Version of how this module exports (input name and dtype, outputs, freezing, and the feature model it is given);
@@ -296,6 +297,9 @@ def export_model(built: BuiltBackbone, path: Path, key: dict[str, Any]) -> None:
         raise ExportError(f"ONNX export of {built.label} failed ({type(exc).__name__}: {text})") from exc
     entry = proto.metadata_props.add()
     entry.key, entry.value = KEY_PROP, json.dumps(key, sort_keys=True)
+    probe = proto.metadata_props.add()  # the Keras features of the probe, the runs' parity reference
+    probe.key, probe.value = PROBE_PROP, encode_probe(keras_features(built, probe_pixels(built.input_size)),
+                                                      built.input_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -61,10 +61,11 @@ from typing import Any, Callable, Iterator
 from pipeline.backbones import BuiltBackbone, ModelConfig
 from pipeline.runtime.probe import PROBE_PROP, encode_probe, keras_features, probe_pixels
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of how this module exports (input name and dtype, outputs, freezing, and the feature model it is given);
 bump it to re-export. 2: EfficientNet from a weights file divides its input by the variance (models stored by
-version 1 lacked that)."""
+version 1 lacked that). 3: the probe features are stored in the file (:mod:`pipeline.runtime.probe`), so stored
+models are exported once more to carry them."""
 OPSET = 17
 """ONNX opset of the exported graphs (ONNX Runtime >= 1.13 runs it; every op these backbones use exists in it)."""
 KEY_PROP = "headbench_key"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from pipeline.data import PAD_COLOUR, decode, discover, load_image, read_image, sniff
+from pipeline.data import PAD_COLOUR, decode, decode_rgb, discover, load_image, read_image, resize_region, sniff
 from pipeline.errors import DatasetError, HeadbenchError, ImageDecodeError
 
 from conftest import write_image
@@ -680,19 +680,14 @@ def test_large_jpeg_draft_matches_full_decode(rule):
     assert diff < 3, diff
 
 
-def _spy_resize(monkeypatch) -> list[tuple[int, int]]:
-    """Record the size (w, h) of every picture handed to the final resize: what the JPEG decoder produced."""
-    import pipeline.data as data
+def _decoded_size(data: bytes, size: int, rule: str = "crop") -> tuple[int, int]:
+    """The size (w, h) of the picture ``decode(data, size, rule)`` resizes last: what the JPEG decoder produced.
 
-    seen: list[tuple[int, int]] = []
-    real = data._resize
-
-    def spy(im, size, rule):
-        seen.append(im.size)
-        return real(im, size, rule)
-
-    monkeypatch.setattr(data, "_resize", spy)
-    return seen
+    That picture is :func:`decode_rgb`'s: its final resize is ``decode``'s output, pixel for pixel (checked here).
+    """
+    im = decode_rgb(data, size)
+    assert np.array_equal(decode(data, size, rule), np.asarray(resize_region(im, size, rule)))
+    return im.size
 
 
 @pytest.mark.parametrize("h, w, size, scaled", [
@@ -702,26 +697,23 @@ def _spy_resize(monkeypatch) -> list[tuple[int, int]]:
     (300, 400, 299, (400, 300)),  # no smaller scale keeps 299 px: decoded at full size
     (200, 150, 224, (150, 200)),  # smaller than the input size: full size, then upscaled
 ])
-def test_jpeg_is_decoded_at_the_smallest_dct_scale_that_keeps_the_input_size(monkeypatch, h, w, size, scaled):
+def test_jpeg_is_decoded_at_the_smallest_dct_scale_that_keeps_the_input_size(h, w, size, scaled):
     """The pixel rule (headbench-pixels-3): JPEGs are decoded by libjpeg-turbo at the smallest scale M/8 (M = 1..8)
     that leaves both sides >= size, then resized; before, only Pillow's 1/2, 1/4, 1/8 ``draft`` scales were used."""
     pytest.importorskip("simplejpeg")
-    seen = _spy_resize(monkeypatch)
     data = encode(Image.fromarray(noisy(h, w)), "JPEG", quality=90)
-    out = decode(data, size, "crop")
-    assert seen == [scaled] and out.shape == (size, size, 3)
+    assert _decoded_size(data, size) == scaled
+    assert decode(data, size, "crop").shape == (size, size, 3)
 
 
-def test_mpo_is_decoded_at_a_reduced_scale_too(monkeypatch):
+def test_mpo_is_decoded_at_a_reduced_scale_too():
     pytest.importorskip("simplejpeg")
     big = Image.fromarray(noisy(300, 400))
     try:
         mpo = encode(big, "MPO", save_all=True, append_images=[Image.fromarray(solid(300, 400))])
     except (KeyError, ValueError, OSError):
         pytest.skip("this Pillow cannot write MPO")
-    seen = _spy_resize(monkeypatch)
-    decode(mpo, 64)
-    assert seen == [(100, 75)]
+    assert _decoded_size(mpo, 64) == (100, 75)
 
 
 @pytest.mark.parametrize("rule", ["squash", "crop", "pad"])
@@ -733,17 +725,14 @@ def test_without_the_libjpeg_turbo_binding_pillow_gives_close_pixels(monkeypatch
     data = rgb_bytes(noisy(600, 800, seed=5), "JPEG", quality=90)
     fast = decode(data, 224, rule)
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import simplejpeg now raises ImportError
-    seen = _spy_resize(monkeypatch)
     slow = decode(data, 224, rule)
-    assert seen == [(400, 300)]  # Pillow's draft: 1/2
+    assert _decoded_size(data, 224, rule) == (400, 300)  # Pillow's draft: 1/2
     assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 3
 
 
-def test_cmyk_jpeg_goes_through_pillow(monkeypatch):
-    seen = _spy_resize(monkeypatch)
+def test_cmyk_jpeg_goes_through_pillow():
     cmyk = Image.fromarray(noisy(300, 400)).convert("CMYK")
-    decode(encode(cmyk, "JPEG"), 64)
-    assert seen == [(100, 75)]  # Pillow's draft scale, and Pillow's CMYK conversion
+    assert _decoded_size(encode(cmyk, "JPEG"), 64) == (100, 75)  # Pillow's draft scale, and Pillow's CMYK conversion
 
 
 def test_mpo_jpeg_uses_first_image():

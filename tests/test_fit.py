@@ -1,6 +1,6 @@
 """The fit stage end to end: caches in, run folder out.
 
-Fast tests use synthetic feature sets in place of cache files (the cache reader is swapped for an in-memory one);
+Fast tests use synthetic feature sets in place of cache files (the fit is handed an in-memory CacheSource);
 the real-data tests use the session caches of ../shared (hymenoptera and flowers5 with the shared MobileNet
 weights) and fit each configuration once per module.
 """
@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_classification
 
-import pipeline.cache as cache_mod
-from pipeline.cache import read as cache_read
-from pipeline.cache import FeatureSet
+from pipeline.cache import CacheInfo, CacheScan, FeatureSet
 from pipeline.errors import CacheError, FitError
-from pipeline.fit import FitConfig, leaderboard_table, run_fit
+from pipeline.fit import CacheSource, FitConfig, leaderboard_table, run_fit
 from pipeline.fit.heads import HEADS
 
 CLASSES = ["ant", "bee", "wasp"]
@@ -91,30 +89,40 @@ class FakeReader:
         pass
 
 
+class FakeSource(CacheSource):
+    """A :class:`pipeline.fit.CacheSource` over synthetic FeatureSets registered by path: the folder scan finds
+    those of the folder, with their attributes, and each opens as a :class:`FakeReader`."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, FeatureSet] = {}
+
+    def meta(self, path: Path) -> dict:
+        """The registered attributes of ``path`` (change them to change what the scan and the reader see)."""
+        return self.store[str(path)].meta
+
+    def scan(self, cache_dir: Path) -> CacheScan:
+        return CacheScan(caches=[CacheInfo(Path(p), fs.meta) for p, fs in sorted(self.store.items())
+                                 if Path(p).parent == Path(cache_dir)])
+
+    def open(self, path: Path, kind: str) -> FakeReader:
+        return FakeReader(self.store[str(path)])
+
+
 @pytest.fixture
-def fake_caches(monkeypatch, tmp_path):
-    """Register synthetic FeatureSets as if they were cache files in tmp_path/cache."""
-    store: dict[str, FeatureSet] = {}
+def fake_caches(tmp_path):
+    """Register synthetic FeatureSets as if they were cache files in tmp_path/cache; fits read them by being handed
+    ``fake_caches.source``."""
+    source = FakeSource()
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
 
     def add(name: str, **kw) -> Path:
         path = cache_dir / f"{name}.h5"
         path.write_bytes(b"")
-        store[str(path)] = _feature_set(path, **kw)
+        source.store[str(path)] = _feature_set(path, **kw)
         return path
 
-    def find_caches(d, dataset=None, backbone=None):
-        return [Path(p) for p, fs in sorted(store.items()) if Path(p).parent == Path(d)
-                and dataset in (None, fs.meta["dataset_name"])
-                and backbone in (None, fs.meta["backbone"], fs.meta["backbone_label"])]
-
-    monkeypatch.setattr(cache_mod, "find_caches", find_caches)
-    monkeypatch.setattr(cache_mod, "read_meta", lambda p: store[str(p)].meta)
-    monkeypatch.setattr(cache_read, "read_meta", cache_mod.read_meta)  # what the folder scan reads
-    monkeypatch.setattr(cache_mod, "read_features", lambda p, kind="avg", expect=None: store[str(p)])
-    monkeypatch.setattr(cache_mod, "open_features", lambda p, kind="avg", expect=None: FakeReader(store[str(p)]))
-    add.dir = cache_dir
+    add.dir, add.source = cache_dir, source
     return add
 
 
@@ -125,7 +133,8 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
     fake_caches("toy_good", backbone="mobilenet", seed=0)
     fake_caches("toy_poor", backbone="mobilenet_v2", seed=2)
     out = tmp_path / "run"
-    run = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "knn", "dense"], out=out, command="test"), log=_quiet)
+    run = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "knn", "dense"], out=out, command="test"), log=_quiet,
+                  source=fake_caches.source)
     doc = json.loads((out / "results.json").read_text())
     assert doc == run.results and set(doc) == TOP_KEYS and doc["schema_version"] == 3
     ds = doc["dataset"]
@@ -208,7 +217,7 @@ def test_run_folder_has_documented_results_and_standalone_heads(fake_caches, qui
 def test_maps_go_flat_to_sklearn_heads_and_whole_to_dense(fake_caches, quick_dense, tmp_path):
     fake_caches("maps", backbone="mobilenet", shape=(2, 2, 4), n=150)
     run = run_fit(FitConfig(fake_caches.dir, heads=["dense", "centroid"], features="maps", class_weight="balanced",
-                            out=tmp_path / "run"), log=_quiet)
+                            out=tmp_path / "run"), log=_quiet, source=fake_caches.source)
     doc = run.results
     assert doc["caches"][0]["feature"] == "maps" and doc["caches"][0]["feature_shape"] == [2, 2, 4]
     dense = next(r for r in doc["results"] if r["head"] == "dense")
@@ -223,12 +232,13 @@ def test_train_val_without_test_selects_by_cv_and_keeps_val_untouched(fake_cache
     """The tutorials' layout: the number that chose the head is never its headline (unless asked for)."""
     splits = np.array(["train", "train", "val"] * 50)
     fake_caches("tv", backbone="mobilenet", n=150, splits=splits)
-    doc = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run"), log=_quiet).results
+    doc = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run"), log=_quiet,
+                  source=fake_caches.source).results
     assert doc["protocol"]["selection"] == "cv" and doc["protocol"]["final_splits"] == ["val"]
     assert doc["protocol"]["select_on"] == "auto" and not doc["best"]["selection_is_final"]
     assert all(r["selection_split"] == "cv" and len(r["selection"]["scores"]) == 5 for r in doc["results"])
     old = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=tmp_path / "run2", select_on="val"),
-                  log=_quiet).results
+                  log=_quiet, source=fake_caches.source).results
     assert old["protocol"]["selection"] == "val" and old["best"]["selection_is_final"]
     assert "selection score" in old["protocol"]["description"]
     assert all(r["selection"]["n"] == 50 for r in old["results"])
@@ -239,7 +249,8 @@ def test_train_val_without_test_selects_by_cv_and_keeps_val_untouched(fake_cache
 def test_val_folders_select_on_val_and_report_val_and_test(fake_caches, tmp_path):
     splits = np.array(["train", "train", "val", "test"] * 50)
     fake_caches("split", backbone="mobilenet", n=200, splits=splits)
-    doc = run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=tmp_path / "run"), log=_quiet).results
+    doc = run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=tmp_path / "run"), log=_quiet,
+                  source=fake_caches.source).results
     assert doc["dataset"]["split_source"] == "folders" and doc["protocol"]["selection"] == "val"
     assert doc["protocol"]["final_splits"] == ["val", "test"] and doc["protocol"]["cv_folds"] is None
     r = doc["results"][0]
@@ -256,49 +267,55 @@ def test_no_caches_is_a_cache_error(tmp_path):
 def test_several_datasets_fit_the_last_extracted_and_say_how_to_pick(fake_caches, tmp_path):
     a = fake_caches("a", backbone="mobilenet", dataset="flowers")
     b = fake_caches("b", backbone="mobilenet", dataset="birds")
-    cache_mod.read_meta(a)["updated"] = "2026-03-01T10:00:00+0000"
-    cache_mod.read_meta(b)["updated"] = "2026-02-01T10:00:00+0000"  # birds was extracted before flowers
+    fake_caches.source.meta(a)["updated"] = "2026-03-01T10:00:00+0000"
+    fake_caches.source.meta(b)["updated"] = "2026-02-01T10:00:00+0000"  # birds was extracted before flowers
     lines: list[str] = []
-    doc = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1"), log=lines.append).results
+    doc = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1"), log=lines.append,
+                  source=fake_caches.source).results
     assert doc["dataset"]["name"] == "flowers" and len(doc["caches"]) == 1
     (said,) = [ln for ln in lines if "several datasets" in ln]
     assert "fitting flowers (/data/flowers), the one extracted last" in said
     assert "also there: birds" in said and "--dataset NAME" in said
-    doc = run_fit(FitConfig(fake_caches.dir, dataset="birds", heads=["centroid"], out=tmp_path / "r2")).results
+    doc = run_fit(FitConfig(fake_caches.dir, dataset="birds", heads=["centroid"], out=tmp_path / "r2"),
+                  source=fake_caches.source).results
     assert doc["dataset"]["name"] == "birds" and len(doc["caches"]) == 1
 
 
 def test_two_datasets_of_one_name_are_told_apart_by_their_folder(fake_caches, tmp_path):
     a = fake_caches("a", backbone="mobilenet", dataset="data")
     b = fake_caches("b", backbone="mobilenet", dataset="data")
-    cache_mod.read_meta(b)["dataset_root"] = "/other/project/data"  # same folder name, another dataset
-    cache_mod.read_meta(a)["updated"] = "2026-03-01T10:00:00+0000"
+    fake_caches.source.meta(b)["dataset_root"] = "/other/project/data"  # same folder name, another dataset
+    fake_caches.source.meta(a)["updated"] = "2026-03-01T10:00:00+0000"
     with pytest.raises(FitError) as e:  # the name alone is ambiguous
-        run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r2"))
+        run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r2"),
+                source=fake_caches.source)
     msg = str(e.value)
     assert "2 datasets are named data" in msg and "/data/data" in msg and "/other/project/data" in msg
     assert "--dataset PATH" in msg and "\n" not in msg
     lines: list[str] = []  # without --dataset: the one extracted last, and how to pick the other by its folder
-    doc = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1"), log=lines.append).results
+    doc = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r1"), log=lines.append,
+                  source=fake_caches.source).results
     assert doc["dataset"]["root"] == "/data/data"
     assert any("also there: data (/other/project/data)" in ln and "--dataset PATH" in ln for ln in lines)
     lines: list[str] = []
     doc = run_fit(FitConfig(fake_caches.dir, dataset="/other/project/data", heads=["centroid"], out=tmp_path / "r3"),
-                  log=lines.append).results
+                  log=lines.append, source=fake_caches.source).results
     assert doc["dataset"]["root"] == "/other/project/data" and len(doc["caches"]) == 1
     assert Path(doc["caches"][0]["path"]).name == b.name
     here = tmp_path / "project"  # a bare word that is a folder here means that folder: `fit --dataset data`
     (here / "data").mkdir(parents=True)
-    cache_mod.read_meta(a)["dataset_root"] = str(here / "data")
+    fake_caches.source.meta(a)["dataset_root"] = str(here / "data")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(here)
-        doc = run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r4")).results
+        doc = run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r4"),
+                      source=fake_caches.source).results
     assert doc["dataset"]["root"] == str(here / "data")
     elsewhere = tmp_path / "elsewhere"  # a folder here that is neither dataset: the word is a name again
     (elsewhere / "data").mkdir(parents=True)
     with pytest.MonkeyPatch.context() as mp, pytest.raises(FitError, match="2 datasets are named data"):
         mp.chdir(elsewhere)
-        run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r5"))
+        run_fit(FitConfig(fake_caches.dir, dataset="data", heads=["centroid"], out=tmp_path / "r5"),
+                source=fake_caches.source)
     # fit says where the features it compares came from
     assert any(ln.startswith("dataset data from /other/project/data: mobilenet-a1.0-224 (b.h5)") for ln in lines)
     assert a.exists()
@@ -323,20 +340,21 @@ def test_backbone_option_filters_caches(fake_caches, tmp_path):
     fake_caches("a", backbone="mobilenet")
     fake_caches("b", backbone="mobilenet_v2")
     doc = run_fit(FitConfig(fake_caches.dir, backbones=["mobilenet_v2-a1.0-224"], heads=["centroid"],
-                            out=tmp_path / "r")).results
+                            out=tmp_path / "r"), source=fake_caches.source).results
     assert [c["backbone"] for c in doc["caches"]] == ["mobilenet_v2"]
     with pytest.raises(CacheError, match="backbone inception_v3"):
-        run_fit(FitConfig(fake_caches.dir, backbones=["inception_v3"], heads=["centroid"], out=tmp_path / "r2"))
+        run_fit(FitConfig(fake_caches.dir, backbones=["inception_v3"], heads=["centroid"], out=tmp_path / "r2"),
+                source=fake_caches.source)
 
 
 def test_mixed_datasets_and_mismatched_classes_are_refused(fake_caches, tmp_path):
     a = fake_caches("a", backbone="mobilenet", dataset="flowers")
     b = fake_caches("b", backbone="mobilenet_v2", dataset="birds")
     with pytest.raises(FitError, match="different datasets mixed"):
-        run_fit(FitConfig(caches=[a, b], heads=["centroid"], out=tmp_path / "r1"))
+        run_fit(FitConfig(caches=[a, b], heads=["centroid"], out=tmp_path / "r1"), source=fake_caches.source)
     c = fake_caches("c", backbone="mobilenet_v2", dataset="flowers", classes=["ant", "bee"])
     with pytest.raises(FitError, match="disagree on the classes"):
-        run_fit(FitConfig(caches=[a, c], heads=["centroid"], out=tmp_path / "r2"))
+        run_fit(FitConfig(caches=[a, c], heads=["centroid"], out=tmp_path / "r2"), source=fake_caches.source)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -348,18 +366,19 @@ def test_mixed_datasets_and_mismatched_classes_are_refused(fake_caches, tmp_path
     ({"audit": False, "exclude_leaks": True}, "--exclude-leaks needs the audit (drop --no-audit)"),
     ({"memory_budget": "lots"}, "--memory-budget 'lots' is not a size; write it like 2GB, 500MB or 1.5GiB"),
 ])
-def test_bad_options_fail_when_the_config_is_made_before_any_cache_is_opened(fake_caches, monkeypatch, options,
-                                                                             message):
+def test_bad_options_fail_when_the_config_is_made_before_any_cache_is_opened(fake_caches, options, message):
     """A FitConfig that exists is valid: a bad option is one line when it is made, before any cache is looked at."""
     fake_caches("a", backbone="mobilenet")
 
-    def no_cache(*a, **k):
-        raise AssertionError("a bad option must be refused before any cache is opened")
+    class NoCache(CacheSource):
+        def scan(self, cache_dir):
+            raise AssertionError("a bad option must be refused before any cache is looked for")
 
-    monkeypatch.setattr(cache_mod, "find_caches", no_cache)
-    monkeypatch.setattr(cache_mod, "open_features", no_cache)
+        def open(self, path, kind):
+            raise AssertionError("a bad option must be refused before any cache is opened")
+
     with pytest.raises(FitError) as err:
-        run_fit(FitConfig(fake_caches.dir, **options))
+        run_fit(FitConfig(fake_caches.dir, **options), source=NoCache())
     assert str(err.value) == message and "\n" not in str(err.value)
 
 
@@ -390,7 +409,7 @@ def test_an_existing_run_folder_is_refused(fake_caches, tmp_path):
     busy.mkdir()
     (busy / "results.json").write_text("{}")
     with pytest.raises(FitError, match="not empty"):
-        run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=busy))
+        run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=busy), source=fake_caches.source)
 
 
 def test_run_fit_writes_no_report(fake_caches, tmp_path, monkeypatch):
@@ -400,13 +419,13 @@ def test_run_fit_writes_no_report(fake_caches, tmp_path, monkeypatch):
     fake_caches("toy", backbone="mobilenet")
     monkeypatch.chdir(tmp_path)  # where write_report's default page, reports/<run name>.html, would go
     out = tmp_path / "runs" / "toy_run"
-    run = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=out), log=_quiet)
+    run = run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=out), log=_quiet, source=fake_caches.source)
     assert run.run_dir == out and (out / "results.json").is_file() and not hasattr(run, "report_path")
     assert default_report_path([out]) == Path("reports") / "toy_run.html"
     assert not Path("reports").exists() and list(tmp_path.rglob("*.html")) == []
 
 
-def test_cli_fit_writes_the_report_after_the_fit(fake_caches, tmp_path, monkeypatch):
+def test_cli_fit_writes_the_report_after_the_fit(tmp_path, monkeypatch):
     """`fit` writes reports/<run name>.html itself and prints its path; --no-report writes none; a fault writing
     the report is one line (a RunError, printed by the entry point as one ``error:`` line)."""
     from typer.testing import CliRunner
@@ -414,8 +433,9 @@ def test_cli_fit_writes_the_report_after_the_fit(fake_caches, tmp_path, monkeypa
     import cli
     import pipeline.report
     from pipeline.errors import RunError
+    from test_fit_scale import _cache
 
-    fake_caches("toy", backbone="mobilenet")
+    cache_dir = _cache(tmp_path, n=150).parent  # a small real cache: the command reads the files on disk
     written: list[list[Path]] = []
 
     def write_report(run_dirs, out_html=None, **kw):
@@ -425,7 +445,7 @@ def test_cli_fit_writes_the_report_after_the_fit(fake_caches, tmp_path, monkeypa
         return Path("reports") / f"{Path(run_dirs[0]).name}.html"
 
     monkeypatch.setattr(pipeline.report, "write_report", write_report)
-    args = ["fit", "--cache-dir", str(fake_caches.dir), "--head", "centroid", "--no-audit"]
+    args = ["fit", "--cache-dir", str(cache_dir), "--head", "centroid", "--no-audit"]
     res = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r1")])
     assert res.exit_code == 0, (res.output, res.exception)
     assert written == [[tmp_path / "r1"]]
@@ -445,10 +465,10 @@ def test_cli_fit_writes_the_report_after_the_fit(fake_caches, tmp_path, monkeypa
 
 def test_one_class_in_train_is_a_fit_error(fake_caches, tmp_path):
     path = fake_caches("one", backbone="mobilenet", n=60, splits=np.array(["train"] * 40 + ["val"] * 20))
-    fs = cache_mod.read_features(path)
+    fs = fake_caches.source.store[str(path)]
     fs.labels[:40] = 0
     with pytest.raises(FitError, match="one class only"):
-        run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r"))
+        run_fit(FitConfig(fake_caches.dir, heads=["centroid"], out=tmp_path / "r"), source=fake_caches.source)
 
 
 def test_cli_fit_error_is_one_line(tmp_path):
@@ -596,7 +616,8 @@ def test_an_interrupted_fit_leaves_no_run_folder_and_the_same_command_runs_again
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=out), log=interrupt)
+        run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=out), log=interrupt,
+                source=fake_caches.source)
     assert not out.exists() and not partial_dir(out).exists()
     # a kill -9 leaves the hidden unfinished folder: readers say so, and the same fit replaces it
     (partial_dir(out) / "heads").mkdir(parents=True)
@@ -604,7 +625,8 @@ def test_an_interrupted_fit_leaves_no_run_folder_and_the_same_command_runs_again
     with pytest.raises(RunError, match="unfinished: its fit was interrupted"):
         load_run(out)
     lines: list[str] = []
-    run = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=out), log=lines.append)
+    run = run_fit(FitConfig(fake_caches.dir, heads=["logreg", "centroid"], out=out), log=lines.append,
+                  source=fake_caches.source)
     assert any("replacing the unfinished run folder" in ln for ln in lines)
     assert run.run_dir == out and (out / "results.json").is_file() and not partial_dir(out).exists()
     assert not (out / "heads" / "stale.joblib").exists() and load_run(out).results["best"]["key"]
@@ -617,14 +639,17 @@ def test_a_failed_fit_keeps_nothing_and_blocks_no_rerun(fake_caches, tmp_path):
     fake_caches("toy", backbone="mobilenet")
     out = tmp_path / "run"
     with pytest.raises(FitError, match="--memory-budget"):
-        run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=out, memory_budget="1KB"), log=_quiet)
+        run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=out, memory_budget="1KB"), log=_quiet,
+                source=fake_caches.source)
     assert not out.exists() and not partial_dir(out).exists()
-    assert run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=out), log=_quiet).run_dir == out
+    assert run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=out), log=_quiet,
+                   source=fake_caches.source).run_dir == out
     # an --out that cannot be made is one line, before any head is fitted
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(FitError, match="cannot create the run folder") as err:
-        run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=blocker / "run"), log=_quiet)
+        run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=blocker / "run"), log=_quiet,
+                source=fake_caches.source)
     assert "\n" not in str(err.value)
 
 
@@ -649,19 +674,22 @@ def test_fits_killed_under_other_names_are_swept_and_a_live_one_is_never_replace
         foreign = runs / ".not_ours.partial"  # no owner recorded: never touched by the sweep
         foreign.mkdir()
         lines = []
-        run = run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "new"), log=lines.append)
+        run = run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "new"), log=lines.append,
+                      source=fake_caches.source)
         assert not killed.exists() and building.is_dir() and foreign.is_dir()
         assert f"removed {killed}, the unfinished run folder of a fit that was killed" in lines
         assert not (run.run_dir / OWNER_FILE).exists()
         with pytest.raises(FitError) as err:  # the same --out as a fit that is still building it
-            run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "busy"), log=_quiet)
+            run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "busy"), log=_quiet,
+                    source=fake_caches.source)
         assert f"another fit (process {live.pid}) is building {runs / 'busy'} now" in str(err.value)
         assert (building / "heads").is_dir()
     finally:
         live.kill()
         live.wait()
     # once its builder is gone, the same command replaces it
-    assert run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "busy"), log=_quiet).run_dir.is_dir()
+    assert run_fit(FitConfig(fake_caches.dir, heads=["logreg"], out=runs / "busy"), log=_quiet,
+                   source=fake_caches.source).run_dir.is_dir()
 
 
 def test_a_full_disk_while_fit_writes_is_one_line_and_keeps_nothing(fake_caches, small_tmpfs):
@@ -671,7 +699,7 @@ def test_a_full_disk_while_fit_writes_is_one_line_and_keeps_nothing(fake_caches,
     (small_tmpfs / "filler").write_bytes(b"\0" * (256 * 1024 - 12 * 1024))  # 12 kB left: less than the run
     out = small_tmpfs / "run"
     with pytest.raises(FitError) as err:
-        run_fit(FitConfig(fake_caches.dir, heads=["logreg", "knn"], out=out), log=_quiet)
+        run_fit(FitConfig(fake_caches.dir, heads=["logreg", "knn"], out=out), log=_quiet, source=fake_caches.source)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"cannot write the run folder {out} (No space left on device)")
     assert "nothing of this run was kept" in msg

@@ -22,9 +22,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 import pipeline.cache as cache_mod
-from pipeline.cache import read as cache_read
 from pipeline.errors import FitError
-from pipeline.fit import FitConfig, run_fit
+from pipeline.fit import CacheSource, FitConfig, run_fit
 from pipeline.fit import forms
 from pipeline.fit.heads import (HEADS, KNN_EXACT_MAX_ROWS, LINEAR_SVM_EXACT_MAX_ROWS, LOGREG_EXACT_MAX_ROWS,
                                 SVM_EXACT_MAX_ROWS, DenseHead, HeadContext)
@@ -344,26 +343,38 @@ def test_heads_that_cannot_fit_the_budget_are_skipped_with_the_reason(tmp_path):
         run_fit(FitConfig(caches=[path], heads=["knn"], out=tmp_path / "run2", memory_budget="800kB"))
 
 
-def test_each_cache_is_opened_once_and_never_hashed(tmp_path, monkeypatch):
+def test_each_cache_is_opened_once_and_never_hashed(tmp_path):
+    """A fit opens each cache once, through its source, and never reads the file by its path again (no second
+    open, no hash of it): once open, the file is moved away, so any such read would fail the fit."""
     a = _cache(tmp_path, n=200, name="toy")
-    opened: list[str] = []
-    real_open = cache_read._open
+    content_sha256 = cache_mod.read_meta(a)["content_sha256"]
+    away = tmp_path / "moved_away.h5"
 
-    def counting_open(p):
-        opened.append(Path(p).name)
-        return real_open(p)
+    class CountingSource(CacheSource):
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
 
-    def no_hashing(*a, **k):
-        raise AssertionError("fit must not hash cache files")
+        def scan(self, cache_dir):
+            scan = super().scan(cache_dir)
+            self.calls.append(("scan", [c.path.name for c in scan.caches]))
+            return scan
 
-    monkeypatch.setattr(cache_read, "_open", counting_open)
-    monkeypatch.setattr("pipeline.backbones.sha256_file", no_hashing)
-    doc = run_fit(FitConfig(caches=[a], heads=["logreg", "centroid", "knn"], out=tmp_path / "r1"), log=_quiet).results
-    assert opened == ["toy.h5"]
-    assert doc["caches"][0]["sha256"] == cache_mod.read_meta(a)["content_sha256"]
-    opened.clear()
-    run_fit(FitConfig(tmp_path / "cache", heads=["centroid"], out=tmp_path / "r2"), log=_quiet)
-    assert opened == ["toy.h5", "toy.h5"]  # the folder scan reads its header, then the fit opens it once
+        def open(self, path, kind):
+            reader = super().open(path, kind)
+            self.calls.append(("open", Path(path).name))
+            Path(path).rename(away)  # the open reader reads on; a read of the file by its name now fails
+            return reader
+
+    source = CountingSource()
+    doc = run_fit(FitConfig(caches=[a], heads=["logreg", "centroid", "knn"], out=tmp_path / "r1"), log=_quiet,
+                  source=source).results
+    assert source.calls == [("open", "toy.h5")]
+    assert doc["caches"][0]["sha256"] == content_sha256 and doc["caches"][0]["path"] == str(a.resolve())
+    away.rename(a)
+    source.calls.clear()
+    run_fit(FitConfig(tmp_path / "cache", heads=["centroid"], out=tmp_path / "r2"), log=_quiet, source=source)
+    assert source.calls == [("scan", ["toy.h5"]), ("open", "toy.h5")]  # the folder scan reads its header, then
+    # the fit opens it once
 
 
 def test_dense_head_refit_reuses_its_network_and_matches_a_fresh_fit():

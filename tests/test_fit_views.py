@@ -4,7 +4,6 @@ averages over the same views as extraction made."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from sklearn.neighbors import NearestCentroid
 
 import pipeline.cache as cache_mod
 from conftest import run_extract
-from pipeline.fit import FitConfig, run_fit
+from pipeline.fit import CacheSource, FitConfig, run_fit
 from pipeline.fit.dense import DenseHead
 from pipeline.fit.evaluate import evaluate_head
 from pipeline.fit.heads import HEADS, HeadSpec
@@ -160,10 +159,22 @@ class ViewsReader(FakeReader):
         return self.V[idx]
 
 
+class MadeReaders(CacheSource):
+    """A :class:`pipeline.fit.CacheSource` that opens each registered path as the reader made for it."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, FakeReader] = {}
+
+    def open(self, path: Path, kind: str) -> FakeReader:
+        return self.made[str(path)]
+
+
 @pytest.fixture
-def view_cache(monkeypatch, tmp_path):
-    """One synthetic cache whose views are noisy copies of the centre view (or none with ``k=0``)."""
-    made = {}
+def view_cache(tmp_path):
+    """One synthetic cache whose views are noisy copies of the centre view (or none with ``k=0``); fits read it by
+    being handed ``view_cache.source``."""
+    source = MadeReaders()
+    made = source.made
 
     def make(k: int = 2, seed: int = 0) -> Path:
         path = tmp_path / f"views{k}_{seed}.h5"
@@ -175,13 +186,13 @@ def view_cache(monkeypatch, tmp_path):
         made[str(path)] = ViewsReader(fs, V.astype(np.float32), spec) if k else FakeReader(fs)
         return path
 
-    monkeypatch.setattr(cache_mod, "open_features", lambda p, kind="avg", expect=None: made[str(p)])
+    make.source = source
     return make
 
 
 def test_cache_without_views_records_no_views(view_cache, tmp_path):
     doc = run_fit(FitConfig(caches=[view_cache(k=0)], heads=["logreg", "centroid"], out=tmp_path / "run"),
-                  log=_quiet).results
+                  log=_quiet, source=view_cache.source).results
     assert doc["caches"][0]["views"] is None  # a schema-1 style cache: no views attribute at all
     for r in doc["results"]:
         assert r["views"] is None
@@ -195,7 +206,8 @@ def test_fit_with_views_logs_records_and_reports_the_choice(view_cache, tmp_path
 
     lines: list[str] = []
     path = view_cache(k=2)
-    run = run_fit(FitConfig(caches=[path], heads=["logreg", "centroid"], out=tmp_path / "run"), log=lines.append)
+    run = run_fit(FitConfig(caches=[path], heads=["logreg", "centroid"], out=tmp_path / "run"), log=lines.append,
+                  source=view_cache.source)
     doc = run.results
     assert any("2 augmented views per image (flip, crop)" in m for m in lines)
     for r in doc["results"]:
@@ -210,14 +222,15 @@ def test_fit_with_views_logs_records_and_reports_the_choice(view_cache, tmp_path
     n = _check_numbers(_parse_strict(html), [doc])
     assert n > 0 and "views added" in html and "Augmented views (2 per image: flip, crop)" in html
 
-    off = run_fit(FitConfig(caches=[path], heads=["centroid"], out=tmp_path / "off", views=False), log=_quiet)
+    off = run_fit(FitConfig(caches=[path], heads=["centroid"], out=tmp_path / "off", views=False), log=_quiet,
+                  source=view_cache.source)
     v = off.results["results"][0]["views"]
     assert v["offered"] == ["none"] and v["chosen"] == "none" and "--no-views" in v["notes"][0]
 
 
 def test_streamed_features_use_no_views_and_say_why(view_cache, tmp_path):
     doc = run_fit(FitConfig(caches=[view_cache(k=2)], heads=["centroid"], out=tmp_path / "run", memory_budget="20KB"),
-                  log=_quiet).results
+                  log=_quiet, source=view_cache.source).results
     v = doc["results"][0]["views"]
     assert doc["results"][0]["cost"]["data"] == "streamed"
     assert v["offered"] == ["none"] and "streamed" in v["notes"][0]

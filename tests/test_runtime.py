@@ -162,15 +162,14 @@ def test_failed_export_falls_back_with_its_reason(small, tmp_path, monkeypatch):
     def broken(_built):
         raise ValueError("op FancyOp has no ONNX converter\nsecond line")
 
-    monkeypatch.setattr(onnx_export, "_convert", broken)
     msgs: list[str] = []
-    rt = make_runtime(model, "auto", log=msgs.append, built=built)
+    rt = make_runtime(model, "auto", log=msgs.append, built=built, convert=broken)
     assert isinstance(rt, KerasRuntime)
     assert msgs == ["runtime: keras, because ONNX export of mobilenet_v2-a1.0-32 failed (ValueError: op FancyOp "
                     "has no ONNX converter)"]
     assert "FancyOp" in rt.describe()["note"]
     with pytest.raises(RuntimeUnavailableError, match="ONNX export of mobilenet_v2-a1.0-32 failed"):
-        make_runtime(model, "onnx", log=msgs.append, built=built)
+        make_runtime(model, "onnx", log=msgs.append, built=built, convert=broken)
     assert not list(tmp_path.rglob("*.onnx")) and not list(tmp_path.rglob("*.tmp"))
 
 
@@ -201,25 +200,24 @@ def test_parity_failure_falls_back_to_keras_with_one_line(small):
 def test_stored_model_is_reused_not_exported_again(small, tmp_path, monkeypatch):
     model, built = small
     monkeypatch.setenv("HEADBENCH_HOME", str(tmp_path))
-    exports: list[Path] = []
-    real = onnx_export.export_model
+    exports: list[str] = []
 
-    def counted(b, path, key):
-        exports.append(path)
-        return real(b, path, key)
+    def counted(b):
+        exports.append(b.label)
+        return onnx_export.to_onnx(b)
 
-    monkeypatch.setattr(onnx_export, "export_model", counted)
     msgs: list[str] = []
-    first = make_runtime(model, "onnx", log=msgs.append, built=built)
-    second = make_runtime(model, "onnx", log=msgs.append, built=built)
-    assert len(exports) == 1 and first.path == second.path == exports[0]
+    first = make_runtime(model, "onnx", log=msgs.append, built=built, convert=counted)
+    second = make_runtime(model, "onnx", log=msgs.append, built=built, convert=counted)
+    assert exports == ["mobilenet_v2-a1.0-32"] and first.path == second.path
     assert first.path.parent == tmp_path / "onnx" and first.path.name.startswith("mobilenet_v2-a1.0-32__random__avg__")
     exported = [m for m in msgs if m.startswith("exported ")]
     assert len(exported) == 1 and exported[0].startswith("exported mobilenet_v2-a1.0-32 to ONNX in ")
+    assert exported[0].endswith(f": {first.path}")  # the file exported is the one both runtimes opened
     assert onnx_export.stored_key(first.path) == onnx_export.export_key(model)
     assert not list(first.path.parent.glob("*.tmp"))
     first.path.write_bytes(b"not an onnx model")  # a damaged file is exported again, not used
-    make_runtime(model, "onnx", log=msgs.append, built=built)
+    make_runtime(model, "onnx", log=msgs.append, built=built, convert=counted)
     assert len(exports) == 2 and onnx_export.stored_key(first.path) == onnx_export.export_key(model)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.audit.duplicates import KINDS, NEAR_FACTOR, Duplicates, find_duplicates, find_leaks, near_threshold
+from pipeline.audit.duplicates import NEAR_FACTOR, Duplicates, find_duplicates, find_leaks, near_threshold
 from pipeline.audit.labels import OutOfFold, default_model, label_issues, out_of_fold_proba
 from pipeline.audit.neighbors import EXACT_MAX_ROWS, HNSW_LINKS, choose_search, knn
 from pipeline.audit.outliers import OUTLIER_IQR, outlier_fence, outlier_scores

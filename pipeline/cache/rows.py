@@ -21,6 +21,10 @@ from pipeline.cache.format import _JSON_ATTRS, _ROW_DTYPES, _STRING_FIELDS, ROW_
 
 _STR = h5py.string_dtype("utf-8")
 
+_DIGEST_BLOCK = 65536
+"""Rows hashed at a time by :meth:`Rows.digest`: the same bytes as whole fields, without a copy of each field in
+memory at once (at a million rows that copy was ~110 MB, mostly the 64-byte digests twice)."""
+
 
 @dataclass
 class Rows:
@@ -64,29 +68,29 @@ class Rows:
                 out[name] = np.asarray(values, dtype=_ROW_DTYPES[name]).reshape(n)
         return out
 
-    def digest(self) -> str:
+    def digest(self, block: int = _DIGEST_BLOCK) -> str:
         """SHA-256 of the rows' content in the canonical form of docs/cache-format.md.
 
-        Hashed a block of :data:`_DIGEST_BLOCK` rows at a time: the same bytes as whole arrays and one join of
-        all strings, without those copies in memory at once.
+        Hashed ``block`` rows at a time: the same bytes as whole arrays and one join of all strings, without those
+        copies in memory at once.
+
+        Parameters
+        ----------
+        block : int, optional
+            Rows hashed at a time (default :data:`_DIGEST_BLOCK`); the digest is the same whatever it is.
         """
         h = hashlib.sha256()
         n = len(self)
         for name in (*ROW_FIELDS, "run"):
             h.update(name.encode() + b"\0")
             values = getattr(self, name)
-            for start in range(0, n, _DIGEST_BLOCK):
-                block = values[start:start + _DIGEST_BLOCK]
+            for start in range(0, n, block):
+                part = values[start:start + block]
                 if name in _STRING_FIELDS:  # the values joined by \x1f, the separator also between blocks
-                    h.update((b"\x1f" if start else b"") + "\x1f".join(str(v) for v in block).encode("utf-8"))
+                    h.update((b"\x1f" if start else b"") + "\x1f".join(str(v) for v in part).encode("utf-8"))
                 else:
-                    h.update(np.ascontiguousarray(np.asarray(block, dtype=_ROW_DTYPES[name])))
+                    h.update(np.ascontiguousarray(np.asarray(part, dtype=_ROW_DTYPES[name])))
         return h.hexdigest()
-
-
-_DIGEST_BLOCK = 65536
-"""Rows hashed at a time by :meth:`Rows.digest`: the same bytes as whole fields, without a copy of each field in
-memory at once (at a million rows that copy was ~110 MB, mostly the 64-byte digests twice)."""
 
 
 def _write_rows(g: h5py.Group, rows: Rows) -> None:

@@ -5,13 +5,38 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from pipeline.errors import CacheError, FitError
 
-__all__ = ["Inputs", "open_inputs", "select_caches"]
+if TYPE_CHECKING:
+    from pipeline.cache import CacheScan, FeatureReader
+
+__all__ = ["CacheSource", "Inputs", "open_inputs", "select_caches"]
+
+
+class CacheSource:
+    """Where a fit finds and opens its caches: the cache files on disk, through :mod:`pipeline.cache`.
+
+    A fit reads caches through these two methods only: :meth:`scan` when it looks for them in a folder, and
+    :meth:`open` once per cache it uses. A stand-in (caches held in memory, or the real ones with each open
+    counted) overrides them and is handed to :func:`open_inputs` or :func:`pipeline.fit.run_fit` as ``source``.
+    """
+
+    def scan(self, cache_dir: Path) -> "CacheScan":
+        """Every cache file of ``cache_dir``: complete ones with their attributes, the others with the reason
+        (:func:`pipeline.cache.scan_folder`)."""
+        from pipeline.cache import scan_folder
+
+        return scan_folder(cache_dir)
+
+    def open(self, path: Path, kind: str) -> "FeatureReader":
+        """One feature kind of a complete cache, open and checked (:func:`pipeline.cache.open_features`)."""
+        from pipeline.cache import open_features
+
+        return open_features(path, kind=kind)
 
 
 def _has_separator(dataset: str) -> bool:
@@ -65,18 +90,16 @@ def _extracted_at(path: Path, meta: dict[str, Any]) -> float:
 
 
 def select_caches(cache_dir: str | Path, dataset: str | None, backbones: Sequence[str] | None,
-                  say: Callable[[str], None] = lambda _m: None) -> list[Path]:
+                  say: Callable[[str], None] = lambda _m: None, source: CacheSource = CacheSource()) -> list[Path]:
     """Complete caches of ``cache_dir`` (of one dataset / backbones when given), or one line saying what to do.
 
     ``dataset`` is a dataset name (its folder's name) or the dataset folder itself (a path), which tells apart two
     datasets of the same name. Without ``dataset``, a folder of several datasets gives the one extracted last, and
     ``say`` is told which and how to pick another. A name that two dataset folders share is refused: which one is
-    meant cannot be guessed.
+    meant cannot be guessed. The folder is scanned once, by ``source`` (default: the cache files on disk).
     """
-    from pipeline.cache import scan_folder
-
     cache_dir = Path(cache_dir)
-    scan = scan_folder(cache_dir)
+    scan = source.scan(cache_dir)
     metas = {c.path: c.meta for c in scan.caches}
     found = list(metas)
     if dataset is not None:
@@ -188,8 +211,27 @@ class Inputs:
 
 def open_inputs(stack: contextlib.ExitStack, cache_dir: str | Path, caches: Sequence[str | Path] | None,
                 dataset: str | None, backbones: Sequence[str] | None, features: str,
-                say: Callable[[str], None]) -> Inputs:
+                say: Callable[[str], None], source: CacheSource = CacheSource()) -> Inputs:
     """Find the caches of a fit, open each once (closed when ``stack`` closes) and align them.
+
+    Parameters
+    ----------
+    stack : contextlib.ExitStack
+        Closes every opened cache when it closes.
+    cache_dir : path or None
+        The folder to look for caches in, when ``caches`` is not given.
+    caches : sequence of path, optional
+        The cache files themselves (then no folder is scanned).
+    dataset : str, optional
+        A dataset name or folder, to pick among the caches of ``cache_dir`` (see :func:`select_caches`).
+    backbones : sequence of str, optional
+        Backbone names or labels, to pick among the caches of ``cache_dir``.
+    features : str
+        The feature kind to open (``avg``, ``max`` or ``maps``).
+    say : callable
+        Receives the dataset line and notes (several datasets, images not in every cache).
+    source : CacheSource, optional
+        Scans ``cache_dir`` and opens each cache; default the cache files on disk.
 
     Raises
     ------
@@ -198,10 +240,8 @@ def open_inputs(stack: contextlib.ExitStack, cache_dir: str | Path, caches: Sequ
     FitError
         Several datasets without ``dataset``, caches of different datasets or class sets, no common image.
     """
-    from pipeline.cache import open_features
-
-    paths = [Path(p) for p in caches] if caches else select_caches(cache_dir, dataset, backbones, say)
-    readers = [stack.enter_context(open_features(p, kind=features)) for p in paths]
+    paths = [Path(p) for p in caches] if caches else select_caches(cache_dir, dataset, backbones, say, source)
+    readers = [stack.enter_context(source.open(p, features)) for p in paths]
     _check_one_dataset([r.meta for r in readers])
     class_names = list(readers[0].class_names)
     for r in readers[1:]:

@@ -37,7 +37,7 @@ from pipeline.errors import FitError
 from pipeline.fit.config import FitConfig
 from pipeline.fit.evaluate import FitData, evaluate_planned, make_context
 from pipeline.fit.heads import HEADS
-from pipeline.fit.inputs import Inputs, open_inputs
+from pipeline.fit.inputs import CacheSource, Inputs, open_inputs
 from pipeline.fit.leaderboard import leaderboard_table
 from pipeline.fit.output import (default_out, discard_run_dir, pick_best, prepare_run_dir, publish_run_dir,
                                  save_head, write_predictions)
@@ -239,11 +239,12 @@ def _cache_labels(inputs: Inputs) -> list[tuple[str, str]]:
     return out
 
 
-def _plan_run(stack: contextlib.ExitStack, config: FitConfig, say: Callable[[str], None]) -> _Plan:
-    """Open and align the caches (closed when ``stack`` closes), fix the splits and the protocol, audit the images
-    (moving leaked final-split images out when asked), then plan each cache and the search rows."""
+def _plan_run(stack: contextlib.ExitStack, config: FitConfig, say: Callable[[str], None],
+              source: CacheSource) -> _Plan:
+    """Open and align the caches of ``source`` (closed when ``stack`` closes), fix the splits and the protocol,
+    audit the images (moving leaked final-split images out when asked), then plan each cache and the search rows."""
     inputs = open_inputs(stack, config.cache_dir, config.caches, config.dataset, config.backbones, config.features,
-                         say)
+                         say, source)
     splits, protocol = plan_protocol(inputs.cached_splits, inputs.labels, inputs.class_names, inputs.rel_paths,
                                      config.seed, config.select_on)
     found: Audit | None = None
@@ -363,7 +364,8 @@ def _publish(run_dir: Path, final_dir: Path, doc: dict[str, Any]) -> None:
         raise
 
 
-def run_fit(config: FitConfig, *, log: Callable[[str], None] | None = None) -> FitRun:
+def run_fit(config: FitConfig, *, log: Callable[[str], None] | None = None,
+            source: CacheSource = CacheSource()) -> FitRun:
     """Fit and compare heads on cached features and write a run folder.
 
     The run folder is built hidden and appears at its place only when complete; an error or interruption keeps
@@ -375,6 +377,9 @@ def run_fit(config: FitConfig, *, log: Callable[[str], None] | None = None) -> F
         What to fit, on which caches, and where to write it (every option, already checked).
     log : callable, optional
         Receives one line per fitted or skipped head (progress), and the dataset, audit and pick lines.
+    source : CacheSource, optional
+        Where the caches are found and opened (each once); default the cache files on disk. A stand-in (caches
+        held in memory, or opens counted) overrides its ``scan`` and ``open``.
 
     Returns
     -------
@@ -391,7 +396,7 @@ def run_fit(config: FitConfig, *, log: Callable[[str], None] | None = None) -> F
     """
     say = log or (lambda _m: None)
     with contextlib.ExitStack() as stack:
-        plan = _plan_run(stack, config, say)
+        plan = _plan_run(stack, config, say, source)
         final_dir = Path(config.out) if config.out is not None else default_out(plan.inputs.dataset_name)
         run_dir = prepare_run_dir(final_dir, say)  # built hidden; appears at final_dir only when complete
         stack.push(_discard_on_error(run_dir, final_dir))

@@ -14,17 +14,18 @@ from pipeline.backbones import BuiltBackbone, ModelConfig
 from pipeline.runtime.base import Runtime, RuntimeUnavailableError
 from pipeline.runtime.keras import KerasRuntime, build_model, configure_threads
 from pipeline.runtime.onnx import PARITY_TOLERANCE, onnxruntime_missing, open_onnx_runtime
+from pipeline.runtime.onnx_export import Convert, to_onnx
 
 RUNTIME_CHOICES = ("auto", "onnx", "keras")
 
 RuntimeFactory = Callable[..., Runtime]
-"""What :func:`make_runtime` is: ``(model, runtime="auto", log=print, built=None, parity_tolerance=None,
-batch_size=32) -> Runtime``."""
+"""What :func:`make_runtime` is, as the engines call it: ``(model, runtime="auto", log=print, built=None,
+parity_tolerance=None, batch_size=32) -> Runtime`` (they never pass its ``convert``)."""
 
 
 def make_runtime(model: ModelConfig, runtime: str = "auto", log: Callable[[str], None] = print,
                  built: BuiltBackbone | None = None, parity_tolerance: float | None = None,
-                 batch_size: int = 32) -> Runtime:
+                 batch_size: int = 32, convert: Convert = to_onnx) -> Runtime:
     """The runtime to extract with.
 
     Parameters
@@ -43,6 +44,9 @@ def make_runtime(model: ModelConfig, runtime: str = "auto", log: Callable[[str],
         :data:`pipeline.runtime.onnx.PARITY_TOLERANCE`).
     batch_size : int
         Largest batch the caller sends (a TensorRT engine is built for it).
+    convert : callable, optional
+        ``(built) -> ModelProto``: how the Keras model becomes ONNX when it is not stored yet (default
+        :func:`pipeline.runtime.onnx_export.to_onnx`); an error it raises is a failed export.
 
     Returns
     -------
@@ -68,7 +72,8 @@ def make_runtime(model: ModelConfig, runtime: str = "auto", log: Callable[[str],
     if runtime != "keras" and not note:
         tol = PARITY_TOLERANCE if parity_tolerance is None else parity_tolerance
         try:
-            return open_onnx_runtime(model, built, log=log, parity_tolerance=tol, batch_size=batch_size)
+            return open_onnx_runtime(model, built, log=log, parity_tolerance=tol, batch_size=batch_size,
+                                     convert=convert)
         except RuntimeUnavailableError as exc:
             if runtime == "onnx":
                 raise

@@ -52,7 +52,7 @@ from pipeline.backbones import BuiltBackbone, ModelConfig
 from pipeline.machine import cpu_cores
 from pipeline.runtime.base import Runtime, RuntimeUnavailableError
 from pipeline.runtime.keras import KerasRuntime
-from pipeline.runtime.onnx_export import ExportError, ensure_exported, file_identity
+from pipeline.runtime.onnx_export import Convert, ExportError, ensure_exported, file_identity, to_onnx
 from pipeline.runtime.probe import PROBE_PROP, decode_probe, keras_features, probe_pixels, relative_difference
 
 PARITY_TOLERANCE = 1e-4
@@ -356,8 +356,22 @@ def _first_line(exc: BaseException) -> str:
 
 
 def open_onnx_runtime(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None] = print,
-                      parity_tolerance: float = PARITY_TOLERANCE, batch_size: int = 32) -> OnnxRuntime:
+                      parity_tolerance: float = PARITY_TOLERANCE, batch_size: int = 32,
+                      convert: Convert = to_onnx) -> OnnxRuntime:
     """Export (or reuse) the ONNX model of ``built`` and open it on the best execution provider present.
+
+    Parameters
+    ----------
+    model : ModelConfig
+    built : BuiltBackbone
+        The Keras feature model (exported when its ONNX model is not stored yet; the parity reference).
+    log : callable
+    parity_tolerance : float
+    batch_size : int
+        Largest batch the caller sends.
+    convert : callable, optional
+        ``(built) -> ModelProto``, the conversion of an export (default
+        :func:`pipeline.runtime.onnx_export.to_onnx`); also that of the export again over a damaged stored file.
 
     Raises
     ------
@@ -368,14 +382,14 @@ def open_onnx_runtime(model: ModelConfig, built: BuiltBackbone, log: Callable[[s
 
     warn_two_builds(log)
     try:
-        path = ensure_exported(model, built, log=log)
+        path = ensure_exported(model, built, log=log, convert=convert)
     except ExportError as exc:
         raise RuntimeUnavailableError(str(exc)) from None
     identity = file_identity(path)
 
     def reexport(reference: BuiltBackbone) -> Path:
         """Export ``model`` again over the stored file opened here (found damaged by the parity check)."""
-        return ensure_exported(model, reference, log=log, replacing=identity)
+        return ensure_exported(model, reference, log=log, replacing=identity, convert=convert)
 
     providers = choose_providers(ort.get_available_providers(), tensorrt_installed())
     return OnnxRuntime(model, built, path, providers, log=log, parity_tolerance=parity_tolerance,

@@ -238,85 +238,14 @@ def stored_key(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def ensure_exported(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None] = print,
-                    root: Path | None = None, replacing: tuple[int, int, int] | None = None) -> Path:
-    """The stored ONNX model of ``model``, exported from ``built`` first when it is not stored yet.
-
-    Logs one line with the export time when it exports; reuses the stored file silently otherwise. Stale export
-    temporaries in the store are removed first (:func:`remove_stale_temporaries`).
-
-    Parameters
-    ----------
-    model : ModelConfig
-    built : BuiltBackbone
-        The Keras feature model to export.
-    log : callable
-    root : Path, optional
-        The store folder (default :func:`store_dir`).
-    replacing : tuple, optional
-        :func:`file_identity` of a stored file found damaged: it is exported again, unless another process has
-        replaced it meanwhile (then that file is used).
+def to_onnx(built: BuiltBackbone) -> Any:
+    """The ONNX ``ModelProto`` of ``built.model`` (frozen TensorFlow graph -> tf2onnx), without its key.
 
     Raises
     ------
     ExportError
-        The export failed, or the store cannot be used (one line with the reason).
+        Not the TensorFlow backend, tf2onnx missing, or a graph that is not closed over its one input.
     """
-    path = stored_model_path(model, root)
-    key = export_key(model)
-    remove_stale_temporaries(path.parent)
-    if replacing is None and _is_stored(path, key):
-        return path
-    with _export_lock(path):
-        if _is_stored(path, key) and (replacing is None or file_identity(path) != replacing):
-            return path  # exported (again) by another process while this one waited
-        t0 = time.perf_counter()
-        export_model(built, path, key)
-        log(f"exported {model.label} to ONNX in {time.perf_counter() - t0:.1f}s: {path}")
-    return path
-
-
-def _is_stored(path: Path, key: dict[str, Any]) -> bool:
-    """Whether ``path`` is a stored model with ``key``."""
-    return path.exists() and stored_key(path) == key
-
-
-def export_model(built: BuiltBackbone, path: Path, key: dict[str, Any]) -> None:
-    """Export ``built.model`` to ``path`` (atomically), recording ``key`` in the model's metadata.
-
-    Raises
-    ------
-    ExportError
-        With the first line of the exporter's error.
-    """
-    try:
-        proto = _convert(built)
-    except ExportError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - tf2onnx and TensorFlow raise many types
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ExportError(f"ONNX export of {built.label} failed ({type(exc).__name__}: {text})") from exc
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = KEY_PROP, json.dumps(key, sort_keys=True)
-    probe = proto.metadata_props.add()  # the Keras features of the probe, the runs' parity reference
-    probe.key, probe.value = PROBE_PROP, encode_probe(keras_features(built, probe_pixels(built.input_size)),
-                                                      built.input_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"cannot write the exported model to {path} ({exc.strerror or exc}); set HEADBENCH_HOME "
-                          f"to a writable folder") from None
-
-
-def _convert(built: BuiltBackbone) -> Any:
-    """The ONNX ``ModelProto`` of ``built.model`` (frozen TensorFlow graph -> tf2onnx)."""
     import keras
 
     if keras.backend.backend() != "tensorflow":
@@ -355,6 +284,102 @@ def _convert(built: BuiltBackbone) -> Any:
     if got_inputs != [INPUT_NAME]:
         raise ExportError(f"the exported graph of {built.label} asks for inputs {got_inputs}, not only {INPUT_NAME}")
     return proto
+
+
+Convert = Callable[[BuiltBackbone], Any]
+"""How :func:`export_model` turns a built feature model into an ONNX ``ModelProto``: :func:`to_onnx` unless another
+is handed in (an error it raises is the export's error)."""
+
+
+def ensure_exported(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None] = print,
+                    root: Path | None = None, replacing: tuple[int, int, int] | None = None,
+                    convert: Convert = to_onnx) -> Path:
+    """The stored ONNX model of ``model``, exported from ``built`` first when it is not stored yet.
+
+    Logs one line with the export time when it exports; reuses the stored file silently otherwise. Stale export
+    temporaries in the store are removed first (:func:`remove_stale_temporaries`).
+
+    Parameters
+    ----------
+    model : ModelConfig
+    built : BuiltBackbone
+        The Keras feature model to export.
+    log : callable
+    root : Path, optional
+        The store folder (default :func:`store_dir`).
+    replacing : tuple, optional
+        :func:`file_identity` of a stored file found damaged: it is exported again, unless another process has
+        replaced it meanwhile (then that file is used).
+    convert : callable, optional
+        ``(built) -> ModelProto``, the conversion when it exports (default :func:`to_onnx`).
+
+    Raises
+    ------
+    ExportError
+        The export failed, or the store cannot be used (one line with the reason).
+    """
+    path = stored_model_path(model, root)
+    key = export_key(model)
+    remove_stale_temporaries(path.parent)
+    if replacing is None and _is_stored(path, key):
+        return path
+    with _export_lock(path):
+        if _is_stored(path, key) and (replacing is None or file_identity(path) != replacing):
+            return path  # exported (again) by another process while this one waited
+        t0 = time.perf_counter()
+        export_model(built, path, key, convert)
+        log(f"exported {model.label} to ONNX in {time.perf_counter() - t0:.1f}s: {path}")
+    return path
+
+
+def _is_stored(path: Path, key: dict[str, Any]) -> bool:
+    """Whether ``path`` is a stored model with ``key``."""
+    return path.exists() and stored_key(path) == key
+
+
+def export_model(built: BuiltBackbone, path: Path, key: dict[str, Any], convert: Convert = to_onnx) -> None:
+    """Export ``built.model`` to ``path`` (atomically), recording ``key`` in the model's metadata.
+
+    Parameters
+    ----------
+    built : BuiltBackbone
+        The Keras feature model to export.
+    path : Path
+        The stored model's file (written to a temporary name first).
+    key : dict
+        The model's :func:`export_key`, recorded as ``headbench_key``.
+    convert : callable, optional
+        ``(built) -> ModelProto`` (default :func:`to_onnx`).
+
+    Raises
+    ------
+    ExportError
+        With the first line of the exporter's error.
+    """
+    try:
+        proto = convert(built)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tf2onnx and TensorFlow raise many types
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ExportError(f"ONNX export of {built.label} failed ({type(exc).__name__}: {text})") from exc
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = KEY_PROP, json.dumps(key, sort_keys=True)
+    probe = proto.metadata_props.add()  # the Keras features of the probe, the runs' parity reference
+    probe.key, probe.value = PROBE_PROP, encode_probe(keras_features(built, probe_pixels(built.input_size)),
+                                                      built.input_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"cannot write the exported model to {path} ({exc.strerror or exc}); set HEADBENCH_HOME "
+                          f"to a writable folder") from None
 
 
 def _frozen_graph_def(concrete: Any) -> tuple[Any, list[str], list[str]]:

@@ -292,14 +292,18 @@ class OnnxRuntime(Runtime):
         if err > self.tolerance:
             return False  # checked against Keras on the real batch, which says what is wrong
         self.parity, self.parity_check = f"{err:.1e}", "stored probe"
-        self._passed()
+        self._passed(collect=False)
         return True
 
-    def _passed(self) -> None:
+    def _passed(self, collect: bool = True) -> None:
+        """The session is checked: the Keras model may go. After an eager Keras reference, its freed arenas go back
+        to the system (:func:`release_memory`); after the probe there are none, and a full garbage collection of
+        TensorFlow's objects would cost 0.15-0.2 s of CPU on the first batch for nothing."""
         self._checked = True
-        self.built = None  # the session is checked: the Keras model may go
+        self.built = None
         self._reexport = None
-        release_memory()
+        if collect:
+            release_memory()
 
     def _damaged(self, err: float) -> bool:
         """Whether a parity difference ``err`` says the stored file is damaged and it may still be exported again."""

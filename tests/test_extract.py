@@ -373,3 +373,23 @@ def test_a_cache_name_that_cannot_fit_is_refused_before_any_work(tiny_dataset, t
     err = capsys.readouterr().err
     assert status.value.code == 1 and err.count("\n") == 1 and "would be" in err and "Traceback" not in err, err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("batch, workers", [(5, 1), (5, 3), (32, 2), (1, 2)])
+def test_reader_yields_every_image_in_order_in_whole_batches_whatever_its_chunks(tiny_dataset, batch, workers):
+    """Decoding tasks take several images each (CHUNK_IMAGES); batches still come in the folder's order, full but
+    the last, with an undecodable file in its place, and the same pixels as decoding each image alone."""
+    from pipeline.data import discover
+    from pipeline.extract.reader import decode_item, read_batches
+
+    (tiny_dataset / "red" / "img_03.jpg").write_bytes(b"not an image")
+    ds = discover(tiny_dataset)
+    batches = list(read_batches(ds.root, ds.items, 24, "crop", batch, workers))
+    assert [len(b) for b in batches[:-1]] == [batch] * (len(batches) - 1) and 0 < len(batches[-1]) <= batch
+    got = [d for b in batches for d in b]
+    assert [d.item.relpath for d in got] == [it.relpath for it in ds.items]
+    for d in got:
+        alone = decode_item(ds.root, d.item, 24, "crop")
+        assert d.error == alone.error and d.sha256 == alone.sha256
+        assert (d.pixels is None and "img_03" in d.item.relpath) or np.array_equal(d.pixels, alone.pixels)
+    assert sum(d.pixels is None for d in got) == 1

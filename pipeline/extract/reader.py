@@ -57,30 +57,53 @@ def decode_item(root: Path, item: ImageItem, size: int, resize: str, views: View
     return Decoded(item, centre, digest, "", extra)
 
 
+CHUNK_IMAGES = 8
+"""Images one decoding task reads in turn. A task per image cost 0.15 ms of CPU per image in the thread pool's hand-offs
+(future, queue, wake-up: measured 0.60 against 0.45 ms per image for the same work in a plain loop, on 128 px
+flowers), a quarter of a small image's whole decoding, and all of it under the GIL, where threads cannot share it.
+Eight images per task make that overhead an eighth, while a 32-image batch still spreads over four tasks, so that two
+to eight threads all work on it."""
+
+
+def _decode_chunk(root: Path, items: list[ImageItem], size: int, resize: str,
+                  views: ViewSpec | None) -> list[Decoded]:
+    return [decode_item(root, it, size, resize, views) for it in items]
+
+
 def read_batches(root: Path, items: list[ImageItem], size: int, resize: str, batch_size: int,
                  workers: int, views: ViewSpec | None = None) -> Iterator[list[Decoded]]:
     """Yield batches of :class:`Decoded` in ``items`` order, decoding ahead in ``workers`` threads.
 
-    At most ``max(3 * batch_size, 2 * workers)`` images are in flight (each with its views).
+    Each thread decodes :data:`CHUNK_IMAGES` consecutive images per task (fewer when a batch is small). At most
+    ``max(3 * batch_size, 2 * workers * chunk)`` images are in flight (each with its views).
     """
-    ahead = max(batch_size * 3, workers * 2)
+    chunk = max(1, min(CHUNK_IMAGES, batch_size // max(1, workers)))
+    ahead = max(batch_size * 3, workers * 2 * chunk)
+    chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[Future] = deque()
-        queue = iter(items)
+        in_flight = 0
         try:
-            for it in queue:
-                pending.append(pool.submit(decode_item, root, it, size, resize, views))
-                if len(pending) >= ahead:
+            for part in chunks:
+                pending.append(pool.submit(_decode_chunk, root, part, size, resize, views))
+                in_flight += len(part)
+                if in_flight >= ahead:
                     break
             batch: list[Decoded] = []
             while pending:
-                batch.append(pending.popleft().result())
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.append(pool.submit(decode_item, root, nxt, size, resize, views))
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
+                done = pending.popleft().result()
+                in_flight -= len(done)
+                while in_flight < ahead:
+                    part = next(chunks, None)
+                    if part is None:
+                        break
+                    pending.append(pool.submit(_decode_chunk, root, part, size, resize, views))
+                    in_flight += len(part)
+                for d in done:
+                    batch.append(d)
+                    if len(batch) == batch_size:
+                        yield batch
+                        batch = []
             if batch:
                 yield batch
         finally:

@@ -10,8 +10,10 @@ set-up and peak RSS), interleaved over ``--repeats`` rounds so that machine nois
   Keras on the first batch included);
 * ``ceiling``   -- the ONNX Runtime session alone on pixels already decoded into memory (no I/O, no decoding).
 
-Model construction and the one-time ONNX export (done before the rounds, its time printed) are excluded; the
-pipelines' figures are their recorded ``extract_seconds`` (decoding + model + HDF5 writes). Prints medians, every
+Model construction, the one-time ONNX export (done before the rounds, its time printed) and the engines' warm-up
+batch are excluded; the pipelines' figures are their recorded ``extract_seconds`` (decoding + model + HDF5 writes)
+and the CPU time of the same span. Then, from a ``breakdown`` phase of each step alone (:func:`phase_breakdown`),
+where an image's CPU goes, and the pipeline against the bound ``cores x 1000 / (model + decode)``. Prints medians, every
 run, the ratios (of the medians and per round: the phases of a round run back to back under the same load), the
 CPU time per image (all threads; a shared machine's other load changes it far less than images/s), peak RSS, and
 decode-only throughput (the reader alone, 1 thread and the default thread count: one per core, at most 8), which
@@ -108,6 +110,26 @@ def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
     return {"n": len(px), "seconds": time.perf_counter() - t, "cpu": _cpu() - c}
 
 
+class _WarmUpApart:
+    """A runtime whose first call (the engine's warm-up batch of zeros, before any image is read: tracing, kernel
+    choice) has its CPU time kept apart, as ``extract_seconds`` keeps its time apart."""
+
+    def __init__(self, rt) -> None:
+        self.rt, self.warm_up_cpu, self._calls = rt, 0.0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.rt, name)
+
+    def __call__(self, pixels):
+        self._calls += 1
+        if self._calls > 1:
+            return self.rt(pixels)
+        c = _cpu()
+        out = self.rt(pixels)
+        self.warm_up_cpu = _cpu() - c
+        return out
+
+
 def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int | None) -> dict:
     import pipeline.extract.run as run_mod
     from pipeline import cache
@@ -119,11 +141,11 @@ def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int 
     cpu: list[float] = []
 
     def engine(plan, log, runtime_factory=make_runtime, commit=commit_file):  # the local engine, its runtime
-        rt = runtime_factory(plan.config.model, plan.config.runtime, log=log,  # built first: not counted
-                             batch_size=plan.config.batch_size)
+        rt = _WarmUpApart(runtime_factory(plan.config.model, plan.config.runtime, log=log,  # built first: not
+                                          batch_size=plan.config.batch_size))  # counted, nor its warm-up batch
         c = _cpu()
         report = run_local(plan, log=log, runtime=rt, commit=commit)
-        cpu.append(_cpu() - c)
+        cpu.append(_cpu() - c - rt.warm_up_cpu)
         return report
 
     run_mod.run_engine = engine

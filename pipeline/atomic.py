@@ -17,7 +17,7 @@ from typing import Callable
 from pipeline.errors import RunError
 from pipeline.sizes import fmt_bytes
 
-__all__ = ["Commit", "check_free_space", "commit_file", "temporary_name", "write_atomically"]
+__all__ = ["Commit", "check_free_space", "commit_file", "temporary_name", "write_atomically", "write_then_commit"]
 
 Commit = Callable[[Path, Path], None]
 """``commit(temporary, path)``: make a whole temporary file the file ``path`` (:func:`commit_file`; a test hands in
@@ -102,19 +102,26 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], wha
         is left under ``path`` that was not there before.
     """
     path = Path(path)
-    tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        commit(tmp, path)
+        write_then_commit(path, write, commit)
     except OSError as exc:
-        _discard(tmp)
         raise RunError(f"cannot write {what} to {path} ({exc.strerror or exc}): {hint}; nothing was written "
                        f"under that name") from exc
+    return path
+
+
+def write_then_commit(path: Path, write: Callable[[Path], object], commit: Commit = commit_file) -> None:
+    """Call ``write(temporary)`` beside ``path``, then ``commit`` it to ``path``; on any failure the temporary is
+    removed and the error raised as it is (an OSError for the caller to word: :func:`write_atomically` makes it one
+    line, the run record's writers let the fit say it)."""
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+        commit(tmp, path)
     except BaseException:
         _discard(tmp)
         raise
-    return path
 
 
 def _discard(tmp: Path) -> None:

@@ -2,10 +2,11 @@
 
 ``fit`` writes it with :func:`write_results`; ``report``, ``predict``, ``export`` and ``finetune`` read it with
 :func:`load_run`, once per command and run folder. The record's rules live here and nowhere else: result keys and
-slugs, the tie rule (:func:`first_best`), which result a name picks and the extraction it came from
-(:func:`select_head`, :class:`RunHead`, :func:`resolve_run_weights`), head files bound to their entries by SHA-256
-(:func:`head_file`), the run's lock and the commit of a new result (:func:`commit_result`). The format is ``docs/results-format.md``; :data:`SCHEMA_VERSION` is the version
-written, :data:`READABLE_VERSIONS` the versions read.
+slugs, the tie rule (:func:`first_best`), the builders of every object of the file (:func:`run_document` and the
+``*_record`` functions), which result a name picks and the extraction it came from (:func:`select_head`,
+:class:`RunHead`, :func:`resolve_run_weights`), head files bound to their entries by SHA-256 (:func:`head_file`), the
+run's lock and the commit of a new result (:func:`commit_result`). The format is ``docs/results-format.md``;
+:data:`SCHEMA_VERSION` is the version written, :data:`READABLE_VERSIONS` the versions read.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from pipeline import cache, package_versions
-from pipeline.atomic import commit_file, temporary_name
+from pipeline.atomic import write_then_commit
 from pipeline.backbones import sha256_file
 from pipeline.errors import RunError, WeightsError
 from pipeline.stats import interval_spec
@@ -33,11 +34,11 @@ from pipeline.views import VIEW_RULE, ViewSpec
 __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_run", "upgrade", "write_results",
            "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS",
            "partial_dir", "LOCK_FILE", "run_lock", "file_sha256", "head_file", "commit_result", "staged_name",
-           "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder",
-           "abandoned_partials", "FINETUNE_HEAD", "SCORE_TIE", "slug",
-           "result_key", "finetune_key", "first_best", "EXTRACTION_KEYS", "RunHead", "find_results", "run_head",
-           "select_head", "resolve_run_weights", "SPLITS_COLUMNS", "write_splits", "cache_record", "dataset_record",
-           "result_record", "skipped_record", "run_document", "split_counts", "RECORDED_VERSIONS"]
+           "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder", "abandoned_partials",
+           "FINETUNE_HEAD", "SCORE_TIE", "slug", "result_key", "finetune_key", "first_best", "report_split",
+           "EXTRACTION_KEYS", "RunHead", "find_results", "run_head", "select_head", "resolve_run_weights",
+           "SPLITS_COLUMNS", "write_splits", "cache_record", "dataset_record", "result_record", "skipped_record",
+           "run_document", "split_counts", "RECORDED_VERSIONS"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),
@@ -61,7 +62,7 @@ READABLE_VERSIONS = (1, 2, 3)
 :func:`upgrade`; versions 1 and 2 lack every version-3 field, which readers show as absent)."""
 
 
-# ---- the record's own rules: result keys, the tie rule ----------------------------------------------------------
+# ---- the record's own rules: result keys, the report split, the tie rule ------------------------------------------
 
 FINETUNE_HEAD = "finetune"
 """Head name of a fine-tuned model's result (its key: the starting head's with the head name replaced)."""
@@ -85,10 +86,17 @@ def finetune_key(start_key: str) -> str:
     return f"{str(start_key).rsplit('__', 1)[0]}__{FINETUNE_HEAD}"
 
 
+def report_split(final_splits: Sequence[str]) -> str:
+    """The split whose numbers represent a head (``best``, the leaderboard, mistakes): the last of the protocol's
+    ``final_splits`` (``test`` when there is one)."""
+    return str(final_splits[-1])
+
+
 def first_best(scores: Sequence[float]) -> int:
     """Index of the highest score; ties (within :data:`SCORE_TIE`) go to the earliest."""
     s = np.asarray(scores, dtype=np.float64)
     return int(np.flatnonzero(s >= np.nanmax(s) - SCORE_TIE)[0])
+
 
 RESULTS_FILE = "results.json"
 SPLITS_FILE = "splits.csv"
@@ -255,20 +263,8 @@ def write_results(run_dir: str | os.PathLike, doc: dict[str, Any]) -> Path:
         The written file.
     """
     file = Path(run_dir) / RESULTS_FILE
-    _write_durably(file, lambda tmp: tmp.write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8"))
+    write_then_commit(file, lambda tmp: tmp.write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8"))
     return file
-
-
-def _write_durably(file: Path, write: Callable[[Path], Any]) -> None:
-    """``write`` a temporary beside ``file``, then :func:`pipeline.atomic.commit_file` it; the temporary is removed
-    on any failure, whose OSError the caller words."""
-    tmp = temporary_name(file)
-    try:
-        write(tmp)
-        commit_file(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---- the builders of a fit's record (docs/results-format.md: each object's fields, written here only) ----------
@@ -392,7 +388,7 @@ def write_splits(run_dir: str | os.PathLike, paths: Sequence[str], splits: np.nd
             for p, sp, y, d in zip(paths, splits, labels, digests):
                 w.writerow([p, sp, class_names[int(y)], d])
 
-    _write_durably(file, write)
+    write_then_commit(file, write)
     return file
 
 
@@ -438,7 +434,6 @@ def put_result(run: Run, entry: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     _check(doc, run.path / RESULTS_FILE)
     write_results(run.path, doc)
     return doc, bool(same)
-
 
 
 def read_splits(run: Run) -> list[dict[str, str]] | None:

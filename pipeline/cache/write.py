@@ -264,9 +264,9 @@ def assemble(path: Path, meta: dict[str, Any], order: Sequence[tuple[str, int, s
     need = int(n * _row_bytes(shapes, meta) * FREE_SPACE_MARGIN) + (1 << 20)
     free = shutil.disk_usage(path.parent).free
     if free < need:
-        raise CacheError(f"not enough free space in {path.parent} to assemble {path.name}: needs about {fmt_bytes(need)}, "
-                         f"{fmt_bytes(free)} free; free space (or pass --cache-dir on another disk) and rerun: finished "
-                         f"rows are kept in {parts_dir(path)}")
+        raise CacheError(f"not enough free space in {path.parent} to assemble {path.name}: needs about "
+                         f"{fmt_bytes(need)}, {fmt_bytes(free)} free; free space (or pass --cache-dir on another disk) "
+                         f"and rerun: finished rows are kept in {parts_dir(path)}")
     runs, run_index = _runs_of(existing)
     parts: dict[Path, tuple[Rows, h5py.File]] = {}
     old = h5py.File(path, "r") if existing.meta is not None and existing.final_rows else None

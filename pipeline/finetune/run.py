@@ -53,7 +53,8 @@ from pipeline.fit.output import write_predictions
 from pipeline.fit.protocol import hash_side, path_hash, plan_protocol
 from pipeline.machine import decode_threads
 from pipeline.results import (FINETUNE_HEAD, commit_result, file_sha256, find_results, finetune_key, first_best,
-                              head_file, jsonable, load_run, read_splits, resolve_run_weights, run_head, staged_name)
+                              head_file, jsonable, load_run, read_splits, report_split, resolve_run_weights, run_head,
+                              split_counts, staged_name)
 from pipeline.saved_head import load_saved_head
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
@@ -161,7 +162,6 @@ def holdout_split(paths: Sequence[str], labels: np.ndarray, fraction: float = HO
     ndarray of bool
         True for held-out images.
     """
-
     labels = np.asarray(labels)
     held, _ = hash_side(paths, labels, fraction, seed, HOLDOUT_SALT)
     classes, counts = np.unique(labels, return_counts=True)
@@ -207,13 +207,13 @@ def _run_rows(results: dict[str, Any], recorded: list[dict[str, str]] | None) ->
     if selection not in ("cv", "val") or not final_splits:
         raise RunError("the run's results.json records no usable protocol (selection and final splits); rerun "
                        "`python cli.py fit`")
-    recorded_counts = results["dataset"].get("counts") or {}
-    for s, per_class in recorded_counts.items():
-        now = np.bincount(labels[splits == s], minlength=len(class_names))
-        if [int(per_class.get(c, 0)) for c in class_names] != [int(v) for v in now]:
+    now = split_counts(labels, splits, class_names)  # dataset.counts as fit wrote it
+    for s, per_class in (results["dataset"].get("counts") or {}).items():
+        if {c: int(per_class.get(c, 0)) for c in class_names} != now.get(s, dict.fromkeys(class_names, 0)):
             source = "splits.csv lists" if recorded is not None else "caches now hold"
-            raise RunError(f"the run's {source} other {s} images than when it was fitted ({int(now.sum())} "
-                           f"vs {sum(int(v) for v in per_class.values())}); rerun `python cli.py fit` first")
+            raise RunError(f"the run's {source} other {s} images than when it was fitted "
+                           f"({sum(now.get(s, {}).values())} vs {sum(int(v) for v in per_class.values())}); rerun "
+                           f"`python cli.py fit` first")
     seed = int(results.get("seed", 0))
     train = np.flatnonzero(splits == "train")
     if selection == "val":
@@ -248,7 +248,6 @@ def _planned_rows(results: dict[str, Any], class_names: list[str],
                   run_protocol: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Rows, labels and splits of a run without ``splits.csv``, made again as ``fit`` made them: its caches opened
     (row lists only) and aligned, and the splits planned by the same rule with the run's seed."""
-
     caches = results["caches"]
     feature = str(caches[0].get("feature", "avg"))
     missing = [c["path"] for c in caches if not Path(c["path"]).is_file()]
@@ -291,7 +290,6 @@ class _Final:
 def _predict_rows(model: Any, root: Path, rows: _Rows, idx: np.ndarray, size: int, resize: str, batch_size: int,
                   workers: int, n_classes: int) -> np.ndarray:
     """Probabilities of ``model`` for the images of rows ``idx``, streamed from their files."""
-
     items = [(rows.rel_paths[i], int(rows.labels[i])) for i in idx]
     batches = image_batches(root, items, size, resize, batch_size, workers=workers)
     out = [np.asarray(model(batches[b][0], training=False), np.float64) for b in range(len(batches))]
@@ -338,7 +336,6 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     DatasetError
         An image that no longer decodes.
     """
-
     t_start = time.perf_counter()
     cfg = config or FinetuneConfig()
     cfg.check()
@@ -364,13 +361,10 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
         score += f", refitted {rows.select_name} accuracy {start['metrics'][rows.select_name]['accuracy']:.4f}"
     log(f"{run.name}: starting from {start['key']} ({score} in the run); selection on {rows.select_name} "
         f"({len(data.select)} images), training on {len(data.train)} images of {root}")
-
-
     built = build_feature_model(str(ex["backbone"]), resolved, int(ex["input_size"]), ex["alpha"], announce=log)
     ft = finetune(built, start_head, data, cfg, log=log)
 
     # final numbers: every image of the final splits, once, with the kept model
-
     final_rows = np.flatnonzero(np.isin(rows.splits, rows.final_splits))
     workers = cfg.workers or decode_threads()
     t0 = time.perf_counter()
@@ -381,7 +375,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     for s in rows.final_splits:
         m = rows.splits[final_rows] == s
         metrics[s] = compute_metrics(rows.labels[final_rows][m], proba[m], class_names, seed=int(results.get("seed", 0)))
-    rep = rows.splits[final_rows] == rows.final_splits[-1]
+    rep = rows.splits[final_rows] == report_split(rows.final_splits)
     wrong = mistakes(rows.labels[final_rows][rep], proba[rep], [rows.rel_paths[i] for i in final_rows[rep]],
                      list(rows.splits[final_rows][rep]), class_names)
 
@@ -402,7 +396,6 @@ def _entry(key: str, start: dict[str, Any], ft: FinetuneResult, cfg: FinetuneCon
            metrics: dict[str, Any], wrong: list[dict[str, Any]], n_final: int, predict_s: float,
            command: str) -> dict[str, Any]:
     """The ``results`` entry of a fine-tuned model (docs/results-format.md, "Fine-tuned results")."""
-
     acc, loss = ft.history["select_accuracy"], ft.history["select_loss"]
     search = [{"params": {"epoch": e}, "mean": float(a), "std": 0.0, "scores": [float(a)]}
               for e, a in enumerate(acc)]
@@ -456,7 +449,6 @@ def _stage_files(run_dir: Path, key: str, ft: FinetuneResult, final: _Final, row
     dict of str to Path
         Entry field -> staged file, for :func:`pipeline.results.commit_result`.
     """
-
     heads, preds = run_dir / "heads", run_dir / "predictions"
     staged: dict[str, Path] = {}
     try:

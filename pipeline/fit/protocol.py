@@ -57,7 +57,7 @@ from pipeline.errors import FitError
 from pipeline.fit.heads import Form, HeadContext, HeadSpec
 from pipeline.fit.pick import first_best
 from pipeline.fit.stream import ArraySource, stratified_subsample
-from pipeline.results import jsonable
+from pipeline.results import jsonable, report_split
 
 __all__ = [
     "Protocol", "Candidate", "hash_split", "plan_protocol", "selection_folds", "search", "best_candidate",
@@ -171,8 +171,8 @@ class Protocol:
 
     @property
     def report_split(self) -> str:
-        """The split whose numbers represent a head (``test`` when there is one)."""
-        return self.final_splits[-1]
+        """The split whose numbers represent a head (:func:`pipeline.results.report_split`)."""
+        return report_split(self.final_splits)
 
     def to_json(self) -> dict[str, Any]:
         """The ``protocol`` object of results.json."""

@@ -223,8 +223,6 @@ def _leak_free(res: Any, splits: np.ndarray, leaked: np.ndarray, labels: np.ndar
     return out
 
 
-
-
 def _cache_labels(inputs: Inputs) -> list[tuple[str, str]]:
     """Per cache, its backbone label and the slug of its result keys: a slug two caches share gets the second
     one's index (``mobilenet_v2-a1.0-224-1``), so that every key of the run is unique."""

@@ -58,6 +58,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipeline.atomic import commit_file
 from pipeline.backbones import BuiltBackbone, ModelConfig
 from pipeline.runtime.probe import PROBE_PROP, encode_probe, keras_features, probe_pixels
 
@@ -371,11 +372,8 @@ def export_model(built: BuiltBackbone, path: Path, key: dict[str, Any], convert:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp.write_bytes(proto.SerializeToString())
+        commit_file(tmp, path)  # flushed, renamed, folder flushed: the one durable commit
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ExportError(f"cannot write the exported model to {path} ({exc.strerror or exc}); set HEADBENCH_HOME "

@@ -81,24 +81,22 @@ def read_batches(root: Path, items: list[ImageItem], size: int, resize: str, bat
     ahead = max(batch_size * 3, workers * 2 * chunk)
     chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future] = deque()
+        pending: deque[Future] = deque()  # decoding tasks, in item order
         in_flight = 0
-        try:
-            for part in chunks:
+
+        def fill() -> None:
+            nonlocal in_flight
+            while in_flight < ahead and (part := next(chunks, None)) is not None:
                 pending.append(pool.submit(_decode_chunk, root, part, size, resize, views))
                 in_flight += len(part)
-                if in_flight >= ahead:
-                    break
+
+        try:
+            fill()
             batch: list[Decoded] = []
             while pending:
                 done = pending.popleft().result()
                 in_flight -= len(done)
-                while in_flight < ahead:
-                    part = next(chunks, None)
-                    if part is None:
-                        break
-                    pending.append(pool.submit(_decode_chunk, root, part, size, resize, views))
-                    in_flight += len(part)
+                fill()
                 for d in done:
                     batch.append(d)
                     if len(batch) == batch_size:

@@ -52,10 +52,6 @@ def _names(source: RowSource, rows: np.ndarray | None = None) -> np.ndarray:
     return source.classes[labels]
 
 
-def _work(ctx: HeadContext) -> int | None:
-    return ctx.work_bytes
-
-
 def _cw(ctx: HeadContext) -> str | None:
     return "balanced" if ctx.class_weight == "balanced" else None
 
@@ -101,7 +97,7 @@ def fit_logreg_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSo
     def transform(X: np.ndarray) -> np.ndarray:
         return scaler.transform(_flat(X))
 
-    W, b = minibatch_linear(source, "log", C, _cw(ctx), ctx.seed, transform=transform, max_bytes=_work(ctx))
+    W, b = minibatch_linear(source, "log", C, _cw(ctx), ctx.seed, transform=transform, max_bytes=ctx.work_bytes)
     return Pipeline([("scale", scaler), ("clf", logistic_regression(W, b, source.classes, C, _cw(ctx)))])
 
 
@@ -121,7 +117,7 @@ def fit_linear_svm_minibatch(ctx: HeadContext, params: dict[str, Any], source: R
         return scaler.transform(_flat(X))
 
     W, b = minibatch_linear(source, "squared_hinge", C, _cw(ctx), ctx.seed, transform=transform, rows=train,
-                            max_bytes=_work(ctx))
+                            max_bytes=ctx.work_bytes)
     clf: Any = linear_svc(W, b, source.classes, C, _cw(ctx))
     if len(cal):
         clf = _calibrated(clf, transform(source.take(cal)), _names(source, cal))
@@ -139,7 +135,7 @@ class _KernelMap:
         self.nys = Nystroem(kernel="rbf", gamma=float(gamma), n_components=len(landmarks),
                             random_state=ctx.seed).fit(L)
         self.m = len(landmarks)
-        work = _work(ctx)
+        work = ctx.work_bytes
         if work is None or len(train) * self.m * 4 <= work:  # map once, keep in memory
             Z = np.concatenate([self.kernel_map(X) for X, _ in source.chunks(train)]) if len(train) else \
                 np.zeros((0, self.m), np.float32)
@@ -161,7 +157,7 @@ class _KernelMap:
 
     def solve(self, ctx: HeadContext, C: float) -> tuple[np.ndarray, np.ndarray]:
         return minibatch_linear(self.mapped, "squared_hinge", C, _cw(ctx), ctx.seed, transform=self.transform,
-                                rows=self.rows, n_features=self.m, max_bytes=_work(ctx))
+                                rows=self.rows, n_features=self.m, max_bytes=ctx.work_bytes)
 
 
 def fit_svm_nystroem(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,

@@ -5,6 +5,10 @@ subclass of :class:`HeadbenchError` whose message is one actionable line. The co
 stderr and exits with status 1; anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from typing import Sequence
+
 
 class HeadbenchError(Exception):
     """Base class for failures caused by the user's input or environment, not by a bug."""
@@ -52,3 +56,10 @@ EXIT_PARTIAL = 3
 """Exit status: done, but some images could not be read or decoded (``extract`` and ``predict``)."""
 EXIT_INTERRUPTED = 130
 """Exit status: stopped by Ctrl-C or SIGTERM; finished work is kept and the same command resumes."""
+
+
+def check_choice(what: str, value: object, choices: Sequence[str], error: type[HeadbenchError]) -> None:
+    """Refuse a value outside its choices with the one line every option uses: ``unknown <what> <value>; choose one
+    of <choices>`` (``what`` names the option as its caller knows it: ``--pick``, ``resize rule``)."""
+    if value not in choices:
+        raise error(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from pipeline.backbones import ModelConfig, resolve_model
 from pipeline.cache.format import Signature
 from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES
-from pipeline.errors import BackboneError
+from pipeline.errors import BackboneError, check_choice
 from pipeline.machine import decode_threads
 from pipeline.views import NO_VIEWS, ViewSpec
 
@@ -176,14 +176,10 @@ class ExtractConfig:
 
 def check_run_options(options: ExtractOptions) -> None:
     """Validate the options that need no model or file system (raises BackboneError with one clear line)."""
-    if options.resize not in RESIZE_RULES:
-        raise BackboneError(f"unknown resize rule {options.resize!r}; choose one of {', '.join(RESIZE_RULES)}")
-    if options.maps_dtype not in MAPS_DTYPES:
-        raise BackboneError(f"maps dtype must be float16 or float32, got {options.maps_dtype!r}")
-    if options.runtime not in RUNTIMES:
-        raise BackboneError(f"unknown runtime {options.runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if options.engine not in ENGINES:
-        raise BackboneError(f"unknown engine {options.engine!r}; choose one of {', '.join(ENGINES)}")
+    for what, value, choices in (("resize rule", options.resize, RESIZE_RULES),
+                                 ("maps dtype", options.maps_dtype, MAPS_DTYPES),
+                                 ("runtime", options.runtime, RUNTIMES), ("engine", options.engine, ENGINES)):
+        check_choice(what, value, choices, BackboneError)
     if options.batch_size < 1:
         raise BackboneError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.workers is not None and options.workers < 1:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from pipeline.audit import AuditConfig
 from pipeline.cache.format import FEATURE_KINDS
-from pipeline.errors import FitError
+from pipeline.errors import FitError, check_choice
 from pipeline.fit.heads import resolve_heads
 from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
 from pipeline.fit.plan import CostPolicy, MemoryBudget, memory_budget
@@ -124,14 +124,10 @@ class FitConfig:
         set_(self, "backbones", _names(self.backbones))
         heads = _names(self.heads)
         set_(self, "heads", tuple(resolve_heads(list(heads) if heads else None)))
-        if self.pick not in PICK_RULES:
-            raise FitError(f"unknown --pick {self.pick!r}; choose one of {', '.join(PICK_RULES)}")
-        if self.select_on not in SELECT_ON:
-            raise FitError(f"unknown --select-on {self.select_on!r}; choose one of {', '.join(SELECT_ON)}")
-        if self.features not in FEATURE_KINDS:
-            raise FitError(f"unknown --features {self.features!r}; choose one of {', '.join(FEATURE_KINDS)}")
-        if self.class_weight not in CLASS_WEIGHTS:
-            raise FitError(f"unknown --class-weight {self.class_weight!r}; choose one of {', '.join(CLASS_WEIGHTS)}")
+        for option, value, choices in (("--pick", self.pick, PICK_RULES), ("--select-on", self.select_on, SELECT_ON),
+                                       ("--features", self.features, FEATURE_KINDS),
+                                       ("--class-weight", self.class_weight, CLASS_WEIGHTS)):
+            check_choice(option, value, choices, FitError)
         if self.exclude_leaks and not self.audit:
             raise FitError("--exclude-leaks needs the audit (drop --no-audit)")
         set_(self, "budget", memory_budget(self.memory_budget))

@@ -9,15 +9,15 @@ Parity check
 On the first real batch of every run (the first call whose pixels are not all zero: the engines' warm-up batch is
 zeros) the session is checked. When the stored file carries the probe features its export computed with Keras
 (:mod:`pipeline.runtime.probe`), the session runs the probe and is held to them, and the batch's features must be
-finite: no Keras run, a few milliseconds instead of a second of CPU. Otherwise (a file exported before probes, or a
-probe that does not match) up to :data:`PARITY_IMAGES` images of the batch also go through the Keras model, eagerly,
-in float32 on the CPU. ``describe()["parity_check"]`` records which (``stored probe`` or ``keras``). If
+finite: no Keras run (0.1 ms instead of 1.1 ms of CPU per image of a 398-image folder, docs/benchmarks.md).
+Otherwise (a file exported before probes, or a probe that does not match) up to :data:`PARITY_IMAGES` images of the
+batch also go through the Keras model, eagerly, in float32 on the CPU. ``describe()["parity_check"]`` records which (``stored probe`` or ``keras``). If
 ``max|onnx - keras| / max|keras|`` of any output exceeds :data:`PARITY_TOLERANCE` the runtime tries the next
 execution provider (a GPU provider that computes in reduced precision), and in the end falls back to Keras for the
 whole run, with one log line that says why; the reason is in :meth:`OnnxRuntime.describe`'s ``note``, which the
-cache records with the run. Once the check has passed the runtime lets go of the Keras model and returns the
-reference's memory to the system (:func:`release_memory`), so neither stays beside the session: the check raises
-peak memory for a few seconds only.
+cache records with the run. Once the check has passed the runtime lets go of the Keras model; after an eager Keras
+reference it also returns that reference's memory to the system (:func:`release_memory`), so neither stays beside
+the session: that check raises peak memory for a few seconds only.
 
 A gross mismatch on the CPU provider (above :data:`GROSS_MISMATCH`: no rounding does that; the stored file's weights
 are damaged while its key still matches) exports the model again, once per run, with a line naming the stored file,

@@ -1,9 +1,10 @@
 """The parity probe: fixed pixels whose Keras features are computed once, when a model is exported, and stored in it.
 
 Every run that opens an exported ONNX model must know that ONNX Runtime, on this machine and provider, computes
-what the Keras model computes. Checking that with an eager Keras run on the first real batch costs about a second
-of CPU per run whatever the dataset's size (the eager reference of two MobileNetV2 images: 1.2 s of CPU, 3 ms per
-image of a 398-image folder, more than decoding). The exporter already has the Keras model built, so it runs it
+what the Keras model computes. Checking that with an eager Keras run on the first real batch costs the same CPU per
+run whatever the dataset's size (the eager reference of two MobileNetV2 images and the garbage collection after it:
+about 0.6 s, 1.1 ms per image of a 398-image folder, half of what decoding it costs; docs/benchmarks.md). The
+exporter already has the Keras model built, so it runs it
 once on :func:`probe_pixels` and stores the features in the exported file's metadata (:data:`PROBE_PROP`, bound to
 the file as its key is). A run then only runs the probe through its own session and compares
 (:func:`relative_difference`): a damaged stored model, a wrong provider result (TF32 on a GPU) or a runtime fault shows

@@ -190,7 +190,7 @@ def phase_decode(root: Path, backbone: str, batch: int) -> dict:
     """The reader alone (read + hash + decode + resize), 1 thread and the default decoding threads."""
     from pipeline.backbones import get_spec
     from pipeline.data import discover
-    from pipeline.extract.reader import read_batches
+    from pipeline.reader import read_batches
     from pipeline.machine import cpu_cores, decode_threads
 
     ds = discover(root)

@@ -40,7 +40,7 @@ import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chat
 REPO = _start.start(__name__)
 
 from pipeline.data import discover  # noqa: E402
-from pipeline.extract.reader import read_batches  # noqa: E402
+from pipeline.reader import read_batches  # noqa: E402
 from pipeline.machine import cpu_cores, decode_threads  # noqa: E402
 
 SIZE = 224

@@ -380,7 +380,7 @@ def test_reader_yields_every_image_in_order_in_whole_batches_whatever_its_chunks
     """Decoding tasks take several images each (CHUNK_IMAGES); batches still come in the folder's order, full but
     the last, with an undecodable file in its place, and the same pixels as decoding each image alone."""
     from pipeline.data import discover
-    from pipeline.extract.reader import decode_item, read_batches
+    from pipeline.reader import decode_item, read_batches
 
     (tiny_dataset / "red" / "img_03.jpg").write_bytes(b"not an image")
     ds = discover(tiny_dataset)

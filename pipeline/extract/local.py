@@ -23,7 +23,7 @@ from pipeline.errors import DatasetError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
-from pipeline.extract.reader import Decoded, read_batches
+from pipeline.reader import Decoded, read_batches
 from pipeline.runtime.base import Runtime
 from pipeline.runtime.factory import RuntimeFactory, make_runtime
 
@@ -102,7 +102,7 @@ def run_batch(runtime: Runtime, batch: list[Decoded], config: ExtractConfig,
     runtime : Runtime
         Pixels in, ``{kind: array}`` out.
     batch : list of Decoded
-        From :func:`pipeline.extract.reader.read_batches` (views present when ``config.views.n`` > 0).
+        From :func:`pipeline.reader.read_batches` (views present when ``config.views.n`` > 0).
     config : ExtractConfig
         Its ``kinds``, ``views`` (fixed) and ``batch_size`` are used.
 

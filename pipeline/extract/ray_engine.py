@@ -6,7 +6,7 @@ do flow through Ray Data, and the driver assembles the cache afterwards (:mod:`p
     driver: plan.todo cut into chunks (whole model batches, about ``checkpoint_rows`` images each)
       -> ray.data.from_arrow(one block per chunk: path, label, split, size, mtime)
       -> map_batches(decode_chunk)          CPU tasks: read, hash, decode, render augmented views
-                                            (pipeline.extract.reader.decode_item)
+                                            (pipeline.reader.decode_item)
       -> map_batches(ChunkExtractor)        actor pool: the runtime built once per actor (GPUs per actor), batches
                                             of ``batch_size`` through the model (pipeline.extract.local.run_batch,
                                             as the local engine), rows committed as part files
@@ -52,7 +52,7 @@ from pipeline.extract.config import PIXEL_RULE, ExtractConfig, RayOptions
 from pipeline.extract.local import EngineReport, feature_shapes, run_batch
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
-from pipeline.extract.reader import Decoded, decode_item
+from pipeline.reader import Decoded, decode_item
 from pipeline.runtime.factory import make_runtime
 from pipeline.views import NO_VIEWS, ViewSpec
 

@@ -1,4 +1,4 @@
-"""The reader: a bounded pool of threads that reads, hashes and decodes images ahead of the model.
+"""The reader: a bounded pool that reads, hashes and decodes images ahead of the model.
 
 Pillow releases the GIL while decoding, so threads overlap decoding with the model's compute. At most a few
 batches are in flight, so memory stays flat whatever the dataset size. With augmented views

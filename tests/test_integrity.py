@@ -307,16 +307,19 @@ def test_free_space_is_checked_before_assembly(tiny_dataset, tmp_path, monkeypat
 # ---- bookkeeping ---------------------------------------------------------------------------------------------------
 
 
-def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_dataset, tmp_path, monkeypatch):
-    def keep_parts(path, keep=()):  # as if killed between the rename and cleanup
-        return None
+def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_dataset, tmp_path):
+    from pipeline.atomic import commit_file
 
-    monkeypatch.setattr(cache, "remove_parts", keep_parts)  # extract's own call, for stale parts
-    monkeypatch.setattr(cache_write, "remove_parts", keep_parts)  # assemble's, after its rename
-    first, _ = _run(tiny_dataset, tmp_path / "c")
-    seconds = cache.read_meta(first.path)["extract_seconds"]
-    assert list(cache.parts_dir(first.path).glob("part-*.h5"))
-    monkeypatch.undo()
+    def commit_then_die(tmp, path):  # killed between the assembled cache's rename and the removal of its parts
+        commit_file(tmp, path)
+        if not path.parent.name.endswith(".parts"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_dataset, tmp_path / "c", commit=commit_then_die)
+    [first] = (tmp_path / "c").glob("*.h5")
+    seconds = cache.read_meta(first)["extract_seconds"]
+    assert list(cache.parts_dir(first).glob("part-*.h5"))
     write_image(tiny_dataset / "red" / "late.png", np.zeros((30, 30, 3), np.uint8))
     res, msgs = _run(tiny_dataset, tmp_path / "c")
     assert res.n_extracted == 1 and res.n_reused == 12

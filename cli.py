@@ -13,7 +13,7 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
@@ -22,6 +22,9 @@ from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, Headbenc
 from pipeline.extract.config import ENGINES, MAPS_DTYPES
 from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS
 from pipeline.runtime.factory import RUNTIME_CHOICES
+
+if TYPE_CHECKING:
+    from pipeline.extract import ExtractResult
 
 app = typer.Typer(
     add_completion=False,
@@ -192,6 +195,17 @@ def _check_model_options(backbones: list[str], input_size: int | None, alpha: fl
             raise typer.BadParameter(str(exc), param_hint=hint) from None
 
 
+def _print_failures(res: ExtractResult) -> None:
+    """Say on stderr which images of one backbone's extraction could not be decoded (the first 20 of them)."""
+    if not res.failures:
+        return
+    typer.echo(f"{len(res.failures)} image(s) could not be decoded (recorded in the cache):", err=True)
+    for p, why in res.failures[:20]:
+        typer.echo(f"  {p}: {why}", err=True)
+    if len(res.failures) > 20:
+        typer.echo(f"  ... and {len(res.failures) - 20} more", err=True)
+
+
 def _command() -> str:
     return " ".join(["python cli.py", *sys.argv[1:]])
 
@@ -250,12 +264,8 @@ def extract(
                                                      )] = None,
 ) -> None:
     """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
-    from pipeline.data import discover
     from pipeline.errors import BackboneError
-    from pipeline.extract import ExtractOptions, RayOptions, extract_dataset, resolve_config
-    from pipeline.cache import check_name_fits
-    from pipeline.extract.config import fit_batch_to_checkpoint
-    from pipeline.extract.plan import cache_file
+    from pipeline.extract import ExtractOptions, RayOptions, extract_all
     from pipeline.views import make_view_spec
 
     _check_model_options([b.value for b in backbone], input_size, alpha)
@@ -282,27 +292,8 @@ def extract(
                              runtime=runtime.value, engine=engine.value, ray=ray, batch_size=batch_size,
                              workers=workers, strict=strict, retry_failed=retry_failed,
                              checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
-    options = fit_batch_to_checkpoint(options, log=typer.echo)  # said once, not once per backbone
-    ds = discover(data)
-    # Every backbone's options and weights are resolved before the first model is built or image decoded.
-    configs = [resolve_config(options, log=typer.echo, backbone=b.value) for b in backbone]
-    ignored = ds.ignored_summary()
-    typer.echo(f"{ds.root}: {len(ds.items)} images in {len(ds.classes)} classes"
-               f"{' (split folders: ' + ', '.join(sorted({i.split for i in ds.items})) + ')' if ds.has_splits else ''}"
-               f"{'; ignored ' + ignored if ignored else ''}")
-    for cfg in configs:  # every cache can be named, before the first is made
-        check_name_fits(cache_file(ds, cfg), ds.root)
-    any_failed = False
-    for cfg in configs:
-        res = extract_dataset(ds, cfg, log=typer.echo)
-        if res.failures:
-            any_failed = True
-            typer.echo(f"{len(res.failures)} image(s) could not be decoded (recorded in the cache):", err=True)
-            for p, why in res.failures[:20]:
-                typer.echo(f"  {p}: {why}", err=True)
-            if len(res.failures) > 20:
-                typer.echo(f"  ... and {len(res.failures) - 20} more", err=True)
-    if any_failed:
+    results = extract_all(data, options, [b.value for b in backbone], log=typer.echo, done=_print_failures)
+    if any(res.failures for res in results):
         raise typer.Exit(EXIT_PARTIAL)
 
 

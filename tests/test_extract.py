@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -358,21 +359,65 @@ def test_a_long_dataset_name_that_fits_is_extracted_with_every_name_within_the_l
         [cache.parts_dir(res.path).name]
 
 
-def test_a_cache_name_that_cannot_fit_is_refused_before_any_work(tiny_dataset, tmp_path, monkeypatch, capsys):
+def _no_extraction(*a, **k):
+    pytest.fail("no extraction may start")
+
+
+def test_a_cache_name_that_cannot_fit_is_refused_before_any_work(tiny_dataset, tmp_path, capsys):
     import cli
-    import pipeline.extract
 
     root = _long_named_copy(tiny_dataset, tmp_path, 210)  # its cache name would be 259 bytes
     with pytest.raises(CacheError, match=r"would be 259 bytes, more than the 255 a file name may have in .*: "
                                          r"rename the dataset folder .* to at most 206 bytes \(or pass --cache-dir"):
         _run(root, tmp_path, runtime_factory=lambda *a, **k: pytest.fail("no model may be built"))
     assert not (tmp_path / "cache").exists()
-    monkeypatch.setattr(pipeline.extract, "extract_dataset", lambda *a, **k: pytest.fail("no extraction may start"))
-    with pytest.raises(SystemExit) as status:  # the command line says it in one line, before any extraction
+    # The command line's path, end to end with the real extraction (extract_all refuses before it starts, as the
+    # next test shows with its seam): what is checked here is the command's wording, one line and exit 1.
+    with pytest.raises(SystemExit) as status:
         cli.main(["extract", str(root), "--weights", "none", "--cache-dir", str(tmp_path / "c")], quiet_native=False)
     err = capsys.readouterr().err
     assert status.value.code == 1 and err.count("\n") == 1 and "would be" in err and "Traceback" not in err, err
     assert not (tmp_path / "c").exists()
+
+
+def test_extract_all_checks_every_backbone_before_the_first_is_extracted(tiny_dataset, tmp_path):
+    """The last backbone's cache name (one byte longer than the first's) or options stop the command before the
+    first backbone's extraction starts."""
+    from pipeline.extract import ExtractOptions, extract_all
+
+    root = _long_named_copy(tiny_dataset, tmp_path, 207)  # mobilenet_v2-a1.0-64's name is 255 bytes: it fits
+    opts = ExtractOptions(weights="none", input_size=64, cache_dir=tmp_path / "c")
+    with pytest.raises(CacheError, match=r"would be 256 bytes"):  # mobilenet_v3_small-64, one byte more
+        extract_all(root, opts, ["mobilenet_v2", "mobilenet_v3_small"], log=lambda m: None, extract=_no_extraction)
+    extract_all(root, opts, ["mobilenet_v2"], log=lambda m: None, extract=lambda ds, cfg, log: None)  # it fits
+    with pytest.raises(BackboneError, match="mobilenet_v3_small"):  # MobileNetV3 has no width multiplier option
+        extract_all(tiny_dataset, replace(opts, alpha=0.35), ["mobilenet_v2", "mobilenet_v3_small"],
+                    log=lambda m: None, extract=_no_extraction)
+    assert not (tmp_path / "c").exists()
+
+
+def test_extract_all_says_the_dataset_line_then_extracts_each_backbone_in_order(tiny_dataset, tmp_path):
+    """One line about the folder (unreadable entries named) before the first extraction; each result is handed to
+    ``done`` as it comes and returned in the backbones' order; the batch cap is said once, not per backbone."""
+    from pipeline.extract import ExtractOptions, ExtractResult, extract_all
+
+    (tiny_dataset / "red" / "ghost.jpg").symlink_to(tmp_path / "moved_away.jpg")  # a dangling link
+    msgs: list[str] = []
+    calls: list[tuple[str, int, list[str]]] = []
+    done: list[ExtractResult] = []
+
+    def extract(ds, cfg, log):  # no model is built: what the orchestration hands each extraction
+        calls.append((cfg.model.backbone, cfg.batch_size, list(msgs)))
+        return ExtractResult(Path(cfg.label), len(ds.items), 0, 0, 0, 0)
+
+    opts = ExtractOptions(weights="none", input_size=64, batch_size=64, checkpoint_rows=8, cache_dir=tmp_path / "c")
+    results = extract_all(tiny_dataset, opts, ["mobilenet_v3_small", "mobilenet_v2"], log=msgs.append,
+                          done=done.append, extract=extract)
+    line = f"{tiny_dataset}: 12 images in 2 classes; ignored 1 unreadable (red/ghost.jpg: dangling symbolic link)"
+    assert [c[:2] for c in calls] == [("mobilenet_v3_small", 8), ("mobilenet_v2", 8)]
+    assert line in calls[0][2], calls[0][2]
+    assert sum("--batch-size 64 is above --checkpoint-every 8" in m for m in msgs) == 1, msgs
+    assert [r.path.name for r in results] == ["mobilenet_v3_small-64", "mobilenet_v2-a1.0-64"] and done == results
 
 
 @pytest.mark.parametrize("batch, workers", [(5, 1), (5, 3), (32, 2), (1, 2)])

@@ -427,39 +427,33 @@ def test_run_fit_writes_no_report(fake_caches, tmp_path, monkeypatch):
 
 def test_cli_fit_writes_the_report_after_the_fit(tmp_path, monkeypatch):
     """`fit` writes reports/<run name>.html itself and prints its path; --no-report writes none; a fault writing
-    the report is one line (a RunError, printed by the entry point as one ``error:`` line)."""
+    the report is one line (a RunError, printed by the entry point as one ``error:`` line).
+
+    The real report is written (reports/ under the test's own folder): a typer command takes no seam, and the
+    page is quick to render for one centroid head."""
     from typer.testing import CliRunner
 
     import cli
-    import pipeline.report
     from pipeline.errors import RunError
     from test_fit_scale import _cache
 
     cache_dir = _cache(tmp_path, n=150).parent  # a small real cache: the command reads the files on disk
-    written: list[list[Path]] = []
-
-    def write_report(run_dirs, out_html=None, **kw):
-        written.append([Path(d) for d in run_dirs])
-        if not (Path(run_dirs[0]) / "results.json").is_file():
-            raise AssertionError("the report must come after the run folder is complete")
-        return Path("reports") / f"{Path(run_dirs[0]).name}.html"
-
-    monkeypatch.setattr(pipeline.report, "write_report", write_report)
+    monkeypatch.chdir(tmp_path)  # where the default page, reports/<run name>.html, goes
     args = ["fit", "--cache-dir", str(cache_dir), "--head", "centroid", "--no-audit"]
     res = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r1")])
     assert res.exit_code == 0, (res.output, res.exception)
-    assert written == [[tmp_path / "r1"]]
+    page = tmp_path / "reports" / "r1.html"
+    assert page.is_file() and "centroid" in page.read_text(encoding="utf-8")  # rendered from the whole run folder
+    assert page.stat().st_mtime_ns >= (tmp_path / "r1" / "results.json").stat().st_mtime_ns
     assert f"run folder: {tmp_path / 'r1'}" in res.stdout and f"report: {Path('reports') / 'r1.html'}" in res.stdout
     res = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r2"), "--no-report"])
-    assert res.exit_code == 0 and len(written) == 1 and "report:" not in res.stdout
-    assert (tmp_path / "r2" / "results.json").is_file()
+    assert res.exit_code == 0 and "report:" not in res.stdout, res.output
+    assert (tmp_path / "r2" / "results.json").is_file() and sorted(p.name for p in page.parent.iterdir()) == ["r1.html"]
 
-    def cannot_write(run_dirs, out_html=None, **kw):
-        raise RunError("cannot write the report reports/r3.html (Permission denied)")
-
-    monkeypatch.setattr(pipeline.report, "write_report", cannot_write)
+    (tmp_path / "reports" / "r3.html").mkdir()  # the page cannot take that name
     res = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r3")])
-    assert isinstance(res.exception, RunError) and "\n" not in str(res.exception)
+    assert isinstance(res.exception, RunError) and "\n" not in str(res.exception), (res.output, res.exception)
+    assert "cannot write the report" in str(res.exception)
     assert (tmp_path / "r3" / "results.json").is_file()  # the run itself is kept
 
 

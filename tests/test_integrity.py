@@ -104,6 +104,7 @@ def test_flipped_bits_in_labels_and_edited_paths_are_caught(tiny_dataset, tmp_pa
 
 def test_the_damaged_cache_line_gives_the_command_that_rebuilds_that_very_cache(tmp_path, monkeypatch):
     """Following the line literally must make the same cache file, not a default MobileNetV2 one elsewhere."""
+    import functools
     import shlex
 
     import cli
@@ -130,7 +131,11 @@ def test_the_damaged_cache_line_gives_the_command_that_rebuilds_that_very_cache(
         made.append(cache_file(ds, cfg))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.extract, "extract_dataset", record)
+    # What is checked is the command line's own parsing of the printed options into ExtractOptions, so the command
+    # runs end to end; a typer command takes no seam, so extract_all is wrapped with its extract= seam filled in
+    # (one model build fewer than letting the real extraction run).
+    monkeypatch.setattr(pipeline.extract, "extract_all", functools.partial(pipeline.extract.extract_all,
+                                                                           extract=record))
     with pytest.raises(SystemExit):  # the command as printed, through the command line's own parsing
         cli.main(cmd[2:], quiet_native=False)
     assert made == [res.path]
@@ -302,16 +307,19 @@ def test_free_space_is_checked_before_assembly(tiny_dataset, tmp_path, monkeypat
 # ---- bookkeeping ---------------------------------------------------------------------------------------------------
 
 
-def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_dataset, tmp_path, monkeypatch):
-    def keep_parts(path, keep=()):  # as if killed between the rename and cleanup
-        return None
+def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_dataset, tmp_path):
+    from pipeline.atomic import commit_file
 
-    monkeypatch.setattr(cache, "remove_parts", keep_parts)  # extract's own call, for stale parts
-    monkeypatch.setattr(cache_write, "remove_parts", keep_parts)  # assemble's, after its rename
-    first, _ = _run(tiny_dataset, tmp_path / "c")
-    seconds = cache.read_meta(first.path)["extract_seconds"]
-    assert list(cache.parts_dir(first.path).glob("part-*.h5"))
-    monkeypatch.undo()
+    def commit_then_die(tmp, path):  # killed between the assembled cache's rename and the removal of its parts
+        commit_file(tmp, path)
+        if not path.parent.name.endswith(".parts"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_dataset, tmp_path / "c", commit=commit_then_die)
+    [first] = (tmp_path / "c").glob("*.h5")
+    seconds = cache.read_meta(first)["extract_seconds"]
+    assert list(cache.parts_dir(first).glob("part-*.h5"))
     write_image(tiny_dataset / "red" / "late.png", np.zeros((30, 30, 3), np.uint8))
     res, msgs = _run(tiny_dataset, tmp_path / "c")
     assert res.n_extracted == 1 and res.n_reused == 12

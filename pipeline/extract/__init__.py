@@ -8,14 +8,15 @@ Small parts with one job each, wired by one resolved configuration (:mod:`.confi
   ``predict`` and ``finetune``;
 * :mod:`.local` -- the engine that drives reader -> runtime -> part writer on this machine;
 * :mod:`.ray_engine` -- the same on a Ray cluster (Ray Data decoding tasks -> model actors -> part writers);
-* :mod:`.run` -- :func:`extract_dataset`: plan -> engine -> assemble the complete cache.
+* :mod:`.run` -- :func:`extract_dataset`: plan -> engine -> assemble the complete cache; :func:`extract_all`: every
+  backbone of one ``extract`` command (discover, resolve all, check the cache names, then one backbone at a time).
 
 The cache itself (parts, assembly, schema) is :mod:`pipeline.cache`.
 """
 
 from pipeline.extract.config import (PIXEL_RULE, ExtractConfig, ExtractOptions, ModelConfig, RayOptions,
                                      resolve_config)
-from pipeline.extract.run import ExtractResult, extract_dataset
+from pipeline.extract.run import ExtractResult, extract_all, extract_dataset
 
 __all__ = ["PIXEL_RULE", "ExtractConfig", "ExtractOptions", "ModelConfig", "RayOptions", "resolve_config",
-           "ExtractResult", "extract_dataset"]
+           "ExtractResult", "extract_all", "extract_dataset"]

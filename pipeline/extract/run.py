@@ -1,10 +1,14 @@
-"""The batch stage's one entry point: plan -> engine -> assemble.
+"""The batch stage's entry points: one backbone (plan -> engine -> assemble), and every backbone of one command.
 
 :func:`extract_dataset` takes a dataset folder and one resolved :class:`~pipeline.extract.config.ExtractConfig`,
 plans the work against what earlier runs left (:mod:`pipeline.extract.plan`), runs the chosen engine (local
 threads, or a Ray cluster) which commits finished rows as part files, and assembles the complete cache file, which
 appears under its final name only once every row is done. A complete cache found damaged (checksums) is said to be
 discarded and its rows are extracted again; finished parts are never thrown away.
+
+:func:`extract_all` is ``python cli.py extract``: it discovers the folder once, resolves every backbone's
+configuration (weights included) and checks every cache name before the first model is built, then runs
+:func:`extract_dataset` (a seam) once per backbone.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pipeline import cache
 from pipeline.atomic import Commit, commit_file
 from pipeline.data import Dataset, discover
 from pipeline.errors import CacheError
-from pipeline.extract.config import ExtractConfig
+from pipeline.extract.config import ExtractConfig, ExtractOptions, fit_batch_to_checkpoint, resolve_config
 from pipeline.extract.local import EngineReport, run_local
 from pipeline.extract.plan import Plan, cache_file, plan_extraction
 from pipeline.runtime.factory import RuntimeFactory, make_runtime
@@ -223,3 +227,70 @@ def _run(plan: Plan, log: Callable[[str], None], runtime_factory: RuntimeFactory
     log(f"wrote {plan.path} ({len(rows)} rows, {len(all_failed)} failed) in {seconds:.1f}s{ips}")
     return ExtractResult(plan.path, len(ds.items), len(plan.todo), plan.n_reused, plan.n_dropped,
                          len(all_failed), all_failed, seconds)
+
+
+Extract = Callable[..., ExtractResult]
+"""``extract(dataset, config, log=log) -> ExtractResult``: one backbone's extraction (:func:`extract_dataset`; a test
+hands in one that records the configurations, or stops)."""
+
+
+def dataset_line(ds: Dataset) -> str:
+    """The one line ``extract`` says about the folder: images, classes, split folders, what was ignored."""
+    splits = f" (split folders: {', '.join(sorted({i.split for i in ds.items}))})" if ds.has_splits else ""
+    ignored = ds.ignored_summary()
+    return (f"{ds.root}: {len(ds.items)} images in {len(ds.classes)} classes{splits}"
+            f"{'; ignored ' + ignored if ignored else ''}")
+
+
+def extract_all(data: str | os.PathLike | Dataset, options: ExtractOptions, backbones: Sequence[str], *,
+                log: Callable[[str], None] = print, done: Callable[[ExtractResult], None] | None = None,
+                extract: Extract = extract_dataset) -> list[ExtractResult]:
+    """Extract every backbone's features of one folder: ``python cli.py extract``, without its option parsing.
+
+    In this order: the batch is fitted to the checkpoint bound (said once, not once per backbone); the folder is
+    discovered; every backbone's configuration is resolved (weights found or downloaded, options checked); the
+    dataset line is said; every cache name is checked. Only then is the first backbone extracted, so that a bad
+    option, missing weights or an impossible cache name of the last backbone stops the command before any model is
+    built or image decoded.
+
+    Parameters
+    ----------
+    data : path or Dataset
+        The dataset folder (see :mod:`pipeline.data`), or an already discovered :class:`Dataset`.
+    options : ExtractOptions
+        What the user asked for; its ``backbone`` is replaced by each of ``backbones`` in turn.
+    backbones : sequence of str
+        Registered backbone names, extracted in this order.
+    log : callable
+        Receives one-line messages.
+    done : callable, optional
+        Told each backbone's result as soon as it is done (the command line prints its failures there, so they
+        follow that backbone's lines and are said even if a later backbone is interrupted).
+    extract : callable
+        One backbone's extraction, ``extract(dataset, config, log=log)``: :func:`extract_dataset` by default (a
+        test hands in one that records the configurations it is given, or stops).
+
+    Returns
+    -------
+    list of ExtractResult
+        One per backbone, in order.
+
+    Raises
+    ------
+    DatasetError, BackboneError, WeightsError, CacheError
+        As :func:`~pipeline.data.discover`, :func:`~pipeline.extract.config.resolve_config` and
+        :func:`extract_dataset` raise them; a cache name that cannot fit, before any backbone is extracted.
+    """
+    options = fit_batch_to_checkpoint(options, log=log)
+    ds = data if isinstance(data, Dataset) else discover(data)
+    configs = [resolve_config(options, log=log, backbone=b) for b in backbones]
+    log(dataset_line(ds))
+    for cfg in configs:  # every cache can be named, before the first is made
+        cache.check_name_fits(cache_file(ds, cfg), ds.root)
+    results = []
+    for cfg in configs:
+        res = extract(ds, cfg, log=log)
+        results.append(res)
+        if done is not None:
+            done(res)
+    return results

@@ -21,6 +21,7 @@ from pipeline.data import RESIZE_RULES
 from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, HeadbenchError
 from pipeline.extract.config import ENGINES, MAPS_DTYPES
 from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS
+from pipeline.reader import READER_KINDS
 from pipeline.runtime.factory import RUNTIME_CHOICES
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ Resize = _choices("Resize", RESIZE_RULES)
 MapsDtype = _choices("MapsDtype", MAPS_DTYPES)
 Runtime = _choices("Runtime", RUNTIME_CHOICES)
 Engine = _choices("Engine", ENGINES)
+Reader = _choices("Reader", READER_KINDS)
 Head = _choices("Head", _head_names())
 Features = _choices("Features", FEATURE_KINDS)
 ClassWeight = _choices("ClassWeight", CLASS_WEIGHTS)
@@ -237,7 +239,11 @@ def extract(
              "falls back to it if they differ.")] = Runtime("auto"),
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[Optional[int], typer.Option(
-        min=1, help="Decoding threads (default: one per core, at most 8).")] = None,
+        min=1, help="Decoding workers (default: one per core, at most 8).")] = None,
+    reader: Annotated[Reader, typer.Option(  # type: ignore[valid-type]
+        help="Decoding workers: process (each its own interpreter, so decoding scales with cores; a crash in an "
+             "image decoder costs that image only), thread, or auto: processes for 256 images or more where "
+             "/dev/shm has room, else threads.")] = Reader("auto"),
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed/--no-retry-failed",
                                                help="Retry images that failed in an earlier run.")] = True,
@@ -290,8 +296,8 @@ def extract(
     options = ExtractOptions(weights=weights, input_size=input_size, alpha=alpha, resize=resize.value,
                              maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, views=spec,
                              runtime=runtime.value, engine=engine.value, ray=ray, batch_size=batch_size,
-                             workers=workers, strict=strict, retry_failed=retry_failed,
-                             checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
+                             workers=workers, reader=reader.value, strict=strict,
+                             retry_failed=retry_failed, checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
     results = extract_all(data, options, [b.value for b in backbone], log=typer.echo, done=_print_failures)
     if any(res.failures for res in results):
         raise typer.Exit(EXIT_PARTIAL)

@@ -20,14 +20,15 @@ def cpu_cores() -> int:
 
 
 MAX_DECODE_THREADS = 8
-"""Most decoding threads by default. Each image still holds the GIL for its Python steps, so a thread pool tops out
+"""Most decoding workers by default (threads or processes, :mod:`pipeline.reader`); the cap was measured for
+threads. Each image still holds the GIL for its Python steps, so a thread pool tops out
 near 1,900 hymenoptera photos/s whatever the core count; past ~8 threads the threads only queue on the GIL and slow
 each other (measured on a 16-core GPU node, docs/benchmarks.md "Feeding a GPU": 16 threads decoded at 0.79x and fed
 a GPU at 0.68x the rate of 8; beside ONNX Runtime on the CPU, 8 decoding threads gave 1.18x the rate of 16)."""
 
 
 def decode_threads(cores: int | None = None) -> int:
-    """Default decoding threads: one per core available to the process, at most :data:`MAX_DECODE_THREADS`."""
+    """Default decoding workers: one per core available to the process, at most :data:`MAX_DECODE_THREADS`."""
     return max(1, min(cpu_cores() if cores is None else cores, MAX_DECODE_THREADS))
 
 

@@ -1,24 +1,69 @@
-"""The reader: a bounded pool that reads, hashes and decodes images ahead of the model.
+"""The reader: a bounded pool that reads, hashes and decodes images ahead of the model, for ``extract`` and ``predict``.
 
-Pillow releases the GIL while decoding, so threads overlap decoding with the model's compute. At most a few
-batches are in flight, so memory stays flat whatever the dataset size. With augmented views
+Two kinds of worker do the same work (:func:`decode_item`, so a row's pixels never depend on which ran it):
+
+* **processes** (the default for a job of :data:`PROCESS_MIN_IMAGES` images or more): each decodes a chunk of images
+  into a slot of one shared-memory block (an unlinked file in ``/dev/shm``, handed to each process as an open file
+  descriptor, so nothing is left behind whatever happens) and sends back only digests and errors over a pipe; the
+  reader copies the slot out in one ``memcpy``. Each process has its own interpreter, so the per-image Python steps (opening the file, Pillow's
+  header parsing, EXIF, array wrapping: about 0.1 ms of a 128-px image's 0.5 ms) run in parallel instead of taking
+  turns on one GIL. Decoding then scales with cores on small images as it does on large ones, which a GPU fed by
+  8-16 cores needs (docs/benchmarks.md).
+* **threads**: below :data:`PROCESS_MIN_IMAGES` images, where starting the processes (about 0.2 s: a fresh
+  interpreter imports NumPy and Pillow) would cost as much as the decoding; where ``/dev/shm`` is missing (macOS,
+  Windows) or lacks room for the slots (a container's default is 64 MiB, and a full shared-memory file system
+  fails with SIGBUS, not an error); and when the processes cannot start (said in one line, then threads decode).
+  Pillow and libjpeg-turbo release the GIL while they decode and resize, so threads still overlap most of the work.
+
+Each process is a fresh interpreter (``python -c``, never a fork of a process that already runs TensorFlow's or
+ONNX Runtime's threads, and never a re-import of the command's own script, which ``multiprocessing`` would do),
+in a session of its own so that Ctrl-C reaches only the command (which stops them), and it exits when the command's
+end of its pipe closes, even after a ``kill -9``. A process that dies on an image (a crash inside a native
+decoder, or the out-of-memory killer) costs that image only: it is started again, the chunk it was decoding is
+decoded one image at a time, and the image on which it dies again is a failed row with that reason
+(:data:`CRASHED`); its other chunks are sent again, in order.
+
+At most a few batches are in flight, so memory stays flat whatever the dataset size. With augmented views
 (:mod:`pipeline.views`) each image is decoded once (:func:`pipeline.views.read_views`) and its views are rendered
-from the decoded pixels in the same thread.
+from the decoded pixels by the same worker.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.data import ImageItem
-from pipeline.errors import ImageDecodeError
+from pipeline.errors import DatasetError, ImageDecodeError
 from pipeline.views import ViewSpec, read_views
+
+READER_KINDS = ("auto", "process", "thread")
+"""``auto``: processes or threads by :func:`plan_reader`'s rule; the others force one kind (tests, benchmarks)."""
+
+PROCESS_MIN_IMAGES = 256
+"""Fewest images for which ``auto`` starts decoding processes. They take about 0.2 s to start (each a fresh
+interpreter importing NumPy and Pillow), in which one thread decodes about 400 small or 100 large images; below this
+the GIL's share of the work is not worth that."""
+
+SHM_FOLDER = "/dev/shm"
+"""Where the slots live: a RAM file system on Linux (processes are not used where it is missing)."""
+
+CRASHED = "the decoding process died on this file (a crash inside the image decoder, or out of memory)"
 
 
 @dataclass
@@ -57,6 +102,10 @@ def decode_item(root: Path, item: ImageItem, size: int, resize: str, views: View
     return Decoded(item, centre, digest, "", extra)
 
 
+Decode = Callable[[Path, ImageItem, int, str, "ViewSpec | None"], Decoded]
+"""One image -> :class:`Decoded` (:func:`decode_item`; a seam for tests). For processes it must be importable by
+name (a module-level function)."""
+
 CHUNK_IMAGES = 8
 """Images one decoding task reads in turn. A task per image cost 0.15 ms of CPU per image in the thread pool's hand-offs
 (future, queue, wake-up: measured 0.60 against 0.45 ms per image for the same work in a plain loop, on 128 px
@@ -65,45 +114,437 @@ Eight images per task make that overhead an eighth, while a 32-image batch still
 to eight threads all work on it."""
 
 
-def _decode_chunk(root: Path, items: list[ImageItem], size: int, resize: str,
-                  views: ViewSpec | None) -> list[Decoded]:
-    return [decode_item(root, it, size, resize, views) for it in items]
+@dataclass(frozen=True)
+class ReaderPlan:
+    """How a job is decoded: the kind of worker, how many, images per task and images in flight.
 
-
-def read_batches(root: Path, items: list[ImageItem], size: int, resize: str, batch_size: int,
-                 workers: int, views: ViewSpec | None = None) -> Iterator[list[Decoded]]:
-    """Yield batches of :class:`Decoded` in ``items`` order, decoding ahead in ``workers`` threads.
-
-    Each thread decodes :data:`CHUNK_IMAGES` consecutive images per task (fewer when a batch is small). At most
-    ``max(3 * batch_size, 2 * workers * chunk)`` images are in flight (each with its views).
+    Attributes
+    ----------
+    kind : {"process", "thread"}
+    workers : int
+    chunk : int
+        Images per task.
+    ahead : int
+        Most images decoded ahead of the consumer (each with its views).
+    reason : str
+        Why this kind, for the log ("" when it was asked for).
+    shm_folder : str
+        Where the processes' shared block is made (:data:`SHM_FOLDER`).
     """
-    chunk = max(1, min(CHUNK_IMAGES, batch_size // max(1, workers)))
+
+    kind: str
+    workers: int
+    chunk: int
+    ahead: int
+    reason: str = ""
+    shm_folder: str = SHM_FOLDER
+
+    def describe(self) -> str:
+        """e.g. ``2 decoding processes`` or ``2 decoding threads (48 images: fewer than 256)``."""
+        noun = "process" if self.kind == "process" else "thread"
+        plural = "es" if noun == "process" else "s"
+        text = f"{self.workers} decoding {noun}{plural if self.workers != 1 else ''}"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+def shm_free_bytes(folder: str = SHM_FOLDER) -> int | None:
+    """Free bytes of the shared-memory file system (None where there is no such folder, as on macOS)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def plan_reader(n_images: int, workers: int, batch_size: int, image_bytes: int, kind: str = "auto",
+                shm_free: int | None = None) -> ReaderPlan:
+    """Choose the reader's workers for a job (pure: the machine's facts are arguments).
+
+    Parameters
+    ----------
+    n_images : int
+        Images to decode.
+    workers : int
+        Decoding workers (at least 1).
+    batch_size : int
+        Images the consumer takes at a time.
+    image_bytes : int
+        Bytes of one decoded image with its views (``(1 + K) * s * s * 3``).
+    kind : {"auto", "process", "thread"}
+        ``auto`` applies the rule of the module docstring; the others are kept as asked (a ``process`` request
+        where there is no ``/dev/shm`` still gets threads, with that reason).
+    shm_free : int, optional
+        Free bytes of :data:`SHM_FOLDER` (None: there is none).
+    """
+    if kind not in READER_KINDS:
+        raise ValueError(f"unknown reader kind {kind!r}; known: {', '.join(READER_KINDS)}")
+    workers = max(1, int(workers))
+    chunk = max(1, min(CHUNK_IMAGES, batch_size // workers))
     ahead = max(batch_size * 3, workers * 2 * chunk)
-    chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future] = deque()  # decoding tasks, in item order
-        in_flight = 0
 
-        def fill() -> None:
-            nonlocal in_flight
-            while in_flight < ahead and (part := next(chunks, None)) is not None:
-                pending.append(pool.submit(_decode_chunk, root, part, size, resize, views))
-                in_flight += len(part)
+    def plan(k: str, reason: str = "") -> ReaderPlan:
+        return ReaderPlan(k, workers, chunk, ahead, reason)
 
+    if kind == "thread":
+        return plan("thread")
+    if kind == "auto" and n_images < PROCESS_MIN_IMAGES:
+        return plan("thread", f"{n_images} images: fewer than {PROCESS_MIN_IMAGES}")
+    if shm_free is None:
+        return plan("thread", f"no {SHM_FOLDER} for the decoded pixels")
+    need = _slot_count(ahead, chunk) * chunk * image_bytes
+    if need * 2 > shm_free:
+        return plan("thread", f"/dev/shm has {shm_free / 2**20:.0f} MiB free, the slots need {need / 2**20:.0f} MiB")
+    return plan("process")
+
+
+def _slot_count(ahead: int, chunk: int) -> int:
+    return math.ceil(ahead / chunk) + 1
+
+
+def read_batches(root: Path, items: Sequence[ImageItem], size: int, resize: str, batch_size: int,
+                 workers: int, views: ViewSpec | None = None, kind: str = "auto",
+                 decode: Decode = decode_item, plan: ReaderPlan | None = None,
+                 log: Callable[[str], None] | None = None) -> Iterator[list[Decoded]]:
+    """Yield batches of :class:`Decoded` in ``items`` order, decoding ahead in ``workers`` processes or threads.
+
+    Each worker decodes ``root / item.relpath`` for :data:`CHUNK_IMAGES` consecutive items per task (fewer when a
+    batch is small). At most ``max(3 * batch_size, 2 * workers * chunk)`` images are in flight (each with its
+    views).
+
+    Parameters
+    ----------
+    root : Path
+        Folder the items' ``relpath`` are relative to (an absolute ``relpath`` is taken as it is).
+    items : sequence of ImageItem
+    size : int
+        Input side.
+    resize : {"crop", "squash", "pad"}
+    batch_size : int
+    workers : int
+    views : ViewSpec, optional
+        Augmented views to render with each image.
+    kind : {"auto", "process", "thread"}
+        See :func:`plan_reader` (ignored when ``plan`` is given).
+    decode : callable
+        One image -> :class:`Decoded` (:func:`decode_item`).
+    plan : ReaderPlan, optional
+        A plan already made by :func:`plan_reader` (so a caller that logged it decodes by it).
+    log : callable, optional
+        Told, in one line, when decoding processes cannot start and threads decode instead.
+    """
+    n_views = views.n if views is not None and views.n else 0
+    image_bytes = (1 + n_views) * size * size * 3
+    plan = plan or plan_reader(len(items), workers, batch_size, image_bytes, kind, shm_free_bytes())
+    chunks = (list(items[i:i + plan.chunk]) for i in range(0, len(items), plan.chunk))
+    pool: _Pool | None = None
+    if plan.kind == "process":
         try:
+            pool = _ProcessPool(plan, (1 + n_views, size, size, 3), decode)
+        except _CannotStart as exc:
+            if log is not None:
+                log(f"decoding processes could not start ({exc}); {plan.workers} decoding thread(s) instead")
+    with pool or _ThreadPool(plan, decode) as pool:
+        yield from _batches(pool, chunks, plan, root, size, resize, views, batch_size)
+
+
+def _batches(pool: "_Pool", chunks: Iterator[list[ImageItem]], plan: ReaderPlan, root: Path, size: int,
+             resize: str, views: ViewSpec | None, batch_size: int) -> Iterator[list[Decoded]]:
+    """The loop shared by both kinds: keep ``plan.ahead`` images in flight, collect tasks in order, yield batches."""
+    pending: deque[tuple[Any, list[ImageItem]]] = deque()  # decoding tasks, in item order
+    in_flight = 0
+
+    def fill() -> None:
+        nonlocal in_flight
+        while in_flight < plan.ahead and (part := next(chunks, None)) is not None:
+            pending.append((pool.submit(root, part, size, resize, views), part))
+            in_flight += len(part)
+
+    try:
+        fill()
+        batch: list[Decoded] = []
+        while pending:
+            fut, part = pending.popleft()
+            done = pool.collect(fut, part)
+            in_flight -= len(done)
             fill()
-            batch: list[Decoded] = []
-            while pending:
-                done = pending.popleft().result()
-                in_flight -= len(done)
-                fill()
-                for d in done:
-                    batch.append(d)
-                    if len(batch) == batch_size:
-                        yield batch
-                        batch = []
-            if batch:
-                yield batch
-        finally:
-            for fut in pending:
-                fut.cancel()
+            for d in done:
+                batch.append(d)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+    finally:
+        pool.cancel([t for t, _ in pending])
+
+
+class _Pool:
+    """What :func:`_batches` needs of a pool: submit a chunk, collect its result in order, and a context."""
+
+    def __enter__(self) -> "_Pool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, root: Path, part: list[ImageItem], size: int, resize: str, views: ViewSpec | None) -> Any:
+        """Start decoding ``part``; a handle for :meth:`collect`."""
+        raise NotImplementedError
+
+    def collect(self, task: Any, part: list[ImageItem]) -> list[Decoded]:
+        """The chunk's rows, in order (the oldest task not yet collected)."""
+        raise NotImplementedError
+
+    def cancel(self, tasks: list[Any]) -> None:
+        """Tasks that will not be collected (the consumer stopped)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _decode_chunk(decode: Decode, root: Path, items: list[ImageItem], size: int, resize: str,
+                  views: ViewSpec | None) -> list[Decoded]:
+    return [decode(root, it, size, resize, views) for it in items]
+
+
+class _ThreadPool(_Pool):
+    def __init__(self, plan: ReaderPlan, decode: Decode) -> None:
+        self.decode = decode
+        self.pool = ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="decode")
+
+    def submit(self, root, part, size, resize, views):  # noqa: ANN001 - see _Pool
+        return self.pool.submit(_decode_chunk, self.decode, root, part, size, resize, views)
+
+    def collect(self, task, part):  # noqa: ANN001 - see _Pool
+        return task.result()
+
+    def cancel(self, tasks):  # noqa: ANN001 - see _Pool
+        for fut in tasks:
+            fut.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---- decoding processes --------------------------------------------------------------------------------------
+
+
+class _CannotStart(Exception):
+    """Decoding processes could not start (the reader then uses threads)."""
+
+
+def _decode_into(slots: np.ndarray, decode: Decode, slot: int, root: Path, items: list[ImageItem], size: int,
+                 resize: str, views: ViewSpec | None) -> list[tuple[str, str]]:
+    """In a decoding process: decode ``items`` into slot ``slot``; ``(sha256, error)`` per item, in order."""
+    out = []
+    for j, it in enumerate(items):
+        d = decode(root, it, size, resize, views)
+        if d.pixels is not None:
+            slots[slot, j, 0] = d.pixels
+            if d.views is not None:
+                slots[slot, j, 1:] = d.views
+        out.append((d.sha256, (d.error or "cannot decode") if d.pixels is None else ""))
+    return out
+
+
+def serve(fd: str, shape: str) -> None:
+    """The loop of a decoding process (``python -c``): map the slots, say ready, then decode each task it is sent.
+
+    A task is ``(decode, slot, root, items, size, resize, views)`` pickled on stdin; each answer is pickled on
+    stdout: ``("ok", [(sha256, error), ...])`` or ``("error", traceback)`` for a fault that is not the image's.
+    It stops at the end of stdin (the reader closed it, or its process is gone).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the command, which stops this process
+    dims = tuple(json.loads(shape))
+    buf = mmap.mmap(int(fd), int(np.prod(dims)))
+    slots = np.ndarray(dims, np.uint8, buffer=buf)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print must not corrupt the answers
+    pickle.dump(("ready", os.getpid()), out)
+    out.flush()
+    while True:
+        try:
+            task = pickle.load(inp)
+        except EOFError:
+            return
+        try:
+            answer: tuple[str, Any] = ("ok", _decode_into(slots, *task))
+        except Exception:  # noqa: BLE001 - a fault of ours, not the image's: the reader raises it
+            answer = ("error", traceback.format_exc())
+        try:
+            pickle.dump(answer, out)
+            out.flush()
+        except BrokenPipeError:
+            return
+
+
+_BOOT = "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); import pipeline.reader as r; r.serve(*sys.argv[2:])"
+"""A decoding process's command (``python -c``): the parent's import path, then :func:`serve`."""
+
+
+@dataclass(eq=False)
+class _Task:
+    """One chunk sent to a decoding process: its slot and what to send again if the process dies."""
+
+    slot: int
+    message: tuple
+    worker: "_Worker | None" = None
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One decoding process, its pipes and the tasks it holds, oldest first."""
+
+    proc: subprocess.Popen
+    tasks: deque = field(default_factory=deque)
+
+    @classmethod
+    def start(cls, fd: int, shape: tuple[int, ...]) -> "_Worker":
+        # The command's own import path first (as multiprocessing's spawn hands it on), so that this package and
+        # any decode function the command can import by name are found the same way, installed or not.
+        paths = [str(Path(__file__).resolve().parents[1]), *(p for p in sys.path if p)]
+        cmd = [sys.executable, "-c", _BOOT, json.dumps(paths), str(fd), json.dumps(list(shape))]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,),
+                                    start_new_session=True)
+        except OSError as exc:
+            raise _CannotStart(str(exc)) from None
+        return cls(proc)
+
+    def wait_ready(self) -> None:
+        """The process's first answer, or :class:`_CannotStart` when it exits first."""
+        if self.receive() is None:
+            raise _CannotStart(f"a decoding process exited with status {self.proc.wait()}")
+
+    def send(self, task: _Task) -> None:
+        self.tasks.append(task)
+        task.worker = self
+        try:
+            pickle.dump(task.message, self.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died: the task's collect sees the end of its answers
+
+    def receive(self) -> tuple | None:
+        """The next answer; None when the process is gone."""
+        try:
+            return pickle.load(self.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            return None
+
+    @property
+    def stdin(self) -> IO[bytes]:
+        return self.proc.stdin  # type: ignore[return-value]
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        return self.proc.stdout  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)  # it finishes the chunk in hand, then sees the end of stdin
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _ProcessPool(_Pool):
+    """Decoding processes writing into the slots of one shared block (``(slots, chunk, 1 + K, s, s, 3)``)."""
+
+    def __init__(self, plan: ReaderPlan, image_shape: tuple[int, ...], decode: Decode) -> None:
+        self.decode = decode
+        self.shape = (_slot_count(plan.ahead, plan.chunk), plan.chunk, *image_shape)
+        nbytes = int(np.prod(self.shape))
+        self.workers: list[_Worker] = []
+        try:
+            self.fd, name = tempfile.mkstemp(prefix="headbench-decode-", dir=plan.shm_folder)
+        except OSError as exc:
+            raise _CannotStart(f"{plan.shm_folder}: {exc.strerror or exc}") from None
+        try:
+            os.unlink(name)  # the open descriptors keep it; nothing is left behind whatever happens
+            os.ftruncate(self.fd, nbytes)
+            self.buf = mmap.mmap(self.fd, nbytes)
+            self.slots = np.ndarray(self.shape, np.uint8, buffer=self.buf)
+            self.free = deque(range(self.shape[0]))
+            self.workers = [_Worker.start(self.fd, self.shape) for _ in range(plan.workers)]
+            for w in self.workers:
+                w.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, root, part, size, resize, views):  # noqa: ANN001 - see _Pool
+        slot = self.free.popleft()
+        task = _Task(slot, (self.decode, slot, root, part, size, resize, views))
+        min(self.workers, key=lambda w: len(w.tasks)).send(task)
+        return task
+
+    def collect(self, task, part):  # noqa: ANN001 - see _Pool
+        worker = task.worker
+        if worker is None or not worker.tasks or worker.tasks[0] is not task:
+            raise RuntimeError("internal: decoding tasks collected out of order")
+        answer = worker.receive()
+        if answer is None:  # the process died on one of this chunk's images
+            rows = self._recover(worker, task, part)
+        else:
+            worker.tasks.popleft()
+            if answer[0] != "ok":
+                raise RuntimeError(f"internal: a decoding process failed:\n{answer[1]}")
+            rows = self._take(task, part, answer[1])
+        self.free.append(task.slot)
+        return rows
+
+    def _take(self, task: _Task, part: list[ImageItem], results: list[tuple[str, str]]) -> list[Decoded]:
+        """The chunk's pixels copied out of its slot (one copy; the rows are views of it)."""
+        block = self.slots[task.slot, :len(part)].copy()
+        views = block.shape[1] > 1
+        return [Decoded(it, None if err else block[j, 0], sha, err, block[j, 1:] if views and not err else None)
+                for j, (it, (sha, err)) in enumerate(zip(part, results))]
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        """A fresh process in ``worker``'s place (the dead one's tasks are the caller's to send again)."""
+        worker.stop()
+        fresh = _Worker.start(self.fd, self.shape)
+        try:
+            fresh.wait_ready()
+        except _CannotStart as exc:
+            raise DatasetError(f"decoding processes no longer start ({exc}); finished rows are kept: rerun to "
+                               f"resume") from None
+        self.workers[self.workers.index(worker)] = fresh
+        return fresh
+
+    def _recover(self, worker: _Worker, task: _Task, part: list[ImageItem]) -> list[Decoded]:
+        """``part`` decoded one image at a time by a fresh process (an image it dies on is a :data:`CRASHED`
+        row), then the dead process's later tasks sent again, in order."""
+        later = list(worker.tasks)[1:]
+        worker = self._replace(worker)
+        rows = []
+        for it in part:
+            alone = _Task(task.slot, (*task.message[:3], [it], *task.message[4:]))
+            worker.send(alone)
+            answer = worker.receive()
+            worker.tasks.clear()
+            if answer is None:
+                rows.append(Decoded(it, None, "", CRASHED))
+                worker = self._replace(worker)
+            elif answer[0] != "ok":
+                raise RuntimeError(f"internal: a decoding process failed:\n{answer[1]}")
+            else:
+                rows.extend(self._take(alone, [it], answer[1]))
+        for t in later:
+            worker.send(t)
+        return rows
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.workers = []
+        self.slots = None  # type: ignore[assignment]  # no view of the map may outlive it
+        if getattr(self, "buf", None) is not None:
+            self.buf.close()
+        os.close(self.fd)

@@ -420,8 +420,10 @@ def test_extract_all_says_the_dataset_line_then_extracts_each_backbone_in_order(
     assert [r.path.name for r in results] == ["mobilenet_v3_small-64", "mobilenet_v2-a1.0-64"] and done == results
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
 @pytest.mark.parametrize("batch, workers", [(5, 1), (5, 3), (32, 2), (1, 2)])
-def test_reader_yields_every_image_in_order_in_whole_batches_whatever_its_chunks(tiny_dataset, batch, workers):
+def test_reader_yields_every_image_in_order_in_whole_batches_whatever_its_chunks(tiny_dataset, batch, workers,
+                                                                                 kind):
     """Decoding tasks take several images each (CHUNK_IMAGES); batches still come in the folder's order, full but
     the last, with an undecodable file in its place, and the same pixels as decoding each image alone."""
     from pipeline.data import discover
@@ -429,7 +431,7 @@ def test_reader_yields_every_image_in_order_in_whole_batches_whatever_its_chunks
 
     (tiny_dataset / "red" / "img_03.jpg").write_bytes(b"not an image")
     ds = discover(tiny_dataset)
-    batches = list(read_batches(ds.root, ds.items, 24, "crop", batch, workers))
+    batches = list(read_batches(ds.root, ds.items, 24, "crop", batch, workers, kind=kind))
     assert [len(b) for b in batches[:-1]] == [batch] * (len(batches) - 1) and 0 < len(batches[-1]) <= batch
     got = [d for b in batches for d in b]
     assert [d.item.relpath for d in got] == [it.relpath for it in ds.items]

@@ -24,6 +24,7 @@ from pipeline.cache.format import Signature
 from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES
 from pipeline.errors import BackboneError, check_choice
 from pipeline.machine import decode_threads
+from pipeline.reader import READER_KINDS
 from pipeline.views import NO_VIEWS, ViewSpec
 
 PIXEL_RULE = "headbench-pixels-3"
@@ -76,7 +77,11 @@ class ExtractOptions:
         Images per forward pass. 32 is within noise of 16 and 64 on CPU and fits any GPU for these models. At most
         ``checkpoint_rows`` (a larger one is capped at it when resolved).
     workers : int or None
-        Decoding threads (default: one per CPU core, at most 8: :func:`pipeline.machine.decode_threads`).
+        Decoding workers (default: one per CPU core, at most 8: :func:`pipeline.machine.decode_threads`).
+    reader : {"auto", "process", "thread"}
+        Kind of decoding worker (:func:`pipeline.reader.plan_reader`: ``auto`` takes processes for 256 images or
+        more where ``/dev/shm`` has room, threads otherwise). The local engine's; Ray's workers decode in their own
+        processes.
     strict : bool
         Stop at the first image that cannot be decoded instead of recording it.
     retry_failed : bool
@@ -104,6 +109,7 @@ class ExtractOptions:
     ray: RayOptions = field(default_factory=RayOptions)
     batch_size: int = 32
     workers: int | None = None
+    reader: str = "auto"
     strict: bool = False
     retry_failed: bool = True
     checkpoint_rows: int = 256
@@ -131,6 +137,7 @@ class ExtractConfig:
     ray: RayOptions
     batch_size: int
     workers: int
+    reader: str
     strict: bool
     retry_failed: bool
     checkpoint_rows: int
@@ -178,7 +185,8 @@ def check_run_options(options: ExtractOptions) -> None:
     """Validate the options that need no model or file system (raises BackboneError with one clear line)."""
     for what, value, choices in (("resize rule", options.resize, RESIZE_RULES),
                                  ("maps dtype", options.maps_dtype, MAPS_DTYPES),
-                                 ("runtime", options.runtime, RUNTIMES), ("engine", options.engine, ENGINES)):
+                                 ("runtime", options.runtime, RUNTIMES), ("engine", options.engine, ENGINES),
+                                 ("reader", options.reader, READER_KINDS)):
         check_choice(what, value, choices, BackboneError)
     if options.batch_size < 1:
         raise BackboneError(f"--batch-size must be at least 1, got {options.batch_size}")
@@ -237,7 +245,8 @@ def resolve_config(options: ExtractOptions | None = None, log: Callable[[str], N
     return ExtractConfig(
         model=model, resize=opts.resize, maps_dtype=opts.maps_dtype,
         views=opts.views, runtime=opts.runtime, engine=opts.engine, ray=opts.ray, batch_size=opts.batch_size,
-        workers=opts.workers or decode_threads(), strict=opts.strict, retry_failed=opts.retry_failed,
+        workers=opts.workers or decode_threads(), reader=opts.reader, strict=opts.strict,
+        retry_failed=opts.retry_failed,
         checkpoint_rows=opts.checkpoint_rows, checkpoint_seconds=opts.checkpoint_seconds,
         cache_dir=Path(opts.cache_dir), command=opts.command, quiet=opts.quiet,
     )

@@ -1,4 +1,4 @@
-"""The local engine: reader threads -> one runtime -> part writer, on this machine.
+"""The local engine: the reader (decoding processes or threads) -> one runtime -> part writer, on this machine.
 
 Finished rows are committed in small atomic part files (:class:`pipeline.cache.PartWriter`) every
 ``checkpoint_rows`` images or ``checkpoint_seconds``, between whole batches, so a resumed run feeds the model the
@@ -23,7 +23,7 @@ from pipeline.errors import DatasetError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
-from pipeline.reader import Decoded, read_batches
+from pipeline.reader import Decoded, plan_reader, read_batches, shm_free_bytes
 from pipeline.runtime.base import Runtime
 from pipeline.runtime.factory import RuntimeFactory, make_runtime
 
@@ -163,22 +163,25 @@ def run_local(plan: Plan, log: Callable[[str], None] = print, runtime: Runtime |
     """
     cfg = plan.config
     rt = runtime or runtime_factory(cfg.model, cfg.runtime, log=log, batch_size=cfg.batch_size)
-    log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {cfg.workers} decoding thread(s)")
+    todo = plan.todo
+    size = cfg.model.input_size
+    n_views = cfg.views.n if cfg.views is not None else 0
+    reading = plan_reader(len(todo), cfg.workers, cfg.batch_size, (1 + n_views) * size * size * 3,
+                          kind=cfg.reader, shm_free=shm_free_bytes())
+    log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {reading.describe()}")
     writer = cache.PartWriter(plan.path, plan.meta, feature_shapes(rt, cfg), cfg.checkpoint_rows,
                               cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()},
                               commit=commit)
-    todo = plan.todo
     progress = Progress(len(todo), cfg.label, enabled=not cfg.quiet and sys.stderr.isatty())
     done = 0
     # One warm-up batch traces the compiled function and lets the runtime pick its kernels for this batch shape,
     # so that start-up cost is not charged to the first images (nor to extract_seconds).
-    size = cfg.model.input_size
     rt(np.zeros((min(cfg.batch_size, len(todo)), size, size, 3), np.uint8))
     total = 0.0
     last = time.perf_counter()
     try:
         for batch in read_batches(plan.dataset.root, todo, size, cfg.resize, cfg.batch_size, cfg.workers,
-                                  cfg.views):
+                                  cfg.views, plan=reading, log=log):
             rows = run_batch(rt, batch, cfg)
             writer.run_info.update(rt.describe())  # after the first real batch's parity check, which may switch runtime
             for row, feats in rows:

@@ -1,0 +1,125 @@
+"""The reader's two kinds of worker: the rule that picks one, the same rows from both, and what a decoding process
+that dies, or never starts, costs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_image
+from pipeline.data import discover
+from pipeline.reader import (CRASHED, PROCESS_MIN_IMAGES, ReaderPlan, decode_item, plan_reader, read_batches)
+from pipeline.views import make_view_spec
+
+MIB = 2**20
+
+
+def crash_on_boom(root, item, size, resize, views=None):
+    """A decoder that dies (as a native crash does: no exception, no cleanup) on files named ``boom*``."""
+    if Path(item.relpath).name.startswith("boom"):
+        os._exit(70)
+    return decode_item(root, item, size, resize, views)
+
+
+def _reader_children() -> list[int]:
+    """Live decoding processes started by this process."""
+    me, found = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == me and fields[0] != "Z" and b"pipeline.reader" in cmd:
+            found.append(int(pid))
+    return found
+
+
+def _folder(root: Path, n: int, crash: tuple[int, ...] = ()) -> Path:
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        name = f"boom_{i:03d}.png" if i in crash else f"img_{i:03d}.png"
+        write_image(root / ("a" if i % 2 else "b") / name, rng.integers(0, 255, (20 + i % 7, 30, 3), np.uint8))
+    return root
+
+
+def _rows(root, items, kind, workers=2, batch=4, **kw):
+    return [d for b in read_batches(root, items, 16, "crop", batch, workers, kind=kind, **kw) for d in b]
+
+
+def test_plan_takes_processes_only_for_a_job_that_pays_for_them_and_fits_in_shared_memory():
+    big = plan_reader(PROCESS_MIN_IMAGES, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB)
+    assert (big.kind, big.workers, big.chunk, big.reason) == ("process", 2, 8, "")
+    assert big.describe() == "2 decoding processes"
+    small = plan_reader(PROCESS_MIN_IMAGES - 1, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB)
+    assert small.kind == "thread" and small.describe() == f"2 decoding threads ({PROCESS_MIN_IMAGES - 1} images: " \
+                                                          f"fewer than {PROCESS_MIN_IMAGES})"
+    assert plan_reader(10_000, 2, 32, 224 * 224 * 3, shm_free=None).reason == "no /dev/shm for the decoded pixels"
+    crowded = plan_reader(10_000, 2, 32, 16 * 224 * 224 * 3, shm_free=64 * MIB)  # 15 views in a 64 MiB container
+    assert crowded.kind == "thread" and "/dev/shm has 64 MiB free" in crowded.reason
+    # asked for, a kind is kept where it can run; processes without /dev/shm still get threads, saying why
+    assert plan_reader(3, 1, 32, 100, kind="process", shm_free=MIB).kind == "process"
+    assert plan_reader(10_000, 2, 32, 100, kind="thread", shm_free=1024 * MIB).kind == "thread"
+    assert plan_reader(10, 1, 32, 100, kind="process", shm_free=None).kind == "thread"
+    assert plan_reader(10, 1, 2, 100, kind="process", shm_free=MIB).chunk == 2  # a small batch, small tasks
+    with pytest.raises(ValueError, match="known: auto, process, thread"):
+        plan_reader(10, 1, 32, 100, kind="fork")
+
+
+def test_processes_and_threads_give_the_same_rows_with_views_and_failures(tiny_dataset):
+    (tiny_dataset / "red" / "img_03.jpg").write_bytes(b"not an image")
+    (tiny_dataset / "blue" / "img_01.jpg").chmod(0)
+    ds = discover(tiny_dataset)
+    views = make_view_spec(2, "flip,crop,color", 5)
+    before = set(os.listdir("/dev/shm"))
+    got = {kind: _rows(ds.root, ds.items, kind, views=views) for kind in ("thread", "process")}
+    for a, b in zip(*got.values(), strict=True):
+        assert (a.item, a.sha256, a.error) == (b.item, b.sha256, b.error)
+        assert (a.pixels is None) == (b.pixels is None) and (a.views is None) == (b.views is None)
+        if a.pixels is not None:
+            assert np.array_equal(a.pixels, b.pixels) and np.array_equal(a.views, b.views)
+            assert b.views.shape == (2, 16, 16, 3)
+    failed = [d.item.relpath for d in got["process"] if d.pixels is None]
+    assert "red/img_03.jpg" in failed and (os.geteuid() == 0 or "blue/img_01.jpg" in failed)
+    assert set(os.listdir("/dev/shm")) == before and _reader_children() == []
+
+
+def test_a_process_dying_on_an_image_costs_that_image_only(tmp_path):
+    """Two files kill the process that decodes them: each is a failed row saying so, every other image is decoded
+    (those of the dead process's later tasks too), in order, and no process is left behind."""
+    root = _folder(tmp_path / "set", 40, crash=(5, 6, 23))
+    ds = discover(root)
+    rows = _rows(ds.root, ds.items, "process", decode=crash_on_boom)
+    assert [d.item.relpath for d in rows] == [it.relpath for it in ds.items]
+    for d in rows:
+        if Path(d.item.relpath).name.startswith("boom"):
+            assert d.pixels is None and d.error == CRASHED
+        else:
+            assert d.error == "" and np.array_equal(d.pixels, decode_item(ds.root, d.item, 16, "crop").pixels)
+    assert sum(d.error == CRASHED for d in rows) == 3
+    assert _reader_children() == []
+
+
+def test_processes_that_cannot_start_leave_the_work_to_threads_saying_so(tiny_dataset, tmp_path):
+    ds = discover(tiny_dataset)
+    plan = ReaderPlan("process", 2, 4, 12, shm_folder=str(tmp_path / "no-such-folder"))
+    said: list[str] = []
+    rows = [d for b in read_batches(ds.root, ds.items, 16, "crop", 4, 2, plan=plan, log=said.append) for d in b]
+    assert len(said) == 1 and "decoding processes could not start" in said[0] and "2 decoding thread(s)" in said[0]
+    assert [d.item for d in rows] == ds.items and all(d.pixels is not None for d in rows)
+
+
+def test_a_consumer_that_stops_early_stops_the_processes(tmp_path):
+    """An engine that stops mid-run (a fault, Ctrl-C) closes the reader: its processes exit, nothing stays in
+    /dev/shm."""
+    ds = discover(_folder(tmp_path / "set", 48))
+    before = set(os.listdir("/dev/shm"))
+    batches = read_batches(ds.root, ds.items, 16, "crop", 4, 2, kind="process")
+    first = next(batches)
+    assert len(first) == 4 and len(_reader_children()) == 2
+    batches.close()
+    assert _reader_children() == [] and set(os.listdir("/dev/shm")) == before

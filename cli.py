@@ -242,8 +242,8 @@ def extract(
         min=1, help="Decoding workers (default: one per core, at most 8).")] = None,
     reader: Annotated[Reader, typer.Option(  # type: ignore[valid-type]
         help="Decoding workers: process (each its own interpreter, so decoding scales with cores; a crash in an "
-             "image decoder costs that image only), thread, or auto: processes for 256 images or more where "
-             "/dev/shm has room, else threads.")] = Reader("auto"),
+             "image decoder costs that image only), thread, or auto: processes when the model runs on a GPU (256 "
+             "images or more, where /dev/shm has room), else threads.")] = Reader("auto"),
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed/--no-retry-failed",
                                                help="Retry images that failed in an earlier run.")] = True,
@@ -504,13 +504,15 @@ def predict(
     runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
         help="Inference runtime of the backbone: auto (ONNX Runtime when installed, else Keras), onnx or keras; the "
              "same labels either way.")] = Runtime("auto"),
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, help="Decoding workers, as for extract (default: one per core, at most 8).")] = None,
 ) -> None:
     """Label new images with a fitted head (same backbone, weights, preprocessing and resize rule as its cache)."""
     from pipeline.predict import predict_images, write_predictions
 
     # Notes (a download, an ONNX export, a runtime fallback) go to stderr: stdout carries only the predictions.
     rh, rows = predict_images(run, images, head=head, weights=weights, batch_size=batch_size, runtime=runtime.value,
-                              log=lambda m: typer.echo(m, err=True), out=out)
+                              log=lambda m: typer.echo(m, err=True), out=out, workers=workers)
     if out is not None:
         typer.echo(f"wrote {write_predictions(rows, rh.class_names, out)} ({len(rows)} images, head {rh.key})")
     else:

@@ -16,14 +16,16 @@ and the CPU time of the same span. Then, from a ``breakdown`` phase of each step
 where an image's CPU goes, and the pipeline against the bound ``cores x 1000 / (model + decode)``. Prints medians, every
 run, the ratios (of the medians and per round: the phases of a round run back to back under the same load), the
 CPU time per image (all threads; a shared machine's other load changes it far less than images/s), peak RSS, and
-decode-only throughput (the reader alone, 1 thread and the default thread count: one per core, at most 8), which
+decode-only throughput (the reader alone, threads and processes, 1 worker and the default count: one per core, at
+most 8; beside it, how much faster the same count of independent processes decodes than one, the machine's own
+ceiling for any pool), which
 says how fast a GPU could be fed (``bench/gpu_node.py`` measures that on a GPU node). The machine's load average is
 printed before and after, since these machines are shared.
 
 Usage::
 
     python bench/extract.py [--data ../shared/data/hymenoptera] [--backbones mobilenet_v2 inception_v3]
-                            [--repeats 3]
+                            [--repeats 3] [--reader auto|process|thread]
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from pathlib import Path
 import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chatter off
 
 REPO = _start.start(__name__)
+
+from pipeline.reader import READER_KINDS  # noqa: E402  (after _start: the repo on sys.path)
 
 TARGETS = {  # (numerator, denominator): minimum ratio, per backbone (None: no target)
     "mobilenet_v2": {("pl-onnx", "keras"): 3.0, ("pl-onnx", "pl-keras"): 2.5, ("pl-onnx", "ceiling"): 0.8},
@@ -74,9 +78,10 @@ def peak_rss_mib() -> float:
 
 
 def _cpu() -> float:
-    """CPU seconds used by this process so far, all threads (user + system)."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    """CPU seconds used so far by this process (all threads, user + system) and by its children that have exited
+    (the reader's decoding processes, counted once the reader has stopped them)."""
+    return sum(ru.ru_utime + ru.ru_stime for ru in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _onnx_runtime(backbone: str, batch: int):
@@ -130,42 +135,46 @@ class _WarmUpApart:
         return out
 
 
-def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int | None) -> dict:
-    import pipeline.extract.run as run_mod
+def _pipeline(root: Path, backbone: str, batch: int, runtime: str, workers: int | None, reader: str) -> dict:
+    """``extract_dataset`` into a fresh cache. Its CPU is counted, through the engine's two seams, from when the
+    runtime is built (its warm-up batch left out) to the last part's commit (the engine's end; the assembly after it
+    is not ``extract_seconds`` either)."""
     from pipeline import cache
     from pipeline.atomic import commit_file
     from pipeline.extract import extract_dataset, resolve_config
-    from pipeline.extract.local import run_local
     from pipeline.runtime.factory import make_runtime
 
-    cpu: list[float] = []
+    marks: dict[str, float] = {}
+    runtimes: list[_WarmUpApart] = []
 
-    def engine(plan, log, runtime_factory=make_runtime, commit=commit_file):  # the local engine, its runtime
-        rt = _WarmUpApart(runtime_factory(plan.config.model, plan.config.runtime, log=log,  # built first: not
-                                          batch_size=plan.config.batch_size))  # counted, nor its warm-up batch
-        c = _cpu()
-        report = run_local(plan, log=log, runtime=rt, commit=commit)
-        cpu.append(_cpu() - c - rt.warm_up_cpu)
-        return report
+    def factory(model, runtime, log, batch_size):  # the real runtime, built before the count starts
+        runtimes.append(_WarmUpApart(make_runtime(model, runtime, log=log, batch_size=batch_size)))
+        marks["start"] = _cpu()
+        return runtimes[-1]
 
-    run_mod.run_engine = engine
+    def commit(tmp: Path, path: Path) -> None:
+        commit_file(tmp, path)
+        if path.name.startswith("part-"):  # a part (pipeline.cache.write), not the assembled cache
+            marks["end"] = _cpu()
+
     with tempfile.TemporaryDirectory() as tmp:
         cfg = resolve_config(backbone=backbone, weights="none", cache_dir=tmp, batch_size=batch, workers=workers,
-                             runtime=runtime, log=lambda m: None)
+                             runtime=runtime, reader=reader, log=lambda m: None)
         msgs: list[str] = []
-        res = extract_dataset(root, cfg, log=msgs.append)
+        res = extract_dataset(root, cfg, log=msgs.append, runtime_factory=factory, commit=commit)
         meta = cache.read_meta(res.path)
         notes = [m for m in msgs if m.startswith("runtime:") or m.startswith("device:")]
-        return {"n": res.n_total, "seconds": float(meta["extract_seconds"]), "cpu": cpu[0],
+        return {"n": res.n_total, "seconds": float(meta["extract_seconds"]),
+                "cpu": marks["end"] - marks["start"] - runtimes[0].warm_up_cpu,
                 "wall_with_build": res.seconds, "notes": notes}
 
 
-def phase_pl_onnx(root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
-    return _pipeline(root, backbone, batch, "onnx", workers)
+def phase_pl_onnx(root: Path, backbone: str, batch: int, workers: int | None = None, reader: str = "auto") -> dict:
+    return _pipeline(root, backbone, batch, "onnx", workers, reader)
 
 
-def phase_pl_keras(root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
-    return _pipeline(root, backbone, batch, "keras", workers)
+def phase_pl_keras(root: Path, backbone: str, batch: int, workers: int | None = None, reader: str = "auto") -> dict:
+    return _pipeline(root, backbone, batch, "keras", workers, reader)
 
 
 def phase_keras(root: Path, backbone: str, batch: int) -> dict:
@@ -186,23 +195,69 @@ def phase_keras(root: Path, backbone: str, batch: int) -> dict:
     return {"n": len(out), "seconds": time.perf_counter() - t, "cpu": _cpu() - c}
 
 
-def phase_decode(root: Path, backbone: str, batch: int) -> dict:
-    """The reader alone (read + hash + decode + resize), 1 thread and the default decoding threads."""
+def phase_decode(root: Path, backbone: str, batch: int, reader: str = "auto", rounds: int = 3) -> dict:
+    """The reader alone (read + hash + decode + resize), each kind of worker with 1 and with the default count,
+    start-up included (the pipeline pays it too), medians of ``rounds``; ``kind``: the one the pipeline's rule picks
+    for this folder on this machine's CPU."""
     from pipeline.backbones import get_spec
     from pipeline.data import discover
-    from pipeline.reader import read_batches
     from pipeline.machine import cpu_cores, decode_threads
+    from pipeline.reader import plan_reader, read_batches, shm_free_bytes
 
     ds = discover(root)
     size = get_spec(backbone).default_input_size
-    out = {"cores": cpu_cores()}
-    for workers in sorted({1, decode_threads()}):
-        for _ in read_batches(ds.root, ds.items[:batch], size, "crop", batch, workers):  # warm the file cache
-            pass
-        t, c = time.perf_counter(), time.process_time()
-        n = sum(len(b) for b in read_batches(ds.root, ds.items, size, "crop", batch, workers))
-        out[f"w{workers}"] = {"n": n, "seconds": time.perf_counter() - t, "cpu": time.process_time() - c}
+    kind = plan_reader(len(ds.items), decode_threads(), batch, size * size * 3, reader, shm_free_bytes()).kind
+    out: dict = {"cores": cpu_cores(), "default_workers": decode_threads(), "kind": kind, "runs": []}
+    for _ in read_batches(ds.root, ds.items, size, "crop", batch, 1, kind="thread"):  # warm the file cache
+        pass
+    timings: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for _ in range(rounds):  # interleaved, so that a burst of other load hits every configuration alike
+        for kind in ("thread", "process"):
+            for workers in sorted({1, decode_threads()}):
+                t, c = time.perf_counter(), _cpu()
+                n = sum(len(b) for b in read_batches(ds.root, ds.items, size, "crop", batch, workers, kind=kind))
+                timings.setdefault((kind, workers), []).append((time.perf_counter() - t, _cpu() - c))
+    for (kind, workers), runs in timings.items():
+        out["runs"].append({"kind": kind, "workers": workers, "n": n, "rounds": len(runs),
+                            "seconds": statistics.median(r[0] for r in runs),
+                            "cpu": statistics.median(r[1] for r in runs)})
     return out
+
+
+def phase_decode_loop(root: Path, backbone: str, batch: int) -> dict:
+    """Every image decoded once in a plain loop of this one process (for the machine's own scaling ceiling)."""
+    from pipeline.backbones import get_spec
+    from pipeline.data import discover
+    from pipeline.reader import decode_item
+
+    ds = discover(root)
+    size = get_spec(backbone).default_input_size
+    t = time.perf_counter()
+    for it in ds.items:
+        decode_item(ds.root, it, size, "crop")
+    return {"n": len(ds.items), "seconds": time.perf_counter() - t}
+
+
+def _workers(kind: str, n: int) -> str:
+    return f"{n} {kind}" + ("" if n == 1 else "es" if kind == "process" else "s")
+
+
+def machine_scaling(root: Path, backbone: str, batch: int, copies: int) -> float:
+    """How much faster ``copies`` independent processes decode than one: each decodes the whole folder in a plain
+    loop, one alone and then ``copies`` at once. Nothing is shared between them, so this is the most any pool of
+    workers can gain on this machine (shared caches, memory bandwidth, a neighbour on the same physical core)."""
+    def start() -> subprocess.Popen:
+        cmd = [sys.executable, __file__, "--phase", "decode-loop", "--data", str(root), "--backbones", backbone,
+               "--batch-size", str(batch)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+    def seconds(proc: subprocess.Popen) -> float:
+        out, _ = proc.communicate()
+        return float(json.loads(out.strip().splitlines()[-1])["seconds"])
+
+    alone = seconds(start())
+    together = [start() for _ in range(copies)]
+    return copies * alone / max(seconds(p) for p in together)
 
 
 def _cpu_ms(fn, n: int) -> float:
@@ -279,13 +334,15 @@ def phase_breakdown(root: Path, backbone: str, batch: int) -> dict:
 
 
 PHASES = {"keras": phase_keras, "pl-keras": phase_pl_keras, "pl-onnx": phase_pl_onnx, "ceiling": phase_ceiling}
-HELPERS = {"prepare": phase_prepare, "decode": phase_decode, "breakdown": phase_breakdown}
+HELPERS = {"prepare": phase_prepare, "decode": phase_decode, "decode-loop": phase_decode_loop,
+           "breakdown": phase_breakdown}
 
 
-def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | None = None) -> dict:
+def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | None = None,
+              reader: str = "auto") -> dict:
     """Run one phase in a fresh interpreter; returns its timing and peak RSS (MiB)."""
     cmd = [sys.executable, __file__, "--phase", name, "--data", str(root), "--backbones", backbone,
-           "--batch-size", str(batch)] + (["--workers", str(workers)] if workers else [])
+           "--batch-size", str(batch), "--reader", reader] + (["--workers", str(workers)] if workers else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"phase {name} failed:\n{out.stderr[-3000:]}")
@@ -301,7 +358,7 @@ def print_breakdown(parts: dict, decode_cpu_ms: float, pipeline_cpu_ms: float, p
                     cores: int) -> None:
     """The CPU per image of each step, the rest of the pipeline's CPU, and the pipeline against the bound
     ``cores x 1000 / (model + decode)``: the model's CPU per image alone, and decoding's as the reader alone spends it
-    with its default threads (the decode-only line above), both measured in this run."""
+    with the pipeline's kind and count of workers (the decode-only line above), both measured in this run."""
     steps = {k: float(parts[k]) for k in STEPS}
     rest = pipeline_cpu_ms - sum(steps.values())
     bound = cores * 1000 / (steps["model"] + decode_cpu_ms)
@@ -322,13 +379,15 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "inception_v3"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=None, help="decoding threads of the pipelines (default: theirs)")
+    ap.add_argument("--workers", type=int, default=None, help="decoding workers of the pipelines (default: theirs)")
+    ap.add_argument("--reader", choices=READER_KINDS, default="auto", help="decoding workers' kind of the pipelines")
     ap.add_argument("--phase", choices=[*PHASES, *HELPERS], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.phase:
         fn = {**PHASES, **HELPERS}[args.phase]
-        extra = {"workers": args.workers} if args.phase.startswith("pl-") else {}
+        extra = {"workers": args.workers, "reader": args.reader} if args.phase.startswith("pl-") else {}
+        extra = {"reader": args.reader} if args.phase == "decode" else extra
         res = fn(args.data, args.backbones[0], args.batch_size, **extra)
         res["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(res))
@@ -345,13 +404,19 @@ def main() -> None:
             prep = run_phase("prepare", root, backbone, args.batch_size)
             print(f"\n{backbone}: {prep['summary']}; ONNX model ready in {prep['seconds']:.1f}s (export, or the "
                   f"stored file reused)")
-            dec = run_phase("decode", root, backbone, args.batch_size)
-            for key in sorted(k for k in dec if k.startswith("w")):
-                d = dec[key]
-                w = int(key[1:])
-                print(f"  decode only, {w} thread(s): {d['n'] / d['seconds']:6.1f} img/s = "
-                      f"{d['n'] / d['seconds'] / w:6.1f} img/s per core ({1000 * d['cpu'] / d['n']:.2f} ms CPU per "
-                      f"image)")
+            dec = run_phase("decode", root, backbone, args.batch_size, reader=args.reader)
+            by = {(r["kind"], r["workers"]): r for r in dec["runs"]}
+            for (kind, w), d in by.items():
+                print(f"  decode only, {_workers(kind, w)}: {d['n'] / d['seconds']:6.1f} img/s = "
+                      f"{d['n'] / d['seconds'] / w:6.1f} img/s per worker ({1000 * d['cpu'] / d['n']:.2f} ms CPU per "
+                      f"image, start-up included; median of {d['rounds']})")
+            wd = dec["default_workers"]
+            if wd > 1:
+                ceiling = machine_scaling(root, backbone, args.batch_size, wd)
+                for kind in ("thread", "process"):
+                    gain = by[(kind, 1)]["seconds"] / by[(kind, wd)]["seconds"]
+                    print(f"  decode {_workers(kind, wd)} vs 1: {gain:.2f}x (target >= 1.8; "
+                          f"{wd} independent processes on this machine: {ceiling:.2f}x)")
             parts = run_phase("breakdown", root, backbone, args.batch_size)
             rates: dict[str, list[float]] = {p: [] for p in PHASES}
             cpu_ms: dict[str, list[float]] = {p: [] for p in PHASES}
@@ -359,7 +424,7 @@ def main() -> None:
             notes: set[str] = set()
             for _ in range(args.repeats):
                 for p in PHASES:
-                    r = run_phase(p, root, backbone, args.batch_size, args.workers)
+                    r = run_phase(p, root, backbone, args.batch_size, args.workers, args.reader)
                     rates[p].append(r["n"] / r["seconds"])
                     cpu_ms[p].append(1000 * r["cpu"] / r["n"])
                     rss[p] = max(rss.get(p, 0.0), r["peak_rss_mib"])
@@ -372,7 +437,7 @@ def main() -> None:
                       f"CPU {statistics.median(cpu_ms[p]):5.1f} ms/img   peak RSS {rss[p]:.0f} MiB")
             for note in sorted(notes):
                 print(f"    [{note}]")
-            default = dec[f"w{max(int(k[1:]) for k in dec if k.startswith('w'))}"]
+            default = by[(dec["kind"], wd)]
             print_breakdown(parts, 1000 * default["cpu"] / default["n"], statistics.median(cpu_ms["pl-onnx"]),
                             med["pl-onnx"], int(dec["cores"]))
             pairs = [("pl-onnx", "keras"), ("pl-onnx", "pl-keras"), ("pl-onnx", "ceiling"), ("pl-keras", "keras"),

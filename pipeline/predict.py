@@ -10,18 +10,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from pipeline.atomic import check_free_space, write_atomically
 from pipeline.backbones import ModelConfig, build_feature_model, resolve_model
-from pipeline.data import looks_like_image
-from pipeline.errors import ImageDecodeError, RunError
+from pipeline.data import ImageItem, looks_like_image
+from pipeline.errors import RunError
+from pipeline.machine import decode_threads
+from pipeline.reader import Decoded, read_batches
 from pipeline.results import RunHead, head_file, resolve_run_weights, select_head
 from pipeline.runtime.factory import make_runtime
 from pipeline.saved_head import load_saved_head
-from pipeline.views import ViewSpec, read_views
+from pipeline.views import ViewSpec
 
 
 def run_model_config(rh: RunHead, weights: str | None = None, log: Callable[[str], None] = print) -> ModelConfig:
@@ -64,8 +66,8 @@ def _load_head(rh: RunHead) -> Callable[[np.ndarray], np.ndarray]:
 
 def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], head: str | None = None,
                    weights: str | None = None, batch_size: int = 32, runtime: str = "auto",
-                   log: Callable[[str], None] = print,
-                   out: str | os.PathLike | None = None) -> tuple[RunHead, list[dict[str, Any]]]:
+                   log: Callable[[str], None] = print, out: str | os.PathLike | None = None,
+                   workers: int | None = None) -> tuple[RunHead, list[dict[str, Any]]]:
     """Predict class probabilities for image files with a run's head.
 
     Parameters
@@ -84,6 +86,8 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     out : path, optional
         Where the predictions will be written (:func:`write_predictions`): its disk's free space is checked against
         an estimate of their size before any model is built.
+    workers : int, optional
+        Decoding workers (:mod:`pipeline.reader`, as ``extract`` decodes; default one per core, at most 8).
 
     Returns
     -------
@@ -95,7 +99,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     if out is not None:
         check_free_space(out, predictions_size(files, rh.class_names, out), "the predictions")
     if rh.finetuned:
-        return rh, predict_finetuned(rh, files, batch_size)
+        return rh, predict_finetuned(rh, files, batch_size, workers, log)
     ex = rh.extraction
     tta = rh.tta_views
     head_fn = _load_head(rh)  # before the backbone is built: a missing, replaced or damaged file is one line
@@ -104,26 +108,25 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     if tta is not None:
         log(f"{rh.key} averages its probabilities over the centre view and {tta.describe()} (test-time views "
             f"chosen by fit)")
-    def load(f: Path) -> np.ndarray:
-        if tta is None:
-            return read_views(f, model.input_size, ex["resize"])[0]
-        return image_with_views(f, model.input_size, ex["resize"], tta)  # centre view first: (K + 1, s, s, 3)
 
-    def score(pixels: list[np.ndarray]) -> np.ndarray:
-        if tta is not None:
-            feats = run(np.concatenate(pixels))[rh.feature].astype(np.float32)
-            return head_fn(feats).reshape(len(pixels), tta.n + 1, -1).mean(axis=1)
-        return head_fn(run(np.stack(pixels))[rh.feature].astype(np.float32))
+    def score(batch: list[Decoded]) -> np.ndarray:
+        if tta is not None:  # each image's centre view first, then its views: (K + 1) rows per image
+            pixels = np.concatenate([np.concatenate([d.pixels[None], d.views]) if d.views is not None
+                                     else d.pixels[None] for d in batch])
+            feats = run(pixels)[rh.feature].astype(np.float32)
+            return head_fn(feats).reshape(len(batch), tta.n + 1, -1).mean(axis=1)
+        return head_fn(run(np.stack([d.pixels for d in batch]))[rh.feature].astype(np.float32))
 
-    rows = _rows_by_batch(files, batch_size, load, score, rh.class_names)
-    return rh, rows
+    batches = _read(files, model.input_size, ex["resize"], batch_size, workers, tta, log)
+    return rh, _rows_by_batch(batches, score, rh.class_names)
 
 
-def image_with_views(path: str | os.PathLike, size: int, resize: str, spec: ViewSpec) -> np.ndarray:
-    """An image's centre view followed by its ``spec.n`` augmented views, ``(n + 1, size, size, 3)`` uint8, made
-    exactly as extraction makes them (:func:`pipeline.views.read_views`, keyed by the file's SHA-256)."""
-    centre, views, _ = read_views(path, size, resize, spec)
-    return np.concatenate([centre[None], views]) if views is not None else centre[None]
+def _read(files: list[Path], size: int, resize: str, batch_size: int, workers: int | None,
+          views: ViewSpec | None, log: Callable[[str], None]) -> Iterator[list[Decoded]]:
+    """The files decoded by the reader as extraction decodes them (the same function, so the same pixels and, with
+    ``views``, the same views of each file, keyed by its SHA-256)."""
+    items = [ImageItem(str(f), -1, "", 0, 0) for f in files]  # a path as given: relative to "." or absolute
+    return read_batches(Path("."), items, size, resize, batch_size, workers or decode_threads(), views, log=log)
 
 
 def predictions_size(files: list[Path], class_names: list[str], out: str | os.PathLike) -> int:
@@ -236,33 +239,32 @@ def _load_finetuned(rh: RunHead) -> Any:
     return load_saved_head(head_file(rh.run_dir, rh.result), (size, size, 3), len(rh.class_names))
 
 
-def predict_finetuned(rh: RunHead, files: list[Path], batch_size: int = 32) -> list[dict[str, Any]]:
+def predict_finetuned(rh: RunHead, files: list[Path], batch_size: int = 32, workers: int | None = None,
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """:func:`predict_images` for a fine-tuned model: each file decoded and resized by the run's cache rule, then the
     model; rows as :func:`predict_images` returns them."""
     model = _load_finetuned(rh)
     size, resize = int(rh.extraction["input_size"]), str(rh.extraction["resize"])
-    return _rows_by_batch(files, batch_size, lambda f: read_views(f, size, resize)[0],
-                          lambda px: np.asarray(model(np.stack(px).astype(np.float32), training=False), np.float64),
-                          rh.class_names)
+
+    def score(batch: list[Decoded]) -> np.ndarray:
+        pixels = np.stack([d.pixels for d in batch]).astype(np.float32)
+        return np.asarray(model(pixels, training=False), np.float64)
+
+    return _rows_by_batch(_read(files, size, resize, batch_size, workers, None, log), score, rh.class_names)
 
 
-def _rows_by_batch(files: list[Path], batch_size: int, load: Callable[[Path], np.ndarray],
-                   score: Callable[[list[np.ndarray]], np.ndarray], class_names: list[str]) -> list[dict[str, Any]]:
-    """One row per file: ``load`` decodes it (an undecodable file is a row with its ``error``; the others go on),
-    ``score`` turns a batch of loaded images into class probabilities."""
+def _rows_by_batch(batches: Iterable[list[Decoded]], score: Callable[[list[Decoded]], np.ndarray],
+                   class_names: list[str]) -> list[dict[str, Any]]:
+    """One row per file, in order: an undecodable file is a row with its ``error`` (the others go on); ``score``
+    turns a batch's decoded images into class probabilities."""
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), batch_size):
-        pixels, ok_rows = [], []
-        for f in files[start:start + batch_size]:
-            row: dict[str, Any] = {"path": str(f)}
-            try:
-                pixels.append(load(f))
-                ok_rows.append(row)
-            except ImageDecodeError as exc:
-                row["error"] = str(exc)
-            rows.append(row)
-        if pixels:
-            for row, p in zip(ok_rows, score(pixels)):
+    for batch in batches:
+        ok = [d for d in batch if d.pixels is not None]
+        for d in batch:
+            rows.append({"path": d.item.relpath} if d.pixels is not None else
+                        {"path": d.item.relpath, "error": d.error})
+        if ok:
+            for row, p in zip((r for r in rows[-len(batch):] if "error" not in r), score(ok)):
                 k = int(np.argmax(p))
                 row["label"] = class_names[k]
                 row["probability"] = float(p[k])

@@ -2,18 +2,20 @@
 
 Two kinds of worker do the same work (:func:`decode_item`, so a row's pixels never depend on which ran it):
 
-* **processes** (the default for a job of :data:`PROCESS_MIN_IMAGES` images or more): each decodes a chunk of images
-  into a slot of one shared-memory block (an unlinked file in ``/dev/shm``, handed to each process as an open file
-  descriptor, so nothing is left behind whatever happens) and sends back only digests and errors over a pipe; the
-  reader copies the slot out in one ``memcpy``. Each process has its own interpreter, so the per-image Python steps (opening the file, Pillow's
-  header parsing, EXIF, array wrapping: about 0.1 ms of a 128-px image's 0.5 ms) run in parallel instead of taking
-  turns on one GIL. Decoding then scales with cores on small images as it does on large ones, which a GPU fed by
-  8-16 cores needs (docs/benchmarks.md).
-* **threads**: below :data:`PROCESS_MIN_IMAGES` images, where starting the processes (about 0.2 s: a fresh
-  interpreter imports NumPy and Pillow) would cost as much as the decoding; where ``/dev/shm`` is missing (macOS,
-  Windows) or lacks room for the slots (a container's default is 64 MiB, and a full shared-memory file system
-  fails with SIGBUS, not an error); and when the processes cannot start (said in one line, then threads decode).
-  Pillow and libjpeg-turbo release the GIL while they decode and resize, so threads still overlap most of the work.
+* **processes** (the default when the model runs on a GPU, for a job of :data:`PROCESS_MIN_IMAGES` images or
+  more): each decodes a chunk of images into a slot of one shared-memory block (an unlinked file in ``/dev/shm``,
+  handed to each process as an open file descriptor, so nothing is left behind whatever happens) and sends back only
+  digests and errors over a pipe; the reader copies the slot out in one ``memcpy``. Each process has its own
+  interpreter, so the per-image Python steps (opening the file, Pillow's header parsing, EXIF, array wrapping: about
+  0.1 ms of a 128-px image's 0.5 ms) run in parallel instead of taking turns on one GIL. Decoding then scales with
+  cores on small images as it does on large ones, which a GPU fed by 8-16 cores needs (docs/benchmarks.md).
+* **threads**: when the model runs on the same CPU cores (decoding is then a small share of the work and threads
+  keep up with the model, with no start-up: see :func:`plan_reader`); below :data:`PROCESS_MIN_IMAGES` images, where
+  starting the processes (0.2-0.3 s: a fresh interpreter imports NumPy and Pillow) would cost as much as the
+  decoding; where ``/dev/shm`` is missing (macOS, Windows) or lacks room for the slots (a container's default is
+  64 MiB, and a full shared-memory file system fails with SIGBUS, not an error); and when the processes cannot start
+  (said in one line, then threads decode). Pillow and libjpeg-turbo release the GIL while they decode and resize,
+  so threads still overlap most of the work.
 
 Each process is a fresh interpreter (``python -c``, never a fork of a process that already runs TensorFlow's or
 ONNX Runtime's threads, and never a re-import of the command's own script, which ``multiprocessing`` would do),
@@ -53,7 +55,7 @@ from pipeline.errors import DatasetError, ImageDecodeError
 from pipeline.views import ViewSpec, read_views
 
 READER_KINDS = ("auto", "process", "thread")
-"""``auto``: processes or threads by :func:`plan_reader`'s rule; the others force one kind (tests, benchmarks)."""
+"""``auto``: processes or threads by :func:`plan_reader`'s rule; the others ask for one kind."""
 
 PROCESS_MIN_IMAGES = 256
 """Fewest images for which ``auto`` starts decoding processes. They take about 0.2 s to start (each a fresh
@@ -157,7 +159,7 @@ def shm_free_bytes(folder: str = SHM_FOLDER) -> int | None:
 
 
 def plan_reader(n_images: int, workers: int, batch_size: int, image_bytes: int, kind: str = "auto",
-                shm_free: int | None = None) -> ReaderPlan:
+                shm_free: int | None = None, gpu: bool = False) -> ReaderPlan:
     """Choose the reader's workers for a job (pure: the machine's facts are arguments).
 
     Parameters
@@ -175,6 +177,12 @@ def plan_reader(n_images: int, workers: int, batch_size: int, image_bytes: int, 
         where there is no ``/dev/shm`` still gets threads, with that reason).
     shm_free : int, optional
         Free bytes of :data:`SHM_FOLDER` (None: there is none).
+    gpu : bool
+        Whether the consumer runs the model on a GPU. ``auto`` takes processes only then: beside a model on the
+        same CPU cores decoding is a fifth of an image's CPU or less and threads keep up with the model (1.8-1.9x
+        from 2 threads on hymenoptera's photos), while processes cost their start-up and their pipes (MobileNetV2
+        on hymenoptera, 2 cores: 159.6 img/s with threads, 136.6 with processes); a GPU runs the model ten times
+        faster or more, so decoding is then the limit and must scale past one GIL.
     """
     if kind not in READER_KINDS:
         raise ValueError(f"unknown reader kind {kind!r}; known: {', '.join(READER_KINDS)}")
@@ -186,6 +194,8 @@ def plan_reader(n_images: int, workers: int, batch_size: int, image_bytes: int, 
         return ReaderPlan(k, workers, chunk, ahead, reason)
 
     if kind == "thread":
+        return plan("thread")
+    if kind == "auto" and not gpu:
         return plan("thread")
     if kind == "auto" and n_images < PROCESS_MIN_IMAGES:
         return plan("thread", f"{n_images} images: fewer than {PROCESS_MIN_IMAGES}")

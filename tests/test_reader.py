@@ -51,15 +51,18 @@ def _rows(root, items, kind, workers=2, batch=4, **kw):
     return [d for b in read_batches(root, items, 16, "crop", batch, workers, kind=kind, **kw) for d in b]
 
 
-def test_plan_takes_processes_only_for_a_job_that_pays_for_them_and_fits_in_shared_memory():
-    big = plan_reader(PROCESS_MIN_IMAGES, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB)
+def test_plan_takes_processes_only_to_feed_a_gpu_a_job_that_pays_for_them_within_shared_memory():
+    big = plan_reader(PROCESS_MIN_IMAGES, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB, gpu=True)
     assert (big.kind, big.workers, big.chunk, big.reason) == ("process", 2, 8, "")
     assert big.describe() == "2 decoding processes"
-    small = plan_reader(PROCESS_MIN_IMAGES - 1, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB)
+    beside_cpu_model = plan_reader(100_000, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB, gpu=False)
+    assert beside_cpu_model.kind == "thread" and beside_cpu_model.describe() == "2 decoding threads"
+    small = plan_reader(PROCESS_MIN_IMAGES - 1, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB, gpu=True)
     assert small.kind == "thread" and small.describe() == f"2 decoding threads ({PROCESS_MIN_IMAGES - 1} images: " \
                                                           f"fewer than {PROCESS_MIN_IMAGES})"
-    assert plan_reader(10_000, 2, 32, 224 * 224 * 3, shm_free=None).reason == "no /dev/shm for the decoded pixels"
-    crowded = plan_reader(10_000, 2, 32, 16 * 224 * 224 * 3, shm_free=64 * MIB)  # 15 views in a 64 MiB container
+    no_shm = plan_reader(10_000, 2, 32, 224 * 224 * 3, shm_free=None, gpu=True)
+    assert no_shm.reason == "no /dev/shm for the decoded pixels"
+    crowded = plan_reader(10_000, 2, 32, 16 * 224 * 224 * 3, shm_free=64 * MIB, gpu=True)  # 15 views, 64 MiB
     assert crowded.kind == "thread" and "/dev/shm has 64 MiB free" in crowded.reason
     # asked for, a kind is kept where it can run; processes without /dev/shm still get threads, saying why
     assert plan_reader(3, 1, 32, 100, kind="process", shm_free=MIB).kind == "process"

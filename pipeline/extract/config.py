@@ -79,9 +79,9 @@ class ExtractOptions:
     workers : int or None
         Decoding workers (default: one per CPU core, at most 8: :func:`pipeline.machine.decode_threads`).
     reader : {"auto", "process", "thread"}
-        Kind of decoding worker (:func:`pipeline.reader.plan_reader`: ``auto`` takes processes for 256 images or
-        more where ``/dev/shm`` has room, threads otherwise). The local engine's; Ray's workers decode in their own
-        processes.
+        Kind of decoding worker (:func:`pipeline.reader.plan_reader`: ``auto`` takes processes when the model runs
+        on a GPU, for 256 images or more where ``/dev/shm`` has room, threads otherwise). The local engine's; Ray's
+        decoding tasks are processes already.
     strict : bool
         Stop at the first image that cannot be decoded instead of recording it.
     retry_failed : bool

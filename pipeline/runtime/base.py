@@ -61,6 +61,11 @@ class Runtime:
         return {"runtime": self.name, "runtime_version": self.version, "device": self.device,
                 "provider": self.provider, "note": self.note}
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the model runs on a GPU (then decoding, not the model, is what limits a run's speed)."""
+        return self.device.startswith("GPU")
+
     def summary(self) -> str:
         """Runtime and version for the log (e.g. ``keras 3.15.1 (tensorflow) tensorflow 2.21.0``)."""
         return self.version if self.version.startswith(self.name) else f"{self.name} {self.version}"

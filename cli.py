@@ -235,8 +235,9 @@ def extract(
                           ] = MapsDtype("float16"),
     runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
         help="Inference runtime: onnx (ONNX Runtime: CPU, or CUDA / TensorRT with onnxruntime-gpu), keras, or auto: "
-             "onnx when installed, else keras. ONNX is checked against Keras on the first batch of every run and "
-             "falls back to it if they differ.")] = Runtime("auto"),
+             "by this machine (onnx with a GPU provider or on CPUs without AVX-512, keras on AVX-512 CPUs or "
+             "without onnxruntime; the device line says why). ONNX is checked against Keras on the first batch of "
+             "every run and falls back to it if they differ.")] = Runtime("auto"),
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[Optional[int], typer.Option(
         min=1, help="Decoding workers (default: one per core, at most 8).")] = None,
@@ -502,7 +503,7 @@ def predict(
                                                         "the same SHA-256).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
-        help="Inference runtime of the backbone: auto (ONNX Runtime when installed, else Keras), onnx or keras; the "
+        help="Inference runtime of the backbone: auto (chosen by this machine, as for extract), onnx or keras; the "
              "same labels either way.")] = Runtime("auto"),
     workers: Annotated[Optional[int], typer.Option(
         min=1, help="Decoding workers, as for extract (default: one per core, at most 8).")] = None,

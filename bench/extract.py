@@ -13,7 +13,8 @@ set-up and peak RSS), interleaved over ``--repeats`` rounds so that machine nois
 Model construction, the one-time ONNX export (done before the rounds, its time printed) and the engines' warm-up
 batch are excluded; the pipelines' figures are their recorded ``extract_seconds`` (decoding + model + HDF5 writes)
 and the CPU time of the same span. Then, from a ``breakdown`` phase of each step alone (:func:`phase_breakdown`),
-where an image's CPU goes, and the pipeline against the bound ``cores x 1000 / (model + decode)``. Prints medians, every
+where an image's CPU goes in each pipeline (its model step in that pipeline's runtime), and each pipeline against its
+bound ``cores x 1000 / (model + decode)``. Prints medians, every
 run, the ratios (of the medians and per round: the phases of a round run back to back under the same load), the
 CPU time per image (all threads; a shared machine's other load changes it far less than images/s), peak RSS, and
 decode-only throughput (the reader alone, threads and processes, 1 worker and the default count: one per core, at
@@ -31,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -94,9 +96,11 @@ def _onnx_runtime(backbone: str, batch: int):
 
 def phase_prepare(root: Path, backbone: str, batch: int) -> dict:
     """Export the ONNX model once (outside every timed phase) and report how long it took."""
+    from pipeline.runtime.factory import auto_facts, choose_auto
+
     t = time.perf_counter()
     _, rt = _onnx_runtime(backbone, batch)
-    return {"n": 0, "seconds": time.perf_counter() - t, "summary": rt.summary()}
+    return {"n": 0, "seconds": time.perf_counter() - t, "summary": rt.summary(), "auto": choose_auto(auto_facts())}
 
 
 def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
@@ -215,12 +219,17 @@ def phase_decode(root: Path, backbone: str, batch: int, reader: str = "auto", ro
         for kind in ("thread", "process"):
             for workers in sorted({1, decode_threads()}):
                 t, c = time.perf_counter(), _cpu()
-                n = sum(len(b) for b in read_batches(ds.root, ds.items, size, "crop", batch, workers, kind=kind))
-                timings.setdefault((kind, workers), []).append((time.perf_counter() - t, _cpu() - c))
+                batches = read_batches(ds.root, ds.items, size, "crop", batch, workers, kind=kind)
+                first = len(next(batches))
+                t1 = time.perf_counter()  # the workers started and one batch out: the steady state from here
+                n = first + sum(len(b) for b in batches)
+                end = time.perf_counter()
+                timings.setdefault((kind, workers), []).append((end - t, _cpu() - c, (n - first) / (end - t1)))
     for (kind, workers), runs in timings.items():
         out["runs"].append({"kind": kind, "workers": workers, "n": n, "rounds": len(runs),
                             "seconds": statistics.median(r[0] for r in runs),
-                            "cpu": statistics.median(r[1] for r in runs)})
+                            "cpu": statistics.median(r[1] for r in runs),
+                            "steady": statistics.median(r[2] for r in runs)})
     return out
 
 
@@ -267,10 +276,11 @@ def _cpu_ms(fn, n: int) -> float:
     return 1000 * (_cpu() - c) / max(1, n)
 
 
-def phase_breakdown(root: Path, backbone: str, batch: int) -> dict:
+def phase_breakdown(root: Path, backbone: str, batch: int, runtime: str = "onnx") -> dict:
     """Where the CPU of an image goes, each step alone on this process, one image or batch at a time, through the
-    pipeline's own functions: reading the file, its SHA-256, decoding, resizing, stacking a batch, the ONNX model on
-    batches (first batch, with the parity check, apart), and the cache's part writes with their checksums."""
+    pipeline's own functions: reading the file, its SHA-256, decoding, resizing, stacking a batch, the model on
+    batches in ``runtime`` (first batch, with ONNX Runtime's parity check, apart), and the cache's part writes with
+    their checksums."""
     import hashlib
 
     import numpy as np
@@ -310,7 +320,7 @@ def phase_breakdown(root: Path, backbone: str, batch: int) -> dict:
         batches: list = []
         out["batch"] = _cpu_ms(lambda: batches.extend(np.stack(px[i:i + batch]) for i in range(0, len(px), batch)),
                                n)
-        rt = make_runtime(cfg.model, "onnx", log=lambda m: None, batch_size=batch)
+        rt = make_runtime(cfg.model, runtime, log=lambda m: None, batch_size=batch)
         rt(np.zeros_like(batches[0]))  # the engines' warm-up batch
         first = _cpu_ms(lambda: rt(batches[0]), 1)  # first real batch: the model and the parity check
         feats: list = []
@@ -334,8 +344,11 @@ def phase_breakdown(root: Path, backbone: str, batch: int) -> dict:
 
 
 PHASES = {"keras": phase_keras, "pl-keras": phase_pl_keras, "pl-onnx": phase_pl_onnx, "ceiling": phase_ceiling}
+BREAKDOWNS = {"pl-onnx": "onnx", "pl-keras": "keras"}
+"""Each pipeline phase whose CPU the breakdown accounts for, and the runtime its model step runs in."""
+
 HELPERS = {"prepare": phase_prepare, "decode": phase_decode, "decode-loop": phase_decode_loop,
-           "breakdown": phase_breakdown}
+           **{f"breakdown-{rt}": functools.partial(phase_breakdown, runtime=rt) for rt in BREAKDOWNS.values()}}
 
 
 def run_phase(name: str, root: Path, backbone: str, batch: int, workers: int | None = None,
@@ -355,15 +368,15 @@ reader's work; the reader alone also spends its thread pool's hand-offs, which t
 
 
 def print_breakdown(parts: dict, decode_cpu_ms: float, pipeline_cpu_ms: float, pipeline_rate: float,
-                    cores: int) -> None:
+                    cores: int, runtime: str) -> None:
     """The CPU per image of each step, the rest of the pipeline's CPU, and the pipeline against the bound
     ``cores x 1000 / (model + decode)``: the model's CPU per image alone, and decoding's as the reader alone spends it
     with the pipeline's kind and count of workers (the decode-only line above), both measured in this run."""
     steps = {k: float(parts[k]) for k in STEPS}
     rest = pipeline_cpu_ms - sum(steps.values())
     bound = cores * 1000 / (steps["model"] + decode_cpu_ms)
-    print(f"  where the CPU of an image goes (ms, each step alone; pipeline --runtime onnx: {pipeline_cpu_ms:.2f} "
-          f"ms/img):")
+    print(f"  where the CPU of an image goes (ms, each step alone; pipeline --runtime {runtime}: "
+          f"{pipeline_cpu_ms:.2f} ms/img):")
     print("    " + "  ".join(f"{k} {v:.2f}" for k, v in steps.items()) + f"  rest {rest:.2f}")
     print(f"    bound = {cores} cores x 1000 / (model {steps['model']:.2f} + decode {decode_cpu_ms:.2f}) = {bound:.1f} "
           f"img/s; pipeline {pipeline_rate:.1f} img/s = {pipeline_rate / bound:.2f} of it (target >= 0.9)")
@@ -403,21 +416,24 @@ def main() -> None:
         for backbone in args.backbones:
             prep = run_phase("prepare", root, backbone, args.batch_size)
             print(f"\n{backbone}: {prep['summary']}; ONNX model ready in {prep['seconds']:.1f}s (export, or the "
-                  f"stored file reused)")
+                  f"stored file reused); --runtime auto here: {prep['auto'][0]} ({prep['auto'][1]})")
             dec = run_phase("decode", root, backbone, args.batch_size, reader=args.reader)
             by = {(r["kind"], r["workers"]): r for r in dec["runs"]}
             for (kind, w), d in by.items():
                 print(f"  decode only, {_workers(kind, w)}: {d['n'] / d['seconds']:6.1f} img/s = "
                       f"{d['n'] / d['seconds'] / w:6.1f} img/s per worker ({1000 * d['cpu'] / d['n']:.2f} ms CPU per "
-                      f"image, start-up included; median of {d['rounds']})")
+                      f"image; start-up included; after the first batch {d['steady']:.1f} img/s; median of "
+                      f"{d['rounds']})")
             wd = dec["default_workers"]
             if wd > 1:
                 ceiling = machine_scaling(root, backbone, args.batch_size, wd)
                 for kind in ("thread", "process"):
                     gain = by[(kind, 1)]["seconds"] / by[(kind, wd)]["seconds"]
-                    print(f"  decode {_workers(kind, wd)} vs 1: {gain:.2f}x (target >= 1.8; "
+                    steady = by[(kind, wd)]["steady"] / by[(kind, 1)]["steady"]
+                    print(f"  decode {_workers(kind, wd)} vs 1: {gain:.2f}x, after the first batch {steady:.2f}x "
+                          f"(target >= 1.8; "
                           f"{wd} independent processes on this machine: {ceiling:.2f}x)")
-            parts = run_phase("breakdown", root, backbone, args.batch_size)
+            parts = {p: run_phase(f"breakdown-{rt}", root, backbone, args.batch_size) for p, rt in BREAKDOWNS.items()}
             rates: dict[str, list[float]] = {p: [] for p in PHASES}
             cpu_ms: dict[str, list[float]] = {p: [] for p in PHASES}
             rss: dict[str, float] = {}
@@ -438,8 +454,9 @@ def main() -> None:
             for note in sorted(notes):
                 print(f"    [{note}]")
             default = by[(dec["kind"], wd)]
-            print_breakdown(parts, 1000 * default["cpu"] / default["n"], statistics.median(cpu_ms["pl-onnx"]),
-                            med["pl-onnx"], int(dec["cores"]))
+            for p, rt in BREAKDOWNS.items():
+                print_breakdown(parts[p], 1000 * default["cpu"] / default["n"], statistics.median(cpu_ms[p]), med[p],
+                                int(dec["cores"]), rt)
             pairs = [("pl-onnx", "keras"), ("pl-onnx", "pl-keras"), ("pl-onnx", "ceiling"), ("pl-keras", "keras"),
                      ("ceiling", "keras")]
             for num, den in pairs:

@@ -2,7 +2,8 @@
 
 On a GPU node the model is no longer the bottleneck; decoding is. This benchmark measures, on the node it runs on:
 
-* ``decode``   -- the reader alone (read + SHA-256 + decode + resize to 224, crop) at 1, 2, 4, 8, 12, 16 threads;
+* ``decode``   -- the reader alone (read + SHA-256 + decode + resize to 224, crop) at 1, 2, 4, 8, 12, 16 workers
+  (``--reader process``, the default, as extract decodes beside a GPU; ``--reader thread`` for the thread pool);
 * ``ort-cpu``  -- the exported ONNX model in ONNX Runtime on the CPU (``make_session``, the extractor's settings), on
   decoded pixels: the node's CPU ceiling;
 * ``gpu``      -- the same ONNX graph on the GPU, on decoded pixels (uint8 in from the host, features back), at
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=3, help="the file list repeated this many times per timed pass")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--reader", choices=("process", "thread"), default="process",
+                    help="decoding workers' kind (extract's default beside a GPU: process; run both to compare)")
     args = ap.parse_args()
     if args.export:
         return export(args.export)
@@ -88,17 +91,17 @@ def main() -> None:
           f"{args.copies}, load average {os.getloadavg()[0]:.2f}, default decoding threads {decode_threads()}")
 
     def decode_pass(w: int) -> int:
-        return sum(len(b) for b in read_batches(ds.root, items, SIZE, "crop", 32, w))
+        return sum(len(b) for b in read_batches(ds.root, items, SIZE, "crop", 32, w, kind=args.reader))
 
     threads = [w for w in (1, 2, 4, 8, 12, 16) if w <= cores]
     for w in threads:  # warm the file cache and the pools
-        sum(len(b) for b in read_batches(ds.root, ds.items[:64], SIZE, "crop", 32, w))
+        sum(len(b) for b in read_batches(ds.root, ds.items[:64], SIZE, "crop", 32, w, kind=args.reader))
     for _ in range(args.rounds):
         for w in threads:
             res.setdefault(f"decode w{w}", []).append(_rate(lambda: decode_pass(w)))
 
     pix = np.concatenate([np.stack([d.pixels for d in b]) for b in
-                          read_batches(ds.root, ds.items[:256], SIZE, "crop", 64, cores)])
+                          read_batches(ds.root, ds.items[:256], SIZE, "crop", 64, cores, kind=args.reader)])
 
     from pipeline.runtime.onnx import CPU_PROVIDER, intra_op_threads, make_session
 
@@ -114,7 +117,7 @@ def main() -> None:
 
     def reader_ort(w: int, t: int) -> int:
         n = 0
-        for b in read_batches(ds.root, items, SIZE, "crop", 32, w):
+        for b in read_batches(ds.root, items, SIZE, "crop", 32, w, kind=args.reader):
             x = np.stack([d.pixels for d in b if d.pixels is not None])
             sessions[t].run(None, {name: x})
             n += len(x)
@@ -169,7 +172,7 @@ def main() -> None:
 
         def reader_gpu(w: int, bs: int) -> int:
             n = 0
-            for b in read_batches(ds.root, items, SIZE, "crop", bs, w):
+            for b in read_batches(ds.root, items, SIZE, "crop", bs, w, kind=args.reader):
                 n += len(run(np.stack([d.pixels for d in b if d.pixels is not None])))
             torch.cuda.synchronize()
             return n

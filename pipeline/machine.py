@@ -1,4 +1,5 @@
-"""Facts of the machine this process runs on: usable cores, the default decoding threads, and whether a GPU is seen.
+"""Facts of the machine this process runs on: usable cores, CPU features, the default decoding workers, and whether a
+GPU is seen.
 
 Below both the extract stage's options (:mod:`pipeline.extract.config`) and the runtimes (:mod:`pipeline.runtime`),
 which both need them, so neither imports the other for them.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_cores", "decode_threads", "gpu_available", "MAX_DECODE_THREADS"]
+__all__ = ["cpu_cores", "cpu_flags", "decode_threads", "gpu_available", "MAX_DECODE_THREADS"]
 
 
 def cpu_cores() -> int:
@@ -17,6 +18,19 @@ def cpu_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (``avx2``, ``avx512f``, ...); empty where ``/proc/cpuinfo`` is not
+    readable (not Linux), which callers read as "nothing known"."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 MAX_DECODE_THREADS = 8

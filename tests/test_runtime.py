@@ -23,7 +23,7 @@ from pipeline.runtime import onnx_export  # noqa: E402
 from pipeline.extract.config import ModelConfig, resolve_config  # noqa: E402
 from pipeline.machine import cpu_cores  # noqa: E402
 from pipeline.runtime.base import RuntimeUnavailableError  # noqa: E402
-from pipeline.runtime.factory import make_runtime  # noqa: E402
+from pipeline.runtime.factory import AutoFacts, auto_facts, choose_auto, make_runtime  # noqa: E402
 from pipeline.runtime.keras import KerasRuntime, build_model  # noqa: E402
 from pipeline.runtime.onnx import (CPU_PROVIDER, OnnxRuntime, choose_providers, intra_op_threads,  # noqa: E402
                                    relative_difference)
@@ -59,6 +59,8 @@ def _keras_outputs(built, px: np.ndarray) -> dict[str, np.ndarray]:
 
 # ---- parity ----------------------------------------------------------------------------------------------------
 
+
+ONNX_BY_AUTO = AutoFacts()  # ONNX Runtime installed, no GPU, no AVX-512: the facts on which auto takes ONNX Runtime
 
 ONNX_CHECKED = ["mobilenet_v2", "inception_v3", "resnet50_v2", "efficientnet_b0", "convnext_tiny", "densenet121",
                 "nasnet_mobile"]
@@ -163,7 +165,7 @@ def test_failed_export_falls_back_with_its_reason(small, tmp_path, monkeypatch):
         raise ValueError("op FancyOp has no ONNX converter\nsecond line")
 
     msgs: list[str] = []
-    rt = make_runtime(model, "auto", log=msgs.append, built=built, convert=broken)
+    rt = make_runtime(model, "auto", log=msgs.append, built=built, convert=broken, facts=ONNX_BY_AUTO)
     assert isinstance(rt, KerasRuntime)
     assert msgs == ["runtime: keras, because ONNX export of mobilenet_v2-a1.0-32 failed (ValueError: op FancyOp "
                     "has no ONNX converter)"]
@@ -221,7 +223,7 @@ def test_stored_model_is_reused_not_exported_again(small, tmp_path, monkeypatch)
     assert len(exports) == 2 and onnx_export.stored_key(first.path) == onnx_export.export_key(model)
 
 
-def test_every_part_of_the_key_names_another_file(small, monkeypatch):
+def test_every_part_of_the_key_names_another_file(small):
     model, _ = small
     from dataclasses import replace
 
@@ -231,13 +233,14 @@ def test_every_part_of_the_key_names_another_file(small, monkeypatch):
               replace(model, weights=WeightsInfo("file", "/x.h5", "cd" * 32))]
     paths = {onnx_export.stored_model_path(m) for m in others}
     assert len(paths) == len(others) and base not in paths
-    for pkg in ("keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime"):
-        versions = {**onnx_export.tool_versions(), pkg: "0.0.1"}
-        monkeypatch.setattr(onnx_export, "tool_versions", lambda v=versions: v)
-        assert onnx_export.stored_model_path(model) != base, pkg
-    monkeypatch.undo()
-    monkeypatch.setattr(onnx_export, "FORMAT_VERSION", onnx_export.FORMAT_VERSION + 1)
-    assert onnx_export.stored_model_path(model) != base
+    # the file's name carries the digest of its whole key, which holds the tools' versions and the format
+    key = onnx_export.export_key(model)
+    digest = onnx_export.key_digest(key)
+    assert base.name.endswith(f"__{digest[:16]}.onnx") and key["format"] == onnx_export.FORMAT_VERSION
+    assert set(key["versions"]) == {"keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime"}
+    for pkg in key["versions"]:
+        assert onnx_export.key_digest({**key, "versions": {**key["versions"], pkg: "0.0.1"}})[:16] != digest[:16], pkg
+    assert onnx_export.key_digest({**key, "format": key["format"] + 1})[:16] != digest[:16]
 
 
 def _stored_good_model(model, built) -> Path:
@@ -274,7 +277,7 @@ def test_unusable_store_falls_back_to_keras_with_one_line(small, tmp_path, monke
     line = f"cannot use the ONNX model store {home / 'onnx'} ({reason}); set HEADBENCH_HOME to a writable folder"
     try:
         msgs: list[str] = []
-        rt = make_runtime(model, "auto", log=msgs.append, built=built)
+        rt = make_runtime(model, "auto", log=msgs.append, built=built, facts=ONNX_BY_AUTO)
         assert isinstance(rt, KerasRuntime) and rt.describe()["note"] == line
         assert msgs == [f"runtime: keras, because {line}"]
         px = _pixels(2, 32)
@@ -440,16 +443,16 @@ def test_provider_choice_and_threads():
     assert intra_op_threads(16, CUDA) == 1 and intra_op_threads(16, TRT) == 1
 
 
-def test_decoding_threads_default(monkeypatch):
-    """One decoding thread per core up to 8 (more only queue on the GIL), and the resolved config uses the rule."""
+def test_decoding_workers_default():
+    """One decoding worker per core up to 8 (more threads only queue on the GIL); the resolved config uses the rule
+    with this process's cores, and a count asked for is kept."""
     from pipeline import machine
 
     assert [machine.decode_threads(c) for c in (1, 2, 8, 16, 64)] == [1, 2, 8, 8, 8]
-    monkeypatch.setattr(machine, "cpu_cores", lambda: 16)
-    assert resolve_config(backbone="mobilenet_v2", weights="none", log=lambda m: None).workers == 8
+    cores = machine.cpu_cores()
+    assert cores == len(os.sched_getaffinity(0))
+    assert resolve_config(backbone="mobilenet_v2", weights="none", log=lambda m: None).workers == min(cores, 8)
     assert resolve_config(backbone="mobilenet_v2", weights="none", workers=12, log=lambda m: None).workers == 12
-    monkeypatch.setattr(machine, "cpu_cores", lambda: 2)
-    assert resolve_config(backbone="mobilenet_v2", weights="none", log=lambda m: None).workers == 2
 
 
 class FakeSession:
@@ -574,26 +577,77 @@ def test_damaged_model_is_exported_again_once_then_keras(small):
 # ---- what the engine records, and predict ---------------------------------------------------------------------
 
 
-def test_engine_reports_the_runtime_it_ran(tiny_dataset, tmp_path, monkeypatch):
-    import pipeline.extract.run as run_mod
+def test_engine_records_the_runtime_it_ran(tiny_dataset, tmp_path):
+    """The cache records, with the run, the runtime that ran it, as the device line said, with auto's reason."""
+    from pipeline import cache
 
-    reports = []
-    real = run_mod.run_local
-
-    def spy(plan, log, **kw):
-        reports.append(real(plan, log=log, **kw))
-        return reports[-1]
-
-    monkeypatch.setattr(run_mod, "run_local", spy)
     msgs: list[str] = []
-    run_extract(tiny_dataset, tmp_path / "c", log=msgs.append, weights="none", input_size=32, batch_size=4)
-    info = reports[0].runtime
+    res = run_extract(tiny_dataset, tmp_path / "c", log=msgs.append, weights="none", input_size=32, batch_size=4,
+                      runtime="onnx")
+    runs = cache.read_meta(res.path)["runs"]
+    assert len(runs) == 1
+    info = runs[0]
     assert {k: info[k] for k in ("runtime", "runtime_version", "device", "provider", "note")} == {
         "runtime": "onnxruntime", "runtime_version": ort.__version__, "device": f"CPU ({cpu_cores()} cores)",
         "provider": CPU_PROVIDER, "note": ""}
     assert float(info["parity"]) <= 1e-4 and info["threads"] == str(cpu_cores())
-    assert any(m.startswith(f"device: CPU ({cpu_cores()} cores), runtime onnxruntime {ort.__version__} "
-                            f"(CPUExecutionProvider, {cpu_cores()} thread(s))") for m in msgs)
+    line = f"device: CPU ({cpu_cores()} cores), runtime onnxruntime {ort.__version__} (CPUExecutionProvider, " \
+           f"{cpu_cores()} thread(s)), batch 4, "  # asked for: no reason of auto's
+    assert any(m.startswith(line) and m.endswith("decoding threads") for m in msgs), msgs
+
+    msgs.clear()  # auto: the runtime its rule names for this machine, and the rule's reason in the device line
+    res = run_extract(tiny_dataset, tmp_path / "d", log=msgs.append, weights="none", input_size=32, batch_size=4)
+    name, why = choose_auto(auto_facts())
+    ran = cache.read_meta(res.path)["runs"][0]["runtime"]
+    assert ran == {"onnx": "onnxruntime", "keras": "keras"}[name]
+    assert any(m.startswith("device: ") and f" [{why}], batch 4, " in m for m in msgs), msgs
+
+
+def test_auto_rule_by_machine_facts():
+    """Each fact auto chooses by, and the reason it gives (docs/benchmarks.md "Which runtime auto takes")."""
+    cases = {
+        AutoFacts(onnx_missing="onnxruntime is not installed", avx512=True, keras_gpu=True): "keras",
+        AutoFacts(onnx_gpu=True, avx512=True, keras_gpu=True): "onnx",  # ONNX Runtime's CUDA path goes first
+        AutoFacts(keras_gpu=True): "keras",
+        AutoFacts(avx512=True): "keras",
+        AutoFacts(): "onnx",
+    }
+    reasons = set()
+    for facts, want in cases.items():
+        name, why = choose_auto(facts)
+        assert name == want, facts
+        assert why and why not in reasons, facts  # every branch says its own reason
+        reasons.add(why)
+    assert "pip install onnxruntime" in choose_auto(AutoFacts(onnx_missing="x"))[1]
+    assert "AVX-512" in choose_auto(AutoFacts(avx512=True))[1]
+    assert "without AVX-512" in choose_auto(AutoFacts())[1]
+
+
+def test_auto_builds_what_its_rule_names(small):
+    """make_runtime follows choose_auto for the facts it is handed, and the runtime carries the reason."""
+    model, built = small
+    msgs: list[str] = []
+    rt = make_runtime(model, "auto", log=msgs.append, built=built, facts=AutoFacts(avx512=True))
+    assert isinstance(rt, KerasRuntime) and rt.choice == choose_auto(AutoFacts(avx512=True))[1]
+    assert rt.describe()["note"] == "" and not [m for m in msgs if m.startswith("runtime:")]
+    rt = make_runtime(model, "auto", log=msgs.append, built=built, facts=ONNX_BY_AUTO)
+    assert isinstance(rt, OnnxRuntime) and rt.choice == choose_auto(ONNX_BY_AUTO)[1]
+    assert make_runtime(model, "keras", log=msgs.append, built=built).choice == ""  # asked for: no reason
+
+
+def test_cpu_flags_read_from_cpuinfo():
+    from pipeline.machine import cpu_flags
+
+    flags = cpu_flags()
+    assert isinstance(flags, frozenset)
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        assert flags == frozenset()
+        return
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    assert flags == frozenset(line.partition(":")[2].split())
+    assert ("avx512f" in flags) == (" avx512f" in line)
 
 
 def test_predict_gives_the_same_labels_with_both_runtimes(tmp_path):

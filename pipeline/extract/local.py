@@ -168,7 +168,8 @@ def run_local(plan: Plan, log: Callable[[str], None] = print, runtime: Runtime |
     n_views = cfg.views.n if cfg.views is not None else 0
     reading = plan_reader(len(todo), cfg.workers, cfg.batch_size, (1 + n_views) * size * size * 3,
                           kind=cfg.reader, shm_free=shm_free_bytes(), gpu=rt.on_gpu)
-    log(f"device: {rt.device}, runtime {rt.summary()}, batch {cfg.batch_size}, {reading.describe()}")
+    choice = f" [{rt.choice}]" if rt.choice else ""
+    log(f"device: {rt.device}, runtime {rt.summary()}{choice}, batch {cfg.batch_size}, {reading.describe()}")
     writer = cache.PartWriter(plan.path, plan.meta, feature_shapes(rt, cfg), cfg.checkpoint_rows,
                               cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()},
                               commit=commit)

@@ -51,6 +51,7 @@ class Runtime:
         d = built.feature_dim
         self.shapes: dict[str, tuple[int, ...]] = {"avg": (d,), "max": (d,), "maps": tuple(built.map_shape)}
         self.note = ""
+        self.choice = ""  # why ``auto`` took this runtime, for the device line ("" when it was asked for)
 
     def describe(self) -> dict[str, str]:
         """Provenance of the run: ``runtime``, ``runtime_version``, ``device``, ``provider`` and ``note``.

@@ -297,8 +297,8 @@ def extract(
     options = ExtractOptions(weights=weights, input_size=input_size, alpha=alpha, resize=resize.value,
                              maps=maps, max_pool=max_pool, maps_dtype=maps_dtype.value, views=spec,
                              runtime=runtime.value, engine=engine.value, ray=ray, batch_size=batch_size,
-                             workers=workers, reader=reader.value, strict=strict,
-                             retry_failed=retry_failed, checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
+                             workers=workers, reader=reader.value, strict=strict, retry_failed=retry_failed,
+                             checkpoint_rows=checkpoint_every, cache_dir=cache_dir, command=_command(), quiet=quiet)
     results = extract_all(data, options, [b.value for b in backbone], log=typer.echo, done=_print_failures)
     if any(res.failures for res in results):
         raise typer.Exit(EXIT_PARTIAL)
@@ -348,16 +348,17 @@ def fit(
                                                      "the final split (recorded in results.json).")] = False,
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
+    from pipeline.errors import FitError
     from pipeline.fit import FitConfig, run_fit
 
-    if exclude_leaks and not audit:
-        raise typer.BadParameter("--exclude-leaks needs the audit: drop --no-audit", param_hint="--exclude-leaks")
-
-    config = FitConfig(cache_dir=cache_dir, dataset=dataset, backbones=backbone,
-                       heads=[h.value for h in head] if head else None, features=features.value,
-                       class_weight=class_weight.value, seed=seed, out=out, command=_command(),
-                       memory_budget=memory_budget, views=views, pick=pick.value, select_on=select_on.value,
-                       audit=audit, exclude_leaks=exclude_leaks)
+    try:  # FitConfig owns the options' rules (typer's enums already hold the choices): its refusal is a usage error
+        config = FitConfig(cache_dir=cache_dir, dataset=dataset, backbones=backbone,
+                           heads=[h.value for h in head] if head else None, features=features.value,
+                           class_weight=class_weight.value, seed=seed, out=out, command=_command(),
+                           memory_budget=memory_budget, views=views, pick=pick.value, select_on=select_on.value,
+                           audit=audit, exclude_leaks=exclude_leaks)
+    except FitError as exc:
+        raise typer.BadParameter(str(exc)) from None
     run = run_fit(config, log=lambda m: typer.echo(m, err=True))
     html = None
     if report:  # reports/<run name>.html, as `report RUN` writes it; a fault writing it is one line (RunError)

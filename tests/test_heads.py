@@ -242,3 +242,14 @@ def test_dense_head_balanced_class_weight_runs():
     y = np.where(np.arange(len(y)) < 170, "alpha", "beta")
     head = DenseHead(hidden=8, epochs=4, class_weight="balanced").fit(X, y)
     assert head.predict_proba(X).shape == (200, 2)
+
+
+def test_context_holds_the_class_weight_as_estimators_take_it():
+    """HeadContext is the one place the class weight is checked: the heads hand it to their estimators as it is."""
+    X, y = make_classification(n_samples=40, n_features=6, random_state=0)
+    assert _ctx(X, y).class_weight is None and _ctx(X, y, class_weight="balanced").class_weight == "balanced"
+    with pytest.raises(ValueError, match="class_weight must be None or 'balanced', got 'none'"):
+        _ctx(X, y, class_weight="none")  # the CLI's spelling never reaches a head: FitConfig maps it
+    spec = get_head("logreg")
+    est = spec.build(_ctx(X, y, class_weight="balanced"), {"C": 1.0}, False)
+    assert est.get_params()["clf__class_weight"] == "balanced"

@@ -30,6 +30,8 @@ class HeadContext:
     min_class_rows : int
         Rows of the smallest class in the final training set.
     class_weight : {None, "balanced"}
+        As the estimators take it (``FitConfig.head_class_weight`` maps the CLI's ``none``); anything else is an
+        error here, so no head reads it again.
     seed : int
     input_shape : tuple of int
         Shape of one input row as cached (``(d,)`` or ``(h, w, c)``).
@@ -57,3 +59,7 @@ class HeadContext:
     work_bytes: int | None = None
     holdout_max_rows: int = HOLDOUT_MAX_ROWS
     form: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")

@@ -52,10 +52,6 @@ def _names(source: RowSource, rows: np.ndarray | None = None) -> np.ndarray:
     return source.classes[labels]
 
 
-def _cw(ctx: HeadContext) -> str | None:
-    return "balanced" if ctx.class_weight == "balanced" else None
-
-
 def fit_exact(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
               est: Any = None) -> Any:
     """The head's exact estimator fitted on the source's rows in memory (``est`` refitted when given)."""
@@ -97,8 +93,8 @@ def fit_logreg_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSo
     def transform(X: np.ndarray) -> np.ndarray:
         return scaler.transform(_flat(X))
 
-    W, b = minibatch_linear(source, "log", C, _cw(ctx), ctx.seed, transform=transform, max_bytes=ctx.work_bytes)
-    return Pipeline([("scale", scaler), ("clf", logistic_regression(W, b, source.classes, C, _cw(ctx)))])
+    W, b = minibatch_linear(source, "log", C, ctx.class_weight, ctx.seed, transform=transform, max_bytes=ctx.work_bytes)
+    return Pipeline([("scale", scaler), ("clf", logistic_regression(W, b, source.classes, C, ctx.class_weight))])
 
 
 def fit_linear_svm_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
@@ -116,9 +112,9 @@ def fit_linear_svm_minibatch(ctx: HeadContext, params: dict[str, Any], source: R
     def transform(X: np.ndarray) -> np.ndarray:
         return scaler.transform(_flat(X))
 
-    W, b = minibatch_linear(source, "squared_hinge", C, _cw(ctx), ctx.seed, transform=transform, rows=train,
+    W, b = minibatch_linear(source, "squared_hinge", C, ctx.class_weight, ctx.seed, transform=transform, rows=train,
                             max_bytes=ctx.work_bytes)
-    clf: Any = linear_svc(W, b, source.classes, C, _cw(ctx))
+    clf: Any = linear_svc(W, b, source.classes, C, ctx.class_weight)
     if len(cal):
         clf = _calibrated(clf, transform(source.take(cal)), _names(source, cal))
     return Pipeline([("scale", scaler), ("clf", clf)])
@@ -156,7 +152,7 @@ class _KernelMap:
         return self.scaler2.transform(X if self.first is None else self.first(X))
 
     def solve(self, ctx: HeadContext, C: float) -> tuple[np.ndarray, np.ndarray]:
-        return minibatch_linear(self.mapped, "squared_hinge", C, _cw(ctx), ctx.seed, transform=self.transform,
+        return minibatch_linear(self.mapped, "squared_hinge", C, ctx.class_weight, ctx.seed, transform=self.transform,
                                 rows=self.rows, n_features=self.m, max_bytes=ctx.work_bytes)
 
 
@@ -173,7 +169,7 @@ def fit_svm_nystroem(ctx: HeadContext, params: dict[str, Any], source: RowSource
     km = _KernelMap(ctx, float(params["gamma"]), source, train)
     C = float(params["C"])
     W, b = km.solve(ctx, C)
-    clf: Any = linear_svc(W, b, source.classes, C, _cw(ctx))
+    clf: Any = linear_svc(W, b, source.classes, C, ctx.class_weight)
     if len(cal):
         clf = _calibrated(clf, km.scaler2.transform(km.kernel_map(source.take(cal))), _names(source, cal))
     cbrt = FunctionTransformer(np.cbrt).fit(np.zeros((1, source.n_features)))

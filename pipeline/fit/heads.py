@@ -216,10 +216,6 @@ def _calibration_folds(ctx: HeadContext) -> int:
     return max(2, min(3, ctx.min_class_rows))
 
 
-def _cw(ctx: HeadContext) -> str | None:
-    return "balanced" if ctx.class_weight == "balanced" else None
-
-
 DENSE_WIDE_INPUTS = 4096
 
 
@@ -228,18 +224,18 @@ def _dense_lr(ctx: HeadContext) -> float:
 
 
 def _build_dense(ctx: HeadContext, params: dict[str, Any], search: bool) -> DenseHead:
-    return DenseHead(class_weight=_cw(ctx), random_state=ctx.seed, learning_rate=_dense_lr(ctx),
+    return DenseHead(class_weight=ctx.class_weight, random_state=ctx.seed, learning_rate=_dense_lr(ctx),
                      validation_max_rows=ctx.holdout_max_rows, **params)
 
 
 def _build_logreg(ctx: HeadContext, params: dict[str, Any], search: bool) -> Pipeline:
-    clf = LogisticRegression(C=float(params["C"]), max_iter=300, tol=1e-3, class_weight=_cw(ctx),
+    clf = LogisticRegression(C=float(params["C"]), max_iter=300, tol=1e-3, class_weight=ctx.class_weight,
                              warm_start=search)
     return Pipeline([("scale", StandardScaler()), ("clf", clf)])
 
 
 def _build_linear_svm(ctx: HeadContext, params: dict[str, Any], search: bool) -> Pipeline:
-    svm = LinearSVC(C=float(params["C"]), dual=True, tol=1e-3, max_iter=2000, class_weight=_cw(ctx),
+    svm = LinearSVC(C=float(params["C"]), dual=True, tol=1e-3, max_iter=2000, class_weight=ctx.class_weight,
                     random_state=ctx.seed)
     clf = svm if search else CalibratedClassifierCV(svm, method="sigmoid", cv=_calibration_folds(ctx),
                                                     ensemble=False)
@@ -260,7 +256,7 @@ def _build_svm(ctx: HeadContext, params: dict[str, Any], search: bool) -> Pipeli
     if _svm_uses_pca(ctx):
         steps.append(("pca", PCA(n_components=PCA_COMPONENTS, svd_solver="randomized", random_state=ctx.seed)))
     svm = SVC(C=float(params["C"]), kernel="rbf", gamma=_svm_gamma(ctx, params["gamma_factor"]),
-              class_weight=_cw(ctx))
+              class_weight=ctx.class_weight)
     clf = svm if search else CalibratedClassifierCV(svm, method="sigmoid", cv=_calibration_folds(ctx),
                                                     ensemble=False)
     steps.append(("clf", clf))
@@ -308,8 +304,6 @@ class MemoryRoom:
         The form the plan chose.
     row_bytes : int
         Bytes of one training row as float32.
-    work_bytes : int
-        The budget's share for one head's bounded structures (:attr:`pipeline.fit.plan.MemoryBudget.work_bytes`).
     pass_rows : int
         Rows one pass maps at once (the streamed pass's buffer, at most one read block).
     max_rows : int or None
@@ -319,9 +313,14 @@ class MemoryRoom:
     ctx: HeadContext
     form: Form
     row_bytes: int
-    work_bytes: int
     pass_rows: int
     max_rows: int | None
+
+    @property
+    def work_bytes(self) -> int:
+        """The budget's share for one head's bounded structures, as its context holds it
+        (:attr:`pipeline.fit.plan.MemoryBudget.work_bytes`)."""
+        return int(self.ctx.work_bytes or 0)
 
 
 @dataclass(frozen=True)
@@ -415,7 +414,7 @@ HEADS: dict[str, HeadSpec] = {
                 f"Dropout({DENSE_DEFAULTS['dropout']}) -> softmax, early stopping (maps: flatten)",
         fixed=lambda ctx: {**{k: DENSE_DEFAULTS[k] for k in ("hidden", "dropout", "batch_size", "patience",
                                                              "validation_fraction")},
-                           "learning_rate": _dense_lr(ctx), "class_weight": _cw(ctx)},
+                           "learning_rate": _dense_lr(ctx), "class_weight": ctx.class_weight},
         memory=_dense_memory,
         strength_rank=2, simplicity_rank=5,
         batch_form=Form("streamed", "the same network, trained on blocks of rows read from the cache (rows shuffled "
@@ -425,7 +424,7 @@ HEADS: dict[str, HeadSpec] = {
         name="logreg", build=_build_logreg, search_path="warm", warm_params={"C": "clf__C"},
         grid=lambda ctx: [{"C": c} for c in LOGREG_C],
         summary="standardise + multinomial logistic regression, C swept (linear probe)",
-        fixed=lambda ctx: {"class_weight": _cw(ctx), "solver": "lbfgs" if ctx.form == "exact" else "minibatch"},
+        fixed=lambda ctx: {"class_weight": ctx.class_weight, "solver": "lbfgs" if ctx.form == "exact" else "minibatch"},
         batch_form=Form("minibatch", "multinomial logistic regression: " + MINIBATCH_SUMMARY,
                         forms.fit_logreg_minibatch),
         exact_max_rows=LOGREG_EXACT_MAX_ROWS, strength_rank=0, simplicity_rank=1,
@@ -433,7 +432,7 @@ HEADS: dict[str, HeadSpec] = {
     "linear_svm": HeadSpec(
         name="linear_svm", build=_build_linear_svm, grid=lambda ctx: [{"C": c} for c in LINEAR_SVM_C],
         summary="standardise + linear SVM, C swept; sigmoid-calibrated probabilities",
-        fixed=lambda ctx: {"class_weight": _cw(ctx),
+        fixed=lambda ctx: {"class_weight": ctx.class_weight,
                            **({"calibration_folds": _calibration_folds(ctx)} if ctx.form == "exact" else
                               {"calibration": "held-out", "solver": "minibatch"})},
         batch_form=Form("minibatch", "one-vs-rest squared-hinge linear SVM (LinearSVC's objective): "
@@ -448,7 +447,7 @@ HEADS: dict[str, HeadSpec] = {
         grid=lambda ctx: [{"C": c, "gamma_factor": g, "gamma": _svm_gamma(ctx, g)}
                           for c in SVM_C for g in SVM_GAMMA_FACTORS],
         summary="cube root + standardise (+ PCA 512) + RBF SVM, C x gamma swept; sigmoid-calibrated",
-        fixed=lambda ctx: {"class_weight": _cw(ctx),
+        fixed=lambda ctx: {"class_weight": ctx.class_weight,
                            **({"pca_components": PCA_COMPONENTS if _svm_uses_pca(ctx) else None,
                                "calibration_folds": _calibration_folds(ctx)} if ctx.form == "exact" else
                               {"nystroem_components": min(ctx.nystroem_components, ctx.n_rows),

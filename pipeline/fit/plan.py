@@ -261,12 +261,10 @@ def plan_head(spec: HeadSpec, ctx: HeadContext, cache: CachePlan, search_rows: i
     if form is None:
         return _skip(spec, ctx, data, f"{spec.name} cannot learn from rows read in blocks, and its features do "
                                       f"not fit in memory: {cache.reason}")
-    work = cache.budget.work_bytes
-    ctx = replace(ctx, form=form.name, work_bytes=work)
+    ctx = replace(ctx, form=form.name, work_bytes=cache.budget.work_bytes)
     if spec.memory is None:
         return HeadPlan(spec.name, form, data, ctx, reason, None, {})
-    room = MemoryRoom(ctx, form, cache.row_bytes, work, min(n, cache.buffer_rows, chunk_rows_for(cache.row_bytes)),
-                      limit)
+    room = MemoryRoom(ctx, form, cache.row_bytes, min(n, cache.buffer_rows, chunk_rows_for(cache.row_bytes)), limit)
     fit = spec.memory(spec, room)
     if fit.too_big:
         return _skip(spec, fit.ctx, data, f"{fit.too_big} a quarter of the memory budget ({fmt_bytes(budget)})")

@@ -83,8 +83,11 @@ class _Plan:
     budget: MemoryBudget
     policy: CostPolicy
     audit: Audit | None
-    labels: list[tuple[str, str]]
-    """Per cache, its backbone label and the slug of its result keys (made unique within the run)."""
+
+    @property
+    def labels(self) -> list[tuple[str, str]]:
+        """Per cache, its backbone label and the slug of its result keys (made unique within the run)."""
+        return _cache_labels(self.inputs)
 
 
 @dataclass
@@ -258,7 +261,7 @@ def _plan_run(stack: contextlib.ExitStack, config: FitConfig, say: Callable[[str
     caches = [plan_cache(used, tuple(r.shape), budget, policy) for r in inputs.readers]
     max_rows = min(c.search_max_rows for c in caches)
     srows = search_rows(protocol, splits, inputs.labels, config.seed, max_rows)
-    return _Plan(inputs, splits, protocol, srows, caches, budget, policy, found, _cache_labels(inputs))
+    return _Plan(inputs, splits, protocol, srows, caches, budget, policy, found)
 
 
 def _fit_cache(plan: _Plan, ci: int, config: FitConfig, run_dir: Path, say: Callable[[str], None]) -> _CacheFit:

@@ -235,8 +235,9 @@ def extract(
                           ] = MapsDtype("float16"),
     runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
         help="Inference runtime: onnx (ONNX Runtime: CPU, or CUDA / TensorRT with onnxruntime-gpu), keras, or auto: "
-             "by this machine (onnx with a GPU provider or on CPUs without AVX-512, keras on AVX-512 CPUs or "
-             "without onnxruntime; the device line says why). ONNX is checked against Keras on the first batch of "
+             "by this machine (onnx with a GPU provider, keras where only TensorFlow sees a GPU or without "
+             "onnxruntime, on a CPU the one that timed cheaper for this model here, timed once and kept; the device "
+             "line says why). ONNX is checked against Keras on the first batch of "
              "every run and falls back to it if they differ.")] = Runtime("auto"),
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[Optional[int], typer.Option(

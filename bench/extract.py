@@ -95,12 +95,15 @@ def _onnx_runtime(backbone: str, batch: int):
 
 
 def phase_prepare(root: Path, backbone: str, batch: int) -> dict:
-    """Export the ONNX model once (outside every timed phase) and report how long it took."""
-    from pipeline.runtime.factory import auto_facts, choose_auto
+    """Export the ONNX model once (outside every timed phase) and report how long it took, and what
+    ``--runtime auto`` takes here (on a CPU: both runtimes timed once, stored beside the export)."""
+    from pipeline.runtime.factory import make_runtime
 
     t = time.perf_counter()
-    _, rt = _onnx_runtime(backbone, batch)
-    return {"n": 0, "seconds": time.perf_counter() - t, "summary": rt.summary(), "auto": choose_auto(auto_facts())}
+    cfg, rt = _onnx_runtime(backbone, batch)
+    seconds = time.perf_counter() - t
+    auto = make_runtime(cfg.model, "auto", log=lambda m: None, built=rt.built, batch_size=batch)
+    return {"n": 0, "seconds": seconds, "summary": rt.summary(), "auto": auto.choice or auto.note}
 
 
 def phase_ceiling(root: Path, backbone: str, batch: int) -> dict:
@@ -416,7 +419,7 @@ def main() -> None:
         for backbone in args.backbones:
             prep = run_phase("prepare", root, backbone, args.batch_size)
             print(f"\n{backbone}: {prep['summary']}; ONNX model ready in {prep['seconds']:.1f}s (export, or the "
-                  f"stored file reused); --runtime auto here: {prep['auto'][0]} ({prep['auto'][1]})")
+                  f"stored file reused); --runtime auto here: {prep['auto']}")
             dec = run_phase("decode", root, backbone, args.batch_size, reader=args.reader)
             by = {(r["kind"], r["workers"]): r for r in dec["runs"]}
             for (kind, w), d in by.items():

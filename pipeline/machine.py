@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_cores", "cpu_flags", "decode_threads", "gpu_available", "MAX_DECODE_THREADS"]
+__all__ = ["cpu_cores", "cpu_flags", "cpu_model", "decode_threads", "gpu_available", "MAX_DECODE_THREADS"]
 
 
 def cpu_cores() -> int:
@@ -20,17 +20,30 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux names them (``avx2``, ``avx512f``, ...); empty where ``/proc/cpuinfo`` is not
-    readable (not Linux), which callers read as "nothing known"."""
+def _cpuinfo_field(name: str) -> str:
+    """The first value of ``name`` in ``/proc/cpuinfo`` ("" where it is absent or not readable: not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (``avx2``, ``avx512f``, ...); empty where ``/proc/cpuinfo`` is not
+    readable (not Linux), which callers read as "nothing known"."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else :func:`platform.processor`, "" where neither says)."""
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor()
 
 
 MAX_DECODE_THREADS = 8

@@ -23,7 +23,8 @@ from pipeline.runtime import onnx_export  # noqa: E402
 from pipeline.extract.config import ModelConfig, resolve_config  # noqa: E402
 from pipeline.machine import cpu_cores  # noqa: E402
 from pipeline.runtime.base import RuntimeUnavailableError  # noqa: E402
-from pipeline.runtime.factory import AutoFacts, auto_facts, choose_auto, make_runtime  # noqa: E402
+from pipeline.runtime.factory import AutoFacts, choose_auto, make_runtime  # noqa: E402
+from pipeline.runtime.timing import Timing, read_timing, time_runtimes, timing_path  # noqa: E402
 from pipeline.runtime.keras import KerasRuntime, build_model  # noqa: E402
 from pipeline.runtime.onnx import (CPU_PROVIDER, OnnxRuntime, choose_providers, intra_op_threads,  # noqa: E402
                                    relative_difference)
@@ -60,7 +61,7 @@ def _keras_outputs(built, px: np.ndarray) -> dict[str, np.ndarray]:
 # ---- parity ----------------------------------------------------------------------------------------------------
 
 
-ONNX_BY_AUTO = AutoFacts()  # ONNX Runtime installed, no GPU, no AVX-512: the facts on which auto takes ONNX Runtime
+ONNX_BY_AUTO = AutoFacts(measured=Timing(keras_ms=2.0, onnx_ms=1.0))  # a CPU where ONNX Runtime timed cheaper
 
 ONNX_CHECKED = ["mobilenet_v2", "inception_v3", "resnet50_v2", "efficientnet_b0", "convnext_tiny", "densenet121",
                 "nasnet_mobile"]
@@ -595,22 +596,21 @@ def test_engine_records_the_runtime_it_ran(tiny_dataset, tmp_path):
            f"{cpu_cores()} thread(s)), batch 4, "  # asked for: no reason of auto's
     assert any(m.startswith(line) and m.endswith("decoding threads") for m in msgs), msgs
 
-    msgs.clear()  # auto: the runtime its rule names for this machine, and the rule's reason in the device line
+    msgs.clear()  # auto: the runtime this machine's timing names, and the timing in the device line
     res = run_extract(tiny_dataset, tmp_path / "d", log=msgs.append, weights="none", input_size=32, batch_size=4)
-    name, why = choose_auto(auto_facts())
-    ran = cache.read_meta(res.path)["runs"][0]["runtime"]
-    assert ran == {"onnx": "onnxruntime", "keras": "keras"}[name]
-    assert any(m.startswith("device: ") and f" [{why}], batch 4, " in m for m in msgs), msgs
+    name = {"onnxruntime": "onnx", "keras": "keras"}[cache.read_meta(res.path)["runs"][0]["runtime"]]
+    (device,) = [m for m in msgs if m.startswith("device: ")]
+    assert f" [auto: {name}, " in device and " ms CPU per image against " in device, device
 
 
 def test_auto_rule_by_machine_facts():
     """Each fact auto chooses by, and the reason it gives (docs/benchmarks.md "Which runtime auto takes")."""
     cases = {
-        AutoFacts(onnx_missing="onnxruntime is not installed", avx512=True, keras_gpu=True): "keras",
-        AutoFacts(onnx_gpu=True, avx512=True, keras_gpu=True): "onnx",  # ONNX Runtime's CUDA path goes first
+        AutoFacts(onnx_missing="onnxruntime is not installed", keras_gpu=True): "keras",
+        AutoFacts(onnx_gpu=True, keras_gpu=True): "onnx",  # ONNX Runtime's CUDA path goes first
         AutoFacts(keras_gpu=True): "keras",
-        AutoFacts(avx512=True): "keras",
-        AutoFacts(): "onnx",
+        AutoFacts(measured=Timing(keras_ms=3.0, onnx_ms=2.0)): "onnx",  # a CPU: the cheaper of both as timed
+        AutoFacts(measured=Timing(keras_ms=2.0, onnx_ms=3.0)): "keras",
     }
     reasons = set()
     for facts, want in cases.items():
@@ -619,24 +619,91 @@ def test_auto_rule_by_machine_facts():
         assert why and why not in reasons, facts  # every branch says its own reason
         reasons.add(why)
     assert "pip install onnxruntime" in choose_auto(AutoFacts(onnx_missing="x"))[1]
-    assert "AVX-512" in choose_auto(AutoFacts(avx512=True))[1]
-    assert "without AVX-512" in choose_auto(AutoFacts())[1]
+    assert "GPU" in choose_auto(AutoFacts(keras_gpu=True))[1]
+    assert choose_auto(AutoFacts(measured=Timing(2.0, 3.5, "stored")))[1] == (
+        "auto: keras, 2.0 ms CPU per image against onnx's 3.5 on this machine (stored)")
+    assert choose_auto(AutoFacts(measured=Timing(2.0, 2.0)))[0] == "onnx"  # a tie keeps ONNX Runtime
+    with pytest.raises(ValueError, match="timing"):  # a CPU and no timing: make_runtime times first
+        choose_auto(AutoFacts())
 
 
 def test_auto_builds_what_its_rule_names(small):
     """make_runtime follows choose_auto for the facts it is handed, and the runtime carries the reason."""
     model, built = small
     msgs: list[str] = []
-    rt = make_runtime(model, "auto", log=msgs.append, built=built, facts=AutoFacts(avx512=True))
-    assert isinstance(rt, KerasRuntime) and rt.choice == choose_auto(AutoFacts(avx512=True))[1]
+    rt = make_runtime(model, "auto", log=msgs.append, built=built, facts=AutoFacts(keras_gpu=True))
+    assert isinstance(rt, KerasRuntime) and rt.choice == choose_auto(AutoFacts(keras_gpu=True))[1]
+    keras_cheaper = AutoFacts(measured=Timing(keras_ms=1.0, onnx_ms=2.0))
+    rt = make_runtime(model, "auto", log=msgs.append, built=built, facts=keras_cheaper)
+    assert isinstance(rt, KerasRuntime) and rt.choice == choose_auto(keras_cheaper)[1]
     assert rt.describe()["note"] == "" and not [m for m in msgs if m.startswith("runtime:")]
     rt = make_runtime(model, "auto", log=msgs.append, built=built, facts=ONNX_BY_AUTO)
     assert isinstance(rt, OnnxRuntime) and rt.choice == choose_auto(ONNX_BY_AUTO)[1]
     assert make_runtime(model, "keras", log=msgs.append, built=built).choice == ""  # asked for: no reason
 
 
+def test_time_runtimes_alternates_and_takes_medians():
+    """Each runtime warms up once untimed, then the rounds alternate which goes first; medians per image."""
+    calls: list[str] = []
+    spent = [0.0]
+    costs = {"keras": iter([9.0, 0.4, 0.8, 0.6]), "onnx": iter([9.0, 0.2, 0.9, 0.3])}  # warm-up first, then rounds
+
+    def run(name):
+        def go(px):
+            calls.append(name)
+            spent[0] += next(costs[name])
+        return go
+
+    ms = time_runtimes({"keras": run("keras"), "onnx": run("onnx")}, np.zeros((4, 2, 2, 3), np.uint8), rounds=3,
+                       clock=lambda: spent[0])
+    assert calls == ["keras", "onnx", "keras", "onnx", "onnx", "keras", "keras", "onnx"]
+    assert ms == pytest.approx({"keras": 1000 * 0.6 / 4, "onnx": 1000 * 0.3 / 4})
+
+
+def test_auto_on_a_cpu_times_both_once_per_machine_and_keeps_it(small, tmp_path, monkeypatch):
+    """The first auto run on a CPU times both runtimes and stores the result beside the exported model; the next run
+    reads it; a damaged or another machine's file is timed over; a file that cannot be kept costs one line."""
+    import json
+    from dataclasses import replace
+
+    monkeypatch.setenv("HEADBENCH_HOME", str(tmp_path))
+    model, built = small
+    msgs: list[str] = []
+    cpu = AutoFacts()  # ONNX Runtime installed, no GPU: no timing handed in
+
+    def auto() -> object:
+        msgs.clear()
+        return make_runtime(model, "auto", log=msgs.append, built=built, facts=cpu)
+
+    rt = auto()
+    assert any(m.startswith("runtime: auto times keras and onnx on 32 images") for m in msgs), msgs
+    path = timing_path(onnx_export.stored_model_path(model))  # beside the model exported into tmp_path
+    stored = read_timing(path)
+    assert stored is not None and stored.source == "stored" and stored.keras_ms > 0 and stored.onnx_ms > 0
+    assert isinstance(rt, OnnxRuntime if stored.faster == "onnx" else KerasRuntime)
+    assert rt.choice == choose_auto(AutoFacts(measured=replace(stored, source="timed now")))[1]
+    rt = auto()
+    assert not [m for m in msgs if "times keras and onnx" in m] and rt.choice.endswith("on this machine (stored)")
+
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "machine": {**data["machine"], "cpu": "another CPU"}}))
+    assert read_timing(path) is None
+    auto()
+    assert any("times keras and onnx" in m for m in msgs) and read_timing(path) is not None
+    path.write_text("{not json")
+    assert read_timing(path) is None
+    auto()
+    assert any("times keras and onnx" in m for m in msgs) and read_timing(path) is not None
+
+    path.unlink()
+    path.mkdir()  # cannot be written over (even as root): timed, used, and said
+    rt = auto()
+    assert any(m.startswith(f"runtime: cannot keep the timing in {path}") for m in msgs), msgs
+    assert rt.choice.endswith("on this machine (timed now)")
+
+
 def test_cpu_flags_read_from_cpuinfo():
-    from pipeline.machine import cpu_flags
+    from pipeline.machine import cpu_flags, cpu_model
 
     flags = cpu_flags()
     assert isinstance(flags, frozenset)
@@ -648,6 +715,9 @@ def test_cpu_flags_read_from_cpuinfo():
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     assert flags == frozenset(line.partition(":")[2].split())
     assert ("avx512f" in flags) == (" avx512f" in line)
+    model_line = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
+    if model_line:  # x86 Linux: the name a stored timing is kept for
+        assert cpu_model() == model_line.partition(":")[2].strip() and cpu_model()
 
 
 def test_predict_gives_the_same_labels_with_both_runtimes(tmp_path):

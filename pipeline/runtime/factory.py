@@ -1,23 +1,26 @@
 """The one runtime factory: which runtime extracts or predicts, and why.
 
 :func:`make_runtime` sits above both implementations (:mod:`pipeline.runtime.keras`, :mod:`pipeline.runtime.onnx`):
-``auto`` (the default) takes the runtime :func:`choose_auto` names for this machine's facts (a GPU, AVX-512,
-whether ONNX Runtime is installed) and says why in the device line; when ONNX Runtime is chosen but its export
+``auto`` (the default) takes the runtime :func:`choose_auto` names for this machine's facts (a GPU, whether
+ONNX Runtime is installed, and on a CPU both runtimes timed once for the model, :mod:`pipeline.runtime.timing`) and
+says why in the device line; when ONNX Runtime is chosen but its export
 or session fails, Keras runs, saying why in one line. Callers that need another (a test's wrapped runtime, a
 benchmark's prebuilt one) take a :data:`RuntimeFactory` with it as the default.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from pipeline.backbones import BuiltBackbone, ModelConfig
 from pipeline.runtime.base import Runtime, RuntimeUnavailableError
 from pipeline.runtime.keras import KerasRuntime, build_model, configure_threads
-from pipeline.machine import cpu_flags, gpu_available
-from pipeline.runtime.onnx import GPU_PROVIDERS, PARITY_TOLERANCE, onnxruntime_missing, open_onnx_runtime
+from pipeline.machine import gpu_available
+from pipeline.runtime.onnx import (GPU_PROVIDERS, PARITY_TOLERANCE, OnnxRuntime, onnxruntime_missing,
+                                   open_onnx_runtime)
 from pipeline.runtime.onnx_export import Convert, to_onnx
+from pipeline.runtime.timing import Timing, stored_or_timed, timing_path, timing_pixels
 
 RUNTIME_CHOICES = ("auto", "onnx", "keras")
 
@@ -34,14 +37,20 @@ class AutoFacts:
         no GPU is present, and the session then says in one line that the CPU runs).
     keras_gpu : bool
         TensorFlow sees a GPU.
-    avx512 : bool
-        The CPU has AVX-512 (``avx512f``).
+    measured : Timing, optional
+        Both runtimes' CPU per image for the model on this machine, which decides on a CPU (:func:`make_runtime`
+        reads or takes it, :func:`pipeline.runtime.timing.stored_or_timed`; a caller may hand one in).
     """
 
     onnx_missing: str = ""
     onnx_gpu: bool = False
     keras_gpu: bool = False
-    avx512: bool = False
+    measured: Timing | None = None
+
+    @property
+    def on_cpu(self) -> bool:
+        """Both runtimes can run and neither has a GPU: the measured timing decides."""
+        return not (self.onnx_missing or self.onnx_gpu or self.keras_gpu)
 
 
 def auto_facts() -> AutoFacts:
@@ -53,19 +62,17 @@ def auto_facts() -> AutoFacts:
         import onnxruntime as ort
 
         onnx_gpu = any(p in ort.get_available_providers() for p in GPU_PROVIDERS)
-    return AutoFacts(missing, onnx_gpu, gpu_available(), "avx512f" in cpu_flags())
+    return AutoFacts(missing, onnx_gpu, gpu_available())
 
 
 def choose_auto(facts: AutoFacts) -> tuple[str, str]:
     """The runtime ``auto`` takes, and why, in the words of the device line.
 
-    A rule per CPU feature, from the pipeline run on both runtimes on the same images in the same run
-    (``bench/extract.py``, docs/benchmarks.md "Which runtime auto takes"): with AVX-512, TensorFlow's folded model
-    made as many images/s as ONNX Runtime or more (MobileNetV2 on two sets and InceptionV3, 0.98-1.39x) and needs
-    no export and no parity check; without it (AVX2), ONNX Runtime made 2.2-2.4x less CPU per image. A GPU goes
-    first: ONNX Runtime's CUDA / TensorRT path where it is installed, else TensorFlow's. Timing both on each run's
-    first batch was not taken: it would build, export and run two models on every run to decide what this rule
-    already says.
+    A GPU goes first: ONNX Runtime's CUDA / TensorRT path where it is installed, else TensorFlow's. On a CPU, the
+    runtime that needed less CPU per image when both were timed on this machine for this model
+    (:mod:`pipeline.runtime.timing`): no single fact of the CPU says which, as measured (docs/benchmarks.md "Which
+    runtime auto takes": ONNX Runtime 2.2x cheaper for MobileNetV2 on AVX2 and 1.24-1.30x on AVX-512, equal for
+    InceptionV3 there, and TensorFlow's folded graph cheaper for some larger backbones on the same AVX-512 CPUs).
 
     Parameters
     ----------
@@ -75,6 +82,11 @@ def choose_auto(facts: AutoFacts) -> tuple[str, str]:
     -------
     (str, str)
         ``("onnx" | "keras", why)``.
+
+    Raises
+    ------
+    ValueError
+        On a CPU (:attr:`AutoFacts.on_cpu`) without ``facts.measured``.
     """
     if facts.onnx_missing:
         return "keras", f"ONNX Runtime is not available ({facts.onnx_missing}; pip install onnxruntime tf2onnx)"
@@ -82,11 +94,13 @@ def choose_auto(facts: AutoFacts) -> tuple[str, str]:
         return "onnx", "auto: onnx, ONNX Runtime has a GPU provider (CUDA / TensorRT)"
     if facts.keras_gpu:
         return "keras", "auto: keras, TensorFlow sees a GPU and the installed ONNX Runtime has no GPU provider"
-    if facts.avx512:
-        return "keras", ("auto: keras, with AVX-512 TensorFlow's folded model is as fast as ONNX Runtime and needs no "
-                         "export or parity check")
-    return "onnx", ("auto: onnx, without AVX-512 ONNX Runtime needs less CPU per image than TensorFlow "
-                    "(MobileNetV2 2.2x, InceptionV3 1.3x)")
+    t = facts.measured
+    if t is None:
+        raise ValueError("on a CPU auto chooses by both runtimes' timing: AutoFacts.measured is needed")
+    other = "keras" if t.faster == "onnx" else "onnx"
+    ms = {"keras": t.keras_ms, "onnx": t.onnx_ms}
+    return t.faster, (f"auto: {t.faster}, {ms[t.faster]:.1f} ms CPU per image against {other}'s {ms[other]:.1f} "
+                      f"on this machine ({t.source})")
 
 
 RuntimeFactory = Callable[..., Runtime]
@@ -142,23 +156,53 @@ def make_runtime(model: ModelConfig, runtime: str = "auto", log: Callable[[str],
                                           f"tf2onnx (onnxruntime-gpu for a GPU), or use --runtime keras")
     elif runtime == "auto":
         facts = facts or auto_facts()
+        if facts.on_cpu:
+            return _timed_on_cpu(model, built or build_model(model, announce=log), log, parity_tolerance,
+                                 batch_size, convert, facts)
         runtime, why = choose_auto(facts)
         note, choice = (why, "") if facts.onnx_missing else ("", why)
     built = built or build_model(model, announce=log)
     if runtime == "onnx":
-        tol = PARITY_TOLERANCE if parity_tolerance is None else parity_tolerance
         try:
-            rt = open_onnx_runtime(model, built, log=log, parity_tolerance=tol, batch_size=batch_size,
-                                   convert=convert)
+            rt = _open_onnx(model, built, log, parity_tolerance, batch_size, convert)
             rt.choice = choice
             return rt
         except RuntimeUnavailableError as exc:
             if not choice:
                 raise
             note = str(exc)
+    return _keras(model, built, log, choice, note)
+
+
+def _open_onnx(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None], parity_tolerance: float | None,
+               batch_size: int, convert: Convert) -> OnnxRuntime:
+    tol = PARITY_TOLERANCE if parity_tolerance is None else parity_tolerance
+    return open_onnx_runtime(model, built, log=log, parity_tolerance=tol, batch_size=batch_size, convert=convert)
+
+
+def _keras(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None], choice: str, note: str
+           ) -> KerasRuntime:
+    """The Keras runtime; with ``note`` (why not ONNX Runtime, when auto wanted it) said in one line."""
     rt = KerasRuntime(model, built)
     rt.choice = choice if not note else ""
     if note:
         rt.note = note
         log(f"runtime: keras, because {note}")
+    return rt
+
+
+def _timed_on_cpu(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None],
+                  parity_tolerance: float | None, batch_size: int, convert: Convert, facts: AutoFacts) -> Runtime:
+    """auto on a CPU: ONNX Runtime opened (exported once), then the runtime with less CPU per image by the timing
+    handed in or stored for this machine, else timed now (:func:`pipeline.runtime.timing.stored_or_timed`)."""
+    try:
+        onnx_rt = _open_onnx(model, built, log, parity_tolerance, batch_size, convert)
+    except RuntimeUnavailableError as exc:
+        return _keras(model, built, log, "", str(exc))
+    keras_rt = KerasRuntime(model, built)
+    measured = facts.measured or stored_or_timed(timing_path(onnx_rt.path), keras_rt, onnx_rt.unchecked,
+                                                 timing_pixels(model.input_size, batch_size), log=log)
+    name, why = choose_auto(replace(facts, measured=measured))
+    rt: Runtime = onnx_rt if name == "onnx" else keras_rt
+    rt.choice = why
     return rt

@@ -243,6 +243,11 @@ class OnnxRuntime(Runtime):
         res = self._session.run(self._outputs, {self._input: np.ascontiguousarray(pixels, dtype=np.uint8)})
         return dict(zip(self._outputs, res))
 
+    def unchecked(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The session's outputs, without the first-batch check (which stays for the first real batch): for timing
+        the session (:mod:`pipeline.runtime.timing`)."""
+        return self._run(pixels)
+
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         if self._keras is not None:
             return self._keras(pixels)

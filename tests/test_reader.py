@@ -11,7 +11,8 @@ import pytest
 
 from conftest import write_image
 from pipeline.data import discover
-from pipeline.reader import (CRASHED, PROCESS_MIN_IMAGES, ReaderPlan, decode_item, plan_reader, read_batches)
+from pipeline.reader import (CHILD_MALLOC, CRASHED, PROCESS_MIN_IMAGES, Decoded, ReaderPlan, decode_item,
+                             plan_reader, read_batches)
 from pipeline.views import make_view_spec
 
 MIB = 2**20
@@ -22,6 +23,11 @@ def crash_on_boom(root, item, size, resize, views=None):
     if Path(item.relpath).name.startswith("boom"):
         os._exit(70)
     return decode_item(root, item, size, resize, views)
+
+
+def malloc_settings(root, item, size, resize, views=None):
+    """A decoder that reports, as its row's error, the heap settings its process runs with."""
+    return Decoded(item, None, "", " ".join(f"{k}={os.environ.get(k)}" for k in sorted(CHILD_MALLOC)))
 
 
 def _reader_children() -> list[int]:
@@ -105,6 +111,21 @@ def test_a_process_dying_on_an_image_costs_that_image_only(tmp_path):
             assert d.error == "" and np.array_equal(d.pixels, decode_item(ds.root, d.item, 16, "crop").pixels)
     assert sum(d.error == CRASHED for d in rows) == 3
     assert _reader_children() == []
+
+
+def test_decoding_processes_keep_their_heap_unless_the_user_set_it(tiny_dataset, monkeypatch):
+    """A decoding process's large arrays come from a kept heap (no page faults per image, see CHILD_MALLOC); a user's
+    own glibc settings are passed on as they are."""
+    ds = discover(tiny_dataset)
+    for key in CHILD_MALLOC:
+        monkeypatch.delenv(key, raising=False)
+    want = " ".join(f"{k}={CHILD_MALLOC[k]}" for k in sorted(CHILD_MALLOC))
+    assert {d.error for d in _rows(ds.root, ds.items, "process", decode=malloc_settings)} == {want}
+    assert {d.error for d in _rows(ds.root, ds.items, "thread", decode=malloc_settings)} == {
+        " ".join(f"{k}=None" for k in sorted(CHILD_MALLOC))}  # the command's own process is left as it is
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    (got,) = {d.error for d in _rows(ds.root, ds.items, "process", decode=malloc_settings)}
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in got and f"MALLOC_TRIM_THRESHOLD_={CHILD_MALLOC['MALLOC_TRIM_THRESHOLD_']}" in got
 
 
 def test_processes_that_cannot_start_leave_the_work_to_threads_saying_so(tiny_dataset, tmp_path):

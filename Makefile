@@ -26,6 +26,7 @@ test-backbones: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/extract.py
+	$(PY) bench/runtime_ab.py
 	$(PY) bench/heads.py
 	$(PY) bench/backbones.py
 

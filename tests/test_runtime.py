@@ -434,6 +434,18 @@ def test_a_run_checks_its_session_by_the_probe_stored_at_export_without_running_
 # ---- providers (fakes: no GPU here) ----------------------------------------------------------------------------
 
 
+def test_cpu_sessions_run_without_a_memory_pattern(small):
+    """On the CPU a session reuses its arena's blocks instead of allocating a memory pattern on its second run (whose
+    page faults cost a run's first real batch 1-1.5 s for InceptionV3 in a process that has loaded TensorFlow)."""
+    from pipeline.runtime.onnx import make_session
+
+    model, built = small
+    path = onnx_export.ensure_exported(model, built, log=lambda m: None)
+    session = make_session(path, [CPU_PROVIDER], 2, model.input_size, 4)
+    assert session.get_session_options().enable_mem_pattern is False
+    assert session.get_session_options().intra_op_num_threads == 2
+
+
 def test_provider_choice_and_threads():
     gpu_build = [TRT, CUDA, CPU_PROVIDER]
     assert choose_providers([CPU_PROVIDER], tensorrt_libraries=True) == [CPU_PROVIDER]

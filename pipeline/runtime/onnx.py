@@ -139,6 +139,11 @@ def make_session(path: Path, providers: Sequence[str], threads: int, input_size:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # On the CPU, no memory pattern: with it the second run allocates the whole pattern afresh, and in a process
+    # that has loaded TensorFlow its page faults cost 1.0-1.5 s of system time for InceptionV3 (0.1 s without
+    # TensorFlow), paid by a run's first real batch; without it runs reuse the arena's blocks, the same speed from
+    # the third run on, and the peak RSS is lower (docs/benchmarks.md). GPU providers keep it (not measured there).
+    so.enable_mem_pattern = bool(providers) and providers[0] in GPU_PROVIDERS
     if any(p in GPU_PROVIDERS for p in providers) and hasattr(ort, "preload_dlls"):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
             ort.preload_dlls(msvc=False)  # CUDA / cuDNN from the nvidia-* wheels that the [gpu] extra installs

@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 
@@ -26,10 +25,7 @@ import _start  # bench/_start.py: the repo on sys.path, TensorFlow's native chat
 
 REPO = _start.start(__name__)
 
-
-def _cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+from pipeline.runtime.timing import process_cpu_seconds as _cpu  # noqa: E402  (after _start: the repo on sys.path)
 
 
 def _timed(rt, px, batch: int) -> tuple[float, float]:

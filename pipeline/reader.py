@@ -392,8 +392,8 @@ CHILD_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_
 """glibc's heap settings for a decoding process (the user's own, when set, win). Its decoding runs on the main
 thread, in glibc's main arena, where each image's 150 KB arrays were mapped and unmapped afresh: 37 page faults per
 224 px image, and 0.60 ms of CPU per 128 px flower against 0.45 in a thread. Allocations up to 16 MiB from the heap,
-kept up to 64 MiB: 2 faults per image, 0.52 ms, 1 process 1,990 img/s instead of 1,720 (docs/benchmarks.md). Other C
-libraries ignore these variables."""
+kept up to 64 MiB: 2 faults per image, 0.52 ms; bench/extract.py's decode phase, 1 process 1,945 img/s instead of
+1,770 (docs/benchmarks.md). Other C libraries ignore these variables."""
 
 _BOOT = "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); import pipeline.reader as r; r.serve(*sys.argv[2:])"
 """A decoding process's command (``python -c``): the parent's import path, then :func:`serve`."""

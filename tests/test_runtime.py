@@ -24,7 +24,7 @@ from pipeline.extract.config import ModelConfig, resolve_config  # noqa: E402
 from pipeline.machine import cpu_cores  # noqa: E402
 from pipeline.runtime.base import RuntimeUnavailableError  # noqa: E402
 from pipeline.runtime.factory import AutoFacts, choose_auto, make_runtime  # noqa: E402
-from pipeline.runtime.timing import Timing, read_timing, time_runtimes, timing_path  # noqa: E402
+from pipeline.runtime.timing import Timing, read_timing, time_runtimes, timing_path, write_timing  # noqa: E402
 from pipeline.runtime.keras import KerasRuntime, build_model  # noqa: E402
 from pipeline.runtime.onnx import (CPU_PROVIDER, OnnxRuntime, choose_providers, intra_op_threads,  # noqa: E402
                                    relative_difference)
@@ -712,6 +712,16 @@ def test_auto_on_a_cpu_times_both_once_per_machine_and_keeps_it(small, tmp_path,
     rt = auto()
     assert any(m.startswith(f"runtime: cannot keep the timing in {path}") for m in msgs), msgs
     assert rt.choice.endswith("on this machine (timed now)")
+
+    path.rmdir()  # a stored timing naming Keras: no ONNX session opened, not even the export looked for
+    write_timing(path, Timing(keras_ms=1.0, onnx_ms=2.0), 32)
+    model_file = onnx_export.stored_model_path(model)
+    model_file.unlink()
+    converted: list[object] = []
+    rt = make_runtime(model, "auto", log=msgs.append, built=built, facts=cpu,
+                      convert=lambda b: converted.append(b) or onnx_export.to_onnx(b))
+    assert isinstance(rt, KerasRuntime) and rt.choice.endswith("(stored)") and rt.note == ""
+    assert converted == [] and not model_file.exists()
 
 
 def test_cpu_flags_read_from_cpuinfo():

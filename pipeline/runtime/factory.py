@@ -19,8 +19,8 @@ from pipeline.runtime.keras import KerasRuntime, build_model, configure_threads
 from pipeline.machine import gpu_available
 from pipeline.runtime.onnx import (GPU_PROVIDERS, PARITY_TOLERANCE, OnnxRuntime, onnxruntime_missing,
                                    open_onnx_runtime)
-from pipeline.runtime.onnx_export import Convert, to_onnx
-from pipeline.runtime.timing import Timing, stored_or_timed, timing_path, timing_pixels
+from pipeline.runtime.onnx_export import Convert, stored_model_path, to_onnx
+from pipeline.runtime.timing import Timing, read_timing, time_and_keep, timing_path, timing_pixels
 
 RUNTIME_CHOICES = ("auto", "onnx", "keras")
 
@@ -39,7 +39,7 @@ class AutoFacts:
         TensorFlow sees a GPU.
     measured : Timing, optional
         Both runtimes' CPU per image for the model on this machine, which decides on a CPU (:func:`make_runtime`
-        reads or takes it, :func:`pipeline.runtime.timing.stored_or_timed`; a caller may hand one in).
+        reads it, or times both, :mod:`pipeline.runtime.timing`; a caller may hand one in).
     """
 
     onnx_missing: str = ""
@@ -193,16 +193,23 @@ def _keras(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None],
 
 def _timed_on_cpu(model: ModelConfig, built: BuiltBackbone, log: Callable[[str], None],
                   parity_tolerance: float | None, batch_size: int, convert: Convert, facts: AutoFacts) -> Runtime:
-    """auto on a CPU: ONNX Runtime opened (exported once), then the runtime with less CPU per image by the timing
-    handed in or stored for this machine, else timed now (:func:`pipeline.runtime.timing.stored_or_timed`)."""
-    try:
-        onnx_rt = _open_onnx(model, built, log, parity_tolerance, batch_size, convert)
-    except RuntimeUnavailableError as exc:
-        return _keras(model, built, log, "", str(exc))
-    keras_rt = KerasRuntime(model, built)
-    measured = facts.measured or stored_or_timed(timing_path(onnx_rt.path), keras_rt, onnx_rt.unchecked,
-                                                 timing_pixels(model.input_size, batch_size), log=log)
+    """auto on a CPU: the runtime with less CPU per image by the timing handed in or stored for this machine, else
+    both timed now (:func:`pipeline.runtime.timing.time_and_keep`). Only what runs is built: a stored timing that
+    names Keras opens no ONNX session, one that names ONNX Runtime folds no Keras copy."""
+    path = timing_path(stored_model_path(model))
+    measured = facts.measured or read_timing(path)
+    onnx_rt: OnnxRuntime | None = None
+    keras_rt: KerasRuntime | None = None
+    if measured is None or measured.faster == "onnx":
+        try:
+            onnx_rt = _open_onnx(model, built, log, parity_tolerance, batch_size, convert)
+        except RuntimeUnavailableError as exc:
+            return _keras(model, built, log, "", str(exc))
+        if measured is None:
+            keras_rt = KerasRuntime(model, built)
+            measured = time_and_keep(path, keras_rt, onnx_rt.unchecked, timing_pixels(model.input_size, batch_size),
+                                     log=log)
     name, why = choose_auto(replace(facts, measured=measured))
-    rt: Runtime = onnx_rt if name == "onnx" else keras_rt
+    rt: Runtime = onnx_rt if name == "onnx" and onnx_rt is not None else keras_rt or KerasRuntime(model, built)
     rt.choice = why
     return rt

@@ -146,9 +146,9 @@ def write_timing(path: Path, timing: Timing, images: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def stored_or_timed(path: Path, keras: Callable[[np.ndarray], Any], onnx: Callable[[np.ndarray], Any],
-                    pixels: np.ndarray, log: Callable[[str], None] = print) -> Timing:
-    """The timing stored at ``path`` for this machine, else both runtimes timed now on ``pixels`` and stored.
+def time_and_keep(path: Path, keras: Callable[[np.ndarray], Any], onnx: Callable[[np.ndarray], Any],
+                  pixels: np.ndarray, log: Callable[[str], None] = print) -> Timing:
+    """Both runtimes timed now on ``pixels`` (:func:`time_runtimes`), the result stored at ``path`` for later runs.
 
     Parameters
     ----------
@@ -159,15 +159,13 @@ def stored_or_timed(path: Path, keras: Callable[[np.ndarray], Any], onnx: Callab
         run's first real batch).
     pixels : ndarray
     log : callable
-        One line when both are timed (it costs a few batches, once per machine) and when the result cannot be kept.
+        One line saying both are timed (it costs a few batches, once per machine), one more when the result cannot
+        be kept.
 
     Returns
     -------
     Timing
     """
-    stored = read_timing(path)
-    if stored is not None:
-        return stored
     log(f"runtime: auto times keras and onnx on {len(pixels)} images ({TIMING_ROUNDS} rounds each), once on this "
         f"machine for this model")
     ms = time_runtimes({"keras": keras, "onnx": onnx}, pixels)

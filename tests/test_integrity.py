@@ -321,12 +321,22 @@ def test_parts_left_by_a_kill_after_the_rename_are_not_counted_twice(tiny_datase
     seconds = cache.read_meta(first)["extract_seconds"]
     assert list(cache.parts_dir(first).glob("part-*.h5"))
     write_image(tiny_dataset / "red" / "late.png", np.zeros((30, 30, 3), np.uint8))
-    res, msgs = _run(tiny_dataset, tmp_path / "c")
+    new_parts = []
+
+    def note_new_parts(tmp, path):
+        commit_file(tmp, path)
+        if path.parent.name.endswith(".parts"):
+            with h5py.File(path, "r") as f:  # the part's own record, read apart from the scan under test
+                new_parts.append(float(f.attrs["seconds"]))
+
+    res, msgs = _run(tiny_dataset, tmp_path / "c", commit=note_new_parts)
     assert res.n_extracted == 1 and res.n_reused == 12
     assert not any("from an interrupted run" in m for m in msgs)
     assert any("discarded" in m and "earlier assembly" in m for m in msgs)
     meta = cache.read_meta(res.path)
-    assert seconds < meta["extract_seconds"] < seconds * 1.9  # the first run's rows are counted once
+    [new_part] = new_parts
+    assert 0 < new_part  # the first run's rows are counted once: its own seconds plus the new part's
+    assert meta["extract_seconds"] == pytest.approx(seconds + new_part, rel=1e-9)
     assert [r["rows"] for r in meta["runs"]] == [12, 1]
 
 

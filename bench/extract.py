@@ -397,6 +397,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="decoding workers of the pipelines (default: theirs)")
     ap.add_argument("--reader", choices=READER_KINDS, default="auto", help="decoding workers' kind of the pipelines")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the decode-only lines (threads and processes, 1 vs the default count) and the ceiling")
     ap.add_argument("--phase", choices=[*PHASES, *HELPERS], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -417,9 +419,12 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, repeats {args.repeats}; random weights (speed does not depend on them); "
               f"load average {load()} at {time.strftime('%Y-%m-%d %H:%M')}")
         for backbone in args.backbones:
-            prep = run_phase("prepare", root, backbone, args.batch_size)
-            print(f"\n{backbone}: {prep['summary']}; ONNX model ready in {prep['seconds']:.1f}s (export, or the "
-                  f"stored file reused); --runtime auto here: {prep['auto']}")
+            if args.decode_only:
+                print(f"\n{backbone}: decoding at its input size")
+            else:
+                prep = run_phase("prepare", root, backbone, args.batch_size)
+                print(f"\n{backbone}: {prep['summary']}; ONNX model ready in {prep['seconds']:.1f}s (export, or the "
+                      f"stored file reused); --runtime auto here: {prep['auto']}")
             dec = run_phase("decode", root, backbone, args.batch_size, reader=args.reader)
             by = {(r["kind"], r["workers"]): r for r in dec["runs"]}
             for (kind, w), d in by.items():
@@ -436,6 +441,8 @@ def main() -> None:
                     print(f"  decode {_workers(kind, wd)} vs 1: {gain:.2f}x, after the first batch {steady:.2f}x "
                           f"(target >= 1.8; "
                           f"{wd} independent processes on this machine: {ceiling:.2f}x)")
+            if args.decode_only:
+                continue
             parts = {p: run_phase(f"breakdown-{rt}", root, backbone, args.batch_size) for p, rt in BREAKDOWNS.items()}
             rates: dict[str, list[float]] = {p: [] for p in PHASES}
             cpu_ms: dict[str, list[float]] = {p: [] for p in PHASES}

@@ -5,7 +5,8 @@ Two kinds of worker do the same work (:func:`decode_item`, so a row's pixels nev
 * **processes** (the default when the model runs on a GPU, for a job of :data:`PROCESS_MIN_IMAGES` images or
   more): each decodes a chunk of images into a slot of one shared-memory block (an unlinked file in ``/dev/shm``,
   handed to each process as an open file descriptor, so nothing is left behind whatever happens) and sends back only
-  digests and errors over a pipe; the reader copies the slot out in one ``memcpy``. Each process has its own
+  digests and errors over a pipe; the reader copies the slot out in one ``memcpy``, into a buffer of its own that
+  it uses again once no row of its last copy is held (:class:`_Copies`). Each process has its own
   interpreter, so the per-image Python steps (opening the file, Pillow's header parsing, EXIF, array wrapping: about
   0.1 ms of a 128-px image's 0.5 ms) run in parallel instead of taking turns on one GIL. Decoding then scales with
   cores on small images as it does on large ones, which a GPU fed by 8-16 cores needs (docs/benchmarks.md).
@@ -37,11 +38,13 @@ import math
 import mmap
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
 import tempfile
 import traceback
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -360,9 +363,9 @@ def _decode_into(slots: np.ndarray, decode: Decode, slot: int, root: Path, items
 def serve(fd: str, shape: str) -> None:
     """The loop of a decoding process (``python -c``): map the slots, say ready, then decode each task it is sent.
 
-    A task is ``(decode, slot, root, items, size, resize, views)`` pickled on stdin; each answer is pickled on
-    stdout: ``("ok", [(sha256, error), ...])`` or ``("error", traceback)`` for a fault that is not the image's.
-    It stops at the end of stdin (the reader closed it, or its process is gone).
+    A task is ``(decode, slot, root, items, size, resize, views)`` pickled on stdin; each answer is a frame on
+    stdout (:func:`_frame`): ``("ok", [(sha256, error), ...])`` or ``("error", traceback)`` for a fault that is not
+    the image's. It stops at the end of stdin (the reader closed it, or its process is gone).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the command, which stops this process
     dims = tuple(json.loads(shape))
@@ -370,7 +373,7 @@ def serve(fd: str, shape: str) -> None:
     slots = np.ndarray(dims, np.uint8, buffer=buf)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the answers
-    pickle.dump(("ready", os.getpid()), out)
+    out.write(_frame(("ready", os.getpid())))
     out.flush()
     while True:
         try:
@@ -382,38 +385,65 @@ def serve(fd: str, shape: str) -> None:
         except Exception:  # noqa: BLE001 - a fault of ours, not the image's: the reader raises it
             answer = ("error", traceback.format_exc())
         try:
-            pickle.dump(answer, out)
+            out.write(_frame(answer))
             out.flush()
         except BrokenPipeError:
             return
 
 
-CHILD_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
-"""glibc's heap settings for a decoding process (the user's own, when set, win). Its decoding runs on the main
-thread, in glibc's main arena, where each image's 150 KB arrays were mapped and unmapped afresh: 37 page faults per
-224 px image, and 0.60 ms of CPU per 128 px flower against 0.45 in a thread. Allocations up to 16 MiB from the heap,
-kept up to 64 MiB: 2 faults per image, 0.52 ms; bench/extract.py's decode phase, 1 process 1,945 img/s instead of
-1,770 (docs/benchmarks.md). Other C libraries ignore these variables."""
+def _frame(message: tuple) -> bytes:
+    """A decoding process's answer as sent: its pickle's length (8 bytes, little-endian), then the pickle. The
+    reader reads what has arrived from every process without blocking on any (:meth:`_Worker.read_arrived`), which
+    a pickle read straight off a buffered pipe cannot tell it."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(8, "little") + data
 
-_BOOT = "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); import pipeline.reader as r; r.serve(*sys.argv[2:])"
-"""A decoding process's command (``python -c``): the parent's import path, then :func:`serve`."""
+
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20),
+             "OPENBLAS_NUM_THREADS": "1"}
+"""The environment a decoding process adds to the command's (the user's own values, when set, win).
+
+glibc's heap: a process decodes on its main thread, in glibc's main arena, where each image's 150 KB arrays were
+mapped and unmapped afresh: 37 page faults per 224 px image, and 0.60 ms of CPU per 128 px flower against 0.45 in a
+thread. Allocations up to 16 MiB from the heap, kept up to 64 MiB: 2 faults per image, 0.52 ms; bench/extract.py's
+decode phase, 1 process 1,945 img/s instead of 1,770 (docs/benchmarks.md). Other C libraries ignore these variables.
+
+One OpenBLAS thread: decoding does no linear algebra, and NumPy's import otherwise starts one BLAS thread per core
+in every process (0.09 s of the 0.2 s of CPU a process took to start here; 16 processes x 16 threads on a GPU
+node)."""
+
+_BOOT = ("import json, os, sys; sys.path[:0] = json.loads(sys.argv[1]); import pipeline.reader as r; "
+         "r.serve(*sys.argv[2:]); os._exit(0)")
+"""A decoding process's command (``python -c``): the parent's import path, then :func:`serve`; at the end of its
+tasks it exits at once (its answers are flushed and it holds nothing else), without the interpreter's teardown of
+NumPy and Pillow, 30-60 ms that the reader's end waited for."""
 
 
 @dataclass(eq=False)
 class _Task:
-    """One chunk sent to a decoding process: its slot and what to send again if the process dies."""
+    """One chunk sent to a decoding process: its slot, what to send again if the process dies, and its outcome
+    once known (the process's ``(sha256, error)`` per image, or the rows decoded one at a time after a crash)."""
 
     slot: int
     message: tuple
     worker: "_Worker | None" = None
+    results: list | None = None
+    rows: list[Decoded] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.results is not None or self.rows is not None
 
 
 @dataclass(eq=False)
 class _Worker:
-    """One decoding process, its pipes and the tasks it holds, oldest first."""
+    """One decoding process, its pipes, the tasks it has not answered yet (oldest first) and the bytes of answers
+    not yet whole."""
 
     proc: subprocess.Popen
     tasks: deque = field(default_factory=deque)
+    inbox: bytearray = field(default_factory=bytearray)
+    answers: deque = field(default_factory=deque)
 
     @classmethod
     def start(cls, fd: int, shape: tuple[int, ...]) -> "_Worker":
@@ -423,7 +453,7 @@ class _Worker:
         cmd = [sys.executable, "-c", _BOOT, json.dumps(paths), str(fd), json.dumps(list(shape))]
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,),
-                                    start_new_session=True, env={**CHILD_MALLOC, **os.environ})
+                                    start_new_session=True, env={**CHILD_ENV, **os.environ})
         except OSError as exc:
             raise _CannotStart(str(exc)) from None
         return cls(proc)
@@ -442,12 +472,40 @@ class _Worker:
         except (BrokenPipeError, OSError):
             pass  # it died: the task's collect sees the end of its answers
 
-    def receive(self) -> tuple | None:
-        """The next answer; None when the process is gone."""
+    def fileno(self) -> int:
+        """The answers' pipe (for ``select``)."""
+        return self.stdout.fileno()
+
+    def read_arrived(self) -> bool:
+        """Read what the pipe holds (one ``read``; it blocks only when nothing has arrived) into :attr:`answers`;
+        False at the end of the pipe (the process is gone)."""
         try:
-            return pickle.load(self.stdout)
-        except (EOFError, OSError, pickle.UnpicklingError):
-            return None
+            data = os.read(self.fileno(), 1 << 16)
+        except OSError:
+            data = b""
+        self.inbox += data
+        while len(self.inbox) >= 8 and len(self.inbox) >= 8 + (n := int.from_bytes(self.inbox[:8], "little")):
+            try:
+                self.answers.append(pickle.loads(self.inbox[8:8 + n]))
+            except (pickle.UnpicklingError, EOFError, ValueError):
+                return False  # garbled: treated as a process that died
+            del self.inbox[:8 + n]
+        return bool(data)
+
+    def receive(self) -> tuple | None:
+        """The next answer, waiting for it; None when the process is gone."""
+        while not self.answers:
+            if not self.read_arrived():
+                return None
+        return self.answers.popleft()
+
+    def hang_up(self) -> None:
+        """Close both pipes: the process finishes the chunk in hand, then sees the end of its tasks."""
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
 
     @property
     def stdin(self) -> IO[bytes]:
@@ -458,16 +516,47 @@ class _Worker:
         return self.proc.stdout  # type: ignore[return-value]
 
     def stop(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
+        self.hang_up()
         try:
             self.proc.wait(timeout=5)  # it finishes the chunk in hand, then sees the end of stdin
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class _Copies:
+    """Buffers that a slot is copied out into, each used again once no row of its last copy is left.
+
+    A fresh 1-10 MB array per chunk was memory that glibc mapped or handed back to the system and the reader's
+    process then faulted in page by page: 18 page faults per 224 px image, which made the copy 9x a ``memcpy`` (56 of
+    the reader's 70 us of CPU per image on 128 px flowers, the one part of decoding with processes that does not run
+    in parallel). Whether a buffer is free is known without guessing: the rows are views of a ``handle`` array made
+    over the buffer through a ``memoryview``, so NumPy makes the handle their base (it does not look through a
+    buffer that is not an array), and a weak reference to the handle dies with the last row. A consumer that keeps
+    rows for as long as it likes only makes the reader copy into a fresh array.
+    """
+
+    def __init__(self, shape: tuple[int, ...], keep: int) -> None:
+        self.shape, self.keep = shape, keep
+        self.nbytes = int(np.prod(shape))
+        self.buffers: list[tuple[bytearray, Callable[[], Any]]] = []
+
+    def take(self, src: np.ndarray) -> np.ndarray:
+        """A copy of ``src`` (a slot's first rows) in a buffer no earlier copy's row still uses."""
+        n = src.shape[0]
+        for i, (buf, handle) in enumerate(self.buffers):
+            if handle() is None:
+                break
+        else:
+            if len(self.buffers) >= self.keep:  # every buffer is held (the consumer keeps rows): a plain copy
+                return src.copy()
+            buf, i = bytearray(self.nbytes), len(self.buffers)
+            self.buffers.append((buf, lambda: None))
+        handle = np.frombuffer(memoryview(buf), np.uint8)  # every view of it, however derived, has it as base
+        out = handle.reshape(self.shape)[:n]
+        out[...] = src
+        self.buffers[i] = (buf, weakref.ref(handle))
+        return out
 
 
 class _ProcessPool(_Pool):
@@ -488,6 +577,7 @@ class _ProcessPool(_Pool):
             self.buf = mmap.mmap(self.fd, nbytes)
             self.slots = np.ndarray(self.shape, np.uint8, buffer=self.buf)
             self.free = deque(range(self.shape[0]))
+            self.copies = _Copies(self.shape[1:], 2 * self.shape[0])
             self.workers = [_Worker.start(self.fd, self.shape) for _ in range(plan.workers)]
             for w in self.workers:
                 w.wait_ready()
@@ -498,27 +588,42 @@ class _ProcessPool(_Pool):
     def submit(self, root, part, size, resize, views):  # noqa: ANN001 - see _Pool
         slot = self.free.popleft()
         task = _Task(slot, (self.decode, slot, root, part, size, resize, views))
+        self._pump(wait=False)
+        # To the process with the fewest chunks not yet decoded, as far as its answers tell: chunks are collected in
+        # order, so counting those not yet collected dealt them out in turn, and a process that decoded faster
+        # (its chunks happened to hold smaller photos) waited for the other one instead of taking more.
         min(self.workers, key=lambda w: len(w.tasks)).send(task)
         return task
 
     def collect(self, task, part):  # noqa: ANN001 - see _Pool
-        worker = task.worker
-        if worker is None or not worker.tasks or worker.tasks[0] is not task:
-            raise RuntimeError("internal: decoding tasks collected out of order")
-        answer = worker.receive()
-        if answer is None:  # the process died on one of this chunk's images
-            rows = self._recover(worker, task, part)
-        else:
-            worker.tasks.popleft()
-            if answer[0] != "ok":
-                raise RuntimeError(f"internal: a decoding process failed:\n{answer[1]}")
-            rows = self._take(task, part, answer[1])
+        if task.worker is None:
+            raise RuntimeError("internal: a decoding task was collected before it was sent")
+        while not task.done:
+            self._pump(wait=True)
+        rows = task.rows if task.rows is not None else self._take(task, part, task.results or [])
         self.free.append(task.slot)
         return rows
 
+    def _pump(self, wait: bool) -> None:
+        """Take the answers that have arrived from any process (waiting for one when ``wait``), each for its
+        process's oldest task not yet answered; a process that died is replaced and its chunks decoded again."""
+        busy = [w for w in self.workers if w.tasks]
+        if not busy:
+            return
+        ready, _, _ = select.select(busy, [], [], None if wait else 0)
+        for worker in ready:
+            alive = worker.read_arrived()
+            while worker.answers and worker.tasks:
+                task, answer = worker.tasks.popleft(), worker.answers.popleft()
+                if answer[0] != "ok":
+                    raise RuntimeError(f"internal: a decoding process failed:\n{answer[1]}")
+                task.results = answer[1]
+            if not alive and worker.tasks:  # it died on one of its oldest task's images
+                self._recover(worker)
+
     def _take(self, task: _Task, part: list[ImageItem], results: list[tuple[str, str]]) -> list[Decoded]:
         """The chunk's pixels copied out of its slot (one copy; the rows are views of it)."""
-        block = self.slots[task.slot, :len(part)].copy()
+        block = self.copies.take(self.slots[task.slot, :len(part)])
         views = block.shape[1] > 1
         return [Decoded(it, None if err else block[j, 0], sha, err, block[j, 1:] if views and not err else None)
                 for j, (it, (sha, err)) in enumerate(zip(part, results))]
@@ -535,10 +640,11 @@ class _ProcessPool(_Pool):
         self.workers[self.workers.index(worker)] = fresh
         return fresh
 
-    def _recover(self, worker: _Worker, task: _Task, part: list[ImageItem]) -> list[Decoded]:
-        """``part`` decoded one image at a time by a fresh process (an image it dies on is a :data:`CRASHED`
-        row), then the dead process's later tasks sent again, in order."""
-        later = list(worker.tasks)[1:]
+    def _recover(self, worker: _Worker) -> None:
+        """The dead ``worker``'s oldest task decoded one image at a time by a fresh process (an image it dies on is
+        a :data:`CRASHED` row), then its later tasks sent again, in order."""
+        task, *later = worker.tasks
+        part = task.message[3]
         worker = self._replace(worker)
         rows = []
         for it in part:
@@ -553,11 +659,13 @@ class _ProcessPool(_Pool):
                 raise RuntimeError(f"internal: a decoding process failed:\n{answer[1]}")
             else:
                 rows.extend(self._take(alone, [it], answer[1]))
+        task.rows = rows
         for t in later:
             worker.send(t)
-        return rows
 
     def close(self) -> None:
+        for w in self.workers:  # all told first, so that they end together rather than one after another
+            w.hang_up()
         for w in self.workers:
             w.stop()
         self.workers = []

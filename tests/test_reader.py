@@ -3,7 +3,9 @@ that dies, or never starts, costs."""
 
 from __future__ import annotations
 
+import collections
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,26 @@ import pytest
 
 from conftest import write_image
 from pipeline.data import discover
-from pipeline.reader import (CHILD_MALLOC, CRASHED, PROCESS_MIN_IMAGES, Decoded, ReaderPlan, decode_item,
+from pipeline.reader import (CHILD_ENV, CRASHED, PROCESS_MIN_IMAGES, Decoded, ReaderPlan, _Copies, decode_item,
                              plan_reader, read_batches)
 from pipeline.views import make_view_spec
 
 MIB = 2**20
+
+
+def one_slow_process(root, item, size, resize, views=None):
+    """A decoder that says which process decoded each image (as its digest). The first process to decode anything
+    takes 30 ms on each image from ``img_040`` on (as one given a run of large photos would), the other none; the
+    first images are quick in both, so both processes have started before the difference begins."""
+    if not hasattr(one_slow_process, "slow"):
+        try:
+            os.close(os.open(Path(root) / ".slow", os.O_CREAT | os.O_EXCL))
+            one_slow_process.slow = True
+        except FileExistsError:
+            one_slow_process.slow = False
+    if one_slow_process.slow and int(Path(item.relpath).stem.split("_")[1]) >= 40:
+        time.sleep(0.03)
+    return Decoded(item, np.zeros((size, size, 3), np.uint8), str(os.getpid()), "")
 
 
 def crash_on_boom(root, item, size, resize, views=None):
@@ -27,7 +44,7 @@ def crash_on_boom(root, item, size, resize, views=None):
 
 def malloc_settings(root, item, size, resize, views=None):
     """A decoder that reports, as its row's error, the heap settings its process runs with."""
-    return Decoded(item, None, "", " ".join(f"{k}={os.environ.get(k)}" for k in sorted(CHILD_MALLOC)))
+    return Decoded(item, None, "", " ".join(f"{k}={os.environ.get(k)}" for k in sorted(CHILD_ENV)))
 
 
 def _reader_children() -> list[int]:
@@ -97,6 +114,49 @@ def test_processes_and_threads_give_the_same_rows_with_views_and_failures(tiny_d
     assert set(os.listdir("/dev/shm")) == before and _reader_children() == []
 
 
+def test_rows_a_consumer_keeps_stay_intact_while_the_copies_of_dropped_rows_are_used_again(tmp_path):
+    root = _folder(tmp_path / "many", 96)
+    ds = discover(root)
+    kept = []
+    for i, batch in enumerate(read_batches(root, ds.items, 16, "crop", 4, 2, kind="process")):
+        if i % 3 == 0:  # a consumer that keeps some rows (as a list of results would) and lets the others go
+            kept.extend(batch)
+    assert len(kept) == 32
+    for d in kept:  # later chunks were never copied over a row still held
+        assert np.array_equal(d.pixels, decode_item(root, d.item, 16, "crop").pixels), d.item.relpath
+
+
+def test_a_copy_buffer_serves_again_once_its_last_row_is_gone_and_never_before():
+    copies = _Copies((4, 1, 2, 2, 3), keep=2)
+    first = copies.take(np.full((4, 1, 2, 2, 3), 1, np.uint8))
+    row = first[1, 0][::-1, 1:]  # a view of a view still holds the buffer
+    del first
+    second = copies.take(np.full((3, 1, 2, 2, 3), 2, np.uint8))  # a short chunk
+    assert second.shape[0] == 3 and int(row.max()) == 1
+    memory = [np.frombuffer(b, np.uint8) for b, _ in copies.buffers]
+    assert len(memory) == 2 and not np.shares_memory(second, memory[0]) and np.shares_memory(row, memory[0])
+    third = copies.take(np.full((4, 1, 2, 2, 3), 3, np.uint8))  # both buffers held: a plain copy
+    assert not any(np.shares_memory(third, m) for m in memory) and len(copies.buffers) == 2
+    del row
+    fourth = copies.take(np.full((4, 1, 2, 2, 3), 4, np.uint8))
+    assert np.shares_memory(fourth, memory[0]) and int(second.max()) == 2 and int(third.max()) == 3
+
+
+def test_chunks_go_to_the_process_that_has_decoded_its_share_not_in_turn(tmp_path):
+    root = tmp_path / "set"
+    for i in range(96):  # in name order, which is the job's order
+        write_image(root / ("a" if i < 95 else "b") / f"img_{i:03d}.png", np.zeros((8, 8, 3), np.uint8))
+    ds = discover(root)
+    rows = _rows(ds.root, ds.items, "process", workers=2, batch=8, decode=one_slow_process)
+    assert [d.item.relpath for d in rows] == [it.relpath for it in ds.items]
+    late = [d for d in rows if int(Path(d.item.relpath).stem.split("_")[1]) >= 40]  # 56 images, 14 chunks of 4
+    processes = {d.sha256 for d in rows}
+    late_by = collections.Counter(d.sha256 for d in late)
+    # In turn, each process would take 7 of these chunks and the quick one would wait on the slow one; by what each
+    # has decoded, the slow one gets only the chunks it asks for while the other is as busy.
+    assert len(processes) == 2 and min(late_by[p] for p in processes) <= 20, late_by
+
+
 def test_a_process_dying_on_an_image_costs_that_image_only(tmp_path):
     """Two files kill the process that decodes them: each is a failed row saying so, every other image is decoded
     (those of the dead process's later tasks too), in order, and no process is left behind."""
@@ -113,19 +173,19 @@ def test_a_process_dying_on_an_image_costs_that_image_only(tmp_path):
     assert _reader_children() == []
 
 
-def test_decoding_processes_keep_their_heap_unless_the_user_set_it(tiny_dataset, monkeypatch):
-    """A decoding process's large arrays come from a kept heap (no page faults per image, see CHILD_MALLOC); a user's
-    own glibc settings are passed on as they are."""
+def test_decoding_processes_keep_their_heap_and_one_blas_thread_unless_the_user_set_them(tiny_dataset, monkeypatch):
+    """A decoding process's large arrays come from a kept heap (no page faults per image) and NumPy starts one BLAS
+    thread in it (see CHILD_ENV); a user's own settings are passed on as they are."""
     ds = discover(tiny_dataset)
-    for key in CHILD_MALLOC:
+    for key in CHILD_ENV:
         monkeypatch.delenv(key, raising=False)
-    want = " ".join(f"{k}={CHILD_MALLOC[k]}" for k in sorted(CHILD_MALLOC))
+    want = " ".join(f"{k}={CHILD_ENV[k]}" for k in sorted(CHILD_ENV))
     assert {d.error for d in _rows(ds.root, ds.items, "process", decode=malloc_settings)} == {want}
     assert {d.error for d in _rows(ds.root, ds.items, "thread", decode=malloc_settings)} == {
-        " ".join(f"{k}=None" for k in sorted(CHILD_MALLOC))}  # the command's own process is left as it is
+        " ".join(f"{k}=None" for k in sorted(CHILD_ENV))}  # the command's own process is left as it is
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     (got,) = {d.error for d in _rows(ds.root, ds.items, "process", decode=malloc_settings)}
-    assert "MALLOC_MMAP_THRESHOLD_=65536" in got and f"MALLOC_TRIM_THRESHOLD_={CHILD_MALLOC['MALLOC_TRIM_THRESHOLD_']}" in got
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in got and f"MALLOC_TRIM_THRESHOLD_={CHILD_ENV['MALLOC_TRIM_THRESHOLD_']}" in got
 
 
 def test_processes_that_cannot_start_leave_the_work_to_threads_saying_so(tiny_dataset, tmp_path):

@@ -19,7 +19,7 @@ import typer
 
 from pipeline.data import RESIZE_RULES
 from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, HeadbenchError
-from pipeline.extract.config import ENGINES, MAPS_DTYPES
+from pipeline.extract.config import ENGINES, MAPS_DTYPES, ExtractOptions
 from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS
 from pipeline.reader import READER_KINDS
 from pipeline.runtime.factory import RUNTIME_CHOICES
@@ -55,6 +55,9 @@ def _head_names() -> list[str]:
 
     return [*HEADS, "all"]
 
+
+_EX = ExtractOptions()
+"""The extract stage's defaults: the options below show them, the stage owns them."""
 
 Backbone = _choices("Backbone", _registry_names())
 Resize = _choices("Resize", RESIZE_RULES)
@@ -220,48 +223,48 @@ def extract(
     data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/{train,val,test}/<class>/*.")],
     backbone: Annotated[List[Backbone], typer.Option("--backbone", "-b",  # type: ignore[valid-type]
                                                      help="Registered backbone (repeatable; see `backbones`).")
-                        ] = [Backbone("mobilenet_v2")],  # noqa: B006 - typer reads the default list
+                        ] = [Backbone(_EX.backbone)],  # noqa: B006 - typer reads the default list
     weights: Annotated[str, typer.Option(help="'imagenet' (Keras cache, else download), a .weights.h5/.h5/.keras "
-                                              "file, or 'none' for random weights.")] = "imagenet",
-    cache_dir: Annotated[Path, typer.Option(help="Where feature caches are written.")] = Path("cache"),
+                                              "file, or 'none' for random weights.")] = _EX.weights,
+    cache_dir: Annotated[Path, typer.Option(help="Where feature caches are written.")] = _EX.cache_dir,
     input_size: Annotated[Optional[int], typer.Option(min=1, help="Square input side (default: the backbone's "
                                                                   "own).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Width multiplier (MobileNet v1/v2).")] = None,
     resize: Annotated[Resize, typer.Option(help="crop (centre crop, default) | squash (stretch) | "  # type: ignore
-                                                "pad (letterbox).")] = Resize("crop"),
+                                                "pad (letterbox).")] = Resize(_EX.resize),
     maps: Annotated[bool, typer.Option("--maps", help="Also store the last spatial feature maps.")] = False,
     max_pool: Annotated[bool, typer.Option("--max-pool", help="Also store global max pooled vectors.")] = False,
     maps_dtype: Annotated[MapsDtype, typer.Option(help="Storage type of maps.")  # type: ignore[valid-type]
-                          ] = MapsDtype("float16"),
+                          ] = MapsDtype(_EX.maps_dtype),
     runtime: Annotated[Runtime, typer.Option(  # type: ignore[valid-type]
         help="Inference runtime: onnx (ONNX Runtime: CPU, or CUDA / TensorRT with onnxruntime-gpu), keras, or auto: "
              "by this machine (onnx with a GPU provider, keras where only TensorFlow sees a GPU or without "
              "onnxruntime, on a CPU the one that timed cheaper for this model here, timed once and kept; the device "
              "line says why). ONNX is checked against Keras on the first batch of "
-             "every run and falls back to it if they differ.")] = Runtime("auto"),
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+             "every run and falls back to it if they differ.")] = Runtime(_EX.runtime),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = _EX.batch_size,
     workers: Annotated[Optional[int], typer.Option(
         min=1, help="Decoding workers (default: one per core, at most 8).")] = None,
     reader: Annotated[Reader, typer.Option(  # type: ignore[valid-type]
         help="Decoding workers: process (each its own interpreter, so decoding scales with cores; a crash in an "
              "image decoder costs that image only), thread, or auto: processes when the model runs on a GPU (256 "
-             "images or more, where /dev/shm has room), else threads.")] = Reader("auto"),
+             "images or more, where /dev/shm has room), else threads.")] = Reader(_EX.reader),
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed/--no-retry-failed",
-                                               help="Retry images that failed in an earlier run.")] = True,
+                                               help="Retry images that failed in an earlier run.")] = _EX.retry_failed,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Commit finished rows to disk every N images (a crash "
                                                               "loses at most that much work; a larger "
-                                                              "--batch-size is capped at N).")] = 256,
+                                                              "--batch-size is capped at N).")] = _EX.checkpoint_rows,
     engine: Annotated[Engine, typer.Option(help="local (this machine) | ray (a Ray cluster; needs the 'ray' extra, "  # type: ignore
-                                                "see docs/scaling.md).")] = Engine("local"),
+                                                "see docs/scaling.md).")] = Engine(_EX.engine),
     ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: 'auto' or 'ray://HOST:PORT' joins a "
                                                             "running cluster (default: start a local Ray "
                                                             "instance).")] = None,
     num_workers: Annotated[Optional[int], typer.Option(min=1, help="With --engine ray: model workers (default: one "
                                                                    "per node, or as many as the GPUs allow).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs reserved by each model "
-                                                               "worker.")] = 0.0,
+                                                               "worker.")] = _EX.ray.gpus_per_worker,
     views: Annotated[Optional[int], typer.Option(min=0, max=64, help="Also cache K augmented views per image (K+1 "
                                                                      "times the model work; 0: none). Default: keep "
                                                                      "what the cache has.")] = None,

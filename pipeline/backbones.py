@@ -609,13 +609,25 @@ def resolve_weights(
                 ) from None
             local = Path(got)
         return WeightsInfo("imagenet", str(local), sha256_file(local))
-    path = Path(w).expanduser()
+    path = check_weights_file(w)
+    return WeightsInfo("file", str(path.resolve()), sha256_file(path))
+
+
+def check_weights_file(weights: str | os.PathLike) -> Path:
+    """A weights file as Keras can load one: an existing ``.weights.h5`` / ``.h5`` / ``.keras`` file.
+
+    Raises
+    ------
+    WeightsError
+        It does not exist, is a folder, or has another extension (Keras picks the format by it).
+    """
+    path = Path(weights).expanduser()
     if not path.exists():
-        raise WeightsError(f"weights file {w} does not exist; pass an existing .weights.h5/.h5/.keras file, "
+        raise WeightsError(f"weights file {weights} does not exist; pass an existing .weights.h5/.h5/.keras file, "
                            f"'imagenet' or 'none'")
     if path.is_dir() or not (path.name.endswith(".h5") or path.suffix == ".keras"):
-        raise WeightsError(f"weights file {w} is not a .weights.h5, .h5 or .keras file")
-    return WeightsInfo("file", str(path.resolve()), sha256_file(path))
+        raise WeightsError(f"weights file {weights} is not a .weights.h5, .h5 or .keras file")
+    return path
 
 
 # ---- model identity -----------------------------------------------------------------------------------------
@@ -659,16 +671,18 @@ class ModelConfig:
         return backbone_label(self.backbone, self.alpha, self.input_size)
 
 
-def resolve_model(backbone: str, weights: str, input_size: int | None = None, alpha: float | None = None,
-                  kinds: tuple[str, ...] = ("avg",), announce: Callable[[str], None] = print) -> ModelConfig:
+def resolve_model(backbone: str, weights: str | WeightsInfo, input_size: int | None = None,
+                  alpha: float | None = None, kinds: tuple[str, ...] = ("avg",),
+                  announce: Callable[[str], None] = print) -> ModelConfig:
     """Check a backbone's options and resolve its weights into a :class:`ModelConfig` (no model is built).
 
     Parameters
     ----------
     backbone : str
         Registered name.
-    weights : str
-        ``"imagenet"``, ``"none"`` or a weights file path (see :func:`resolve_weights`).
+    weights : str or WeightsInfo
+        ``"imagenet"``, ``"none"`` or a weights file path (see :func:`resolve_weights`), or weights already
+        resolved (kept as they are: a file is hashed once per command).
     input_size, alpha : optional
         Square input side (default: the backbone's own) and width multiplier (MobileNets).
     kinds : tuple of str
@@ -683,7 +697,8 @@ def resolve_model(backbone: str, weights: str, input_size: int | None = None, al
     """
     spec = get_spec(backbone)
     size, alpha = check_options(spec, input_size, alpha)
-    info = resolve_weights(spec, weights, size, alpha, announce=announce)
+    info = weights if isinstance(weights, WeightsInfo) else resolve_weights(spec, weights, size, alpha,
+                                                                            announce=announce)
     return ModelConfig(spec.name, size, alpha, info, tuple(kinds))
 
 
@@ -797,7 +812,8 @@ def build_feature_model(
     announce: Callable[[str], None] = print,
     seed: int = 0,
 ) -> BuiltBackbone:
-    """Build the frozen feature model of a registered backbone.
+    """Resolve a backbone's options (:func:`resolve_model`) and build its frozen feature model
+    (:func:`build_features`): for scripts and tests that start from a name.
 
     Parameters
     ----------
@@ -820,9 +836,27 @@ def build_feature_model(
     -------
     BuiltBackbone
     """
-    spec = get_spec(name)
-    size, a = check_options(spec, input_size, alpha)
-    info = weights if isinstance(weights, WeightsInfo) else resolve_weights(spec, weights, size, a, announce=announce)
+    kinds = ("avg",) + (("max",) if max_pool else ()) + (("maps",) if maps else ())
+    return build_features(resolve_model(name, weights, input_size, alpha, kinds, announce=announce), seed=seed)
+
+
+def build_features(model: ModelConfig, seed: int = 0) -> BuiltBackbone:
+    """Build the frozen feature model of a resolved :class:`ModelConfig` (its options checked and its weights
+    resolved once, by :func:`resolve_model`; nothing is checked or hashed again here).
+
+    Parameters
+    ----------
+    model : ModelConfig
+        Outputs ``avg``, and ``max`` / ``maps`` when its ``kinds`` name them.
+    seed : int
+        Seed of the random initialisation of random weights (so random features are reproducible).
+
+    Returns
+    -------
+    BuiltBackbone
+    """
+    spec, size, a, info = model.spec, model.input_size, model.alpha, model.weights
+    max_pool, maps = "max" in model.kinds, "maps" in model.kinds
     import keras
 
     if info.source == "none":

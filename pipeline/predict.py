@@ -15,23 +15,15 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline.atomic import check_free_space, write_atomically
-from pipeline.backbones import ModelConfig, build_feature_model, resolve_model
+from pipeline.backbones import build_features
 from pipeline.data import ImageItem, looks_like_image
 from pipeline.errors import RunError
 from pipeline.machine import decode_threads
 from pipeline.reader import Decoded, read_batches
-from pipeline.results import RunHead, head_file, resolve_run_weights, select_head
+from pipeline.results import RunHead, head_file, run_model_config, select_head
 from pipeline.runtime.factory import make_runtime
 from pipeline.saved_head import load_saved_head
 from pipeline.views import ViewSpec
-
-
-def run_model_config(rh: RunHead, weights: str | None = None, log: Callable[[str], None] = print) -> ModelConfig:
-    """The :class:`~pipeline.backbones.ModelConfig` that made a run head's features (weights checked)."""
-    ex = rh.extraction
-    kinds = ("avg",) + ((rh.feature,) if rh.feature != "avg" else ())
-    return resolve_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]), ex["alpha"], kinds,
-                         announce=log)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -103,7 +95,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     ex = rh.extraction
     tta = rh.tta_views
     head_fn = _load_head(rh)  # before the backbone is built: a missing, replaced or damaged file is one line
-    model = run_model_config(rh, weights, log)
+    model = run_model_config(rh, weights, announce=log)
     run = make_runtime(model, runtime, log=log, batch_size=batch_size)
     if tta is not None:
         log(f"{rh.key} averages its probabilities over the centre view and {tta.describe()} (test-time views "
@@ -201,10 +193,9 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, head: str |
     saved = head_file(rh.run_dir, rh.result)
     head_model = load_saved_head(saved, rh.cache_entry.get("feature_shape"),
                                  len(rh.class_names))  # before the backbone is built: a bad file is one line
-    backbone_weights = resolve_run_weights(rh, weights)
-    check_free_space(out, export_size(backbone_weights, saved), "the exported model")
-    built = build_feature_model(ex["backbone"], backbone_weights, int(ex["input_size"]),
-                                ex["alpha"], max_pool=rh.feature == "max", announce=lambda m: None)
+    model = run_model_config(rh, weights, announce=lambda m: None)
+    check_free_space(out, export_size(model.weights.path, saved), "the exported model")
+    built = build_features(model)
     pixels = keras.Input((built.input_size, built.input_size, 3), name="pixels")
     feats = built.model(pixels)[rh.feature]
     probs = head_model(feats)

@@ -33,7 +33,7 @@ from markupsafe import Markup
 from pipeline import __version__
 from pipeline.atomic import write_atomically
 from pipeline.errors import RunError
-from pipeline.results import Run, load_run, pick_file_problem, read_audit, slug
+from pipeline.results import Run, cache_label, load_run, pick_file_problem, read_audit, slug
 
 THUMB_PX = 96
 """Longest side, in pixels, of an embedded mistake thumbnail."""
@@ -625,6 +625,7 @@ def _cache_view(ri: int, ci: int, c: dict[str, Any]) -> dict[str, Any]:
     base = ("caches", ci)
     return {
         "index": ci,
+        "label": cache_label(c),
         "c": _fields(c, ("backbone_label", "backbone", "weights_source", "weights_sha256", "preprocess", "resize",
                          "feature", "path", "sha256", "created", "command", "weights_path")),
         "weights_file": Path(str(c.get("weights_path") or "")).name,
@@ -712,7 +713,7 @@ def _result_view(ri: int, idx: int, r: dict[str, Any], columns: list[Column], fi
     is_best = key == (r.get("best") or {}).get("key")
     view = ResultView(
         run=ri, index=idx, anchor=f"r{ri}-{slug(key)}", key=key, head=str(res["head"]),
-        backbone=str(res.get("backbone_label") or cache.get("backbone_label") or cache.get("backbone", "")),
+        backbone=str(res.get("backbone_label") or cache_label(cache)),
         cache_index=int(res["cache_index"]), is_best=is_best, params=params,
         selection_split=str(res.get("selection_split") or protocol.get("selection") or ""),
         sel_mean=sel_mean, sel_std=sel_std, cells=cells,
@@ -745,7 +746,7 @@ def _timing_view(caches: list[dict[str, Any]], ordered: list[ResultView], salt: 
         heads = [v for v in ordered if v.cache_index == cache["index"] and not _from_images(v)]
         extract = cache["extract"].value
         fits = [v.fit.value for v in heads if isinstance(v.fit.value, (int, float))]
-        label = cache["c"]["backbone_label"] or cache["c"]["backbone"] or f"cache {cache['index']}"
+        label = cache["label"] or f"cache {cache['index']}"
         time_rows.append((f"extract {label}", extract, True))
         time_rows.extend((f"{v.head} ({label})" if len(caches) > 1 else v.head, v.fit.value, False) for v in heads)
         time_rows.extend(_image_time_rows(ordered, cache["index"], label if len(caches) > 1 else ""))
@@ -976,7 +977,7 @@ def render_report(runs: Sequence[Run], compare_href: str | None = None,
     backbones: list[str] = []
     for v in views:
         for c in v["caches"]:
-            label = c["c"]["backbone_label"] or c["c"]["backbone"]
+            label = c["label"]
             if label not in backbones:
                 backbones.append(label)
     template = _environment().get_template("report.html.j2")

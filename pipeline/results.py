@@ -4,8 +4,11 @@
 :func:`load_run`, once per command and run folder. The record's rules live here and nowhere else: result keys and
 slugs, the tie rule (:func:`first_best`), the builders of every object of the file (:func:`run_document` and the
 ``*_record`` functions), which result a name picks and the extraction it came from (:func:`select_head`,
-:class:`RunHead`, :func:`resolve_run_weights`), head files bound to their entries by SHA-256 (:func:`head_file`), the
-run's lock and the commit of a new result (:func:`commit_result`). The format is ``docs/results-format.md``;
+:class:`RunHead`, :func:`resolve_run_weights`, :func:`run_model_config`: the feature model to rebuild, its weights
+hashed once), head files bound to their entries by SHA-256 (:func:`head_file`), the run's lock and the commit of a
+new result (:func:`commit_result`). The run folder's other files are written and read here too, each writer beside
+its reader: ``splits.csv`` (:func:`write_splits`), ``predictions/<key>.csv`` (:func:`write_predictions`) and the
+audit files' columns (:data:`AUDIT_COLUMNS`). The format is ``docs/results-format.md``;
 :data:`SCHEMA_VERSION` is the version written, :data:`READABLE_VERSIONS` the versions read.
 """
 
@@ -20,13 +23,13 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from pipeline import cache, package_versions
 from pipeline.atomic import write_then_commit
-from pipeline.backbones import sha256_file
+from pipeline.backbones import ModelConfig, WeightsInfo, check_weights_file, resolve_model, sha256_file
 from pipeline.errors import RunError, WeightsError
 from pipeline.stats import interval_spec
 from pipeline.views import VIEW_RULE, ViewSpec
@@ -35,9 +38,9 @@ __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_r
            "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS",
            "partial_dir", "LOCK_FILE", "run_lock", "file_sha256", "head_file", "commit_result", "staged_name",
            "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder", "abandoned_partials",
-           "FINETUNE_HEAD", "SCORE_TIE", "slug", "result_key", "finetune_key", "first_best", "report_split",
-           "EXTRACTION_KEYS", "RunHead", "find_results", "run_head", "select_head", "resolve_run_weights",
-           "SPLITS_COLUMNS", "write_splits", "cache_record", "dataset_record", "result_record", "skipped_record",
+           "FINETUNE_HEAD", "SCORE_TIE", "slug", "cache_label", "result_key", "finetune_key", "first_best", "report_split",
+           "EXTRACTION_KEYS", "RunHead", "find_results", "run_head", "select_head", "resolve_run_weights", "run_model_config",
+           "SPLITS_COLUMNS", "write_splits", "PREDICTIONS_COLUMNS", "write_predictions", "cache_record", "dataset_record", "result_record", "skipped_record",
            "run_document", "split_counts", "RECORDED_VERSIONS"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
@@ -74,6 +77,13 @@ SCORE_TIE = 1e-12
 def slug(text: str) -> str:
     """Letters, digits, ``.``, ``_`` and ``-`` of ``text`` (other runs become ``-``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "cache"
+
+
+def cache_label(meta: Mapping[str, Any]) -> str:
+    """What a cache is called in a run, its results and its report: its ``backbone_label`` (the backbone with the
+    width and input size that set it apart, e.g. ``mobilenet_v2_a0.5_160``), else its backbone's name (caches made
+    before labels); "" when it has neither."""
+    return str(meta.get("backbone_label") or meta.get("backbone") or "")
 
 
 def result_key(backbone_label: str, head: str) -> str:
@@ -296,7 +306,7 @@ def cache_record(meta: dict[str, Any], path: str | os.PathLike, feature_shape: S
     return {
         "path": str(Path(path).resolve()), "sha256": str(m.get("content_sha256", "") or ""),
         "backbone": str(m.get("backbone")),
-        "backbone_label": str(m.get("backbone_label")), "input_size": int(m.get("input_size", 0)),
+        "backbone_label": cache_label(m), "input_size": int(m.get("input_size", 0)),
         "preprocess": str(m.get("preprocess")), "resize": str(m.get("resize")),
         "alpha": m.get("alpha"), "pixel_rule": str(m.get("pixel_rule", "")),
         "weights_source": str(m.get("weights_source")), "weights_path": str(m.get("weights_path", "")),
@@ -448,6 +458,36 @@ def read_splits(run: Run) -> list[dict[str, str]] | None:
     return _read_csv(run.path / SPLITS_FILE, SPLITS_COLUMNS)
 
 
+PREDICTIONS_COLUMNS = ("path", "split", "true", "pred")
+"""The first columns of a result's ``predictions/<key>.csv``; one ``p_<class>`` column per class follows."""
+
+
+def write_predictions(path: Path, proba: np.ndarray, rows: np.ndarray, paths: Sequence[str], splits: np.ndarray,
+                      labels: np.ndarray, class_names: Sequence[str]) -> None:
+    """A result's ``predictions/<key>.csv`` (read back by :func:`read_predictions`): one row per image of the final
+    splits, its true and predicted class and the probability of each class.
+
+    Parameters
+    ----------
+    path : Path
+        The file (in the run's folder while it is being built, which is published whole).
+    proba : np.ndarray
+        ``(len(rows), n_classes)`` probabilities.
+    rows : np.ndarray
+        The images' row indices into ``paths``, ``splits`` and ``labels``.
+    paths, splits, labels : sequences
+        Of every image of the run.
+    class_names : sequence of str
+    """
+    pred = np.argmax(proba, axis=1)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([*PREDICTIONS_COLUMNS, *(f"p_{c}" for c in class_names)])
+        for j, i in enumerate(rows):
+            w.writerow([paths[i], splits[i], class_names[labels[i]], class_names[pred[j]]]
+                       + [f"{v:.6g}" for v in proba[j]])
+
+
 def read_predictions(run: Run, entry: dict[str, Any]) -> list[dict[str, str]]:
     """The per-image predictions of one result (``path``, ``split``, ``true``, ``pred``, ``p_<class>``...).
 
@@ -457,7 +497,7 @@ def read_predictions(run: Run, entry: dict[str, Any]) -> list[dict[str, str]]:
         The file is missing, unreadable or lacks its columns.
     """
     file = run.path / str(entry.get("predictions_file") or "")
-    rows = _read_csv(file, ("path", "split", "true", "pred")) if entry.get("predictions_file") else None
+    rows = _read_csv(file, PREDICTIONS_COLUMNS) if entry.get("predictions_file") else None
     if rows is None:
         raise RunError(f"{file} is missing: the predictions of {entry.get('key')} in {run.path} are gone; rerun "
                        f"`python cli.py fit`")
@@ -666,9 +706,10 @@ def select_head(run: Run | str | os.PathLike, head: str | None = None) -> RunHea
     return run_head(loaded, chosen[0])
 
 
-def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
+def resolve_run_weights(rh: RunHead, override: str | None = None) -> str | WeightsInfo:
     """The weights to rebuild a result's backbone with: the recorded file (or ``override``), checked against its
-    SHA-256; ``"imagenet"`` or ``"none"`` when the features came from those.
+    SHA-256 and returned resolved (so it is not hashed again); ``"imagenet"`` or ``"none"`` when the features came
+    from those (resolved by :func:`pipeline.backbones.resolve_model`).
 
     Raises
     ------
@@ -685,11 +726,29 @@ def resolve_run_weights(rh: RunHead, override: str | None = None) -> str:
     if not path or not Path(path).exists():
         raise WeightsError(f"the weights file of {rh.key} ({path or 'unrecorded'}) is not there; pass "
                            f"--weights PATH to the same file (SHA-256 {recorded[:16]}...)")
-    digest = sha256_file(path)
+    file = check_weights_file(path)
+    digest = sha256_file(file)
     if recorded and digest != recorded:
         raise WeightsError(f"weights file {path} has SHA-256 {digest[:16]}..., but {rh.key} was fitted on features "
                            f"from {recorded[:16]}...; pass the same weights file")
-    return str(path)
+    return WeightsInfo("file", str(file.resolve()), digest)
+
+
+def run_model_config(rh: RunHead, weights: str | None = None, kinds: tuple[str, ...] | None = None,
+                     announce: Callable[[str], None] = print) -> ModelConfig:
+    """The :class:`~pipeline.backbones.ModelConfig` that made a run head's features, its weights checked
+    (:func:`resolve_run_weights`; ``weights`` overrides the recorded file).
+
+    Parameters
+    ----------
+    kinds : tuple of str, optional
+        The model's outputs (default: ``avg`` and the head's own feature).
+    """
+    ex = rh.extraction
+    if kinds is None:
+        kinds = ("avg",) + ((rh.feature,) if rh.feature != "avg" else ())
+    return resolve_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]), ex["alpha"], kinds,
+                         announce=announce)
 
 
 @contextlib.contextmanager

@@ -348,4 +348,4 @@ def test_demo_cache_is_apart_from_the_users_caches(tmp_path):
     res, _ = _run(user, tmp_path / "cache")
     sample = _tiny_set(tmp_path / "sample" / "lfw_faces", seed=4)
     _run(sample, tmp_path / DEMO_DIR)
-    assert cache.find_caches(tmp_path / "cache") == [res.path]  # fit on cache/ sees only the user's dataset
+    assert [c.path for c in cache.scan_folder(tmp_path / "cache").caches] == [res.path]  # what fit on cache/ sees

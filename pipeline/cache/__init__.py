@@ -52,7 +52,7 @@ from pipeline.cache.format import (
 from pipeline.cache.names import NAME_MAX, cache_path, check_name_fits, dataset_id, name_max, parts_dir, \
     sibling_name, temp_path
 from pipeline.cache.read import (
-    CacheInfo, CacheScan, FeatureReader, FeatureSet, check_expected, find_caches, open_features, parts_views,
+    CacheInfo, CacheScan, FeatureReader, FeatureSet, check_expected, open_features, parts_views,
     read_features, read_meta, read_rows, scan_existing, scan_folder, source_shapes, verify,
 )
 from pipeline.cache.rows import Existing, RowRecord, Rows
@@ -64,5 +64,5 @@ __all__ = [
     "sibling_name", "temp_path", "check_name_fits", "write_error", "corrupt_error", "rebuild_command", "DamagedCache",
     "Rows", "RowRecord", "Existing", "PartWriter", "assemble", "remove_parts", "discard", "locked", "FeatureSet",
     "FeatureReader", "read_meta", "check_expected", "open_features", "read_features", "read_rows", "CacheInfo",
-    "CacheScan", "scan_folder", "find_caches", "scan_existing", "source_shapes", "parts_views", "verify",
+    "CacheScan", "scan_folder", "scan_existing", "source_shapes", "parts_views", "verify",
 ]

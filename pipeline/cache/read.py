@@ -355,20 +355,6 @@ def scan_folder(cache_dir: str | os.PathLike) -> CacheScan:
     return out
 
 
-def find_caches(cache_dir: str | os.PathLike, dataset: str | None = None,
-                backbone: str | None = None) -> list[Path]:
-    """Complete caches in ``cache_dir``, optionally only one dataset's and/or one backbone's (name or label)."""
-    out = []
-    for info in scan_folder(cache_dir).caches:
-        meta = info.meta
-        if dataset is not None and meta.get("dataset_name") != dataset:
-            continue
-        if backbone is not None and backbone not in (meta.get("backbone"), meta.get("backbone_label")):
-            continue
-        out.append(info.path)
-    return out
-
-
 def scan_existing(path: Path, meta: dict[str, Any]) -> Existing:
     """Read what a previous run left for this cache, keeping only what matches ``meta``'s signature.
 

@@ -25,12 +25,12 @@ from pipeline.data import DEFAULT_RESIZE, RESIZE_RULES
 from pipeline.errors import BackboneError, check_choice
 from pipeline.machine import decode_threads
 from pipeline.reader import READER_KINDS
+from pipeline.runtime.factory import RUNTIME_CHOICES
 from pipeline.views import NO_VIEWS, ViewSpec
 
 PIXEL_RULE = "headbench-pixels-3"
 """Version of :mod:`pipeline.data`'s decoding rule; bump it when pixels change: old caches are then rebuilt."""
 
-RUNTIMES = ("auto", "onnx", "keras")
 ENGINES = ("local", "ray")
 MAPS_DTYPES = ("float16", "float32")
 
@@ -185,7 +185,7 @@ def check_run_options(options: ExtractOptions) -> None:
     """Validate the options that need no model or file system (raises BackboneError with one clear line)."""
     for what, value, choices in (("resize rule", options.resize, RESIZE_RULES),
                                  ("maps dtype", options.maps_dtype, MAPS_DTYPES),
-                                 ("runtime", options.runtime, RUNTIMES), ("engine", options.engine, ENGINES),
+                                 ("runtime", options.runtime, RUNTIME_CHOICES), ("engine", options.engine, ENGINES),
                                  ("reader", options.reader, READER_KINDS)):
         check_choice(what, value, choices, BackboneError)
     if options.batch_size < 1:

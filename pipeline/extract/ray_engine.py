@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from pipeline import cache
+from pipeline.atomic import write_then_commit
 from pipeline.data import ImageItem
 from pipeline.errors import CacheError, DatasetError, EngineError, HeadbenchError, WeightsError
 from pipeline.extract.config import PIXEL_RULE, ExtractConfig, RayOptions
@@ -170,9 +171,7 @@ def _local_weights(cfg: ExtractConfig, blob: bytes | None) -> ExtractConfig:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / Path(w.path).name  # the same name: Keras picks the file format by it
     if not path.exists() or path.stat().st_size != len(blob):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        write_then_commit(path, lambda tmp: tmp.write_bytes(blob))  # a killed copy never passes for the weights
     return replace(cfg, model=replace(cfg.model, weights=replace(w, path=str(path))))
 
 

@@ -9,9 +9,9 @@ from pipeline.finetune.run import (FINETUNE_HEAD, HOLDOUT_FRACTION, SELECT_MAX_R
                                    finetune_run, holdout_split, pick_start, startable_results)
 from pipeline.finetune.train import (UNFREEZE_FROM, FinetuneConfig, FinetuneData, FinetuneResult,
                                      build_finetune_model, default_unfreeze, finetune, image_batches,
-                                     load_head, logreg_dense_weights, save_finetuned)
+                                     logreg_dense_weights, save_finetuned)
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetuneResult", "image_batches", "UNFREEZE_FROM", "default_unfreeze",
-           "logreg_dense_weights", "build_finetune_model", "finetune", "save_finetuned", "load_head",
+           "logreg_dense_weights", "build_finetune_model", "finetune", "save_finetuned",
            "FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
            "pick_start", "holdout_split", "finetune_run"]

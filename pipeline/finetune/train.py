@@ -74,7 +74,7 @@ from pipeline.machine import decode_threads
 from pipeline.views import read_views
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetuneResult", "image_batches", "UNFREEZE_FROM", "default_unfreeze",
-           "logreg_dense_weights", "build_finetune_model", "finetune", "save_finetuned", "load_head"]
+           "logreg_dense_weights", "build_finetune_model", "finetune", "save_finetuned"]
 
 UNFREEZE_FROM = {
     "mobilenet": "conv_dw_13",
@@ -322,17 +322,6 @@ def image_batches(root: Path, items: Sequence[tuple[str, int]], size: int, resiz
 # ---- heads -------------------------------------------------------------------------------------------------------
 
 
-def load_head(path: str | os.PathLike) -> Any:
-    """A run's saved head: a ``.keras`` dense head (Keras model) or a ``.joblib`` scikit-learn pipeline (read by
-    :func:`pipeline.saved_head.load_saved_head`: a damaged file is one line)."""
-    from pipeline.saved_head import load_saved_head
-
-    p = Path(path)
-    if not p.exists():
-        raise FitError(f"saved head {p} does not exist")
-    return load_saved_head(p)
-
-
 def logreg_dense_weights(pipeline: Any, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Kernel ``(D, K)`` and bias ``(K,)`` of one softmax layer equal to a fitted StandardScaler + LogisticRegression.
 
@@ -478,7 +467,8 @@ def finetune(built: Any, head: Any, data: FinetuneData, config: FinetuneConfig |
         cache's backbone, input size, width multiplier and weights). Its backbone's layers are modified in place
         (trainable flags and weights): build a new one for anything else.
     head : keras.Model or sklearn Pipeline
-        The dense head or the logistic-regression pipeline to start from (:func:`load_head`).
+        The dense head or the logistic-regression pipeline to start from
+        (:func:`pipeline.saved_head.load_saved_head`).
     data : FinetuneData
     config : FinetuneConfig, optional
     log : callable

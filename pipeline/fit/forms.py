@@ -34,7 +34,7 @@ from pipeline.fit.context import HeadContext
 from pipeline.fit.linear import linear_svc, logistic_regression, minibatch_linear, nearest_centroid, standard_scaler
 from pipeline.fit.stream import ArraySource, RowSource, class_moments, stratified_subsample
 
-__all__ = ["fit_exact", "fit_logreg_minibatch", "fit_linear_svm_minibatch", "fit_svm_nystroem", "fit_knn_bounded",
+__all__ = ["calibration_rows", "fit_exact", "fit_logreg_minibatch", "fit_linear_svm_minibatch", "fit_svm_nystroem", "fit_knn_bounded",
            "fit_centroid", "fit_dense_streamed", "CALIBRATION_FRACTION", "CALIBRATION_MAX_ROWS"]
 
 CALIBRATION_FRACTION = 0.1
@@ -69,10 +69,16 @@ def _scaler(source: RowSource, rows: np.ndarray | None = None, pre: Callable | N
     return standard_scaler(moments), moments
 
 
+def calibration_rows(n_rows: int) -> int:
+    """How many of ``n_rows`` training rows a batch form's SVM holds out to calibrate its probabilities on
+    (:data:`CALIBRATION_FRACTION`, at most :data:`CALIBRATION_MAX_ROWS`)."""
+    return int(min(CALIBRATION_MAX_ROWS, math.ceil(CALIBRATION_FRACTION * n_rows)))
+
+
 def _calibration_split(source: RowSource, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Training rows and held-out calibration rows (stratified, seeded)."""
     rows = np.arange(source.n)
-    size = min(CALIBRATION_MAX_ROWS, int(math.ceil(CALIBRATION_FRACTION * source.n)))
+    size = calibration_rows(source.n)
     counts = np.bincount(source.labels, minlength=len(source.classes))
     if counts.min() < 2 or size < len(source.classes):
         return rows, rows[:0]

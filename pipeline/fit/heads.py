@@ -53,7 +53,6 @@ are with the constants below and in docs/protocol.md; :mod:`pipeline.fit.plan` a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -70,6 +69,7 @@ from pipeline.errors import FitError
 from pipeline.fit import forms
 from pipeline.fit.context import NYSTROEM_COMPONENTS, HeadContext
 from pipeline.fit.dense import DENSE_DEFAULTS, HOLDOUT_MAX_ROWS, DenseHead
+from pipeline.fit.linear import AVERAGE_EPOCHS, BATCH_ROWS
 from pipeline.sizes import fmt_bytes
 
 PCA_COMPONENTS = 512
@@ -370,12 +370,11 @@ def _knn_memory(spec: HeadSpec, room: MemoryRoom) -> MemoryFit:
 
 
 def _calibration_memory(spec: HeadSpec, room: MemoryRoom) -> MemoryFit:
-    """Batch forms of the SVMs calibrate on held-out training rows (:data:`forms.CALIBRATION_FRACTION`, at most
-    :data:`forms.CALIBRATION_MAX_ROWS`), recorded with the plan."""
+    """Batch forms of the SVMs calibrate on held-out training rows (:func:`forms.calibration_rows`), recorded with
+    the plan."""
     details = {}
     if not room.form.exact:
-        n = room.ctx.n_rows
-        details["calibration_rows"] = int(min(forms.CALIBRATION_MAX_ROWS, math.ceil(forms.CALIBRATION_FRACTION * n)))
+        details["calibration_rows"] = forms.calibration_rows(room.ctx.n_rows)
     return MemoryFit(room.ctx, room.form, details)
 
 
@@ -404,8 +403,10 @@ def _dense_memory(spec: HeadSpec, room: MemoryRoom) -> MemoryFit:
     return MemoryFit(replace(ctx, holdout_max_rows=holdout), room.form)
 
 
-MINIBATCH_SUMMARY = ("the same objective (C as in scikit-learn) minimised by Adam on mini-batches of 256 rows "
-                     "read in blocks, weights averaged over the last two passes")
+MINIBATCH_SUMMARY = (f"the same objective (C as in scikit-learn) minimised by Adam on mini-batches of {BATCH_ROWS} "
+                     f"rows read in blocks, weights averaged over the last {AVERAGE_EPOCHS} passes")
+CALIBRATION_SUMMARY = (f"sigmoid calibration on {forms.CALIBRATION_FRACTION:.0%} of the training rows held out (at "
+                       f"most {forms.CALIBRATION_MAX_ROWS:,})")
 
 HEADS: dict[str, HeadSpec] = {
     "dense": HeadSpec(
@@ -418,7 +419,8 @@ HEADS: dict[str, HeadSpec] = {
         memory=_dense_memory,
         strength_rank=2, simplicity_rank=5,
         batch_form=Form("streamed", "the same network, trained on blocks of rows read from the cache (rows shuffled "
-                        "within buffers of 16 random blocks)", forms.fit_dense_streamed, exact=False),
+                        "within buffers of random blocks, sized by the cost plan)", forms.fit_dense_streamed,
+                        exact=False),
     ),
     "logreg": HeadSpec(
         name="logreg", build=_build_logreg, search_path="warm", warm_params={"C": "clf__C"},
@@ -436,9 +438,7 @@ HEADS: dict[str, HeadSpec] = {
                            **({"calibration_folds": _calibration_folds(ctx)} if ctx.form == "exact" else
                               {"calibration": "held-out", "solver": "minibatch"})},
         batch_form=Form("minibatch", "one-vs-rest squared-hinge linear SVM (LinearSVC's objective): "
-                        + MINIBATCH_SUMMARY + "; sigmoid calibration on 10 % of the training rows held out "
-                        "(at most 10,000)",
-                        forms.fit_linear_svm_minibatch),
+                        + MINIBATCH_SUMMARY + "; " + CALIBRATION_SUMMARY, forms.fit_linear_svm_minibatch),
         exact_max_rows=LINEAR_SVM_EXACT_MAX_ROWS, strength_rank=3, simplicity_rank=2,
         memory=_calibration_memory,
     ),
@@ -452,10 +452,9 @@ HEADS: dict[str, HeadSpec] = {
                                "calibration_folds": _calibration_folds(ctx)} if ctx.form == "exact" else
                               {"nystroem_components": min(ctx.nystroem_components, ctx.n_rows),
                                "calibration": "held-out"})},
-        batch_form=Form("nystroem", "RBF kernel approximated by a Nystroem map on 1,000 landmark training rows "
-                        "(stratified, seeded), standardised, then the mini-batch linear SVM; sigmoid calibration on "
-                        "10 % of the training rows held out (at most 10,000)", forms.fit_svm_nystroem,
-                        score_fold=forms.score_svm_nystroem_fold),
+        batch_form=Form("nystroem", f"RBF kernel approximated by a Nystroem map on {NYSTROEM_COMPONENTS:,} landmark "
+                        "training rows (stratified, seeded), standardised, then the mini-batch linear SVM; "
+                        + CALIBRATION_SUMMARY, forms.fit_svm_nystroem, score_fold=forms.score_svm_nystroem_fold),
         exact_max_rows=SVM_EXACT_MAX_ROWS, strength_rank=1, simplicity_rank=4,
         memory=_svm_memory,
     ),

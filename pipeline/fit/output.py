@@ -1,13 +1,13 @@
-"""What a fit writes into its run folder: the folder itself (built hidden, published whole), the fitted heads, the
-per-image predictions, and the pick (``best``). The objects of results.json are built by :mod:`pipeline.results`."""
+"""What a fit writes into its run folder: the folder itself (built hidden, published whole), the fitted heads and
+the pick (``best``). The objects of results.json, and the per-image predictions files, are :mod:`pipeline.results`'s
+(their writers beside their readers)."""
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from pipeline.fit.verdict import verdict
 from pipeline.results import OWNER_FILE, abandoned_partials, claim_partial, partial_builder, partial_dir, slug
 
 __all__ = ["DEFAULT_RUNS_DIR", "default_out", "prepare_run_dir", "publish_run_dir", "discard_run_dir", "partial_dir",
-           "save_head", "write_predictions", "pick_best"]
+           "save_head", "pick_best"]
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
 
@@ -84,18 +84,6 @@ def publish_run_dir(work: Path, run_dir: Path) -> None:
 def discard_run_dir(work: Path) -> None:
     """Remove an unfinished run folder (after a failure or an interruption: nothing in it resumes)."""
     shutil.rmtree(work, ignore_errors=True)
-
-
-def write_predictions(path: Path, res: HeadResult, paths: Sequence[str], splits: np.ndarray, labels: np.ndarray,
-                      class_names: list[str]) -> None:
-    """``predictions/<key>.csv``: one row per image of the final splits."""
-    pred = np.argmax(res.proba, axis=1)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "split", "true", "pred"] + [f"p_{c}" for c in class_names])
-        for j, i in enumerate(res.final_rows):
-            w.writerow([paths[i], splits[i], class_names[labels[i]], class_names[pred[j]]]
-                       + [f"{v:.6g}" for v in res.proba[j]])
 
 
 def save_head(res: HeadResult, kind: str, heads_dir: Path, key: str) -> str:

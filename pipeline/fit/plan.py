@@ -212,8 +212,8 @@ def plan_cache(n_used: int, row_shape: tuple[int, ...], budget: MemoryBudget,
         reason = (f"streamed from the cache: {fmt_bytes(feature_bytes)} of features as float32, x"
                   f"{policy.memory_factor:g} for working copies, exceed the memory budget of "
                   f"{fmt_bytes(budget.bytes)} ({budget.source})")
-    # The search's rows and their copies must fit the search share: rows x features x 4 bytes x 3.
-    search_cap = int(budget.search_bytes // (3 * row_bytes))
+    # The search's rows and their working copies must fit the search share, by the same factor.
+    search_cap = int(budget.search_bytes // (policy.memory_factor * row_bytes))
     return CachePlan(in_memory, feature_bytes, row_bytes, budget, max(1, min(policy.search_max_rows, search_cap)),
                      reason)
 

@@ -39,12 +39,11 @@ from pipeline.fit.evaluate import FitData, evaluate_planned, make_context
 from pipeline.fit.heads import HEADS
 from pipeline.fit.inputs import CacheSource, Inputs, open_inputs
 from pipeline.fit.leaderboard import leaderboard_table
-from pipeline.fit.output import (default_out, discard_run_dir, pick_best, prepare_run_dir, publish_run_dir,
-                                 save_head, write_predictions)
+from pipeline.fit.output import default_out, discard_run_dir, pick_best, prepare_run_dir, publish_run_dir, save_head
 from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, plan_cache, plan_head
 from pipeline.fit.protocol import EXCLUDED, Protocol, SearchRows, plan_protocol, search_rows
-from pipeline.results import (cache_record, dataset_record, result_key, result_record, run_document, skipped_record,
-                              slug, write_results, write_splits)
+from pipeline.results import (cache_label, cache_record, dataset_record, result_key, result_record, run_document,
+                              skipped_record, slug, write_predictions, write_results, write_splits)
 from pipeline.sizes import fmt_bytes
 from pipeline.stats import wilson_interval
 
@@ -176,7 +175,7 @@ def _audit_sources(inputs: Inputs) -> list[AuditSource]:
     def reader_of(reader: Any, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         return lambda idx: reader.read(rows[np.asarray(idx, dtype=np.int64)])
 
-    return [AuditSource(str(r.meta.get("backbone_label") or r.meta.get("backbone")), Path(p).name, reader_of(r, rows))
+    return [AuditSource(cache_label(r.meta), Path(p).name, reader_of(r, rows))
             for r, p, rows in zip(inputs.readers, inputs.paths, inputs.rows)]
 
 
@@ -231,7 +230,7 @@ def _cache_labels(inputs: Inputs) -> list[tuple[str, str]]:
     one's index (``mobilenet_v2-a1.0-224-1``), so that every key of the run is unique."""
     out, used = [], set()
     for ci, reader in enumerate(inputs.readers):
-        label = str(reader.meta.get("backbone_label") or reader.meta.get("backbone"))
+        label = cache_label(reader.meta)
         slug_label = slug(label)
         if slug_label in used:
             slug_label = f"{slug_label}-{ci}"
@@ -307,8 +306,8 @@ def _record_head(plan: _Plan, res: Any, kind: str, run_dir: Path, key: str, ci: 
     """Write one fitted head and its predictions into the run folder and add its result to ``part``."""
     inputs, splits, found = plan.inputs, plan.splits, plan.audit
     model_file = save_head(res, kind, run_dir / "heads", key)
-    write_predictions(run_dir / "predictions" / f"{key}.csv", res, inputs.rel_paths, splits, inputs.labels,
-                      inputs.class_names)
+    write_predictions(run_dir / "predictions" / f"{key}.csv", res.proba, res.final_rows, inputs.rel_paths, splits,
+                      inputs.labels, inputs.class_names)
     entry = result_record(key, ci, label, res.to_json(), run_dir, model_file, f"predictions/{key}.csv")
     if found is not None and not exclude_leaks and found.leaked.any():
         entry["leak_free"] = _leak_free(res, splits, found.leaked, inputs.labels)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.backbones import BuiltBackbone, ModelConfig, build_feature_model
+from pipeline.backbones import BuiltBackbone, ModelConfig, build_features
 from pipeline.machine import cpu_cores, gpu_available
 from pipeline.runtime.base import Runtime
 
@@ -106,6 +106,6 @@ def make_runner(built: BuiltBackbone, fold: bool = True) -> Callable[[np.ndarray
 
 
 def build_model(model: ModelConfig, announce: Callable[[str], None] = print) -> BuiltBackbone:
-    """The Keras feature model of ``model`` (preprocessing inside, outputs named by kind)."""
-    return build_feature_model(model.backbone, model.weights, model.input_size, model.alpha,
-                               maps="maps" in model.kinds, max_pool="max" in model.kinds, announce=announce)
+    """The Keras feature model of ``model`` (preprocessing inside, outputs named by kind; ``announce`` is kept for
+    the factory's signature: a resolved model downloads nothing)."""
+    return build_features(model)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import statistics
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.atomic import write_then_commit
 from pipeline.machine import cpu_cores, cpu_flags, cpu_model
 
 TIMING_ROUNDS = 3
@@ -129,7 +129,7 @@ def read_timing(path: Path) -> Timing | None:
 
 
 def write_timing(path: Path, timing: Timing, images: int) -> None:
-    """Store ``timing`` at ``path`` atomically (a temporary file, then a rename).
+    """Store ``timing`` at ``path`` atomically (:func:`pipeline.atomic.write_then_commit`).
 
     Raises
     ------
@@ -138,12 +138,8 @@ def write_timing(path: Path, timing: Timing, images: int) -> None:
     """
     data = {"format": TIMING_FORMAT, "machine": machine_key(), "images": images, "rounds": TIMING_ROUNDS,
             "ms_per_image": {"keras": timing.keras_ms, "onnx": timing.onnx_ms}}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps(data, indent=1)
+    write_then_commit(path, lambda tmp: tmp.write_text(text))
 
 
 def time_and_keep(path: Path, keras: Callable[[np.ndarray], Any], onnx: Callable[[np.ndarray], Any],

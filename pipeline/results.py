@@ -38,10 +38,11 @@ __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_r
            "jsonable", "put_result", "read_splits", "read_predictions", "read_audit", "SPLITS_FILE", "AUDIT_COLUMNS",
            "partial_dir", "LOCK_FILE", "run_lock", "file_sha256", "head_file", "commit_result", "staged_name",
            "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder", "abandoned_partials",
-           "FINETUNE_HEAD", "SCORE_TIE", "slug", "cache_label", "result_key", "finetune_key", "first_best", "report_split",
-           "EXTRACTION_KEYS", "RunHead", "find_results", "run_head", "select_head", "resolve_run_weights", "run_model_config",
-           "SPLITS_COLUMNS", "write_splits", "PREDICTIONS_COLUMNS", "write_predictions", "cache_record", "dataset_record", "result_record", "skipped_record",
-           "run_document", "split_counts", "RECORDED_VERSIONS"]
+           "FINETUNE_HEAD", "SCORE_TIE", "slug", "cache_label", "result_key", "finetune_key", "first_best",
+           "report_split", "EXTRACTION_KEYS", "RunHead", "find_results", "run_head", "select_head",
+           "resolve_run_weights", "run_model_config", "SPLITS_COLUMNS", "write_splits", "PREDICTIONS_COLUMNS",
+           "write_predictions", "cache_record", "dataset_record", "result_record", "skipped_record", "run_document",
+           "split_counts", "RECORDED_VERSIONS"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),

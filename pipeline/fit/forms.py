@@ -20,7 +20,7 @@ objects are plain scikit-learn pipelines (or the dense head's network), so saved
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
@@ -34,8 +34,9 @@ from pipeline.fit.context import HeadContext
 from pipeline.fit.linear import linear_svc, logistic_regression, minibatch_linear, nearest_centroid, standard_scaler
 from pipeline.fit.stream import ArraySource, RowSource, class_moments, stratified_subsample
 
-__all__ = ["calibration_rows", "fit_exact", "fit_logreg_minibatch", "fit_linear_svm_minibatch", "fit_svm_nystroem", "fit_knn_bounded",
-           "fit_centroid", "fit_dense_streamed", "CALIBRATION_FRACTION", "CALIBRATION_MAX_ROWS"]
+__all__ = ["calibration_rows", "fit_exact", "fit_logreg_minibatch", "fit_linear_svm_minibatch", "fit_svm_nystroem",
+           "fit_knn_bounded", "fit_centroid", "fit_dense_streamed", "CALIBRATION_FRACTION", "CALIBRATION_MAX_ROWS",
+           "HeadEntry"]
 
 CALIBRATION_FRACTION = 0.1
 CALIBRATION_MAX_ROWS = 10_000
@@ -52,15 +53,23 @@ def _names(source: RowSource, rows: np.ndarray | None = None) -> np.ndarray:
     return source.classes[labels]
 
 
-def fit_exact(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+class HeadEntry(Protocol):
+    """What a form needs of its head's registry entry (:class:`pipeline.fit.heads.HeadSpec`, which imports this
+    module, so it is described here rather than imported)."""
+
+    kind: str
+    takes_maps: bool
+    build: Callable[[HeadContext, dict[str, Any], bool], Any]
+
+
+def fit_exact(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: HeadEntry,
               est: Any = None) -> Any:
     """The head's exact estimator fitted on the source's rows in memory (``est`` refitted when given)."""
     if not isinstance(source, ArraySource):
         raise TypeError("the exact form needs its rows in memory")
     X = source.array()
     est = est if est is not None else spec.build(ctx, params, search)
-    groups = getattr(source, "groups", None)  # rows with augmented views: the image of each row
-    kw = {"groups": groups} if groups is not None and spec.kind == "keras" else {}
+    kw = {"groups": source.groups} if source.groups is not None and spec.kind == "keras" else {}
     return est.fit(X if spec.takes_maps else _flat(X), _names(source), **kw)
 
 
@@ -90,7 +99,7 @@ def _calibrated(svc: Any, Z_cal: np.ndarray, y_cal: np.ndarray) -> Any:
     return CalibratedClassifierCV(FrozenEstimator(svc), method="sigmoid").fit(Z_cal, y_cal)
 
 
-def fit_logreg_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_logreg_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: HeadEntry,
                          est: Any = None) -> Pipeline:
     """Standardisation + multinomial logistic regression (the same objective as lbfgs), mini-batch solver."""
     scaler, _ = _scaler(source)
@@ -103,7 +112,7 @@ def fit_logreg_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSo
     return Pipeline([("scale", scaler), ("clf", logistic_regression(W, b, source.classes, C, ctx.class_weight))])
 
 
-def fit_linear_svm_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_linear_svm_minibatch(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: HeadEntry,
                              est: Any = None) -> Pipeline:
     """Standardisation + one-vs-rest squared-hinge linear SVM (``LinearSVC``'s objective), mini-batch solver.
 
@@ -162,7 +171,7 @@ class _KernelMap:
                                 rows=self.rows, n_features=self.m, max_bytes=ctx.work_bytes)
 
 
-def fit_svm_nystroem(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_svm_nystroem(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: HeadEntry,
                      est: Any = None) -> Pipeline:
     """Signed cube root + standardisation + Nystroem RBF map + standardisation + linear SVM (mini-batch).
 
@@ -208,7 +217,7 @@ def knn_index(ctx: HeadContext, source: RowSource) -> np.ndarray:
     return stratified_subsample(source.labels, rows, int(limit), ctx.seed + 41)
 
 
-def fit_knn_bounded(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_knn_bounded(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: HeadEntry,
                     est: Any = None) -> Pipeline:
     """Standardisation (fitted on every training row) + k-NN whose index is a stratified subsample of them."""
     scaler, _ = _scaler(source)
@@ -220,7 +229,7 @@ def fit_knn_bounded(ctx: HeadContext, params: dict[str, Any], source: RowSource,
     return Pipeline([("scale", scaler), ("clf", knn)])
 
 
-def fit_centroid(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_centroid(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: HeadEntry,
                  est: Any = None) -> Pipeline:
     """Standardisation + nearest centroid from per-class moments in one pass (the same as fitting in memory)."""
     moments = class_moments(source.chunks(), len(source.classes))
@@ -228,7 +237,7 @@ def fit_centroid(ctx: HeadContext, params: dict[str, Any], source: RowSource, se
     return Pipeline([("scale", scaler), ("clf", nearest_centroid(moments, scaler, source.classes))])
 
 
-def fit_dense_streamed(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: Any,
+def fit_dense_streamed(ctx: HeadContext, params: dict[str, Any], source: RowSource, search: bool, spec: HeadEntry,
                        est: Any = None) -> Any:
     """The dense head trained on blocks read from the cache (:meth:`DenseHead.fit_source`)."""
     est = est if est is not None else spec.build(ctx, params, search)

@@ -80,11 +80,15 @@ class RowSource:
         Class names, in index order.
     shape : tuple of int
         Shape of one row's features.
+    groups : ndarray of int or None
+        The image each row belongs to, when rows include augmented views of the same images (a Keras head's
+        early-stopping split keeps an image's rows together); None when each row is its own image.
     """
 
     labels: np.ndarray
     classes: np.ndarray
     shape: tuple[int, ...]
+    groups: np.ndarray | None = None
 
     @property
     def n(self) -> int:

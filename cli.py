@@ -20,7 +20,8 @@ import typer
 from pipeline.data import RESIZE_RULES
 from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, HeadbenchError
 from pipeline.extract.config import ENGINES, MAPS_DTYPES, ExtractOptions
-from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS
+from pipeline.finetune.train import FinetuneConfig
+from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS, FitConfig
 from pipeline.reader import READER_KINDS
 from pipeline.runtime.factory import RUNTIME_CHOICES
 
@@ -56,8 +57,9 @@ def _head_names() -> list[str]:
     return [*HEADS, "all"]
 
 
-_EX = ExtractOptions()
-"""The extract stage's defaults: the options below show them, the stage owns them."""
+_EX, _FIT, _FT = ExtractOptions(), FitConfig, FinetuneConfig
+"""Each stage's defaults (the extract options, and the fit and fine-tuning configurations' class defaults): the
+options below show them, the stages own them."""
 
 Backbone = _choices("Backbone", _registry_names())
 Resize = _choices("Resize", RESIZE_RULES)
@@ -70,10 +72,10 @@ Features = _choices("Features", FEATURE_KINDS)
 ClassWeight = _choices("ClassWeight", CLASS_WEIGHTS)
 
 
-def _pick_rules() -> tuple[tuple[str, ...], str]:
-    from pipeline.fit.pick import DEFAULT_RULE, PICK_RULES
+def _pick_rules() -> tuple[str, ...]:
+    from pipeline.fit.pick import PICK_RULES
 
-    return PICK_RULES, DEFAULT_RULE
+    return PICK_RULES
 
 
 def _select_on() -> tuple[str, ...]:
@@ -82,7 +84,7 @@ def _select_on() -> tuple[str, ...]:
     return SELECT_ON
 
 
-PickRule = _choices("PickRule", _pick_rules()[0])
+PickRule = _choices("PickRule", _pick_rules())
 SelectOn = _choices("SelectOn", _select_on())
 
 
@@ -310,7 +312,8 @@ def extract(
 
 @app.command()
 def fit(
-    cache_dir: Annotated[Path, typer.Option(help="Folder of feature caches (written by `extract`).")] = Path("cache"),
+    cache_dir: Annotated[Path, typer.Option(help="Folder of feature caches (written by `extract`).")
+                         ] = Path(_FIT.cache_dir),
     dataset: Annotated[Optional[str], typer.Option(
         help="Dataset to fit when the folder holds several (default: the one extracted last): its name, or its "
              "folder when two share a name.")] = None,
@@ -321,10 +324,10 @@ def fit(
     head: Annotated[Optional[List[Head]], typer.Option("--head", help="Head to fit (repeatable), or all (the "  # type: ignore
                                                                        "default).")] = None,
     features: Annotated[Features, typer.Option(help="Cached features: avg | max | maps (spatial maps)."  # type: ignore
-                                               )] = Features("avg"),
+                                               )] = Features(_FIT.features),
     class_weight: Annotated[ClassWeight, typer.Option(help="none | balanced (weights classes by inverse "  # type: ignore
-                                                           "frequency).")] = ClassWeight("none"),
-    seed: Annotated[int, typer.Option(help="Seed of the automatic split, the folds and every head.")] = 0,
+                                                           "frequency).")] = ClassWeight(_FIT.class_weight),
+    seed: Annotated[int, typer.Option(help="Seed of the automatic split, the folds and every head.")] = _FIT.seed,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: reports/runs/<dataset>_<timestamp>).")
                    ] = None,
     report: Annotated[bool, typer.Option("--report/--no-report",
@@ -334,22 +337,24 @@ def fit(
                                     "machine's memory). Larger features are streamed from the cache.")] = None,
     views: Annotated[bool, typer.Option("--views/--no-views",
                                         help="When the caches hold augmented views (extract --views K), let each "
-                                             "head choose none/train/tta/both on the selection split.")] = True,
+                                             "head choose none/train/tta/both on the selection split.")
+                 ] = _FIT.views,
     pick: Annotated[PickRule, typer.Option(help="How the recommended result is picked from the selection scores: "  # type: ignore
                                                 "one_se (within one standard error of the best, the strongest "
                                                 "head), one_se_simple (the simplest head within it) or best (the "
                                                 "highest score). See docs/protocol.md.")
-                    ] = PickRule(_pick_rules()[1]),
+                    ] = PickRule(_FIT.pick),
     select_on: Annotated[SelectOn, typer.Option(help="Where hyperparameters and the pick are chosen: auto (val "  # type: ignore
                                                      "when a test split exists, else cross-validation on train, so "
                                                      "val stays untouched), cv, or val (then val numbers are "
-                                                     "selection scores).")] = SelectOn("auto"),
+                                                     "selection scores).")] = SelectOn(_FIT.select_on),
     audit: Annotated[bool, typer.Option("--audit/--no-audit",
                                         help="Audit the images: duplicates, leaks across splits, suspect labels, "
-                                             "outliers (audit/ in the run folder; docs/audit.md).")] = True,
+                                             "outliers (audit/ in the run folder; docs/audit.md).")] = _FIT.audit,
     exclude_leaks: Annotated[bool, typer.Option("--exclude-leaks",
                                                 help="Take every val/test image with a duplicate in train out of "
-                                                     "the final split (recorded in results.json).")] = False,
+                                                     "the final split (recorded in results.json).")
+                       ] = _FIT.exclude_leaks,
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from pipeline.errors import FitError
@@ -384,10 +389,11 @@ def finetune(
                                                                 "default: the backbone's last stage, see "
                                                                 "pipeline/finetune/train.py).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs (the best on the selection split is kept; early "
-                                                    "stopping after 3 without progress).")] = 10,
+                                                    f"stopping after {_FT.patience} without progress).")
+                      ] = _FT.epochs,
     learning_rate: Annotated[float, typer.Option(callback=_positive, help="Adam's learning rate (low: the head "
-                                                                          "has converged).")] = 1e-5,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 32,
+                                                                          "has converged).")] = _FT.learning_rate,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = _FT.batch_size,
     weights: Annotated[Optional[str], typer.Option(help="Backbone weights file if the recorded one moved (must have "
                                                         "the same SHA-256).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of shuffling, augmentation and dropout (default: the "

@@ -22,7 +22,8 @@ from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, Headbenc
 from pipeline.extract.config import ENGINES, MAPS_DTYPES, ExtractOptions
 from pipeline.finetune.train import FinetuneConfig
 from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS, FitConfig
-from pipeline.reader import READER_KINDS
+from pipeline.machine import MAX_DECODE_THREADS
+from pipeline.reader import PROCESS_MIN_IMAGES, READER_KINDS
 from pipeline.runtime.factory import RUNTIME_CHOICES
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ def extract(
     input_size: Annotated[Optional[int], typer.Option(min=1, help="Square input side (default: the backbone's "
                                                                   "own).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Width multiplier (MobileNet v1/v2).")] = None,
-    resize: Annotated[Resize, typer.Option(help="crop (centre crop, default) | squash (stretch) | "  # type: ignore
+    resize: Annotated[Resize, typer.Option(help="crop (centre crop) | squash (stretch) | "  # type: ignore
                                                 "pad (letterbox).")] = Resize(_EX.resize),
     maps: Annotated[bool, typer.Option("--maps", help="Also store the last spatial feature maps.")] = False,
     max_pool: Annotated[bool, typer.Option("--max-pool", help="Also store global max pooled vectors.")] = False,
@@ -246,11 +247,11 @@ def extract(
              "every run and falls back to it if they differ.")] = Runtime(_EX.runtime),
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = _EX.batch_size,
     workers: Annotated[Optional[int], typer.Option(
-        min=1, help="Decoding workers (default: one per core, at most 8).")] = None,
+        min=1, help=f"Decoding workers (default: one per core, at most {MAX_DECODE_THREADS}).")] = None,
     reader: Annotated[Reader, typer.Option(  # type: ignore[valid-type]
         help="Decoding workers: process (each its own interpreter, so decoding scales with cores; a crash in an "
-             "image decoder costs that image only), thread, or auto: processes when the model runs on a GPU (256 "
-             "images or more, where /dev/shm has room), else threads.")] = Reader(_EX.reader),
+             "image decoder costs that image only), thread, or auto: processes when the model runs on a GPU "
+             f"({PROCESS_MIN_IMAGES} images or more, where /dev/shm has room), else threads.")] = Reader(_EX.reader),
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be decoded.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed/--no-retry-failed",
                                                help="Retry images that failed in an earlier run.")] = _EX.retry_failed,
@@ -399,7 +400,7 @@ def finetune(
     seed: Annotated[Optional[int], typer.Option(help="Seed of shuffling, augmentation and dropout (default: the "
                                                      "run's seed).")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        min=1, help="Decoding threads (default: one per core, at most 8).")] = None,
+        min=1, help=f"Decoding threads (default: one per core, at most {MAX_DECODE_THREADS}).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (one line per epoch).")] = False,
 ) -> None:
     """Fine-tune the top of the backbone with a fitted head, from the image files, and add it to the run."""
@@ -517,7 +518,8 @@ def predict(
         help="Inference runtime of the backbone: auto (chosen by this machine, as for extract), onnx or keras; the "
              "same labels either way.")] = Runtime("auto"),
     workers: Annotated[Optional[int], typer.Option(
-        min=1, help="Decoding workers, as for extract (default: one per core, at most 8).")] = None,
+        min=1, help=f"Decoding workers, as for extract (default: one per core, at most {MAX_DECODE_THREADS}).")
+                 ] = None,
 ) -> None:
     """Label new images with a fitted head (same backbone, weights, preprocessing and resize rule as its cache)."""
     from pipeline.predict import predict_images, write_predictions

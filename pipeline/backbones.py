@@ -8,7 +8,9 @@ its pooled feature dimension and where its ImageNet weights come from.
 :func:`register_backbone` adds a spec (this module registers the built-in ones; a test or a plug-in can add its
 own), :func:`list_backbones` lists them (the command line's ``-b`` choices) and :func:`get_spec` is the one
 lookup; an unknown name raises :class:`~pipeline.errors.BackboneError` listing the registered ones.
-:func:`build_feature_model` is the one factory. Keras is imported lazily so that listing the registry is instant;
+:func:`resolve_model` checks a backbone's options and resolves its weights into a :class:`ModelConfig`, and
+:func:`build_features` builds the frozen feature model of one (the one factory; :func:`build_feature_model` does both,
+for scripts and tests). Keras is imported lazily so that listing the registry is instant;
 where Keras's application modules expose the ImageNet weights' URL and hash, they are read from there when needed.
 """
 

@@ -152,9 +152,9 @@ def write_predictions(rows: list[dict[str, Any]], class_names: list[str], out: s
 
 
 def export_size(backbone_weights: str, head: Path) -> int:
-    """Bytes an exported model is about to need: the backbone's weights file (float32, as the model stores them)
-    and the saved head, with a margin, for the model and its temporary (an ``imagenet`` or random backbone counts
-    by the head alone: its size is not known before it is built)."""
+    """Bytes an exported model is about to need: the backbone's weights file (float32, as the model stores them;
+    the resolved file of ImageNet weights too) and the saved head, with a margin, for the model and its temporary
+    (a random backbone, with no file, counts by the head alone: its size is not known before it is built)."""
     weights = Path(backbone_weights)
     base = weights.stat().st_size if weights.is_file() else 0
     return int(2 * 1.1 * (base + head.stat().st_size)) + 65536

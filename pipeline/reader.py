@@ -371,8 +371,11 @@ def serve(fd: str, shape: str) -> None:
     dims = tuple(json.loads(shape))
     buf = mmap.mmap(int(fd), int(np.prod(dims)))
     slots = np.ndarray(dims, np.uint8, buffer=buf)
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a stray print must not corrupt the answers
+    # The answers go out on a descriptor of their own; file descriptor 1 then points at stderr, so that nothing a
+    # decoder or a native library writes to stdout (Python's or C's) can corrupt them.
+    inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     out.write(_frame(("ready", os.getpid())))
     out.flush()
     while True:
@@ -389,6 +392,11 @@ def serve(fd: str, shape: str) -> None:
             out.flush()
         except BrokenPipeError:
             return
+
+
+MAX_FRAME = 64 << 20
+"""The largest answer the reader accepts (an answer is a few hundred bytes per image): a longer length is garbled
+bytes, and the process that sent it is treated as one that died."""
 
 
 def _frame(message: tuple) -> bytes:
@@ -409,14 +417,15 @@ thread. Allocations up to 16 MiB from the heap, kept up to 64 MiB: 2 faults per 
 decode phase, 1 process 1,945 img/s instead of 1,770 (docs/benchmarks.md). Other C libraries ignore these variables.
 
 One OpenBLAS thread: decoding does no linear algebra, and NumPy's import otherwise starts one BLAS thread per core
-in every process (0.09 s of the 0.2 s of CPU a process took to start here; 16 processes x 16 threads on a GPU
-node)."""
+in every process (0.09 s of the 0.2 s of CPU a process took to start here, by ``/usr/bin/time`` of the command's
+imports; 16 processes x 16 threads on a GPU node)."""
 
 _BOOT = ("import json, os, sys; sys.path[:0] = json.loads(sys.argv[1]); import pipeline.reader as r; "
          "r.serve(*sys.argv[2:]); os._exit(0)")
 """A decoding process's command (``python -c``): the parent's import path, then :func:`serve`; at the end of its
 tasks it exits at once (its answers are flushed and it holds nothing else), without the interpreter's teardown of
-NumPy and Pillow, 30-60 ms that the reader's end waited for."""
+NumPy and Pillow: 30-60 ms that the reader's end waited for (timestamps of the answers against the end of
+``read_batches`` on hymenoptera, not a bench line)."""
 
 
 @dataclass(eq=False)
@@ -444,6 +453,7 @@ class _Worker:
     tasks: deque = field(default_factory=deque)
     inbox: bytearray = field(default_factory=bytearray)
     answers: deque = field(default_factory=deque)
+    answered: int = 0
 
     @classmethod
     def start(cls, fd: int, shape: tuple[int, ...]) -> "_Worker":
@@ -484,7 +494,12 @@ class _Worker:
         except OSError:
             data = b""
         self.inbox += data
-        while len(self.inbox) >= 8 and len(self.inbox) >= 8 + (n := int.from_bytes(self.inbox[:8], "little")):
+        while len(self.inbox) >= 8:
+            n = int.from_bytes(self.inbox[:8], "little")
+            if n > MAX_FRAME:
+                return False  # garbled: treated as a process that died
+            if len(self.inbox) < 8 + n:
+                break
             try:
                 self.answers.append(pickle.loads(self.inbox[8:8 + n]))
             except (pickle.UnpicklingError, EOFError, ValueError):
@@ -559,6 +574,16 @@ class _Copies:
         return out
 
 
+def least_busy(workers: Sequence[_Worker]) -> _Worker:
+    """The process a new chunk goes to: the one with the fewest chunks not yet answered, and of those the one that
+    has answered the most (the quicker one so far; processes of equal speed still take turns).
+
+    Chunks are collected in order, so counting those not yet collected dealt them out in turn, and a process whose
+    chunks happened to be cheaper (smaller photos) waited for the other one instead of taking more.
+    """
+    return min(workers, key=lambda w: (len(w.tasks), -w.answered))
+
+
 class _ProcessPool(_Pool):
     """Decoding processes writing into the slots of one shared block (``(slots, chunk, 1 + K, s, s, 3)``)."""
 
@@ -589,10 +614,7 @@ class _ProcessPool(_Pool):
         slot = self.free.popleft()
         task = _Task(slot, (self.decode, slot, root, part, size, resize, views))
         self._pump(wait=False)
-        # To the process with the fewest chunks not yet decoded, as far as its answers tell: chunks are collected in
-        # order, so counting those not yet collected dealt them out in turn, and a process that decoded faster
-        # (its chunks happened to hold smaller photos) waited for the other one instead of taking more.
-        min(self.workers, key=lambda w: len(w.tasks)).send(task)
+        least_busy(self.workers).send(task)
         return task
 
     def collect(self, task, part):  # noqa: ANN001 - see _Pool
@@ -607,17 +629,21 @@ class _ProcessPool(_Pool):
     def _pump(self, wait: bool) -> None:
         """Take the answers that have arrived from any process (waiting for one when ``wait``), each for its
         process's oldest task not yet answered; a process that died is replaced and its chunks decoded again."""
-        busy = [w for w in self.workers if w.tasks]
+        busy = {w.fileno(): w for w in self.workers if w.tasks}
         if not busy:
             return
-        ready, _, _ = select.select(busy, [], [], None if wait else 0)
-        for worker in ready:
+        poll = select.poll()  # not select(): that refuses descriptors from 1024 on, which a busy process can hold
+        for fd in busy:
+            poll.register(fd, select.POLLIN)
+        for fd, _ in poll.poll(None if wait else 0):
+            worker = busy[fd]
             alive = worker.read_arrived()
             while worker.answers and worker.tasks:
                 task, answer = worker.tasks.popleft(), worker.answers.popleft()
                 if answer[0] != "ok":
                     raise RuntimeError(f"internal: a decoding process failed:\n{answer[1]}")
                 task.results = answer[1]
+                worker.answered += 1
             if not alive and worker.tasks:  # it died on one of its oldest task's images
                 self._recover(worker)
 

@@ -7,8 +7,8 @@ slugs, the tie rule (:func:`first_best`), the builders of every object of the fi
 :class:`RunHead`, :func:`resolve_run_weights`, :func:`run_model_config`: the feature model to rebuild, its weights
 hashed once), head files bound to their entries by SHA-256 (:func:`head_file`), the run's lock and the commit of a
 new result (:func:`commit_result`). The run folder's other files are written and read here too, each writer beside
-its reader: ``splits.csv`` (:func:`write_splits`), ``predictions/<key>.csv`` (:func:`write_predictions`) and the
-audit files' columns (:data:`AUDIT_COLUMNS`). The format is ``docs/results-format.md``;
+its reader: ``splits.csv`` (:func:`write_splits`), ``predictions/<key>.csv`` (:func:`write_result_predictions`)
+and the audit files' columns (:data:`AUDIT_COLUMNS`). The format is ``docs/results-format.md``;
 :data:`SCHEMA_VERSION` is the version written, :data:`READABLE_VERSIONS` the versions read.
 """
 
@@ -41,8 +41,8 @@ __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_r
            "FINETUNE_HEAD", "SCORE_TIE", "slug", "cache_label", "result_key", "finetune_key", "first_best",
            "report_split", "EXTRACTION_KEYS", "RunHead", "find_results", "run_head", "select_head",
            "resolve_run_weights", "run_model_config", "SPLITS_COLUMNS", "write_splits", "PREDICTIONS_COLUMNS",
-           "write_predictions", "cache_record", "dataset_record", "result_record", "skipped_record", "run_document",
-           "split_counts", "RECORDED_VERSIONS"]
+           "write_result_predictions", "cache_record", "dataset_record", "result_record", "skipped_record",
+           "run_document", "split_counts", "RECORDED_VERSIONS"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
                  "label_issues": ("path", "split", "class", "suggested", "score"),
@@ -306,7 +306,7 @@ def cache_record(meta: dict[str, Any], path: str | os.PathLike, feature_shape: S
     m = meta
     return {
         "path": str(Path(path).resolve()), "sha256": str(m.get("content_sha256", "") or ""),
-        "backbone": str(m.get("backbone")),
+        "backbone": str(m.get("backbone") or ""),
         "backbone_label": cache_label(m), "input_size": int(m.get("input_size", 0)),
         "preprocess": str(m.get("preprocess")), "resize": str(m.get("resize")),
         "alpha": m.get("alpha"), "pixel_rule": str(m.get("pixel_rule", "")),
@@ -463,8 +463,8 @@ PREDICTIONS_COLUMNS = ("path", "split", "true", "pred")
 """The first columns of a result's ``predictions/<key>.csv``; one ``p_<class>`` column per class follows."""
 
 
-def write_predictions(path: Path, proba: np.ndarray, rows: np.ndarray, paths: Sequence[str], splits: np.ndarray,
-                      labels: np.ndarray, class_names: Sequence[str]) -> None:
+def write_result_predictions(path: Path, proba: np.ndarray, rows: np.ndarray, paths: Sequence[str],
+                             splits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> None:
     """A result's ``predictions/<key>.csv`` (read back by :func:`read_predictions`): one row per image of the final
     splits, its true and predicted class and the probability of each class.
 
@@ -736,7 +736,8 @@ def resolve_run_weights(rh: RunHead, override: str | None = None) -> str | Weigh
 
 
 def run_model_config(rh: RunHead, weights: str | None = None, kinds: tuple[str, ...] | None = None,
-                     announce: Callable[[str], None] = print) -> ModelConfig:
+                     announce: Callable[[str], None] = print,
+                     resolved: str | WeightsInfo | None = None) -> ModelConfig:
     """The :class:`~pipeline.backbones.ModelConfig` that made a run head's features, its weights checked
     (:func:`resolve_run_weights`; ``weights`` overrides the recorded file).
 
@@ -744,12 +745,16 @@ def run_model_config(rh: RunHead, weights: str | None = None, kinds: tuple[str, 
     ----------
     kinds : tuple of str, optional
         The model's outputs (default: ``avg`` and the head's own feature).
+    resolved : str or WeightsInfo, optional
+        What :func:`resolve_run_weights` already gave for this head (a command that checks the weights first and
+        builds the model later; the file is then not hashed again).
     """
     ex = rh.extraction
     if kinds is None:
         kinds = ("avg",) + ((rh.feature,) if rh.feature != "avg" else ())
-    return resolve_model(ex["backbone"], resolve_run_weights(rh, weights), int(ex["input_size"]), ex["alpha"], kinds,
-                         announce=announce)
+    if resolved is None:
+        resolved = resolve_run_weights(rh, weights)
+    return resolve_model(ex["backbone"], resolved, int(ex["input_size"]), ex["alpha"], kinds, announce=announce)
 
 
 @contextlib.contextmanager

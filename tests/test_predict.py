@@ -90,32 +90,3 @@ def test_predict_errors_are_clear(hym_run, tmp_path):
     with pytest.raises(RunError, match="scikit-learn head"):
         export_model(hym_run, tmp_path / "x.keras", head="logreg")
 
-
-def test_a_run_heads_weights_are_hashed_once_and_the_model_is_built_from_that(tmp_path):
-    """resolve_run_weights checks the recorded file and returns it resolved; resolving the model from it neither
-    reads nor hashes the file again (it is gone by then), so predict, export and finetune hash it once."""
-    from pipeline.backbones import WeightsInfo, sha256_file
-    from pipeline.results import RunHead, resolve_run_weights, run_model_config
-
-    weights = tmp_path / "mine.weights.h5"
-    weights.write_bytes(b"not really weights, but bytes with a digest")
-    digest = sha256_file(weights)
-    ex = {"backbone": "mobilenet_v2", "input_size": 96, "alpha": 0.35, "resize": "crop", "weights_source": "file",
-          "weights_path": str(weights), "weights_sha256": digest}
-    rh = RunHead(tmp_path, {"key": "k", "head": "logreg"}, {"feature": "max"}, ex, ["a", "b"])
-    info = resolve_run_weights(rh)
-    assert info == WeightsInfo("file", str(weights.resolve()), digest)
-    weights.unlink()
-    with pytest.raises(WeightsError, match="is not there"):
-        run_model_config(rh)  # the check itself still runs first, and says so when the file is gone
-    from pipeline.backbones import resolve_model
-
-    model = resolve_model("mobilenet_v2", info, 96, 0.35, ("avg", "max"), announce=lambda m: None)
-    assert model.weights is info and model.kinds == ("avg", "max")
-    other = tmp_path / "other.weights.h5"
-    other.write_bytes(b"other bytes")
-    with pytest.raises(WeightsError, match="SHA-256 .* but k was fitted on features"):
-        resolve_run_weights(rh, str(other))
-    (tmp_path / "w.bin").write_bytes(b"x")
-    with pytest.raises(WeightsError, match="is not a .weights.h5, .h5 or .keras file"):
-        resolve_run_weights(rh, str(tmp_path / "w.bin"))

@@ -35,6 +35,14 @@ def one_slow_process(root, item, size, resize, views=None):
     return Decoded(item, np.zeros((size, size, 3), np.uint8), str(os.getpid()), "")
 
 
+def chatty(root, item, size, resize, views=None):
+    """A decoder that writes to the process's stdout as native code would (straight to file descriptor 1), and
+    through Python's print."""
+    os.write(1, b"\xff" * 64 + b" libfoo: warning\n")
+    print("a stray print")
+    return decode_item(root, item, size, resize, views)
+
+
 def crash_on_boom(root, item, size, resize, views=None):
     """A decoder that dies (as a native crash does: no exception, no cleanup) on files named ``boom*``."""
     if Path(item.relpath).name.startswith("boom"):
@@ -152,9 +160,34 @@ def test_chunks_go_to_the_process_that_has_decoded_its_share_not_in_turn(tmp_pat
     late = [d for d in rows if int(Path(d.item.relpath).stem.split("_")[1]) >= 40]  # 56 images, 14 chunks of 4
     processes = {d.sha256 for d in rows}
     late_by = collections.Counter(d.sha256 for d in late)
-    # In turn, each process would take 7 of these chunks and the quick one would wait on the slow one; by what each
-    # has decoded, the slow one gets only the chunks it asks for while the other is as busy.
-    assert len(processes) == 2 and min(late_by[p] for p in processes) <= 20, late_by
+    # In turn, each process would take exactly 7 of these chunks (28 images) and the quick one would wait on the
+    # slow one; by what each has decoded, the slow one gets fewer (how many fewer depends on the machine's timing).
+    assert len(processes) == 2 and min(late_by[p] for p in processes) < 28, late_by
+
+
+def test_a_chunk_goes_to_the_process_with_fewest_unanswered_then_the_one_that_answered_most():
+    from types import SimpleNamespace
+
+    from pipeline.reader import least_busy
+
+    def w(unanswered, answered):
+        return SimpleNamespace(tasks=[None] * unanswered, answered=answered)
+
+    a, b = w(1, 40), w(0, 3)
+    assert least_busy([a, b]) is b  # fewer chunks waiting wins, however many were answered
+    a, b = w(0, 3), w(0, 40)
+    assert least_busy([a, b]) is b  # a tie goes to the quicker process so far, not to the first one
+    a, b = w(2, 7), w(2, 7)
+    assert least_busy([a, b]) is a  # equals take turns (the caller's order)
+
+
+def test_what_a_decoder_writes_to_stdout_does_not_reach_the_answers(tmp_path):
+    root = _folder(tmp_path / "set", 12)
+    ds = discover(root)
+    rows = _rows(ds.root, ds.items, "process", decode=chatty)
+    assert [d.error for d in rows] == [""] * 12
+    for d in rows:
+        assert np.array_equal(d.pixels, decode_item(ds.root, d.item, 16, "crop").pixels)
 
 
 def test_a_process_dying_on_an_image_costs_that_image_only(tmp_path):

@@ -245,3 +245,45 @@ def test_a_full_disk_during_finetune_is_one_line_and_leaves_the_run_as_it_was(fi
     assert "the run is as it was" in msg
     after = {p.relative_to(run): file_sha256(p) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before  # results.json, heads and predictions untouched; no staged file left
+
+
+def test_a_run_heads_weights_file_is_hashed_once_for_the_model_it_rebuilds(tmp_path, monkeypatch):
+    """What predict, export and finetune rebuild a head's backbone from (run_model_config): the recorded weights
+    file checked against its SHA-256 once, then the model resolved from that check without reading the file again."""
+    import pipeline.backbones as backbones
+    import pipeline.results as results
+    from pipeline.backbones import WeightsInfo
+    from pipeline.errors import WeightsError
+    from pipeline.results import RunHead, resolve_run_weights, run_model_config
+
+    weights = tmp_path / "mine.weights.h5"
+    weights.write_bytes(b"not really weights, but bytes with a digest")
+    digest = backbones.sha256_file(weights)
+    hashed: list[str] = []
+    real = backbones.sha256_file
+
+    def counting(path):
+        hashed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(backbones, "sha256_file", counting)  # both names the project hashes a weights file by
+    monkeypatch.setattr(results, "sha256_file", counting)
+    ex = {"backbone": "mobilenet_v2", "input_size": 96, "alpha": 0.35, "resize": "crop", "weights_source": "file",
+          "weights_path": str(weights), "weights_sha256": digest}
+    rh = RunHead(tmp_path, {"key": "k", "head": "logreg"}, {"feature": "max"}, ex, ["a", "b"])
+    model = run_model_config(rh, announce=lambda m: None)
+    assert model.weights == WeightsInfo("file", str(weights.resolve()), digest) and model.kinds == ("avg", "max")
+    assert len(hashed) == 1
+    resolved = resolve_run_weights(rh)  # a command that checks first and builds later (finetune)
+    weights.unlink()
+    hashed.clear()
+    later = run_model_config(rh, kinds=("avg",), announce=lambda m: None, resolved=resolved)
+    assert later.weights is resolved and later.kinds == ("avg",) and hashed == []
+    with pytest.raises(WeightsError, match="is not there"):
+        run_model_config(rh)
+    (tmp_path / "other.weights.h5").write_bytes(b"other bytes")
+    with pytest.raises(WeightsError, match="SHA-256 .* but k was fitted on features"):
+        resolve_run_weights(rh, str(tmp_path / "other.weights.h5"))
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(WeightsError, match=r"is not a \.weights\.h5, \.h5 or \.keras file"):
+        resolve_run_weights(rh, str(tmp_path / "w.bin"))

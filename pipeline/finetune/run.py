@@ -52,8 +52,8 @@ from pipeline.fit.metrics import compute_metrics, mistakes
 from pipeline.fit.protocol import hash_side, path_hash, plan_protocol
 from pipeline.machine import decode_threads
 from pipeline.results import (FINETUNE_HEAD, commit_result, file_sha256, find_results, finetune_key, first_best,
-                              head_file, jsonable, load_run, read_splits, report_split, run_head, run_model_config,
-                              split_counts, staged_name, write_predictions)
+                              head_file, jsonable, load_run, read_splits, report_split, resolve_run_weights, run_head,
+                              run_model_config, split_counts, staged_name, write_result_predictions)
 from pipeline.saved_head import load_saved_head
 
 __all__ = ["FINETUNE_HEAD", "STARTABLE", "HOLDOUT_FRACTION", "SELECT_MAX_ROWS", "FinetuneRun", "startable_results",
@@ -279,7 +279,7 @@ def _planned_rows(results: dict[str, Any], class_names: list[str],
 
 @dataclass
 class _Final:
-    """The kept model's predictions on the final splits (what :func:`pipeline.results.write_predictions`
+    """The kept model's predictions on the final splits (what :func:`pipeline.results.write_result_predictions`
     writes)."""
 
     proba: np.ndarray
@@ -343,7 +343,7 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
     cfg = replace(cfg, seed=int(results.get("seed", 0)) if seed is None else int(seed))
     start = pick_start(results, head)
     rh = run_head(run, start)
-    model = run_model_config(rh, weights, kinds=("avg",), announce=log)  # one line when missing, before any build
+    resolved = resolve_run_weights(rh, weights)  # one line when missing or not the same file, before any build
     root = Path(str(results["dataset"].get("root", "")))
     if not root.is_dir():
         raise DatasetError(f"the run's dataset folder {root} is not there; fine-tuning trains from its image files")
@@ -360,7 +360,8 @@ def finetune_run(run_dir: str | os.PathLike, head: str | None = None, weights: s
         score += f", refitted {rows.select_name} accuracy {start['metrics'][rows.select_name]['accuracy']:.4f}"
     log(f"{run.name}: starting from {start['key']} ({score} in the run); selection on {rows.select_name} "
         f"({len(data.select)} images), training on {len(data.train)} images of {root}")
-    built = build_features(model)
+    # ImageNet weights are found (or downloaded, announced) only now that the run's data is known to be there
+    built = build_features(run_model_config(rh, kinds=("avg",), announce=log, resolved=resolved))
     ft = finetune(built, start_head, data, cfg, log=log)
 
     # final numbers: every image of the final splits, once, with the kept model
@@ -456,8 +457,8 @@ def _stage_files(run_dir: Path, key: str, ft: FinetuneResult, final: _Final, row
         staged["model_file"] = staged_name(heads, key, ".keras")
         ft.model.save(staged["model_file"])
         staged["predictions_file"] = staged_name(preds, key, ".csv")
-        write_predictions(staged["predictions_file"], final.proba, final.final_rows, rows.rel_paths, rows.splits,
-                          rows.labels, class_names)
+        write_result_predictions(staged["predictions_file"], final.proba, final.final_rows, rows.rel_paths,
+                                 rows.splits, rows.labels, class_names)
         digest = file_sha256(staged["model_file"])
     except BaseException as exc:
         for tmp in staged.values():

@@ -393,7 +393,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if len(source.classes) < 2:
             raise ValueError("DenseHead needs at least 2 classes to train")
         self.n_features_in_ = int(source.shape[0])
-        return self._fit(source, np.asarray(source.classes), in_memory=False, groups=getattr(source, "groups", None))
+        return self._fit(source, np.asarray(source.classes), in_memory=False, groups=source.groups)
 
     def _fit(self, source: RowSource, classes: np.ndarray, in_memory: bool,
              groups: np.ndarray | None = None) -> "DenseHead":

@@ -43,7 +43,8 @@ from pipeline.fit.output import default_out, discard_run_dir, pick_best, prepare
 from pipeline.fit.plan import CachePlan, CostPolicy, MemoryBudget, plan_cache, plan_head
 from pipeline.fit.protocol import EXCLUDED, Protocol, SearchRows, plan_protocol, search_rows
 from pipeline.results import (cache_label, cache_record, dataset_record, result_key, result_record, run_document,
-                              skipped_record, slug, write_predictions, write_results, write_splits)
+                              skipped_record, slug, write_result_predictions, write_results,
+                              write_splits)
 from pipeline.sizes import fmt_bytes
 from pipeline.stats import wilson_interval
 
@@ -306,8 +307,8 @@ def _record_head(plan: _Plan, res: Any, kind: str, run_dir: Path, key: str, ci: 
     """Write one fitted head and its predictions into the run folder and add its result to ``part``."""
     inputs, splits, found = plan.inputs, plan.splits, plan.audit
     model_file = save_head(res, kind, run_dir / "heads", key)
-    write_predictions(run_dir / "predictions" / f"{key}.csv", res.proba, res.final_rows, inputs.rel_paths, splits,
-                      inputs.labels, inputs.class_names)
+    write_result_predictions(run_dir / "predictions" / f"{key}.csv", res.proba, res.final_rows, inputs.rel_paths,
+                             splits, inputs.labels, inputs.class_names)
     entry = result_record(key, ci, label, res.to_json(), run_dir, model_file, f"predictions/{key}.csv")
     if found is not None and not exclude_leaks and found.leaked.any():
         entry["leak_free"] = _leak_free(res, splits, found.leaked, inputs.labels)

@@ -278,34 +278,16 @@ def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.nda
                 views.seconds += time.perf_counter() - t_views - elapsed
     ms_per_1000 = elapsed * 1000.0 * 1000.0 / max(1, len(final_rows))
 
-    metrics = {}
-    for s in protocol.final_splits:
-        m = splits[final_rows] == s
-        metrics[s] = compute_metrics(labels[final_rows][m], proba[m], class_names, seed=ctx.seed)
-        if views is not None:
-            without = compute_metrics(labels[final_rows][m], proba_none[m], class_names)
-            w = {k: metrics[s].get(k) for k in _VIEW_METRICS}
-            wo = {k: without.get(k) for k in _VIEW_METRICS}
-            views.final[s] = {"with": w, "without": wo,
-                              "added": {k: (float(w[k]) - float(wo[k]) if w[k] is not None and wo[k] is not None
-                                            else None) for k in _VIEW_METRICS}}
-    rep = splits[final_rows] == protocol.report_split
-    wrong = mistakes(labels[final_rows][rep], proba[rep], [paths[i] for i in final_rows[rep]],
-                     list(splits[final_rows][rep]), class_names)
-    history = None
-    if hasattr(est, "history_"):
-        history = {k: [float(v) for v in est.history_.get(k, [])]
-                   for k in ("loss", "val_loss", "accuracy", "val_accuracy")}
-    params = {**spec.fixed(ctx), **chosen}
-    if hasattr(est, "n_epochs_"):
-        params.update({"epochs_run": int(est.n_epochs_), "best_epoch": int(est.best_epoch_)})
-    stopping = getattr(est, "early_stopping_", None)
-    if isinstance(stopping, dict):  # what the number of epochs rests on: rule, held-out rows, folds
-        params.update({"stopping": str(stopping["rule"]), "stopping_rows": int(stopping["rows"]),
-                       "stopping_folds": int(stopping["folds"])})
-    return HeadResult(head=spec.name, params=params, selection_split=protocol.selection,
+    final_labels, final_splits = labels[final_rows], splits[final_rows]
+    metrics = _final_metrics(final_labels, final_splits, proba, proba_none, protocol.final_splits, class_names,
+                             ctx.seed, views)
+    rep = final_splits == protocol.report_split
+    wrong = mistakes(final_labels[rep], proba[rep], [paths[i] for i in final_rows[rep]], list(final_splits[rep]),
+                     class_names)
+    return HeadResult(head=spec.name, params=_recorded_params(spec, ctx, chosen, est),
+                      selection_split=protocol.selection,
                       selection_score=cands[best].mean, search=cands, fit_seconds=fit_seconds,
-                      predict_ms_per_1000=ms_per_1000, metrics=metrics, history=history, mistakes=wrong,
+                      predict_ms_per_1000=ms_per_1000, metrics=metrics, history=_history(est), mistakes=wrong,
                       estimator=est, final_rows=final_rows, proba=proba, selection_index=best,
                       search_seconds=search_seconds, cost=hp.to_json(srows.to_json()), views=views,
                       selection_rows=int(sum(len(sc) for _, sc in srows.folds)),
@@ -314,6 +296,45 @@ def evaluate_planned(spec: HeadSpec, hp: HeadPlan, data: FitData, splits: np.nda
 
 _VIEW_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")
 """Final-split metrics recorded with and without views (``views.final``)."""
+
+
+def _final_metrics(labels: np.ndarray, splits: np.ndarray, proba: np.ndarray, proba_none: np.ndarray,
+                   final_splits: Sequence[str], class_names: list[str], seed: int,
+                   views: ViewChoice | None) -> dict[str, dict[str, Any]]:
+    """The metrics of each final split (``labels``, ``splits`` and ``proba`` of the final rows), and with views the
+    same metrics without them into ``views.final`` (``proba_none``: the head's probabilities on centre views)."""
+    metrics = {}
+    for s in final_splits:
+        m = splits == s
+        metrics[s] = compute_metrics(labels[m], proba[m], class_names, seed=seed)
+        if views is not None:
+            without = compute_metrics(labels[m], proba_none[m], class_names)
+            w = {k: metrics[s].get(k) for k in _VIEW_METRICS}
+            wo = {k: without.get(k) for k in _VIEW_METRICS}
+            views.final[s] = {"with": w, "without": wo,
+                              "added": {k: (float(w[k]) - float(wo[k]) if w[k] is not None and wo[k] is not None
+                                            else None) for k in _VIEW_METRICS}}
+    return metrics
+
+
+def _history(est: Any) -> dict[str, list[float]] | None:
+    """A Keras head's training curves (None for heads without epochs)."""
+    if not hasattr(est, "history_"):
+        return None
+    return {k: [float(v) for v in est.history_.get(k, [])] for k in ("loss", "val_loss", "accuracy", "val_accuracy")}
+
+
+def _recorded_params(spec: HeadSpec, ctx: HeadContext, chosen: dict[str, Any], est: Any) -> dict[str, Any]:
+    """The head's fixed and chosen hyperparameters, with what its fit learned of them (epochs run, the best epoch,
+    what the number of epochs rests on: rule, held-out rows, folds)."""
+    params = {**spec.fixed(ctx), **chosen}
+    if hasattr(est, "n_epochs_"):
+        params.update({"epochs_run": int(est.n_epochs_), "best_epoch": int(est.best_epoch_)})
+    stopping = getattr(est, "early_stopping_", None)
+    if isinstance(stopping, dict):
+        params.update({"stopping": str(stopping["rule"]), "stopping_rows": int(stopping["rows"]),
+                       "stopping_folds": int(stopping["folds"])})
+    return params
 
 
 def _choose_views(spec: HeadSpec, hp: HeadPlan, data: FitData, srows: SearchRows,

@@ -158,6 +158,8 @@ def test_ray_engine_writes_the_local_engines_cache(cluster, photos, local_cache,
     assert run["engine"] == "ray" and run["workers"] == 1 and run["rows"] == res.n_total
     assert run["runtime"] == local_run["runtime"] and run["runtime_version"] == local_run["runtime_version"]
     assert any(ln.startswith("ray: ") and "on 1 worker(s)" in ln for ln in lines), lines  # the summary line
+    # the device line, as the local engine's, says why auto took its runtime
+    assert any(ln.startswith("device: ") and "[auto: " in ln and "(first of 1 worker(s))" in ln for ln in lines), lines
     import ray
 
     assert not ray.is_initialized()  # the driver disconnected; the cluster it joined stays up (the next tests)

@@ -229,7 +229,7 @@ class ChunkExtractor:
         return {"rows": np.array([added]),
                 "error_type": np.array([type(error).__name__ if error else ""], dtype=object),
                 "error": np.array([str(error) if error else ""], dtype=object),
-                "runtime": np.array([json.dumps(self.run_info)], dtype=object)}
+                "runtime": np.array([json.dumps({**self.run_info, "choice": self.rt.choice})], dtype=object)}
 
     def _extract(self, batch: dict[str, np.ndarray]) -> int:
         """Run one chunk through the model and commit its rows; returns how many were committed.
@@ -537,7 +537,8 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
                     if not described:
                         first = (time.perf_counter() - t0, n)
                         described = json.loads(str(out["runtime"][0]))
-                        log(f"device: {described.get('device')}, runtime {described.get('runtime')} "
+                        choice = f" [{described['choice']}]" if described.get("choice") else ""
+                        log(f"device: {described.get('device')}, runtime {described.get('runtime')}{choice} "
                             f"(first of {workers} worker(s))")
             except Exception as exc:  # Ray wraps what a worker raised: ours become their one line again
                 ours = _remote_error(exc)
@@ -565,4 +566,5 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
     log(f"ray: {len(todo)} images on {workers} worker(s), {n_nodes} node(s) in {seconds:.1f}s: first rows "
         f"committed after {after:.1f}s (Ray and model start-up){rate}")
     return EngineReport(rows=done, seconds=seconds, workers=workers,
-                        runtime={**described, "engine": "ray", "workers": workers, "nodes": n_nodes})
+                        runtime={**{k: v for k, v in described.items() if k != "choice"}, "engine": "ray",
+                                 "workers": workers, "nodes": n_nodes})

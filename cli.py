@@ -19,7 +19,7 @@ import typer
 
 from pipeline.data import RESIZE_RULES
 from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, HeadbenchError
-from pipeline.extract.config import ENGINES, MAPS_DTYPES, ExtractOptions
+from pipeline.extract.config import ENGINES, MAPS_DTYPES, ExtractOptions, RayOptions
 from pipeline.finetune.train import FinetuneConfig
 from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS, FitConfig
 from pipeline.machine import MAX_DECODE_THREADS
@@ -58,9 +58,8 @@ def _head_names() -> list[str]:
     return [*HEADS, "all"]
 
 
-_EX, _FIT, _FT = ExtractOptions(), FitConfig, FinetuneConfig
-"""Each stage's defaults (the extract options, and the fit and fine-tuning configurations' class defaults): the
-options below show them, the stages own them."""
+_EX, _RAY, _FIT, _FT = ExtractOptions, RayOptions, FitConfig, FinetuneConfig
+"""Each stage's configuration, whose class defaults the options below show: the stages own them."""
 
 Backbone = _choices("Backbone", _registry_names())
 Resize = _choices("Resize", RESIZE_RULES)
@@ -267,7 +266,7 @@ def extract(
     num_workers: Annotated[Optional[int], typer.Option(min=1, help="With --engine ray: model workers (default: one "
                                                                    "per node, or as many as the GPUs allow).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs reserved by each model "
-                                                               "worker.")] = _EX.ray.gpus_per_worker,
+                                                               "worker.")] = _RAY.gpus_per_worker,
     views: Annotated[Optional[int], typer.Option(min=0, max=64, help="Also cache K augmented views per image (K+1 "
                                                                      "times the model work; 0: none). Default: keep "
                                                                      "what the cache has.")] = None,
@@ -279,7 +278,7 @@ def extract(
 ) -> None:
     """Run frozen backbones over every image once and cache the features (incremental and resumable)."""
     from pipeline.errors import BackboneError
-    from pipeline.extract import ExtractOptions, RayOptions, extract_all
+    from pipeline.extract import extract_all
     from pipeline.views import make_view_spec
 
     _check_model_options([b.value for b in backbone], input_size, alpha)
@@ -359,7 +358,7 @@ def fit(
 ) -> None:
     """Compare classifier heads on cached features; write a run folder and print a leaderboard."""
     from pipeline.errors import FitError
-    from pipeline.fit import FitConfig, run_fit
+    from pipeline.fit import run_fit
 
     try:  # FitConfig owns the options' rules (typer's enums already hold the choices): its refusal is a usage error
         config = FitConfig(cache_dir=cache_dir, dataset=dataset, backbones=backbone,
@@ -404,7 +403,6 @@ def finetune(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (one line per epoch).")] = False,
 ) -> None:
     """Fine-tune the top of the backbone with a fitted head, from the image files, and add it to the run."""
-    from pipeline.finetune import FinetuneConfig
     from pipeline.finetune import finetune_run
     from pipeline.fit.leaderboard import leaderboard_table
 

@@ -45,12 +45,12 @@ def phase(backbone: str, runtime: str, images: int, batch: int) -> dict:
 
     from pipeline.extract import resolve_config
     from pipeline.runtime.factory import make_runtime
-    from pipeline.runtime.keras import build_model
+    from pipeline.backbones import build_features
     from pipeline.runtime.onnx_export import ensure_exported
 
     cfg = resolve_config(backbone=backbone, weights="none", batch_size=batch, log=lambda m: None)
     t = time.perf_counter()
-    built = build_model(cfg.model, announce=lambda m: None)
+    built = build_features(cfg.model)
     res: dict = {"build_s": time.perf_counter() - t, "input_size": cfg.model.input_size,
                  "feature_dim": built.feature_dim}
     if runtime == "onnx":

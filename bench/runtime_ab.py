@@ -42,10 +42,11 @@ def measure(backbone: str, rounds: int, images: int, batch: int) -> dict[str, li
 
     from pipeline.extract import resolve_config
     from pipeline.runtime.factory import make_runtime
-    from pipeline.runtime.keras import KerasRuntime, build_model
+    from pipeline.backbones import build_features
+    from pipeline.runtime.keras import KerasRuntime
 
     cfg = resolve_config(backbone=backbone, weights="none", batch_size=batch, log=lambda m: None)
-    built = build_model(cfg.model, announce=lambda m: None)
+    built = build_features(cfg.model)
     runtimes = {"keras": KerasRuntime(cfg.model, built),
                 "onnx": make_runtime(cfg.model, "onnx", log=lambda m: None, built=built, batch_size=batch)}
     size = cfg.model.input_size

@@ -483,7 +483,7 @@ class _Worker:
             pass  # it died: the task's collect sees the end of its answers
 
     def fileno(self) -> int:
-        """The answers' pipe (for ``select``)."""
+        """The answers' pipe (for ``poll``)."""
         return self.stdout.fileno()
 
     def read_arrived(self) -> bool:

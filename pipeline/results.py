@@ -82,7 +82,7 @@ def slug(text: str) -> str:
 
 def cache_label(meta: Mapping[str, Any]) -> str:
     """What a cache is called in a run, its results and its report: its ``backbone_label`` (the backbone with the
-    width and input size that set it apart, e.g. ``mobilenet_v2_a0.5_160``), else its backbone's name (caches made
+    width and input size that set it apart, e.g. ``mobilenet_v2-a0.5-160``), else its backbone's name (caches made
     before labels); "" when it has neither."""
     return str(meta.get("backbone_label") or meta.get("backbone") or "")
 

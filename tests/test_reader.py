@@ -122,7 +122,7 @@ def test_processes_and_threads_give_the_same_rows_with_views_and_failures(tiny_d
     assert set(os.listdir("/dev/shm")) == before and _reader_children() == []
 
 
-def test_rows_a_consumer_keeps_stay_intact_while_the_copies_of_dropped_rows_are_used_again(tmp_path):
+def test_rows_a_consumer_keeps_stay_intact_while_the_reader_goes_on(tmp_path):
     root = _folder(tmp_path / "many", 96)
     ds = discover(root)
     kept = []

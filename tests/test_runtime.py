@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
 
 from conftest import REPO, V2_WEIGHTS, backbone_params, randomise_statistics, run_extract, write_image  # noqa: E402
-from pipeline.backbones import WeightsInfo, build_feature_model, get_spec, list_backbones  # noqa: E402
+from pipeline.backbones import WeightsInfo, build_feature_model, build_features, get_spec, list_backbones  # noqa: E402
 from pipeline.data import load_image  # noqa: E402
 from pipeline.runtime import onnx_export  # noqa: E402
 from pipeline.extract.config import ModelConfig, resolve_config  # noqa: E402
@@ -25,7 +25,7 @@ from pipeline.machine import cpu_cores  # noqa: E402
 from pipeline.runtime.base import RuntimeUnavailableError  # noqa: E402
 from pipeline.runtime.factory import AutoFacts, choose_auto, make_runtime  # noqa: E402
 from pipeline.runtime.timing import Timing, read_timing, time_runtimes, timing_path, write_timing  # noqa: E402
-from pipeline.runtime.keras import KerasRuntime, build_model  # noqa: E402
+from pipeline.runtime.keras import KerasRuntime  # noqa: E402
 from pipeline.runtime.onnx import (CPU_PROVIDER, OnnxRuntime, choose_providers, intra_op_threads,  # noqa: E402
                                    relative_difference)
 
@@ -46,7 +46,7 @@ def onnx_home(tmp_path_factory):
 def small():
     """A small random-weight MobileNetV2 (32 px, avg only) and its Keras model."""
     model = ModelConfig("mobilenet_v2", 32, 1.0, RANDOM, ("avg",))
-    return model, build_model(model, announce=lambda m: None)
+    return model, build_features(model)
 
 
 def _pixels(n: int, size: int, seed: int = 1) -> np.ndarray:
@@ -107,7 +107,7 @@ def test_onnx_matches_keras_on_one_backbone_of_each_family(name, tmp_path, monke
 def test_onnx_matches_keras_with_shared_mobilenet_v2_weights_on_real_images(shared_dir):
     cfg = resolve_config(backbone="mobilenet_v2", weights=str(shared_dir / V2_WEIGHTS), max_pool=True,
                          log=lambda m: None)
-    built = build_model(cfg.model, announce=lambda m: None)
+    built = build_features(cfg.model)
     rt = make_runtime(cfg.model, "onnx", log=lambda m: None, built=built)
     root = shared_dir / "data/hymenoptera/val"
     files = sorted((root / "ants").glob("*.jpg"))[:2] + sorted((root / "bees").glob("*.jpg"))[:2]

@@ -171,7 +171,7 @@ def _local_weights(cfg: ExtractConfig, blob: bytes | None) -> ExtractConfig:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / Path(w.path).name  # the same name: Keras picks the file format by it
     if not path.exists() or path.stat().st_size != len(blob):
-        write_then_commit(path, lambda tmp: tmp.write_bytes(blob))  # a killed copy never passes for the weights
+        write_then_commit(path, lambda tmp: tmp.write_bytes(blob))  # flushed; a failed copy leaves no temporary
     return replace(cfg, model=replace(cfg.model, weights=replace(w, path=str(path))))
 
 
@@ -229,7 +229,8 @@ class ChunkExtractor:
         return {"rows": np.array([added]),
                 "error_type": np.array([type(error).__name__ if error else ""], dtype=object),
                 "error": np.array([str(error) if error else ""], dtype=object),
-                "runtime": np.array([json.dumps({**self.run_info, "choice": self.rt.choice})], dtype=object)}
+                "runtime": np.array([json.dumps(self.run_info)], dtype=object),
+                "choice": np.array([self.rt.choice], dtype=object)}  # why auto took it, for the device line
 
     def _extract(self, batch: dict[str, np.ndarray]) -> int:
         """Run one chunk through the model and commit its rows; returns how many were committed.
@@ -537,7 +538,7 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
                     if not described:
                         first = (time.perf_counter() - t0, n)
                         described = json.loads(str(out["runtime"][0]))
-                        choice = f" [{described['choice']}]" if described.get("choice") else ""
+                        choice = f" [{out['choice'][0]}]" if out["choice"][0] else ""
                         log(f"device: {described.get('device')}, runtime {described.get('runtime')}{choice} "
                             f"(first of {workers} worker(s))")
             except Exception as exc:  # Ray wraps what a worker raised: ours become their one line again
@@ -566,5 +567,4 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
     log(f"ray: {len(todo)} images on {workers} worker(s), {n_nodes} node(s) in {seconds:.1f}s: first rows "
         f"committed after {after:.1f}s (Ray and model start-up){rate}")
     return EngineReport(rows=done, seconds=seconds, workers=workers,
-                        runtime={**{k: v for k, v in described.items() if k != "choice"}, "engine": "ray",
-                                 "workers": workers, "nodes": n_nodes})
+                        runtime={**described, "engine": "ray", "workers": workers, "nodes": n_nodes})

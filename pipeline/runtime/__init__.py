@@ -14,7 +14,7 @@ Used alike by ``extract``, ``predict`` and ``finetune``; the model's identity is
 
 from pipeline.runtime.base import Runtime, RuntimeUnavailableError
 from pipeline.runtime.factory import RUNTIME_CHOICES, RuntimeFactory, make_runtime
-from pipeline.runtime.keras import KerasRuntime, build_model
+from pipeline.runtime.keras import KerasRuntime
 
 __all__ = ["Runtime", "RuntimeUnavailableError", "RUNTIME_CHOICES", "RuntimeFactory", "make_runtime",
-           "KerasRuntime", "build_model"]
+           "KerasRuntime"]

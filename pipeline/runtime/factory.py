@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from pipeline.backbones import BuiltBackbone, ModelConfig
+from pipeline.backbones import BuiltBackbone, ModelConfig, build_features
 from pipeline.runtime.base import Runtime, RuntimeUnavailableError
-from pipeline.runtime.keras import KerasRuntime, build_model, configure_threads
+from pipeline.runtime.keras import KerasRuntime, configure_threads
 from pipeline.machine import gpu_available
 from pipeline.runtime.onnx import (GPU_PROVIDERS, PARITY_TOLERANCE, OnnxRuntime, onnxruntime_missing,
                                    open_onnx_runtime)
@@ -157,11 +157,11 @@ def make_runtime(model: ModelConfig, runtime: str = "auto", log: Callable[[str],
     elif runtime == "auto":
         facts = facts or auto_facts()
         if facts.on_cpu:
-            return _timed_on_cpu(model, built or build_model(model, announce=log), log, parity_tolerance,
+            return _timed_on_cpu(model, built or build_features(model), log, parity_tolerance,
                                  batch_size, convert, facts)
         runtime, why = choose_auto(facts)
         note, choice = (why, "") if facts.onnx_missing else ("", why)
-    built = built or build_model(model, announce=log)
+    built = built or build_features(model)
     if runtime == "onnx":
         try:
             rt = _open_onnx(model, built, log, parity_tolerance, batch_size, convert)

@@ -2,8 +2,8 @@
 
 :class:`KerasRuntime` runs the Keras feature model (preprocessing built in) with its batch normalisations folded
 into the convolutions (:mod:`pipeline.runtime.fold`) through a compiled ``tf.function`` on TensorFlow.
-:func:`build_model` builds the Keras feature model of a :class:`~pipeline.backbones.ModelConfig` (the ONNX runtime's
-export and parity reference too), :func:`configure_threads` sets TensorFlow's threads up for extraction. Keras is
+The feature model itself is :func:`pipeline.backbones.build_features`'s (the ONNX runtime's export and parity
+reference too); :func:`configure_threads` sets TensorFlow's threads up for extraction. Keras is
 imported only when a model is built or run.
 """
 
@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.backbones import BuiltBackbone, ModelConfig, build_features
+from pipeline.backbones import BuiltBackbone, ModelConfig
 from pipeline.machine import cpu_cores, gpu_available
 from pipeline.runtime.base import Runtime
 
@@ -103,9 +103,3 @@ def make_runner(built: BuiltBackbone, fold: bool = True) -> Callable[[np.ndarray
         return {k: np.asarray(v) for k, v in out.items()}
 
     return run_generic
-
-
-def build_model(model: ModelConfig, announce: Callable[[str], None] = print) -> BuiltBackbone:
-    """The Keras feature model of ``model`` (preprocessing inside, outputs named by kind; ``announce`` is kept for
-    the factory's signature: a resolved model downloads nothing)."""
-    return build_features(model)

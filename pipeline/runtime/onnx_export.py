@@ -3,7 +3,7 @@
 Exporter
 --------
 The model is exported with tf2onnx from a *frozen* TensorFlow graph of the exact feature model that
-:func:`pipeline.runtime.keras.build_model` builds (preprocessing inside, outputs ``avg`` [``max``] [``maps``]),
+:func:`pipeline.backbones.build_features` builds (preprocessing inside, outputs ``avg`` [``max``] [``maps``]),
 with one input, ``pixels``: ``(n, s, s, 3)`` uint8, cast to float inside the graph (so a batch crosses into ONNX
 Runtime at a quarter of the bytes and no caller can feed another scaling).
 

@@ -5,11 +5,12 @@ Two kinds of worker do the same work (:func:`decode_item`, so a row's pixels nev
 * **processes** (the default when the model runs on a GPU, for a job of :data:`PROCESS_MIN_IMAGES` images or
   more): each decodes a chunk of images into a slot of one shared-memory block (an unlinked file in ``/dev/shm``,
   handed to each process as an open file descriptor, so nothing is left behind whatever happens) and sends back only
-  digests and errors over a pipe; the reader copies the slot out in one ``memcpy``, into a buffer of its own that
-  it uses again once no row of its last copy is held (:class:`_Copies`). Each process has its own
-  interpreter, so the per-image Python steps (opening the file, Pillow's header parsing, EXIF, array wrapping: about
-  0.1 ms of a 128-px image's 0.5 ms) run in parallel instead of taking turns on one GIL. Decoding then scales with
-  cores on small images as it does on large ones, which a GPU fed by 8-16 cores needs (docs/benchmarks.md).
+  digests and errors over a pipe; the rows handed to the consumer are views of that slot, which serves again once
+  no row of it is held (a consumer that keeps rows gets copies instead: :class:`_ProcessPool`). Each process has
+  its own interpreter, so the per-image Python steps (opening the file, Pillow's header parsing, EXIF, array
+  wrapping: about 0.1 ms of a 128-px image's 0.5 ms) run in parallel instead of taking turns on one GIL. Decoding
+  then scales with cores on small images as it does on large ones, which a GPU fed by 8-16 cores needs
+  (docs/benchmarks.md).
 * **threads**: when the model runs on the same CPU cores (decoding is then a small share of the work and threads
   keep up with the model, with no start-up: see :func:`plan_reader`); below :data:`PROCESS_MIN_IMAGES` images, where
   starting the processes (0.2-0.3 s: a fresh interpreter imports NumPy and Pillow) would cost as much as the
@@ -131,6 +132,9 @@ class ReaderPlan:
         Images per task.
     ahead : int
         Most images decoded ahead of the consumer (each with its views).
+    lend : int
+        Slots whose rows processes may hand to the consumer as they are, without a copy (:class:`_ProcessPool`):
+        enough for the batch the consumer holds and the one being collected; 0 copies every chunk.
     reason : str
         Why this kind, for the log ("" when it was asked for).
     shm_folder : str
@@ -141,6 +145,7 @@ class ReaderPlan:
     workers: int
     chunk: int
     ahead: int
+    lend: int = 0
     reason: str = ""
     shm_folder: str = SHM_FOLDER
 
@@ -192,9 +197,10 @@ def plan_reader(n_images: int, workers: int, batch_size: int, image_bytes: int, 
     workers = max(1, int(workers))
     chunk = max(1, min(CHUNK_IMAGES, batch_size // workers))
     ahead = max(batch_size * 3, workers * 2 * chunk)
+    lend = 2 * math.ceil(batch_size / chunk) + 1  # a batch held, the next one collected, a chunk across both
 
     def plan(k: str, reason: str = "") -> ReaderPlan:
-        return ReaderPlan(k, workers, chunk, ahead, reason)
+        return ReaderPlan(k, workers, chunk, ahead, lend if k == "process" else 0, reason)
 
     if kind == "thread":
         return plan("thread")
@@ -204,7 +210,7 @@ def plan_reader(n_images: int, workers: int, batch_size: int, image_bytes: int, 
         return plan("thread", f"{n_images} images: fewer than {PROCESS_MIN_IMAGES}")
     if shm_free is None:
         return plan("thread", f"no {SHM_FOLDER} for the decoded pixels")
-    need = _slot_count(ahead, chunk) * chunk * image_bytes
+    need = (_slot_count(ahead, chunk) + lend) * chunk * image_bytes
     if need * 2 > shm_free:
         return plan("thread", f"/dev/shm has {shm_free / 2**20:.0f} MiB free, the slots need {need / 2**20:.0f} MiB")
     return plan("process")
@@ -585,11 +591,21 @@ def least_busy(workers: Sequence[_Worker]) -> _Worker:
 
 
 class _ProcessPool(_Pool):
-    """Decoding processes writing into the slots of one shared block (``(slots, chunk, 1 + K, s, s, 3)``)."""
+    """Decoding processes writing into the slots of one shared block (``(slots, chunk, 1 + K, s, s, 3)``).
+
+    A chunk's rows are views of its slot, lent to the consumer (no copy), while fewer than ``plan.lend`` slots are
+    lent; a lent slot is free again once no row of it is left, known by a weak reference to the array that every
+    row is a view of (as in :class:`_Copies`). Beyond that (a consumer that keeps rows), and for a chunk decoded
+    again one image at a time, the rows are copied out (:class:`_Copies`) and the slot is free at once. The copy was
+    the larger part of the reader's own CPU, the one part of decoding with processes that does not run in parallel:
+    with two processes on 128 px flowers, 38-44 us per image before, 22-23 after (``getrusage`` around
+    ``read_batches``; a ``cProfile`` with a CPU clock put the copy at 24 of 56 us).
+    """
 
     def __init__(self, plan: ReaderPlan, image_shape: tuple[int, ...], decode: Decode) -> None:
         self.decode = decode
-        self.shape = (_slot_count(plan.ahead, plan.chunk), plan.chunk, *image_shape)
+        self.lend = plan.lend
+        self.shape = (_slot_count(plan.ahead, plan.chunk) + plan.lend, plan.chunk, *image_shape)
         nbytes = int(np.prod(self.shape))
         self.workers: list[_Worker] = []
         try:
@@ -602,6 +618,7 @@ class _ProcessPool(_Pool):
             self.buf = mmap.mmap(self.fd, nbytes)
             self.slots = np.ndarray(self.shape, np.uint8, buffer=self.buf)
             self.free = deque(range(self.shape[0]))
+            self.lent: list[tuple[int, Callable[[], Any]]] = []  # (slot, weak reference to its rows' base)
             self.copies = _Copies(self.shape[1:], 2 * self.shape[0])
             self.workers = [_Worker.start(self.fd, self.shape) for _ in range(plan.workers)]
             for w in self.workers:
@@ -611,6 +628,7 @@ class _ProcessPool(_Pool):
             raise
 
     def submit(self, root, part, size, resize, views):  # noqa: ANN001 - see _Pool
+        self._reclaim()
         slot = self.free.popleft()
         task = _Task(slot, (self.decode, slot, root, part, size, resize, views))
         self._pump(wait=False)
@@ -622,9 +640,25 @@ class _ProcessPool(_Pool):
             raise RuntimeError("internal: a decoding task was collected before it was sent")
         while not task.done:
             self._pump(wait=True)
-        rows = task.rows if task.rows is not None else self._take(task, part, task.results or [])
-        self.free.append(task.slot)
+        if task.rows is not None:  # decoded again one image at a time, already copied out
+            self.free.append(task.slot)
+            return task.rows
+        self._reclaim()
+        lend = len(self.lent) < self.lend
+        rows = self._rows(task.slot, part, task.results or [], lend)
+        if not lend:
+            self.free.append(task.slot)
         return rows
+
+    def _reclaim(self) -> None:
+        """Lent slots none of whose rows is left are free again."""
+        held = []
+        for slot, ref in self.lent:
+            if ref() is None:
+                self.free.append(slot)
+            else:
+                held.append((slot, ref))
+        self.lent = held
 
     def _pump(self, wait: bool) -> None:
         """Take the answers that have arrived from any process (waiting for one when ``wait``), each for its
@@ -647,9 +681,15 @@ class _ProcessPool(_Pool):
             if not alive and worker.tasks:  # it died on one of its oldest task's images
                 self._recover(worker)
 
-    def _take(self, task: _Task, part: list[ImageItem], results: list[tuple[str, str]]) -> list[Decoded]:
-        """The chunk's pixels copied out of its slot (one copy; the rows are views of it)."""
-        block = self.copies.take(self.slots[task.slot, :len(part)])
+    def _rows(self, slot: int, part: list[ImageItem], results: list[tuple[str, str]], lend: bool) -> list[Decoded]:
+        """A chunk's rows: views of its slot, which is then lent (``lend``), or of one copy of it."""
+        if lend:
+            size = int(np.prod(self.shape[1:]))
+            handle = np.frombuffer(memoryview(self.buf)[slot * size:(slot + 1) * size], np.uint8)
+            block = handle.reshape(self.shape[1:])[:len(part)]  # every view of it, however derived, has it as base
+            self.lent.append((slot, weakref.ref(handle)))
+        else:
+            block = self.copies.take(self.slots[slot, :len(part)])
         views = block.shape[1] > 1
         return [Decoded(it, None if err else block[j, 0], sha, err, block[j, 1:] if views and not err else None)
                 for j, (it, (sha, err)) in enumerate(zip(part, results))]
@@ -684,7 +724,7 @@ class _ProcessPool(_Pool):
             elif answer[0] != "ok":
                 raise RuntimeError(f"internal: a decoding process failed:\n{answer[1]}")
             else:
-                rows.extend(self._take(alone, [it], answer[1]))
+                rows.extend(self._rows(task.slot, [it], answer[1], lend=False))  # the slot serves the next image
         task.rows = rows
         for t in later:
             worker.send(t)
@@ -697,5 +737,8 @@ class _ProcessPool(_Pool):
         self.workers = []
         self.slots = None  # type: ignore[assignment]  # no view of the map may outlive it
         if getattr(self, "buf", None) is not None:
-            self.buf.close()
+            try:
+                self.buf.close()
+            except BufferError:
+                pass  # rows lent to the consumer are left: the map goes with the last of them
         os.close(self.fd)

@@ -70,6 +70,17 @@ def _reader_children() -> list[int]:
     return found
 
 
+def _in_shared_block(a: np.ndarray) -> bool:
+    """Whether ``a``'s pixels lie in a decoding pool's shared block (this process's map of it)."""
+    address = a.__array_interface__["data"][0]
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in span.split("-"))
+        if "headbench-decode-" in name and start <= address < end:
+            return True
+    return False
+
+
 def _folder(root: Path, n: int, crash: tuple[int, ...] = ()) -> Path:
     rng = np.random.default_rng(3)
     for i in range(n):
@@ -130,8 +141,24 @@ def test_rows_a_consumer_keeps_stay_intact_while_the_reader_goes_on(tmp_path):
         if i % 3 == 0:  # a consumer that keeps some rows (as a list of results would) and lets the others go
             kept.extend(batch)
     assert len(kept) == 32
-    for d in kept:  # later chunks were never copied over a row still held
+    for d in kept:  # later chunks were never decoded or copied over a row still held
         assert np.array_equal(d.pixels, decode_item(root, d.item, 16, "crop").pixels), d.item.relpath
+    lent = [_in_shared_block(d.pixels) for d in kept]
+    assert any(lent) and not all(lent)  # the first kept rows were lent; once every lendable slot was held, copies
+
+
+def test_rows_are_lent_out_of_the_shared_block_while_the_consumer_lets_them_go(tmp_path):
+    """No copy between the processes and the consumer: each row is a view of the slot it was decoded into, and
+    the slot serves again (with a later chunk) only once the consumer has let its rows go."""
+    root = _folder(tmp_path / "many", 96)
+    ds = discover(root)
+    seen = set()
+    for batch in read_batches(root, ds.items, 16, "crop", 4, 2, kind="process"):
+        for d in batch:
+            assert _in_shared_block(d.pixels), d.item.relpath
+            assert np.array_equal(d.pixels, decode_item(root, d.item, 16, "crop").pixels), d.item.relpath
+            seen.add(d.pixels.__array_interface__["data"][0])
+    assert len(seen) < 96  # slots served again: far fewer places than rows
 
 
 def test_a_copy_buffer_serves_again_once_its_last_row_is_gone_and_never_before():

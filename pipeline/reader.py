@@ -13,7 +13,7 @@ Two kinds of worker do the same work (:func:`decode_item`, so a row's pixels nev
   (docs/benchmarks.md).
 * **threads**: when the model runs on the same CPU cores (decoding is then a small share of the work and threads
   keep up with the model, with no start-up: see :func:`plan_reader`); below :data:`PROCESS_MIN_IMAGES` images, where
-  starting the processes (0.2-0.3 s: a fresh interpreter imports NumPy and Pillow) would cost as much as the
+  starting the processes (0.1-0.2 s: a fresh interpreter imports NumPy and Pillow) would cost as much as the
   decoding; where ``/dev/shm`` is missing (macOS, Windows) or lacks room for the slots (a container's default is
   64 MiB, and a full shared-memory file system fails with SIGBUS, not an error); and when the processes cannot start
   (said in one line, then threads decode). Pillow and libjpeg-turbo release the GIL while they decode and resize,
@@ -62,9 +62,10 @@ READER_KINDS = ("auto", "process", "thread")
 """``auto``: processes or threads by :func:`plan_reader`'s rule; the others ask for one kind."""
 
 PROCESS_MIN_IMAGES = 256
-"""Fewest images for which ``auto`` starts decoding processes. They take about 0.2 s to start (each a fresh
-interpreter importing NumPy and Pillow), in which one thread decodes about 400 small or 100 large images; below this
-the GIL's share of the work is not worth that."""
+"""Fewest images for which ``auto`` starts decoding processes. They take 0.1-0.2 s to start (each a fresh
+interpreter importing NumPy and Pillow: 0.11 s of waiting for the first batch on a 2-core machine, 0.2 s before each
+started with one BLAS thread), in which one thread decodes 200-400 small or 50-100 large images; below this the
+GIL's share of the work is not worth that."""
 
 SHM_FOLDER = "/dev/shm"
 """Where the slots live: a RAM file system on Linux (processes are not used where it is missing)."""
@@ -134,7 +135,8 @@ class ReaderPlan:
         Most images decoded ahead of the consumer (each with its views).
     lend : int
         Slots whose rows processes may hand to the consumer as they are, without a copy (:class:`_ProcessPool`):
-        enough for the batch the consumer holds and the one being collected; 0 copies every chunk.
+        enough for the batch the consumer holds and the one being collected, where ``/dev/shm`` has room for them
+        too; 0 copies every chunk.
     reason : str
         Why this kind, for the log ("" when it was asked for).
     shm_folder : str
@@ -197,10 +199,9 @@ def plan_reader(n_images: int, workers: int, batch_size: int, image_bytes: int, 
     workers = max(1, int(workers))
     chunk = max(1, min(CHUNK_IMAGES, batch_size // workers))
     ahead = max(batch_size * 3, workers * 2 * chunk)
-    lend = 2 * math.ceil(batch_size / chunk) + 1  # a batch held, the next one collected, a chunk across both
 
-    def plan(k: str, reason: str = "") -> ReaderPlan:
-        return ReaderPlan(k, workers, chunk, ahead, lend if k == "process" else 0, reason)
+    def plan(k: str, reason: str = "", lend: int = 0) -> ReaderPlan:
+        return ReaderPlan(k, workers, chunk, ahead, lend, reason)
 
     if kind == "thread":
         return plan("thread")
@@ -210,10 +211,13 @@ def plan_reader(n_images: int, workers: int, batch_size: int, image_bytes: int, 
         return plan("thread", f"{n_images} images: fewer than {PROCESS_MIN_IMAGES}")
     if shm_free is None:
         return plan("thread", f"no {SHM_FOLDER} for the decoded pixels")
-    need = (_slot_count(ahead, chunk) + lend) * chunk * image_bytes
+    slot_bytes = chunk * image_bytes
+    need = _slot_count(ahead, chunk) * slot_bytes
     if need * 2 > shm_free:
         return plan("thread", f"/dev/shm has {shm_free / 2**20:.0f} MiB free, the slots need {need / 2**20:.0f} MiB")
-    return plan("process")
+    lend = 2 * math.ceil(batch_size / chunk) + 1  # a batch held, the next one collected, a chunk across both
+    # Slots to lend where they fit too; where they do not, rows are copied out of the slots instead.
+    return plan("process", lend=lend if (need + lend * slot_bytes) * 2 <= shm_free else 0)
 
 
 def _slot_count(ahead: int, chunk: int) -> int:

@@ -96,7 +96,9 @@ def _rows(root, items, kind, workers=2, batch=4, **kw):
 def test_plan_takes_processes_only_to_feed_a_gpu_a_job_that_pays_for_them_within_shared_memory():
     big = plan_reader(PROCESS_MIN_IMAGES, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB, gpu=True)
     assert (big.kind, big.workers, big.chunk, big.reason) == ("process", 2, 8, "")
-    assert big.describe() == "2 decoding processes"
+    assert big.describe() == "2 decoding processes" and big.lend == 2 * 4 + 1  # two batches of 4 chunks, and one
+    tight = plan_reader(10_000, 2, 32, 299 * 299 * 3, shm_free=64 * MIB, gpu=True)  # a container's default /dev/shm
+    assert tight.kind == "process" and tight.lend == 0  # room for the slots, not for lending more: rows are copied
     beside_cpu_model = plan_reader(100_000, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB, gpu=False)
     assert beside_cpu_model.kind == "thread" and beside_cpu_model.describe() == "2 decoding threads"
     small = plan_reader(PROCESS_MIN_IMAGES - 1, 2, 32, 224 * 224 * 3, shm_free=1024 * MIB, gpu=True)

@@ -4,8 +4,9 @@ On a GPU node the model is no longer the bottleneck; decoding is. This benchmark
 
 * ``decode``   -- the reader alone (read + SHA-256 + decode + resize to 224, crop) at 1, 2, 4, 8, 12, 16 workers
   (``--reader process``, the default, as extract decodes beside a GPU; ``--reader thread`` for the thread pool);
-* ``ort-cpu``  -- the exported ONNX model in ONNX Runtime on the CPU (``make_session``, the extractor's settings), on
-  decoded pixels: the node's CPU ceiling;
+* ``ort-cpu``  -- the exported ONNX model in ONNX Runtime on the CPU (``make_session``, one run per batch of 32 on
+  one thread per core and on half as many; the extractor's own runs, pieces of a batch on one thread each, are not
+  measured here), on decoded pixels: the node's CPU ceiling;
 * ``gpu``      -- the same ONNX graph on the GPU, on decoded pixels (uint8 in from the host, features back), at
   batch 32 / 128 / 512, float32 and TF32, with the largest relative difference from ONNX Runtime on the CPU;
 * ``reader->gpu`` and ``reader->ort`` -- the reader feeding the model, at several decoding-thread counts (the
@@ -103,9 +104,9 @@ def main() -> None:
     pix = np.concatenate([np.stack([d.pixels for d in b]) for b in
                           read_batches(ds.root, ds.items[:256], SIZE, "crop", 64, cores, kind=args.reader)])
 
-    from pipeline.runtime.onnx import CPU_PROVIDER, intra_op_threads, make_session
+    from pipeline.runtime.onnx import CPU_PROVIDER, make_session
 
-    t_cpu = intra_op_threads(cores, CPU_PROVIDER)
+    t_cpu = cores
     sessions = {t: make_session(args.onnx, [CPU_PROVIDER], t, SIZE, 32) for t in sorted({t_cpu, max(1, cores // 2)})}
     name = sessions[t_cpu].get_inputs()[0].name
     ref = np.concatenate([sessions[t_cpu].run(None, {name: pix[i:i + 32]})[0] for i in range(0, len(pix), 32)])

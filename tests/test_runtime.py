@@ -26,8 +26,8 @@ from pipeline.runtime.base import RuntimeUnavailableError  # noqa: E402
 from pipeline.runtime.factory import AutoFacts, choose_auto, make_runtime  # noqa: E402
 from pipeline.runtime.timing import Timing, read_timing, time_runtimes, timing_path, write_timing  # noqa: E402
 from pipeline.runtime.keras import KerasRuntime  # noqa: E402
-from pipeline.runtime.onnx import (CPU_PROVIDER, OnnxRuntime, choose_providers, intra_op_threads,  # noqa: E402
-                                   relative_difference)
+from pipeline.runtime.onnx import (CPU_PROVIDER, PIECE_IMAGES, OnnxRuntime, batch_pieces,  # noqa: E402
+                                   choose_providers, cpu_lanes, relative_difference)
 
 RANDOM = WeightsInfo("none", "", "")
 CUDA, TRT = "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -452,8 +452,40 @@ def test_provider_choice_and_threads():
     assert choose_providers(gpu_build, tensorrt_libraries=False) == [CUDA, CPU_PROVIDER]
     assert choose_providers(gpu_build, tensorrt_libraries=True) == gpu_build
     assert choose_providers(["CoreMLExecutionProvider", CPU_PROVIDER], True) == [CPU_PROVIDER]
-    assert intra_op_threads(2, CPU_PROVIDER) == 2 and intra_op_threads(16, CPU_PROVIDER) == 16
-    assert intra_op_threads(16, CUDA) == 1 and intra_op_threads(16, TRT) == 1
+    assert cpu_lanes(2, CPU_PROVIDER) == 2 and cpu_lanes(16, CPU_PROVIDER) == 16
+    assert cpu_lanes(16, CUDA) == 1 and cpu_lanes(16, TRT) == 1
+
+
+def test_a_cpu_batch_runs_in_pieces_of_two_or_more_images_for_every_lane():
+    def sizes(n, lanes, most=PIECE_IMAGES):
+        pieces = batch_pieces(n, lanes, most)
+        assert pieces[0].start == 0 and pieces[-1].stop == n  # consecutive, all of the batch, in order
+        assert all(a.stop == b.start for a, b in zip(pieces, pieces[1:]))
+        return [p.stop - p.start for p in pieces]
+
+    assert sizes(32, 2, 2) == [2] * 16
+    assert sizes(32, 2, 4) == [4] * 8
+    assert sizes(32, 16, 4) == [2] * 16  # every lane gets a piece before pieces reach the most
+    assert sizes(13, 2, 2) == [3, 2, 2, 2, 2, 2]  # no piece of one image
+    assert sizes(3, 8, 2) == [3] and sizes(1, 8) == [1] and sizes(0, 2) == [0]
+    assert sizes(32, 1) == [32]  # one lane (a GPU provider): the whole batch in one run
+
+
+def test_cpu_pieces_give_the_features_of_one_whole_batch_bit_for_bit(small):
+    """The CPU session runs a batch as pieces, several at once; every image's features are those of one run of the
+    whole batch, bit for bit (the cached numbers do not depend on how a batch was cut)."""
+    from pipeline.runtime.onnx import make_session
+
+    model, built = small
+    path = onnx_export.ensure_exported(model, built, log=lambda m: None)
+    rt = OnnxRuntime(model, built, path, [CPU_PROVIDER], log=lambda m: None, batch_size=16, cores=2)
+    assert rt.lanes == 2
+    px = _pixels(13, model.input_size, seed=5)
+    whole = make_session(path, [CPU_PROVIDER], 2, model.input_size, 16).run(None, {"pixels": px})
+    got = rt.unchecked(px)
+    assert len(batch_pieces(13, 2)) == 6
+    for name, value in zip(rt._outputs, whole):
+        assert got[name].shape == value.shape and np.array_equal(got[name], value), name
 
 
 def test_decoding_workers_default():
@@ -525,7 +557,8 @@ def test_provider_dropped_by_onnxruntime_is_reported(small):
     rt = OnnxRuntime(model, built, Path("m.onnx"), [CUDA, CPU_PROVIDER], log=msgs.append,
                      session_factory=_fake_factory(built, {CUDA: "dropped"}, opened))
     assert len(msgs) == 1 and msgs[0].startswith("runtime: CUDAExecutionProvider is installed but could not start")
-    assert (rt.provider, rt.device, rt.threads) == (CPU_PROVIDER, f"CPU ({cpu_cores()} cores)", cpu_cores())
+    assert (rt.provider, rt.device, rt.threads, rt.lanes) == (CPU_PROVIDER, f"CPU ({cpu_cores()} cores)", 1,
+                                                              cpu_cores())
 
 
 def test_reduced_precision_gpu_falls_back_to_the_next_provider(small):
@@ -603,9 +636,9 @@ def test_engine_records_the_runtime_it_ran(tiny_dataset, tmp_path):
     assert {k: info[k] for k in ("runtime", "runtime_version", "device", "provider", "note")} == {
         "runtime": "onnxruntime", "runtime_version": ort.__version__, "device": f"CPU ({cpu_cores()} cores)",
         "provider": CPU_PROVIDER, "note": ""}
-    assert float(info["parity"]) <= 1e-4 and info["threads"] == str(cpu_cores())
+    assert float(info["parity"]) <= 1e-4 and (info["threads"], info["runs_at_once"]) == ("1", str(cpu_cores()))
     line = f"device: CPU ({cpu_cores()} cores), runtime onnxruntime {ort.__version__} (CPUExecutionProvider, " \
-           f"{cpu_cores()} thread(s)), batch 4, "  # asked for: no reason of auto's
+           f"pieces of {PIECE_IMAGES} images, {cpu_cores()} at once on one thread each), batch 4, "  # no auto reason
     assert any(m.startswith(line) and m.endswith("decoding threads") for m in msgs), msgs
 
     msgs.clear()  # auto: the runtime this machine's timing names, and the timing in the device line

@@ -31,7 +31,9 @@ TIMING_ROUNDS = 3
 """Alternating rounds after each runtime's warm-up call; the median of each runtime's rounds is kept."""
 TIMING_MAX_IMAGES = 32
 """Images per timed call (at most the run's batch): a MobileNetV2 batch is ~0.2 s of CPU on 2 cores."""
-TIMING_FORMAT = 1
+TIMING_FORMAT = 2
+"""Bumped when a runtime's way of running a batch changes, so that timings of the old way are taken again: 2, the CPU
+session's batch runs as pieces on one thread each, several at once (:mod:`pipeline.runtime.onnx`)."""
 
 
 @dataclass(frozen=True)

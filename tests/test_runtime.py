@@ -476,14 +476,29 @@ def test_cpu_pieces_give_the_features_of_one_whole_batch_bit_for_bit(small):
     whole batch, bit for bit (the cached numbers do not depend on how a batch was cut)."""
     from pipeline.runtime.onnx import make_session
 
+    class Counted:
+        """The real session, with the batch size of every run it is given."""
+
+        def __init__(self, session):
+            self.session, self.runs = session, []
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, outputs, feed):
+            self.runs.append(len(next(iter(feed.values()))))
+            return self.session.run(outputs, feed)
+
     model, built = small
     path = onnx_export.ensure_exported(model, built, log=lambda m: None)
-    rt = OnnxRuntime(model, built, path, [CPU_PROVIDER], log=lambda m: None, batch_size=16, cores=2)
-    assert rt.lanes == 2
+    sessions: list[Counted] = []
+    rt = OnnxRuntime(model, built, path, [CPU_PROVIDER], log=lambda m: None, batch_size=16, cores=2,
+                     session_factory=lambda *a: sessions.append(Counted(make_session(*a))) or sessions[-1])
+    assert rt.lanes == 2 and rt.threads == 1
     px = _pixels(13, model.input_size, seed=5)
     whole = make_session(path, [CPU_PROVIDER], 2, model.input_size, 16).run(None, {"pixels": px})
     got = rt.unchecked(px)
-    assert len(batch_pieces(13, 2)) == 6
+    assert sorted(sessions[0].runs) == [2, 2, 2, 2, 2, 3]  # the pieces ran, not the batch
     for name, value in zip(rt._outputs, whole):
         assert got[name].shape == value.shape and np.array_equal(got[name], value), name
 

@@ -63,8 +63,8 @@ READER_KINDS = ("auto", "process", "thread")
 
 PROCESS_MIN_IMAGES = 256
 """Fewest images for which ``auto`` starts decoding processes. They take 0.1-0.2 s to start (each a fresh
-interpreter importing NumPy and Pillow: 0.11 s of waiting for the first batch on a 2-core machine, 0.2 s before each
-started with one BLAS thread), in which one thread decodes 200-400 small or 50-100 large images; below this the
+interpreter importing NumPy and Pillow: 0.11 s of waiting for the first batch on a 2-core machine, 0.2 s before
+:data:`CHILD_ENV` gave each one BLAS thread), in which one thread decodes 200-400 small or 50-100 large images; below this the
 GIL's share of the work is not worth that."""
 
 SHM_FOLDER = "/dev/shm"
@@ -549,16 +549,25 @@ class _Worker:
             self.proc.wait()
 
 
+def _tracked(buffer: Any) -> tuple[np.ndarray, Callable[[], Any]]:
+    """A flat uint8 array over ``buffer`` and a weak reference that dies with the last array derived from it.
+
+    The array is made through a ``memoryview``, so NumPy makes it the base of every view of it, however derived (it
+    does not look through a buffer that is not an array): whether anything still uses the memory is known without
+    guessing. :class:`_Copies` and the lent slots of :class:`_ProcessPool` both use it.
+    """
+    handle = np.frombuffer(memoryview(buffer), np.uint8)
+    return handle, weakref.ref(handle)
+
+
 class _Copies:
     """Buffers that a slot is copied out into, each used again once no row of its last copy is left.
 
     A fresh 1-10 MB array per chunk was memory that glibc mapped or handed back to the system and the reader's
     process then faulted in page by page: 18 page faults per 224 px image, which made the copy 9x a ``memcpy`` (56 of
     the reader's 70 us of CPU per image on 128 px flowers, the one part of decoding with processes that does not run
-    in parallel). Whether a buffer is free is known without guessing: the rows are views of a ``handle`` array made
-    over the buffer through a ``memoryview``, so NumPy makes the handle their base (it does not look through a
-    buffer that is not an array), and a weak reference to the handle dies with the last row. A consumer that keeps
-    rows for as long as it likes only makes the reader copy into a fresh array.
+    in parallel). Whether a buffer is free is known from a weak reference to the base of its rows (:func:`_tracked`).
+    A consumer that keeps rows for as long as it likes only makes the reader copy into a fresh array.
     """
 
     def __init__(self, shape: tuple[int, ...], keep: int) -> None:
@@ -577,10 +586,10 @@ class _Copies:
                 return src.copy()
             buf, i = bytearray(self.nbytes), len(self.buffers)
             self.buffers.append((buf, lambda: None))
-        handle = np.frombuffer(memoryview(buf), np.uint8)  # every view of it, however derived, has it as base
+        handle, ref = _tracked(buf)
         out = handle.reshape(self.shape)[:n]
         out[...] = src
-        self.buffers[i] = (buf, weakref.ref(handle))
+        self.buffers[i] = (buf, ref)
         return out
 
 
@@ -598,9 +607,9 @@ class _ProcessPool(_Pool):
     """Decoding processes writing into the slots of one shared block (``(slots, chunk, 1 + K, s, s, 3)``).
 
     A chunk's rows are views of its slot, lent to the consumer (no copy), while fewer than ``plan.lend`` slots are
-    lent; a lent slot is free again once no row of it is left, known by a weak reference to the array that every
-    row is a view of (as in :class:`_Copies`). Beyond that (a consumer that keeps rows), and for a chunk decoded
-    again one image at a time, the rows are copied out (:class:`_Copies`) and the slot is free at once. The copy was
+    lent; a lent slot is free again once no row of it is left (:func:`_tracked`). Beyond that (a consumer that keeps
+    rows) the rows are copied out (:class:`_Copies`) and the slot is free at once; a chunk decoded again one image at
+    a time after a crash is copied image by image, the slot serving each in turn. The copy was
     the larger part of the reader's own CPU, the one part of decoding with processes that does not run in parallel:
     with two processes on 128 px flowers, 38-44 us per image before, 22-23 after (``getrusage`` around
     ``read_batches``; a ``cProfile`` with a CPU clock put the copy at 24 of 56 us).
@@ -688,10 +697,10 @@ class _ProcessPool(_Pool):
     def _rows(self, slot: int, part: list[ImageItem], results: list[tuple[str, str]], lend: bool) -> list[Decoded]:
         """A chunk's rows: views of its slot, which is then lent (``lend``), or of one copy of it."""
         if lend:
-            size = int(np.prod(self.shape[1:]))
-            handle = np.frombuffer(memoryview(self.buf)[slot * size:(slot + 1) * size], np.uint8)
-            block = handle.reshape(self.shape[1:])[:len(part)]  # every view of it, however derived, has it as base
-            self.lent.append((slot, weakref.ref(handle)))
+            size = self.slots[slot].nbytes
+            handle, ref = _tracked(memoryview(self.buf)[slot * size:(slot + 1) * size])
+            block = handle.reshape(self.shape[1:])[:len(part)]
+            self.lent.append((slot, ref))
         else:
             block = self.copies.take(self.slots[slot, :len(part)])
         views = block.shape[1] > 1

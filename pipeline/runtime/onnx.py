@@ -143,12 +143,9 @@ def batch_pieces(n: int, lanes: int, most: int = PIECE_IMAGES) -> list[slice]:
     """
     if lanes <= 1 or n <= 1:
         return [slice(0, n)]
-    count = max(math.ceil(n / max(1, most)), min(lanes, n // 2))
-    count = max(1, min(count, n // 2))  # pieces of 2 images or more
+    count = min(max(math.ceil(n / max(1, most)), lanes), n // 2)  # n // 2: pieces of 2 images or more
     base, extra = divmod(n, count)
-    bounds = [0]
-    for i in range(count):
-        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    bounds = [i * base + min(i, extra) for i in range(count + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 

@@ -24,7 +24,7 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
 from pipeline.reader import Decoded, plan_reader, read_batches, shm_free_bytes
-from pipeline.runtime.base import Runtime
+from pipeline.runtime.base import Runtime, choice_tag
 from pipeline.runtime.factory import RuntimeFactory, make_runtime
 
 NON_FINITE = "the backbone produced non-finite features (NaN or inf) for this image"
@@ -168,8 +168,7 @@ def run_local(plan: Plan, log: Callable[[str], None] = print, runtime: Runtime |
     n_views = cfg.views.n if cfg.views is not None else 0
     reading = plan_reader(len(todo), cfg.workers, cfg.batch_size, (1 + n_views) * size * size * 3,
                           kind=cfg.reader, shm_free=shm_free_bytes(), gpu=rt.on_gpu)
-    choice = f" [{rt.choice}]" if rt.choice else ""
-    log(f"device: {rt.device}, runtime {rt.summary()}{choice}, batch {cfg.batch_size}, {reading.describe()}")
+    log(f"device: {rt.device}, runtime {rt.summary()}{choice_tag(rt.choice)}, batch {cfg.batch_size}, {reading.describe()}")
     writer = cache.PartWriter(plan.path, plan.meta, feature_shapes(rt, cfg), cfg.checkpoint_rows,
                               cfg.checkpoint_seconds, run_info={**plan.run_info, "engine": "local", **rt.describe()},
                               commit=commit)

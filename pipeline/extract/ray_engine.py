@@ -54,6 +54,7 @@ from pipeline.extract.local import EngineReport, feature_shapes, run_batch
 from pipeline.extract.plan import Plan
 from pipeline.extract.progress import Progress
 from pipeline.reader import Decoded, decode_item
+from pipeline.runtime.base import choice_tag
 from pipeline.runtime.factory import make_runtime
 from pipeline.views import NO_VIEWS, ViewSpec
 
@@ -538,7 +539,7 @@ def run_ray(plan: Plan, log: Callable[[str], None] = print) -> EngineReport:
                     if not described:
                         first = (time.perf_counter() - t0, n)
                         described = json.loads(str(out["runtime"][0]))
-                        choice = f" [{out['choice'][0]}]" if out["choice"][0] else ""
+                        choice = choice_tag(out["choice"][0])
                         log(f"device: {described.get('device')}, runtime {described.get('runtime')}{choice} "
                             f"(first of {workers} worker(s))")
             except Exception as exc:  # Ray wraps what a worker raised: ours become their one line again

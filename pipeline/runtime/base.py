@@ -15,6 +15,12 @@ from pipeline.backbones import BuiltBackbone, ModelConfig
 from pipeline.errors import HeadbenchError
 
 
+def choice_tag(choice: str) -> str:
+    """What the device line adds for a runtime's ``choice``: `` [<why auto took it>]``, or "" when it was asked for
+    (the local engine's line and the Ray engine's, whose workers send the choice as a column)."""
+    return f" [{choice}]" if choice else ""
+
+
 class RuntimeUnavailableError(HeadbenchError):
     """The runtime asked for explicitly cannot run here (``--runtime onnx`` without onnxruntime, or its export
     failed)."""

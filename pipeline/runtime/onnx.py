@@ -390,6 +390,7 @@ class OnnxRuntime(Runtime):
         """Run on Keras from here on (one line with ``reason``); Keras's features of ``pixels``."""
         self.log(f"runtime: keras, because {reason}")
         self.note = reason
+        self.choice = ""  # auto's reason was for ONNX Runtime, which no longer runs: the note says why
         self._checked = True
         self._session = None
         self._keras = KerasRuntime(self.model, self.built)  # type: ignore[arg-type]

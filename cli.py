@@ -22,6 +22,8 @@ from pipeline.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PARTIAL, Headbenc
 from pipeline.extract.config import ENGINES, MAPS_DTYPES, ExtractOptions, RayOptions
 from pipeline.finetune.train import FinetuneConfig
 from pipeline.fit import CLASS_WEIGHTS, FEATURE_KINDS, FitConfig
+from pipeline.fit.pick import PICK_RULES
+from pipeline.fit.protocol import SELECT_ON
 from pipeline.machine import MAX_DECODE_THREADS
 from pipeline.reader import PROCESS_MIN_IMAGES, READER_KINDS
 from pipeline.runtime.factory import RUNTIME_CHOICES
@@ -72,20 +74,8 @@ Features = _choices("Features", FEATURE_KINDS)
 ClassWeight = _choices("ClassWeight", CLASS_WEIGHTS)
 
 
-def _pick_rules() -> tuple[str, ...]:
-    from pipeline.fit.pick import PICK_RULES
-
-    return PICK_RULES
-
-
-def _select_on() -> tuple[str, ...]:
-    from pipeline.fit.protocol import SELECT_ON
-
-    return SELECT_ON
-
-
-PickRule = _choices("PickRule", _pick_rules())
-SelectOn = _choices("SelectOn", _select_on())
+PickRule = _choices("PickRule", PICK_RULES)
+SelectOn = _choices("SelectOn", SELECT_ON)
 
 
 def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature

@@ -23,7 +23,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -40,8 +40,8 @@ __all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "RESULTS_FILE", "Run", "load_r
            "pick_file_problem", "OWNER_FILE", "pid_alive", "claim_partial", "partial_builder", "abandoned_partials",
            "FINETUNE_HEAD", "SCORE_TIE", "slug", "cache_label", "result_key", "finetune_key", "first_best",
            "report_split", "EXTRACTION_KEYS", "RunHead", "find_results", "run_head", "select_head",
-           "resolve_run_weights", "run_model_config", "SPLITS_COLUMNS", "write_splits", "PREDICTIONS_COLUMNS",
-           "write_result_predictions", "cache_record", "dataset_record", "result_record", "skipped_record",
+           "resolve_run_weights", "run_model_config", "SPLITS_COLUMNS", "write_splits", "write_csv",
+           "PREDICTIONS_COLUMNS", "write_result_predictions", "cache_record", "dataset_record", "result_record", "skipped_record",
            "run_document", "split_counts", "RECORDED_VERSIONS"]
 
 AUDIT_COLUMNS = {"duplicates": ("cluster", "path", "split", "class", "nearest", "distance", "kind"),
@@ -391,16 +391,22 @@ def write_splits(run_dir: str | os.PathLike, paths: Sequence[str], splits: np.nd
     """Write the run's ``splits.csv`` (:data:`SPLITS_FILE`: ``path,split,class,sha256`` for every image, the final
     splits as fitted and each file's content digest), read back by :func:`read_splits`."""
     file = Path(run_dir) / SPLITS_FILE
+    write_csv(file, SPLITS_COLUMNS, ([p, sp, class_names[int(y)], d] for p, sp, y, d in zip(paths, splits, labels,
+                                                                                          digests)))
+    return file
 
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """One of a run's CSV files (splits, predictions, the audit's), written whole or not at all
+    (:func:`pipeline.atomic.write_then_commit`); read back by this module's readers."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(SPLITS_COLUMNS)
-            for p, sp, y, d in zip(paths, splits, labels, digests):
-                w.writerow([p, sp, class_names[int(y)], d])
+            w.writerow(header)
+            w.writerows(rows)
 
-    write_then_commit(file, write)
-    return file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_then_commit(path, write)
 
 
 def jsonable(value: Any) -> Any:
@@ -481,12 +487,9 @@ def write_result_predictions(path: Path, proba: np.ndarray, rows: np.ndarray, pa
     class_names : sequence of str
     """
     pred = np.argmax(proba, axis=1)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow([*PREDICTIONS_COLUMNS, *(f"p_{c}" for c in class_names)])
-        for j, i in enumerate(rows):
-            w.writerow([paths[i], splits[i], class_names[labels[i]], class_names[pred[j]]]
-                       + [f"{v:.6g}" for v in proba[j]])
+    write_csv(path, [*PREDICTIONS_COLUMNS, *(f"p_{c}" for c in class_names)],
+              ([paths[i], splits[i], class_names[labels[i]], class_names[pred[j]], *(f"{v:.6g}" for v in proba[j])]
+               for j, i in enumerate(rows)))
 
 
 def read_predictions(run: Run, entry: dict[str, Any]) -> list[dict[str, str]]:

@@ -89,4 +89,3 @@ def test_predict_errors_are_clear(hym_run, tmp_path):
         predict_images(hym_run, [Path(__file__)], head="logreg", weights=str(wrong), log=lambda m: None)
     with pytest.raises(RunError, match="scikit-learn head"):
         export_model(hym_run, tmp_path / "x.keras", head="logreg")
-

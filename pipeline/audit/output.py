@@ -7,30 +7,17 @@ docs/audit.md).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from pipeline.atomic import write_then_commit
 from pipeline.audit.run import Audit
-from pipeline.results import AUDIT_COLUMNS
+from pipeline.results import AUDIT_COLUMNS, write_csv
 
 __all__ = ["AUDIT_FILES", "write_audit"]
 
 AUDIT_FILES = {"duplicates": "audit/duplicates.csv", "label_issues": "audit/label_issues.csv",
                "outliers": "audit/outliers.csv"}
 """Where each file lives, relative to the run folder."""
-
-
-def _write(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_then_commit(path, write)
 
 
 def write_audit(run_dir: Path, audit: Audit) -> dict[str, str]:
@@ -42,13 +29,13 @@ def write_audit(run_dir: Path, audit: Audit) -> dict[str, str]:
     def where(r: int) -> list[Any]:
         return [paths[r], str(splits[r]), names[int(labels[r])]]
 
-    _write(run_dir / AUDIT_FILES["duplicates"], AUDIT_COLUMNS["duplicates"],
+    write_csv(run_dir / AUDIT_FILES["duplicates"], AUDIT_COLUMNS["duplicates"],
            ([d["cluster"], *where(int(d["row"])), paths[int(d["nearest_row"])], f"{float(d['distance']):.6f}",
              d["kind"]] for d in audit.duplicates.rows))
-    _write(run_dir / AUDIT_FILES["label_issues"], AUDIT_COLUMNS["label_issues"],
+    write_csv(run_dir / AUDIT_FILES["label_issues"], AUDIT_COLUMNS["label_issues"],
            ([*where(int(r)), names[int(s)], f"{float(v):.6f}"]
             for r, s, v in zip(audit.label_rows, audit.suggested, audit.label_scores)))
     flagged = [int(r) for r in audit.outlier_rows if audit.outlier_score[r] > audit.fence]
-    _write(run_dir / AUDIT_FILES["outliers"], AUDIT_COLUMNS["outliers"],
+    write_csv(run_dir / AUDIT_FILES["outliers"], AUDIT_COLUMNS["outliers"],
            ([*where(r), f"{float(audit.outlier_score[r]):.6f}"] for r in flagged))
     return dict(AUDIT_FILES)

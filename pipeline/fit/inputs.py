@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import CacheError, FitError
+from pipeline.results import cache_label
 
 if TYPE_CHECKING:
     from pipeline.cache import CacheScan, FeatureReader
@@ -56,7 +57,7 @@ def _why_none(cache_dir: Path, scan: Any, dataset: str | None, backbones: Sequen
     hint = f"make one with `python cli.py extract DATA_DIR --cache-dir {cache_dir}`"
     if scan.caches:  # there are caches, just none of that dataset / backbone
         what = [f"dataset {dataset!r}" if dataset else "", f"backbone {', '.join(backbones)}" if backbones else ""]
-        there = sorted({f"{m.get('dataset_name')} ({m.get('backbone_label') or m.get('backbone')})"
+        there = sorted({f"{m.get('dataset_name')} ({cache_label(m)})"
                         for m in (c.meta for c in scan.caches)})
         return (f"no feature cache in {cache_dir} for {' and '.join(w for w in what if w)}; it holds "
                 f"{'; '.join(there)}")
@@ -256,7 +257,7 @@ def open_inputs(stack: contextlib.ExitStack, cache_dir: str | Path, caches: Sequ
         say(f"note: {dropped} images are not in every cache; comparing on the {len(rel_paths)} common ones")
     base = readers[0]
     say(f"dataset {base.meta.get('dataset_name')} from {base.meta.get('dataset_root')}: "
-        + ", ".join(f"{r.meta.get('backbone_label') or r.meta.get('backbone')} ({p.name})"
+        + ", ".join(f"{cache_label(r.meta)} ({p.name})"
                     for r, p in zip(readers, paths)))
     labels = np.asarray(base.labels, dtype=np.int64)[rows[0]]
     cached_splits = np.asarray(base.splits).astype(str)[rows[0]]

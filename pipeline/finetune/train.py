@@ -389,7 +389,7 @@ def build_finetune_model(built: Any, head: Any, class_names: Sequence[str], unfr
     Parameters
     ----------
     built : BuiltBackbone
-        From :func:`pipeline.backbones.build_feature_model` (weights loaded).
+        From :func:`pipeline.backbones.build_features` (weights loaded).
     head : keras.Model or sklearn Pipeline
         A dense head (raw pooled features in, softmax over ``class_names`` out) or a fitted
         (StandardScaler +) LogisticRegression (see :func:`logreg_dense_weights`).
@@ -463,7 +463,7 @@ def finetune(built: Any, head: Any, data: FinetuneData, config: FinetuneConfig |
     Parameters
     ----------
     built : BuiltBackbone
-        The frozen feature model the head was fitted on (:func:`pipeline.backbones.build_feature_model` with the
+        The frozen feature model the head was fitted on (:func:`pipeline.backbones.build_features` of the
         cache's backbone, input size, width multiplier and weights). Its backbone's layers are modified in place
         (trainable flags and weights): build a new one for anything else.
     head : keras.Model or sklearn Pipeline
